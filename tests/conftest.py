@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import shutil
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = ROOT / "fixtures" / "real"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def decompress(src: Path, dest_dir: Path) -> Path:
+    """A decompressed copy of a compressed real file (never decompressed in place)."""
+    opener = OPENERS.get(src.suffix)
+    dest = dest_dir / (src.stem if opener else src.name)
+    if not dest.exists():
+        tmp = dest.with_suffix(dest.suffix + ".tmp")
+        with (opener(src, "rb") if opener else open(src, "rb")) as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo)
+        tmp.replace(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def real_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("real")
+
+
+@pytest.fixture(scope="session")
+def real(real_dir):
+    """real("vhdx/fixed.vhdx.gz") -> decompressed path of fixtures/real/<that>."""
+
+    def get(name: str) -> Path:
+        src = REAL / name
+        if not src.exists():
+            matches = sorted(REAL.rglob(Path(name).name))
+            assert matches, f"missing real test file {name} under {REAL}"
+            src = matches[0]
+        return decompress(src, real_dir)
+
+    return get
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run the vhdtool CLI in process; returns (exit code, stdout, stderr)."""
+    from vhdtool.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err), mock.patch.object(sys, "argv", ["vhdtool", *map(str, args)]):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def assert_one_line_error(code: int, out: str, err: str, path) -> None:
+    assert code != 0
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert str(path) in lines[0], err
+    assert lines[0].startswith("vhdtool: ")
+    assert "Traceback" not in err and "Traceback" not in out

@@ -1,0 +1,16 @@
+"""vhdtool: service offline Hyper-V disk images from Linux."""
+
+from vhdtool.container import open_disk
+from vhdtool.errors import VhdtoolError
+
+__all__ = ["open_disk", "VhdtoolError", "inspect", "Inspection"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The guest layer pulls in the filesystem and registry readers; load it on first use.
+    if name in ("inspect", "Inspection"):
+        from vhdtool.guest import inspection
+
+        return getattr(inspection, name)
+    raise AttributeError(name)

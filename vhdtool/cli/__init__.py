@@ -1,0 +1,1 @@
+"""Command-line skin over the library: parse, call one function, render."""

@@ -1,0 +1,64 @@
+"""Human-readable rendering of an Inspection (JSON is Inspection.to_dict())."""
+
+from __future__ import annotations
+
+from vhdtool.guest.inspection import Inspection
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _yn(v) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def render_inspection(ins: Inspection) -> str:
+    img = ins.image
+    lines = [f"{img.path}"]
+    lines.append(
+        f"  image      {img.format}, {_size(img.virtual_size)} virtual, block {_size(img.block_size)}, "
+        f"sectors {img.logical_sector_size}/{img.physical_sector_size}"
+        + (f", differencing (parent {img.parent})" if img.differencing else "")
+        + (", pending log replayed in memory" if img.log_replayed else "")
+    )
+    for p in ins.partitions:
+        lines.append(
+            f"  part {p.index:<5} {p.table} {p.type:<12} at {_size(p.offset):>10}  {_size(p.size):>10}  {p.filesystem or '-'}"
+        )
+    g = ins.guest
+    if g.windows:
+        w = g.windows
+        sp = f" {w.service_pack}" if w.service_pack else ""
+        ubr = f".{w.ubr}" if w.ubr is not None else ""
+        lines.append(f"  guest      {w.product_name}{sp} ({w.version}.{w.build}{ubr}, {w.arch}, {w.installation_type})")
+        lines.append(
+            f"  system     partition {w.system_partition}, drive {w.drive_letter or '?'}:, ControlSet{w.control_set:03d}"
+            if w.control_set is not None
+            else f"  system     partition {w.system_partition}"
+        )
+        hives = ", ".join(f"{n} {'DIRTY' if s.dirty else 'clean'}" for n, s in w.hives)
+        lines.append(
+            f"  state      generalized {_yn(w.generalized)}, hibernated {_yn(w.hibernated)}, "
+            f"NTFS clean {_yn(w.ntfs_clean)}, BitLocker {_yn(w.bitlocker)}; hives: {hives}"
+        )
+    if g.integration_services:
+        ic = g.integration_services
+        lines.append(f"  IC         version {ic.version or 'unknown'}" + (f" (from {ic.source})" if ic.source else ""))
+        for s in ic.services:
+            lines.append(f"    {s.name:<20} {s.start or '?'} ({s.start_value})")
+    if g.linux:
+        lx = g.linux
+        lines.append(f"  guest      {lx.pretty_name or lx.distribution} ({lx.distribution} {lx.version}), {lx.filesystem}")
+        lines.append(f"  kernels    {', '.join(lx.kernels) or '-'}")
+        lines.append("  hv modules " + ", ".join(f"{k} {_yn(v)}" for k, v in lx.hv_modules))
+        lines.append("  daemons    " + ", ".join(f"{k} {_yn(v)}" for k, v in lx.daemons))
+    for w in ins.warnings:
+        lines.append(f"  warning    {w}")
+    return "\n".join(lines)

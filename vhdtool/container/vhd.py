@@ -1,0 +1,187 @@
+"""Legacy VHD (Virtual Hard Disk Image Format Specification, 2006) through pyvhdi.
+
+libvhdi reads fixed, dynamic and differencing VHDs. The virtual size is the
+footer's Current Size (what Hyper-V presents), parsed here, not a CHS-derived
+figure; the footer checksum is verified before libvhdi sees the file.
+"""
+
+from __future__ import annotations
+
+import ntpath
+import os
+import struct
+
+from vhdtool.container.imagefile import ImageFile
+from vhdtool.container.stream import DiskStream
+from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, UnsupportedImage
+
+FOOTER_COOKIE = b"conectix"
+FOOTER_SIZE = 512
+DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
+MAX_PARENT_DEPTH = 16
+
+
+def _footer_at(image: ImageFile, offset: int) -> bytes | None:
+    if offset < 0:
+        return None
+    data = image.raw_pread(offset, FOOTER_SIZE)
+    return data if data[:8] == FOOTER_COOKIE else None
+
+
+def looks_like_vhd(image: ImageFile) -> bool:
+    size = image.file_size
+    return bool(
+        _footer_at(image, size - FOOTER_SIZE) or _footer_at(image, size - 511) or image.raw_pread(0, 8) == FOOTER_COOKIE
+    )
+
+
+def footer_checksum(footer: bytes) -> int:
+    return ~(sum(footer[:64]) + sum(footer[68:])) & 0xFFFFFFFF
+
+
+class VhdDisk(DiskStream):
+    format = "vhd"
+
+    def __init__(self, path: str | os.PathLike, _depth: int = 0):
+        super().__init__()
+        import pyvhdi
+
+        self.path = os.fspath(path)
+        self.warnings: list[str] = []
+        self.image = ImageFile(self.path)
+        self._vhdi = None
+        try:
+            footer = self._read_footer()
+            (self.size,) = struct.unpack_from(">Q", footer, 48)
+            (self.disk_type,) = struct.unpack_from(">I", footer, 60)
+            self.unique_id = footer[68:84]
+            if self.disk_type not in (DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING):
+                raise UnsupportedImage(self.path, f"unknown VHD disk type {self.disk_type}")
+            if self.size == 0 or self.size % 512:
+                raise CorruptImage(self.path, f"VHD current size {self.size} is not a whole number of sectors")
+            if self.disk_type == DISK_FIXED and self.image.file_size < self.size + 511:
+                raise CorruptImage(self.path, "truncated: the fixed VHD is shorter than its size")
+            if self.disk_type != DISK_FIXED:
+                self.block_size = self._dynamic_block_size(footer)
+            self._vhdi = pyvhdi.file()
+            try:
+                # libvhdi reads through our ImageFile so that reads are counted.
+                self._vhdi.open_file_object(_CountingFile(self.image))
+            except (OSError, IOError) as e:
+                raise CorruptImage(self.path, f"libvhdi cannot open it ({_first_line(e)})") from None
+            if self.disk_type == DISK_DIFFERENCING:
+                self._open_parent(_depth)
+        except BaseException:
+            self._close_backing()
+            raise
+
+    def _read_footer(self) -> bytes:
+        img = self.image
+        footer = _footer_at(img, img.file_size - FOOTER_SIZE) or _footer_at(img, img.file_size - 511)
+        if footer is None:
+            # A dynamic disk keeps a copy of the footer at offset 0.
+            footer = _footer_at(img, 0)
+            if footer is None:
+                raise NotADiskImage(self.path, "not a VHD (no footer)")
+            self.warnings.append("the VHD footer at the end of the file is missing; using its copy at offset 0")
+        footer = footer.ljust(FOOTER_SIZE, b"\0")
+        (checksum,) = struct.unpack_from(">I", footer, 64)
+        if footer_checksum(footer) != checksum:
+            raise CorruptImage(self.path, "VHD footer checksum mismatch")
+        return footer
+
+    def _dynamic_block_size(self, footer: bytes) -> int:
+        (data_offset,) = struct.unpack_from(">Q", footer, 16)
+        header = self.image.raw_pread(data_offset, 1024)
+        if len(header) != 1024 or header[:8] != b"cxsparse":
+            raise CorruptImage(self.path, "truncated or damaged VHD dynamic disk header")
+        (block_size,) = struct.unpack_from(">I", header, 32)
+        if block_size < 512 or block_size & (block_size - 1) or block_size > 256 * 1024 * 1024:
+            raise CorruptImage(self.path, f"VHD block size {block_size} is not allowed")
+        return block_size
+
+    def _open_parent(self, depth: int) -> None:
+        if depth >= MAX_PARENT_DEPTH:
+            raise UnsupportedImage(self.path, f"differencing chain deeper than {MAX_PARENT_DEPTH}")
+        named = self._vhdi.get_parent_filename() or "?"
+        here = os.path.dirname(os.path.abspath(self.path))
+        candidates = [
+            os.path.normpath(os.path.join(here, named.replace("\\", "/"))),
+            os.path.join(here, ntpath.basename(named)),
+        ]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            raise MissingParent(self.path, f"parent disk {named} not found")
+        from vhdtool.container.vhdx import open_image
+
+        parent = open_image(found, _depth=depth + 1)
+        if not isinstance(parent, VhdDisk):
+            parent.close()
+            raise UnsupportedImage(self.path, f"parent {found} is not a VHD")
+        want = self._vhdi.get_parent_identifier()
+        if want and str(want).lower() != str(parent._vhdi.get_identifier()).lower():
+            parent.close()
+            raise CorruptImage(self.path, f"parent {found} is not the disk this one was made from (identifier mismatch)")
+        self._vhdi.set_parent(parent._vhdi)
+        self.parent = parent
+
+    @property
+    def bytes_read(self) -> int:
+        return self.image.bytes_read + (self.parent.bytes_read if self.parent else 0)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        try:
+            data = self._vhdi.read_buffer_at_offset(end - offset, offset)
+        except (OSError, IOError) as e:
+            raise CorruptImage(self.path, f"read failed at offset {offset} ({_first_line(e)})") from None
+        return data.ljust(end - offset, b"\0")
+
+    def _close_backing(self) -> None:
+        if self._vhdi is not None:
+            try:
+                self._vhdi.close()
+            except (OSError, IOError):
+                pass
+            self._vhdi = None
+        self.image.close()
+
+
+class _CountingFile:
+    """The minimal file object libvhdi's Python binding needs, reading through ImageFile."""
+
+    def __init__(self, image: ImageFile):
+        self._image = image
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, self._image.file_size - self._pos)
+        data = self._image.raw_pread(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self._pos = offset
+        elif whence == os.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self._image.file_size + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def get_size(self) -> int:
+        return self._image.file_size
+
+    def close(self) -> None:
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,97 @@
+"""ext2/3/4 (dissect.extfs) and XFS (dissect.xfs), with symlinks resolved inside the volume."""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from typing import BinaryIO
+
+from vhdtool.filesystem.base import Filesystem, translate_errors
+
+MAX_SYMLINKS = 40
+
+
+class LinuxFilesystem(Filesystem):
+    def __init__(self, fs, kind: str, image_path: str | None, label: str):
+        self.fs = fs
+        self.kind = kind
+        self.image_path = image_path
+        self.label = label
+
+    def _lookup(self, path: str, follow: bool = True):
+        """The inode at ``path``, resolving symlinks relative to this volume's root."""
+        parts = [p for p in path.split("/") if p]
+        node = self.fs.get("/")
+        links = 0
+        done: list[str] = []
+        while parts:
+            name = parts.pop(0)
+            if name == ".":
+                continue
+            if name == "..":
+                done = done[:-1]
+                node = self.fs.get("/" + "/".join(done))
+                continue
+            children = node.listdir()
+            if name not in children:
+                raise FileNotFoundError(path)
+            child = children[name]
+            if stat.S_ISLNK(child.filetype) and (parts or follow):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise FileNotFoundError(f"too many symlinks: {path}")
+                target = child.link
+                if target.startswith("/"):
+                    done = []
+                    node = self.fs.get("/")
+                parts = [p for p in target.split("/") if p] + parts
+                continue
+            done.append(name)
+            node = child
+        return node
+
+    def _try(self, path: str):
+        try:
+            return self._lookup(path)
+        except (FileNotFoundError, NotADirectoryError, KeyError):
+            return None
+
+    def exists(self, path: str) -> bool:
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            return self._try(path) is not None
+
+    def is_dir(self, path: str) -> bool:
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            node = self._try(path)
+            return node is not None and stat.S_ISDIR(node.filetype)
+
+    def listdir(self, path: str) -> list[str]:
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            node = self._lookup(path)
+            return sorted(n for n in node.listdir() if n not in (".", ".."))
+
+    def open(self, path: str) -> BinaryIO:
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            return self._lookup(path).open()
+
+    def size(self, path: str) -> int:
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            return self._lookup(path).size
+
+    def read(self, path: str, limit: int = 16 * 1024 * 1024) -> bytes:
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            node = self._lookup(path)
+            return node.open().read(min(limit, node.size))
+
+
+def open_linux_filesystem(stream: BinaryIO, kind: str, image_path: str | None, label: str) -> LinuxFilesystem:
+    with translate_errors(image_path, f"{kind} on {label}"):
+        if kind == "xfs":
+            from dissect.xfs import XFS
+
+            fs = XFS(stream)
+        else:
+            from dissect.extfs import ExtFS
+
+            fs = ExtFS(stream)
+    return LinuxFilesystem(fs, kind, image_path, label)

@@ -1,0 +1,108 @@
+"""NTFS through dissect.ntfs, plus the volume-state checks a servicing tool needs.
+
+State (NTFS 3.1): $Volume's $VOLUME_INFORMATION flags bit 0x0001 is the dirty bit;
+$LogFile's restart area says whether the volume was shut down cleanly
+(RESTART_VOLUME_IS_CLEAN, or no client in use). ``hiberfil.sys`` starting with
+``hibr``/``HIBR`` (or ``rstr``/``RSTR`` while resuming) means the volume is part of a
+hibernated system.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+from dissect.ntfs import NTFS
+from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+
+from vhdtool.filesystem.base import Filesystem, translate_errors
+
+FILE_NUMBER_LOGFILE = 2
+FILE_NUMBER_VOLUME = 3
+VOLUME_IS_DIRTY = 0x0001
+RESTART_VOLUME_IS_CLEAN = 0x0002
+LOGFILE_NO_CLIENT = 0xFFFF
+HIBERNATED_SIGNATURES = {b"hibr", b"HIBR", b"rstr", b"RSTR"}
+
+
+def _norm(path: str) -> str:
+    return path.strip("/").replace("/", "\\")
+
+
+class NtfsFilesystem(Filesystem):
+    kind = "ntfs"
+
+    def __init__(self, stream: BinaryIO, image_path: str | None = None, label: str = ""):
+        self.image_path = image_path
+        self.label = label
+        with translate_errors(image_path, f"NTFS on {label}"):
+            self.ntfs = NTFS(stream)
+
+    def _get(self, path: str):
+        return self.ntfs.mft.get(_norm(path)) if _norm(path) else self.ntfs.mft.root
+
+    def exists(self, path: str) -> bool:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            try:
+                self._get(path)
+                return True
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+    def is_dir(self, path: str) -> bool:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            try:
+                return self._get(path).is_dir()
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+
+    def listdir(self, path: str) -> list[str]:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            return sorted(n for n in self._get(path).listdir(ignore_dos=True) if n not in (".", ".."))
+
+    def open(self, path: str) -> BinaryIO:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            return self._get(path).open()
+
+    def size(self, path: str) -> int:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            return self._get(path).size()
+
+    def read(self, path: str, limit: int = 16 * 1024 * 1024) -> bytes:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            record = self._get(path)
+            return record.open().read(min(limit, record.size()))
+
+    # -- volume state ---------------------------------------------------------------
+    def volume_dirty(self) -> bool:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: $Volume"):
+            record = self.ntfs.mft.get(FILE_NUMBER_VOLUME)
+            data = record.attributes[ATTRIBUTE_TYPE_CODE.VOLUME_INFORMATION].data()
+            if len(data) < 12:
+                return True
+            (flags,) = struct.unpack_from("<H", data, 10)
+            return bool(flags & VOLUME_IS_DIRTY)
+
+    def logfile_clean(self) -> bool:
+        """Whether $LogFile's restart area records a clean shutdown."""
+        with translate_errors(self.image_path, f"NTFS on {self.label}: $LogFile"):
+            record = self.ntfs.mft.get(FILE_NUMBER_LOGFILE)
+            page = record.open().read(4096)
+        magic = page[:4]
+        if magic == b"\xff\xff\xff\xff" or page == bytes(len(page)):
+            return True  # an empty (reset) log has nothing to replay
+        if magic != b"RSTR" or len(page) < 48:
+            return False  # "CHKD" or garbage: chkdsk has work to do
+        (ra_off,) = struct.unpack_from("<H", page, 24)
+        if ra_off + 16 > len(page):
+            return False
+        _lsn, _clients, _free, in_use, flags = struct.unpack_from("<QHHHH", page, ra_off)
+        return in_use == LOGFILE_NO_CLIENT or bool(flags & RESTART_VOLUME_IS_CLEAN)
+
+    def hibernation_signature(self) -> bytes | None:
+        if not self.exists("/hiberfil.sys"):
+            return None
+        return self.read("/hiberfil.sys", 4)
+
+    def hibernated(self) -> bool:
+        return self.hibernation_signature() in HIBERNATED_SIGNATURES

@@ -1,0 +1,1 @@
+"""Guest layer: find the operating system on a disk and report its facts (``Inspection``)."""

@@ -1,0 +1,286 @@
+"""Windows guest facts from the system volume and its SOFTWARE and SYSTEM hives.
+
+Sources, per DESIGN.md "Guest facts": SOFTWARE ``Microsoft\\Windows NT\\CurrentVersion``
+(CurrentMajor/MinorVersionNumber on NT 10, where CurrentVersion stays "6.3");
+SYSTEM ``Select\\Current`` for the control set (never assumed to be 001);
+``MountedDevices`` for the drive letter; ``Setup`` and SysprepStatus for
+generalization; the integration services version from the KVP key, then CBS
+packages, then vmbus.sys's file version.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from uuid import UUID
+
+from vhdtool.errors import CorruptHive
+from vhdtool.filesystem.ntfs import NtfsFilesystem
+from vhdtool.guest.versioninfo import file_version
+from vhdtool.registry import Hive
+from vhdtool.volume import Partition
+
+CONFIG_DIR = "/Windows/System32/config"
+CURRENT_VERSION = "Microsoft\\Windows NT\\CurrentVersion"
+KVP_AUTO = "Microsoft\\Virtual Machine\\Auto"
+CBS_PACKAGES = "Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages"
+SETUP_STATE = "Microsoft\\Windows\\CurrentVersion\\Setup\\State"
+VMBUS_SYS = "/Windows/System32/drivers/vmbus.sys"
+IC_SERVICES = (
+    "vmicheartbeat",
+    "vmickvpexchange",
+    "vmicshutdown",
+    "vmictimesync",
+    "vmicvss",
+    "vmicguestinterface",
+    "vmicrdv",
+    "vmicvmsession",
+)
+START_NAMES = {0: "boot", 1: "system", 2: "automatic", 3: "manual", 4: "disabled"}
+ARCHITECTURES = {"amd64": "x64", "x86": "x86", "arm64": "arm64", "ia64": "ia64", "arm": "arm"}
+# CBS package names of the integration components (guest drivers and services).
+IC_PACKAGE = re.compile(
+    r"^Microsoft-Hyper-V-(Guest-Integration-Drivers|Integration-Services|Integration-Components)"
+    r"[^~]*~[0-9a-f]{16}~([a-z0-9]+)~[^~]*~(\d+(?:\.\d+){1,3})$",
+    re.IGNORECASE,
+)
+CBS_INSTALLED = 0x70
+GENERALIZED_STATE = 7
+
+
+@dataclass(frozen=True)
+class HiveState:
+    dirty: bool
+    logs: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"dirty": self.dirty, "logs": list(self.logs)}
+
+
+@dataclass(frozen=True)
+class WindowsFacts:
+    product_name: str | None
+    version: str | None
+    build: int | None
+    ubr: int | None
+    service_pack: str | None
+    edition: str | None
+    installation_type: str | None
+    arch: str | None
+    system_partition: int
+    drive_letter: str | None
+    control_set: int | None
+    generalized: bool
+    hibernated: bool
+    ntfs_clean: bool
+    ntfs_dirty_bit: bool
+    ntfs_logfile_clean: bool
+    bitlocker: bool
+    hives: tuple[tuple[str, HiveState], ...]
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "hives"}
+        d["hives"] = {name: state.to_dict() for name, state in self.hives}
+        return d
+
+
+@dataclass(frozen=True)
+class IcService:
+    name: str
+    start: str | None
+    start_value: int | None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "start": self.start, "start_value": self.start_value}
+
+
+@dataclass(frozen=True)
+class IntegrationServices:
+    version: str | None
+    source: str | None
+    services: tuple[IcService, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "source": self.source,
+            "services": [s.to_dict() for s in self.services],
+        }
+
+
+def find_config_dir(fs: NtfsFilesystem) -> bool:
+    return fs.exists(CONFIG_DIR + "/SOFTWARE") and fs.exists(CONFIG_DIR + "/SYSTEM")
+
+
+def _int(value) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _str(value) -> str | None:
+    if isinstance(value, str):
+        return value.strip("\0").strip() or None
+    return None
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version))
+
+
+class WindowsGuest:
+    """Reads the facts of one Windows installation; each fact read once."""
+
+    def __init__(
+        self,
+        fs: NtfsFilesystem,
+        partition: Partition,
+        disk_signature: int | None,
+        image_path: str,
+        encrypted_volumes: bool,
+    ):
+        self.fs = fs
+        self.partition = partition
+        self.disk_signature = disk_signature
+        self.image_path = image_path
+        self.encrypted_volumes = encrypted_volumes
+        self.warnings: list[str] = []
+        self.software, software_state = self._open_hive("SOFTWARE")
+        self.system, system_state = self._open_hive("SYSTEM")
+        self.hive_states = (("SYSTEM", system_state), ("SOFTWARE", software_state))
+
+    def _open_hive(self, name: str) -> tuple[Hive, HiveState]:
+        path = f"{CONFIG_DIR}/{name}"
+        hive = Hive(self.fs.open(path), name, self.image_path)
+        logs = tuple(
+            f"{name}.{ext}" for ext in ("LOG", "LOG1", "LOG2") if self.fs.exists(f"{CONFIG_DIR}/{name}.{ext}")
+        )
+        if hive.dirty:
+            self.warnings.append(
+                f"{name} hive is dirty (sequence {hive.sequence[0]} != {hive.sequence[1]}); "
+                f"its logs ({', '.join(logs) or 'none found'}) hold changes not in the primary file"
+            )
+        if not hive.checksum_ok:
+            self.warnings.append(f"{name} hive base block checksum does not match")
+        return hive, HiveState(hive.dirty, logs)
+
+    # -- facts --------------------------------------------------------------------
+    def control_set(self) -> int | None:
+        current = _int(self.system.value("Select", "Current"))
+        if current is not None and self.system.key(f"ControlSet{current:03d}") is not None:
+            return current
+        existing = sorted(
+            int(m.group(1))
+            for n in self.system.subkey_names("")
+            if (m := re.fullmatch(r"ControlSet(\d{3})", n, re.IGNORECASE))
+        )
+        if not existing:
+            raise CorruptHive(self.image_path, "SYSTEM hive has no control set")
+        self.warnings.append(
+            f"SYSTEM\\Select\\Current is missing or names no control set; using ControlSet{existing[0]:03d}"
+        )
+        return existing[0]
+
+    def facts(self) -> tuple[WindowsFacts, IntegrationServices]:
+        cv = self.software.values(CURRENT_VERSION)
+        major = _int(cv.get("CurrentMajorVersionNumber"))
+        minor = _int(cv.get("CurrentMinorVersionNumber"))
+        version = f"{major}.{minor if minor is not None else 0}" if major is not None else _str(cv.get("CurrentVersion"))
+        cs = self.control_set()
+        ccs = f"ControlSet{cs:03d}"
+        arch_raw = _str(
+            self.system.value(f"{ccs}\\Control\\Session Manager\\Environment", "PROCESSOR_ARCHITECTURE")
+        )
+        arch = ARCHITECTURES.get(arch_raw.lower(), arch_raw) if arch_raw else None
+        installation_type = _str(cv.get("InstallationType"))
+        if installation_type is None:
+            product_type = _str(self.system.value(f"{ccs}\\Control\\ProductOptions", "ProductType"))
+            installation_type = {"winnt": "Client", "servernt": "Server", "lanmannt": "Server"}.get(
+                (product_type or "").lower()
+            )
+        dirty_bit = self.fs.volume_dirty()
+        logfile_clean = self.fs.logfile_clean()
+        windows = WindowsFacts(
+            product_name=_str(cv.get("ProductName")),
+            version=version,
+            build=_int(cv.get("CurrentBuildNumber")),
+            ubr=_int(cv.get("UBR")),
+            service_pack=_str(cv.get("CSDVersion")),
+            edition=_str(cv.get("EditionID")),
+            installation_type=installation_type,
+            arch=arch,
+            system_partition=self.partition.index,
+            drive_letter=self.drive_letter(),
+            control_set=cs,
+            generalized=self.generalized(),
+            hibernated=self.fs.hibernated(),
+            ntfs_clean=not dirty_bit and logfile_clean,
+            ntfs_dirty_bit=dirty_bit,
+            ntfs_logfile_clean=logfile_clean,
+            bitlocker=self.encrypted_volumes,
+            hives=self.hive_states,
+        )
+        if windows.hibernated:
+            self.warnings.append("the guest is hibernated (hiberfil.sys holds a hibernation image)")
+        if not windows.ntfs_clean:
+            self.warnings.append("the system volume was not shut down cleanly (NTFS dirty bit or $LogFile)")
+        return windows, self.integration_services(ccs)
+
+    def drive_letter(self) -> str | None:
+        values = self.system.values("MountedDevices")
+        p = self.partition
+        if p.table == "gpt":
+            if not p.guid:
+                return None
+            want = b"DMIO:ID:" + UUID(p.guid).bytes_le
+        else:
+            if self.disk_signature is None:
+                return None
+            want = struct.pack("<IQ", self.disk_signature, p.offset)
+        for name, data in values.items():
+            m = re.fullmatch(r"\\DosDevices\\([A-Za-z]):", name)
+            if m and isinstance(data, bytes) and data == want:
+                return m.group(1).upper()
+        return None
+
+    def generalized(self) -> bool:
+        state = _int(self.system.value("Setup\\Status\\SysprepStatus", "GeneralizationState"))
+        image_state = _str(self.software.value(SETUP_STATE, "ImageState")) or ""
+        return state == GENERALIZED_STATE or image_state.upper().startswith("IMAGE_STATE_GENERALIZE")
+
+    def integration_services(self, ccs: str) -> IntegrationServices:
+        services = []
+        for name in IC_SERVICES:
+            key = f"{ccs}\\Services\\{name}"
+            if self.system.key(key) is None:
+                continue
+            start = _int(self.system.value(key, "Start"))
+            services.append(IcService(name, START_NAMES.get(start) if start is not None else None, start))
+        version, source = self._ic_version()
+        return IntegrationServices(version, source, tuple(services))
+
+    def _ic_version(self) -> tuple[str | None, str | None]:
+        kvp = _str(self.software.value(KVP_AUTO, "IntegrationServicesVersion"))
+        if kvp:
+            return kvp, "kvp"
+        best = None
+        for name in self.software.subkey_names(CBS_PACKAGES):
+            m = IC_PACKAGE.match(name)
+            if not m:
+                continue
+            state = _int(self.software.value(f"{CBS_PACKAGES}\\{name}", "CurrentState"))
+            if state is not None and state != CBS_INSTALLED:
+                continue
+            if best is None or version_key(m.group(3)) > version_key(best):
+                best = m.group(3)
+        if best:
+            return best, "cbs"
+        if self.fs.exists(VMBUS_SYS):
+            version = file_version(self.fs.read(VMBUS_SYS, 8 * 1024 * 1024))
+            if version:
+                return version, "vmbus.sys"
+            self.warnings.append("vmbus.sys has no readable version resource")
+        return None, None
