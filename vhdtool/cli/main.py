@@ -40,21 +40,24 @@ def _root() -> None:
 def inspect(
     images: List[Path] = typer.Argument(..., help="VHDX or VHD files", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document per image (a list for several)"),
+    stats: bool = typer.Option(False, "--stats", help="print how much of each image file was read (stderr)"),
 ) -> None:
     """Report the guest OS, its integration services and the disk layout of each image."""
     from vhdtool.cli.render import render_inspection
-    from vhdtool.guest.inspection import SCHEMA, inspect as inspect_image
+    from vhdtool.guest.inspection import SCHEMA, inspect_measured
 
     docs = []
     code = 0
     for i, image in enumerate(images):
         try:
-            result = inspect_image(image)
+            result, io = inspect_measured(image)
         except VhdtoolError as e:
             _fail_line(e.message)
             code = code or e.exit_code
             docs.append({"schema": SCHEMA, "image": {"path": os.fspath(image)}, "error": {"code": e.exit_code, "message": e.message}})
             continue
+        if stats:
+            typer.echo(f"vhdtool: stats: {image}: read {io.bytes_read} bytes in {io.reads} reads", err=True)
         if as_json:
             docs.append(result.to_dict())
         else:

@@ -53,7 +53,7 @@ from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, Unsupport
 
 ZERO_GUID = UUID(int=0)
 MAX_VIRTUAL_SIZE = 64 * TiB  # 2.6.2.2
-BAT_PAGE_ENTRIES = 8192  # BAT is read lazily, 64 KiB at a time
+BAT_PAGE_ENTRIES = 512  # BAT is read lazily, 4 KiB at a time: cost does not grow with the disk
 MAX_PARENT_DEPTH = 16
 KNOWN_METADATA = {
     FILE_PARAMETERS_GUID,

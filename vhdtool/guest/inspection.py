@@ -168,7 +168,25 @@ def inspect_disk(disk: DiskStream) -> Inspection:
     return Inspection(image=image, partitions=tuple(partitions), guest=guest, warnings=tuple(warnings))
 
 
+@dataclass(frozen=True)
+class IoStats:
+    """What inspecting cost in reads of the image files (the chain included)."""
+
+    bytes_read: int
+    reads: int
+
+
 def inspect(path: str | os.PathLike) -> Inspection:
     """Inspect the image at ``path`` read-only; raises a VhdtoolError on bad input."""
+    return inspect_measured(path)[0]
+
+
+def inspect_measured(path: str | os.PathLike) -> tuple[Inspection, IoStats]:
     with open_disk(path) as disk:
-        return inspect_disk(disk)
+        result = inspect_disk(disk)
+        nodes = list(_walk(disk))
+        stats = IoStats(
+            bytes_read=sum(n.image.bytes_read for n in nodes),
+            reads=sum(n.image.reads for n in nodes),
+        )
+    return result, stats

@@ -247,9 +247,18 @@ class WindowsGuest:
         return None
 
     def generalized(self) -> bool:
+        """Sysprepped with /generalize and not yet specialized.
+
+        ImageState is what Windows itself keeps for this. GeneralizationState alone
+        is not enough: it stays 7 on machines deployed from a generalized image, so
+        without ImageState it counts only while setup is pending.
+        """
+        image_state = _str(self.software.value(SETUP_STATE, "ImageState"))
+        if image_state:
+            return image_state.upper().startswith("IMAGE_STATE_GENERALIZE_RESEAL")
         state = _int(self.system.value("Setup\\Status\\SysprepStatus", "GeneralizationState"))
-        image_state = _str(self.software.value(SETUP_STATE, "ImageState")) or ""
-        return state == GENERALIZED_STATE or image_state.upper().startswith("IMAGE_STATE_GENERALIZE")
+        in_setup = _int(self.system.value("Setup", "SystemSetupInProgress"))
+        return state == GENERALIZED_STATE and in_setup == 1
 
     def integration_services(self, ccs: str) -> IntegrationServices:
         services = []

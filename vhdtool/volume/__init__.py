@@ -109,9 +109,13 @@ def list_partitions(disk: BinaryIO, sector_size: int = 512, path: str | None = N
                 raise UnsupportedLayout(path, "Windows dynamic disk (LDM)", "convert it to a basic disk in the guest")
             type_name = GPT_TYPE_NAMES.get(t, str(t))
             guid = str(p.guid) if p.guid is not None else None
-        if p.size <= 0 or (size is not None and p.offset >= size):
+        psize = p.size
+        if scheme == "gpt" and p.raw is not None:
+            # UEFI 5.3.3: EndingLBA is inclusive. dissect.volume 3.x leaves the last sector out.
+            psize = (p.raw.last_lba - p.raw.first_lba + 1) * sector_size
+        if psize <= 0 or (size is not None and p.offset >= size):
             continue
-        psize = min(p.size, size - p.offset) if size is not None else p.size
+        psize = min(psize, size - p.offset) if size is not None else psize
         disk.seek(p.offset)
         head = disk.read(8192)
         out.append(

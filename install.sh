@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install vhdtool on Debian/Ubuntu: system packages (apt), then the package and its
+# test tools into ./.venv. Safe to run again. Also unpacks the demo image.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+# Libraries vhdtool loads (libntfs-3g, libhivex, libmspack) and the real tools the
+# tests build images with and judge results by.
+PACKAGES=(
+  python3 python3-venv python3-pip
+  ntfs-3g libhivex0 libhivex-bin libmspack0
+  qemu-utils gcab e2fsprogs fdisk gdisk dosfstools xz-utils bzip2 fuse3
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+for xz in demo/*.vhdx.xz; do
+  [ -e "$xz" ] || continue
+  out="${xz%.xz}"
+  if [ ! -e "$out" ] || [ "$xz" -nt "$out" ]; then
+    xz -dkc "$xz" > "$out.tmp" && mv "$out.tmp" "$out"
+  fi
+done
+echo "vhdtool installed: .venv/bin/vhdtool" >&2
