@@ -406,3 +406,42 @@ def test_not_images(tmp_path, cli):
         with pytest.raises(VhdtoolError):
             read_all(path)
         assert_one_line_error(*cli("inspect", path), path)
+
+
+# -- differencing VHD -----------------------------------------------------------------------------
+def _vhd_diff(tmp_path, parent_id=None):
+    import subprocess
+
+    import vhd_craft
+
+    raw = vc.patterned_raw(tmp_path / "src.raw", 12 * MiB)
+    parent = tmp_path / "parent.vhd"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on", str(tmp_path / "src.raw"), str(parent)], check=True)
+    sectors = {0: b"\x10" * 512, 7: b"\x11" * 512, 5000: b"\x12" * 512}
+    child = tmp_path / "child.vhd"
+    vhd_craft.make_differencing_vhd(parent, child, sectors, parent_id=parent_id)
+    expected = bytearray(raw)
+    for lba, data in sectors.items():
+        expected[lba * 512 : lba * 512 + 512] = data
+    return parent, child, bytes(expected)
+
+
+def test_differencing_vhd(tmp_path):
+    parent, child, expected = _vhd_diff(tmp_path)
+    with open_disk(child) as d:
+        assert d.format == "vhd" and d.parent is not None and d.parent.path == str(parent)
+        assert d.read() == expected
+
+
+def test_differencing_vhd_missing_parent(tmp_path, cli):
+    parent, child, _ = _vhd_diff(tmp_path)
+    parent.unlink()
+    with pytest.raises(MissingParent, match="parent.vhd"):
+        read_all(child)
+    assert_one_line_error(*cli("inspect", child), child)
+
+
+def test_differencing_vhd_wrong_parent(tmp_path):
+    _, child, _ = _vhd_diff(tmp_path, parent_id=uuid.uuid4().bytes)
+    with pytest.raises(CorruptImage, match="identifier"):
+        read_all(child)

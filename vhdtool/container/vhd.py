@@ -1,8 +1,15 @@
 """Legacy VHD (Virtual Hard Disk Image Format Specification, 2006) through pyvhdi.
 
-libvhdi reads fixed, dynamic and differencing VHDs. The virtual size is the
-footer's Current Size (what Hyper-V presents), parsed here, not a CHS-derived
-figure; the footer checksum is verified before libvhdi sees the file.
+libvhdi reads fixed and dynamic VHDs. The virtual size is the footer's Current
+Size (what Hyper-V presents), parsed here, not a CHS-derived figure; the footer
+checksum is verified before libvhdi sees the file.
+
+Differencing VHDs are read here, not by libvhdi: libvhdi 20260901 reads a VHD
+sector bitmap bit as ``byte >> (7 - bit)`` without masking, so every sector after
+a present one in the same bitmap byte counts as present and reads the child's
+(zero) data instead of the parent's. The block layout (BAT of big-endian sector
+numbers; each block a 512-byte-aligned sector bitmap, most significant bit first,
+then the data) is small enough to read directly.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from vhdtool.container.stream import DiskStream
 from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, UnsupportedImage
 
 FOOTER_COOKIE = b"conectix"
+SECTOR = 512
+UNALLOCATED = 0xFFFFFFFF
+TABLE_PAGE_ENTRIES = 1024
 FOOTER_SIZE = 512
 DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
 MAX_PARENT_DEPTH = 16
@@ -62,7 +72,7 @@ class VhdDisk(DiskStream):
             if self.disk_type == DISK_FIXED and self.image.file_size < self.size + 511:
                 raise CorruptImage(self.path, "truncated: the fixed VHD is shorter than its size")
             if self.disk_type != DISK_FIXED:
-                self.block_size = self._dynamic_block_size(footer)
+                self._read_dynamic_header(footer)
             self._vhdi = pyvhdi.file()
             try:
                 # libvhdi reads through our ImageFile so that reads are counted.
@@ -90,15 +100,35 @@ class VhdDisk(DiskStream):
             raise CorruptImage(self.path, "VHD footer checksum mismatch")
         return footer
 
-    def _dynamic_block_size(self, footer: bytes) -> int:
+    def _read_dynamic_header(self, footer: bytes) -> None:
         (data_offset,) = struct.unpack_from(">Q", footer, 16)
         header = self.image.raw_pread(data_offset, 1024)
         if len(header) != 1024 or header[:8] != b"cxsparse":
             raise CorruptImage(self.path, "truncated or damaged VHD dynamic disk header")
-        (block_size,) = struct.unpack_from(">I", header, 32)
+        table_offset, _version, entries, block_size = struct.unpack_from(">QIII", header, 16)
         if block_size < 512 or block_size & (block_size - 1) or block_size > 256 * 1024 * 1024:
             raise CorruptImage(self.path, f"VHD block size {block_size} is not allowed")
-        return block_size
+        if entries * block_size < self.size:
+            raise CorruptImage(self.path, "VHD block table is too small for the disk size")
+        if table_offset + 4 * entries > self.image.file_size:
+            raise CorruptImage(self.path, "truncated: the VHD block table lies beyond the end of the file")
+        self.block_size = block_size
+        self._table_offset = table_offset
+        self._table_entries = entries
+        self._bitmap_size = -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
+        self._table_pages: dict[int, bytes] = {}
+
+    def _block_sector(self, block: int) -> int | None:
+        """File sector where ``block`` starts (its bitmap), or None when not allocated."""
+        page = block // TABLE_PAGE_ENTRIES
+        data = self._table_pages.get(page)
+        if data is None:
+            start = page * TABLE_PAGE_ENTRIES
+            count = min(TABLE_PAGE_ENTRIES, self._table_entries - start)
+            data = self.image.read_exact(self._table_offset + 4 * start, 4 * count, "VHD block table")
+            self._table_pages[page] = data
+        (sector,) = struct.unpack_from(">I", data, 4 * (block % TABLE_PAGE_ENTRIES))
+        return None if sector == UNALLOCATED else sector
 
     def _open_parent(self, depth: int) -> None:
         if depth >= MAX_PARENT_DEPTH:
@@ -122,7 +152,6 @@ class VhdDisk(DiskStream):
         if want and str(want).lower() != str(parent._vhdi.get_identifier()).lower():
             parent.close()
             raise CorruptImage(self.path, f"parent {found} is not the disk this one was made from (identifier mismatch)")
-        self._vhdi.set_parent(parent._vhdi)
         self.parent = parent
 
     @property
@@ -133,11 +162,51 @@ class VhdDisk(DiskStream):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
+        if self.disk_type == DISK_DIFFERENCING:
+            return self._read_differencing(offset, end)
         try:
             data = self._vhdi.read_buffer_at_offset(end - offset, offset)
         except (OSError, IOError) as e:
             raise CorruptImage(self.path, f"read failed at offset {offset} ({_first_line(e)})") from None
         return data.ljust(end - offset, b"\0")
+
+    def _read_differencing(self, offset: int, end: int) -> bytes:
+        out = bytearray()
+        bs = self.block_size
+        pos = offset
+        while pos < end:
+            block, within = divmod(pos, bs)
+            n = min(bs - within, end - pos)
+            start = self._block_sector(block)
+            if start is None:
+                out += self.parent.read_at(pos, n).ljust(n, b"\0")
+            else:
+                out += self._read_partial(block, start * SECTOR, within, n)
+            pos += n
+        return bytes(out)
+
+    def _read_partial(self, block: int, start: int, within: int, n: int) -> bytes:
+        first, last = within // SECTOR, (within + n - 1) // SECTOR
+        bitmap = self.image.read_exact(start + first // 8, last // 8 - first // 8 + 1, "VHD sector bitmap")
+        data_start = start + self._bitmap_size
+        base = block * self.block_size
+        out = bytearray()
+        pos, end = within, within + n
+        while pos < end:
+            s = pos // SECTOR
+            present = bitmap[s // 8 - first // 8] >> (7 - s % 8) & 1
+            run_end = min(end, (s + 1) * SECTOR)
+            while run_end < end:
+                t = run_end // SECTOR
+                if (bitmap[t // 8 - first // 8] >> (7 - t % 8) & 1) != present:
+                    break
+                run_end = min(end, run_end + SECTOR)
+            if present:
+                out += self.image.read_exact(data_start + pos, run_end - pos, f"VHD block {block}")
+            else:
+                out += self.parent.read_at(base + pos, run_end - pos).ljust(run_end - pos, b"\0")
+            pos = run_end
+        return bytes(out)
 
     def _close_backing(self) -> None:
         if self._vhdi is not None:
