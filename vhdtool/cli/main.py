@@ -1,4 +1,4 @@
-"""vhdtool command line: ``vhdtool inspect IMAGE... [--json]``.
+"""vhdtool command line: ``inspect``, ``matrix`` and ``plan``.
 
 Errors become exit codes here and only here: a VhdtoolError prints one line
 ``vhdtool: <file>: <problem>; <what to do>`` on stderr and exits with its code.
@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -64,6 +64,66 @@ def inspect(
             if i:
                 typer.echo("")
             typer.echo(render_inspection(result))
+    if as_json:
+        out = docs[0] if len(images) == 1 else docs
+        if len(images) > 1 or code == 0:
+            typer.echo(json.dumps(out, indent=2))
+    raise typer.Exit(code)
+
+
+@app.command()
+def matrix(
+    host: Optional[str] = typer.Option(None, "--host", help="one host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of rows"),
+    revision: Optional[str] = typer.Option(None, "--matrix-revision", help="revision of the source document"),
+) -> None:
+    """Show the host/guest OS matrix: how each guest gets its integration services."""
+    from vhdtool.cli.render import render_matrix
+    from vhdtool.plan.matrix import load_matrix
+
+    m = load_matrix(revision)
+    hosts = [m.resolve_host(host)] if host else [h.key for h in m.hosts]
+    rows = [r for h in hosts for r in m.table(h)]
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        typer.echo(render_matrix(m, hosts))
+
+
+@app.command()
+def plan(
+    images: List[Path] = typer.Argument(..., help="VHDX or VHD files", show_default=False),
+    host: str = typer.Option(..., "--host", help="the Hyper-V host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)"),
+    cabs: List[Path] = typer.Option([], "--cabs", help="folder, .cab or vmguest.iso to take cabs from (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document per image (a list for several)"),
+    revision: Optional[str] = typer.Option(None, "--matrix-revision", help="revision of the source document"),
+) -> None:
+    """Decide how each image's guest gets its integration services on HOST, and which cab to stage."""
+    from vhdtool.cli.render import render_plan
+    from vhdtool.guest.inspection import SCHEMA, inspect as inspect_image
+    from vhdtool.plan.decide import plan as make_plan
+    from vhdtool.plan.matrix import load_matrix
+    from vhdtool.plan.sources import load_sources
+
+    m = load_matrix(revision)
+    host_key = m.resolve_host(host)
+    catalog = load_sources(cabs)
+    docs = []
+    code = 0
+    for i, image in enumerate(images):
+        try:
+            result = make_plan(inspect_image(image), host_key, catalog, m)
+        except VhdtoolError as e:
+            _fail_line(e.message)
+            code = code or e.exit_code
+            docs.append({"schema": SCHEMA, "image": os.fspath(image), "error": {"code": e.exit_code, "message": e.message}})
+            continue
+        if as_json:
+            docs.append(result.to_dict())
+        else:
+            if i:
+                typer.echo("")
+            typer.echo(render_plan(result))
     if as_json:
         out = docs[0] if len(images) == 1 else docs
         if len(images) > 1 or code == 0:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from vhdtool.guest.inspection import Inspection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vhdtool.guest.inspection import Inspection
+    from vhdtool.plan.decide import Plan
+    from vhdtool.plan.matrix import Matrix
 
 
 def _size(n: int | None) -> str:
@@ -61,4 +66,36 @@ def render_inspection(ins: Inspection) -> str:
         lines.append("  daemons    " + ", ".join(f"{k} {_yn(v)}" for k, v in lx.daemons))
     for w in ins.warnings:
         lines.append(f"  warning    {w}")
+    return "\n".join(lines)
+
+
+def render_matrix(matrix: Matrix, hosts: list[str]) -> str:
+    lines = [f"matrix revision '{matrix.revision}': {matrix.description}"]
+    for key in hosts:
+        host = matrix.host(key)
+        lines.append("")
+        lines.append(f"host {key}: {host.name}" + (f" ({host.note})" if host.note else ""))
+        for r in matrix.table(key):
+            sp = f"SP{r.min_service_pack}+" if r.min_service_pack else ""
+            de = "Data Exchange (*)" if r.requires_data_exchange else ""
+            lines.append(f"  {r.guest:<18} {r.method:<26} {sp:<5} {de:<18} {r.note or ''}".rstrip())
+    lines.append("")
+    for name, text in matrix.footnotes:
+        lines.append(f"(*) {text} [{name}]")
+    return "\n".join(lines)
+
+
+def render_plan(plan: Plan) -> str:
+    lines = [plan.image]
+    lines.append(f"  guest      {plan.guest_key or '?'} {plan.arch or ''}, integration services {plan.guest_ic_version or 'unknown'}")
+    lines.append(f"  host       {plan.host} (matrix revision '{plan.matrix_revision}')")
+    lines.append(f"  method     {plan.method}")
+    lines.append(f"  action     {plan.action}")
+    if plan.cab:
+        c = plan.cab
+        lines.append(f"  cab        {c.path} ({c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
+    for r in plan.reasons:
+        lines.append(f"  because    {r}")
+    for n in plan.notes:
+        lines.append(f"  note       {n}")
     return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""ISO 9660 images (ECMA-119, Joliet, UDF) through pycdlib: the cabs of vmguest.iso, read in place.
+
+Nothing is extracted to disk: a cab is read into memory straight from the image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vhdtool.errors import VhdtoolError
+
+MAX_CAB_SIZE = 512 * 1024 * 1024
+MAX_ENTRIES = 100_000
+
+
+class IsoError(VhdtoolError):
+    exit_code = 12
+    hint = "use the host's vmguest.iso (C:\\Windows\\System32\\vmguest.iso) or a folder of cabs"
+
+
+@dataclass(frozen=True)
+class IsoFile:
+    path: str  # as shown to users: "/support/amd64/Windows6.1-HyperVIntegrationServices-x64.cab"
+    size: int
+
+
+class IsoImage:
+    def __init__(self, path: str | os.PathLike):
+        import pycdlib
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise IsoError(self.path, "no such file")
+        self._iso = pycdlib.PyCdlib()
+        try:
+            self._iso.open(self.path)
+        except Exception as e:  # noqa: BLE001 - pycdlib raises many kinds on damaged images
+            raise IsoError(self.path, f"not a readable ISO image ({_first_line(e)})") from None
+        # Joliet and UDF keep the real (mixed-case, long) names; plain ISO 9660 is the fallback.
+        if self._iso.has_joliet():
+            self._facet, self._key = self._iso.get_joliet_facet(), "joliet_path"
+        elif self._iso.has_udf():
+            self._facet, self._key = self._iso.get_udf_facet(), "udf_path"
+        else:
+            self._facet, self._key = self._iso.get_iso9660_facet(), "iso_path"
+
+    def close(self) -> None:
+        try:
+            self._iso.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __enter__(self) -> IsoImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def files(self) -> Iterator[tuple[IsoFile, str]]:
+        """Every regular file, depth first, with the path pycdlib knows it by."""
+        count = 0
+        try:
+            for dirpath, _dirs, names in self._facet.walk("/"):
+                for name in names:
+                    count += 1
+                    if count > MAX_ENTRIES:
+                        raise IsoError(self.path, f"more than {MAX_ENTRIES} files")
+                    shown = name.split(";")[0] if self._key == "iso_path" else name
+                    full = dirpath.rstrip("/") + "/" + name
+                    record = self._facet.get_record(full)
+                    size = record.get_data_length() if hasattr(record, "get_data_length") else 0
+                    yield IsoFile(dirpath.rstrip("/") + "/" + shown, size), full
+        except IsoError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise IsoError(self.path, f"damaged directory structure ({_first_line(e)})") from None
+
+    def cabs(self) -> list[tuple[IsoFile, str]]:
+        return [(f, raw) for f, raw in self.files() if f.path.lower().endswith(".cab")]
+
+    def has_support_folder(self) -> bool:
+        return any(f.path.lower().startswith("/support/") for f, _ in self.files())
+
+    def read(self, entry: IsoFile, raw_path: str, limit: int = MAX_CAB_SIZE) -> bytes:
+        if entry.size > limit:
+            raise IsoError(self.path, f"{entry.path} is larger than {limit} bytes")
+        try:
+            with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
+                data = fh.read(limit + 1)
+        except Exception as e:  # noqa: BLE001
+            raise IsoError(self.path, f"cannot read {entry.path} ({_first_line(e)}); the image may be truncated") from None
+        # pycdlib returns what is there: a short read means the image was cut.
+        if len(data) != entry.size:
+            raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {len(data)} are there")
+        return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,184 @@
+"""Deciding (the plan): how a guest gets its integration services on a host, and which cab, if any, to stage.
+
+``plan(inspection, host, catalog, matrix)`` is a pure function of the inspected
+facts, the host, the matrix revision and the cabs found: no I/O. It returns the
+method (windows-update, integration-services-disk, kb3071740-cab,
+package-manager, unsupported, up-to-date), the action (stage, none, manual), the
+chosen cab with its verified identity, and the reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vhdtool.guest.inspection import Inspection
+from vhdtool.plan.guestkey import NEWER_THAN_MATRIX, identify
+from vhdtool.plan.matrix import Matrix, load_matrix
+from vhdtool.plan.sources import CabCandidate, CabCatalog, version_tuple
+
+SCHEMA = 1
+WINDOWS_UPDATE = "windows-update"
+IC_DISK = "integration-services-disk"
+KB3071740 = "kb3071740-cab"
+PACKAGE_MANAGER = "package-manager"
+UNSUPPORTED = "unsupported"
+UP_TO_DATE = "up-to-date"
+STAGE, NONE, MANUAL = "stage", "none", "manual"
+DATA_EXCHANGE_SERVICE = "vmickvpexchange"
+DISABLED = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    image: str
+    host: str
+    matrix_revision: str
+    guest_key: str | None
+    arch: str | None
+    guest_ic_version: str | None
+    method: str
+    action: str
+    cab: CabCandidate | None
+    reasons: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        cab = None
+        if self.cab is not None:
+            c = self.cab
+            cab = {"path": c.path, "source": c.source, "name": c.name, "version": c.version, "arch": c.arch,
+                   "sha256": c.sha256, "nt": c.nt, "identity": c.identity_name,
+                   "package_identifier": c.package_identifier}
+        return {
+            "schema": SCHEMA,
+            "image": self.image,
+            "host": self.host,
+            "matrix_revision": self.matrix_revision,
+            "guest_key": self.guest_key,
+            "arch": self.arch,
+            "guest_ic_version": self.guest_ic_version,
+            "method": self.method,
+            "action": self.action,
+            "cab": cab,
+            "reasons": list(self.reasons),
+            "notes": list(self.notes),
+        }
+
+
+def plan(
+    inspection: Inspection,
+    host: str,
+    catalog: CabCatalog | None = None,
+    matrix: Matrix | None = None,
+) -> Plan:
+    matrix = matrix or load_matrix()
+    host = matrix.resolve_host(host)
+    catalog = catalog or CabCatalog((), (), ())
+    guest = identify(inspection)
+    ic = inspection.guest.integration_services
+    ic_version = ic.version if ic else None
+    reasons: list[str] = []
+    notes: list[str] = list(catalog.notes)
+
+    def done(method: str, action: str, cab: CabCandidate | None = None) -> Plan:
+        return Plan(
+            image=inspection.image.path,
+            host=host,
+            matrix_revision=matrix.revision,
+            guest_key=guest.key,
+            arch=guest.arch,
+            guest_ic_version=ic_version,
+            method=method,
+            action=action,
+            cab=cab,
+            reasons=tuple(reasons),
+            notes=tuple(notes),
+        )
+
+    host_info = matrix.host(host)
+    if guest.key is None:
+        reasons.append(guest.reason or "the guest could not be identified")
+        return done(UNSUPPORTED, NONE)
+    row = matrix.row(host, guest.key)
+    if row is None:
+        if guest.key in NEWER_THAN_MATRIX:
+            reasons.append(
+                f"{guest.key} is newer than revision '{matrix.revision}' of the matrix, which does not list it; "
+                "no method is assumed"
+            )
+        else:
+            reasons.append(f"{guest.key} is not supported on a {host_info.name} host (matrix revision '{matrix.revision}')")
+        return done(UNSUPPORTED, NONE)
+    if row.note:
+        notes.append(row.note)
+    if row.min_service_pack and guest.service_pack < row.min_service_pack:
+        have = f"Service Pack {guest.service_pack}" if guest.service_pack else "no service pack"
+        reasons.append(f"{guest.key} needs Service Pack {row.min_service_pack} on this host; the guest has {have}")
+        return done(UNSUPPORTED, NONE)
+
+    if row.method == PACKAGE_MANAGER:
+        reasons.append("Linux guests get integration services from their kernel and package manager")
+        return done(PACKAGE_MANAGER, NONE)
+
+    if row.method == WINDOWS_UPDATE:
+        if row.requires_data_exchange:
+            state = _data_exchange_state(inspection)
+            if state is not None:
+                reasons.append(f"Windows Update needs the Data Exchange service, which {state} in the image")
+                return _with_cab(KB3071740, guest, ic_version, catalog, reasons, done)
+        reasons.append(f"on a {host_info.name} host, {guest.key} gets integration services from Windows Update")
+        return done(WINDOWS_UPDATE, NONE)
+
+    # Integration services disk.
+    if guest.nt in ("5.1", "5.2"):
+        reasons.append(f"{guest.key} installs integration services from an MSI (setup.exe on the disk), not a cab")
+        return done(IC_DISK, MANUAL)
+    return _with_cab(IC_DISK, guest, ic_version, catalog, reasons, done)
+
+
+def _data_exchange_state(inspection: Inspection) -> str | None:
+    """Why Data Exchange cannot run in the guest, or None when it can."""
+    ic = inspection.guest.integration_services
+    services = {s.name: s for s in ic.services} if ic else {}
+    svc = services.get(DATA_EXCHANGE_SERVICE)
+    if svc is None:
+        return f"is not installed ({DATA_EXCHANGE_SERVICE} is missing)"
+    if svc.start_value == DISABLED:
+        return f"is disabled ({DATA_EXCHANGE_SERVICE} Start=4)"
+    return None
+
+
+def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str], done) -> Plan:
+    """Choose the newest cab that fits the guest exactly; never one for another guest."""
+    fitting, refused = [], []
+    for c in catalog.candidates:
+        if c.problem:
+            refused.append(f"{c.path}: {c.problem}")
+        elif c.arch != guest.arch:
+            refused.append(f"{c.path}: for {c.arch}, the guest is {guest.arch}")
+        elif c.nt != guest.nt:
+            refused.append(f"{c.path}: for NT {c.nt}, the guest is NT {guest.nt}")
+        else:
+            fitting.append(c)
+    what = "the KB3071740 cab" if method == KB3071740 else "the integration services disk"
+    if not fitting:
+        if not catalog.sources:
+            reasons.append(f"{guest.key} ({guest.arch}) needs {what}; no cab source was given (--cabs)")
+        else:
+            reasons.append(
+                f"no cab in the sources fits {guest.key} {guest.arch} (NT {guest.nt})"
+                + (": " + "; ".join(refused) if refused else "")
+            )
+        return done(method, MANUAL)
+    best = max(fitting, key=lambda c: version_tuple(c.version))
+    if ic_version and version_tuple(best.version) <= version_tuple(ic_version):
+        reasons.append(
+            f"the guest's integration services ({ic_version}) are not older than {best.name} ({best.version})"
+        )
+        return done(UP_TO_DATE, NONE, best)
+    if ic_version:
+        reasons.append(f"{best.name} {best.version} is newer than the guest's {ic_version}")
+    else:
+        reasons.append(f"the guest's integration services version is unknown; {best.name} {best.version} fits it")
+    reasons.append(f"{what}: {best.name} ({best.arch}, NT {best.nt}) will install at next boot")
+    return done(method, STAGE, best)

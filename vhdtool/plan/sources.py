@@ -1,0 +1,172 @@
+"""Cab sources (``--cabs``): a folder searched recursively, a single cab, or a vmguest.iso.
+
+Every integration services cab found is read (its update.mum, in memory) and
+described by what it is, not by what its name says: architecture and version come
+from the package identity; the target NT version comes from the name
+(``Windows6.1-...``) and, where the manifest names a parent package, must agree
+with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vhdtool.errors import VhdtoolError
+
+IC_CAB_NAME = re.compile(r"^windows(\d+\.\d+)-hypervintegrationservices-(x86|x64|amd64|arm64)\.cab$", re.IGNORECASE)
+ARCH_FROM_MANIFEST = {"amd64": "x64", "x86": "x86", "arm64": "arm64"}
+ISO_MAGIC_OFFSET = 0x8001
+MAX_CAB_FILE = 512 * 1024 * 1024
+
+
+class CabSourceError(VhdtoolError):
+    exit_code = 12
+    hint = "give a folder of cabs, a .cab file or the host's vmguest.iso"
+
+
+@dataclass(frozen=True)
+class CabCandidate:
+    path: str  # where it is: a file path, or "vmguest.iso:/support/amd64/Windows6.1-...cab"
+    source: str  # the --cabs argument it came from
+    name: str  # file name
+    version: str
+    arch: str | None  # "x64", "x86", "arm64"
+    nt: str | None  # target NT version, "6.1"
+    sha256: str
+    identity_name: str
+    package_identifier: str | None
+    problem: str | None = None  # why it can never be chosen (name and manifest disagree...)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "source": self.source,
+            "name": self.name,
+            "version": self.version,
+            "arch": self.arch,
+            "sha256": self.sha256,
+            "nt": self.nt,
+            "identity": self.identity_name,
+            "package_identifier": self.package_identifier,
+        }
+
+
+@dataclass(frozen=True)
+class CabCatalog:
+    candidates: tuple[CabCandidate, ...]
+    notes: tuple[str, ...]
+    sources: tuple[str, ...]
+
+
+def version_tuple(version: str | None) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version or ""))
+
+
+def describe(data: bytes, label: str, source: str, name: str) -> CabCandidate:
+    from vhdtool.cab import read_package
+
+    package = read_package(data, label)
+    ident = package.identity
+    arch = ARCH_FROM_MANIFEST.get(ident.arch.lower())
+    m = IC_CAB_NAME.match(name)
+    name_nt = m.group(1) if m else None
+    name_arch = ARCH_FROM_MANIFEST.get(m.group(2).lower(), m.group(2).lower()) if m else None
+    parent_nt = None
+    if ident.parent_versions:
+        parts = version_tuple(ident.parent_versions[0])
+        parent_nt = f"{parts[0]}.{parts[1]}" if len(parts) >= 2 else None
+    problem = None
+    if name_nt and parent_nt and name_nt != parent_nt:
+        problem = f"its name targets NT {name_nt} but its manifest's parent is NT {parent_nt}"
+    elif name_arch and arch and name_arch != arch:
+        problem = f"its name says {name_arch} but its manifest says {ident.arch}"
+    elif arch is None:
+        problem = f"unknown processor architecture '{ident.arch}'"
+    nt = name_nt or parent_nt
+    if nt is None and problem is None:
+        problem = "its target NT version is unknown (neither its name nor its manifest say)"
+    return CabCandidate(
+        path=label,
+        source=source,
+        name=name,
+        version=ident.version,
+        arch=arch,
+        nt=nt,
+        sha256=package.sha256,
+        identity_name=ident.name,
+        package_identifier=ident.package_identifier,
+        problem=problem,
+    )
+
+
+def _is_iso(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(ISO_MAGIC_OFFSET)
+            return f.read(5) == b"CD001"
+    except OSError:
+        return False
+
+
+def _read_file(path: Path) -> bytes:
+    size = path.stat().st_size
+    if size > MAX_CAB_FILE:
+        raise CabSourceError(str(path), f"larger than {MAX_CAB_FILE} bytes; not an integration services cab")
+    return path.read_bytes()
+
+
+def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
+    """Read every integration services cab of the given sources."""
+    candidates: list[CabCandidate] = []
+    notes: list[str] = []
+    sources = []
+    for raw in paths:
+        source = os.fspath(raw)
+        sources.append(source)
+        path = Path(source)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".cab")
+            ic = [p for p in found if IC_CAB_NAME.match(p.name)]
+            for p in found:
+                if p not in ic:
+                    notes.append(f"{p}: not an integration services cab name; skipped")
+            for p in ic:
+                candidates.append(describe(_read_file(p), str(p), source, p.name))
+            if not ic:
+                notes.append(f"{source}: no integration services cabs found")
+        elif path.is_file() and _is_iso(path):
+            candidates.extend(_from_iso(path, source, notes))
+        elif path.is_file():
+            candidates.append(describe(_read_file(path), str(path), source, path.name))
+        elif not path.exists():
+            raise CabSourceError(source, "no such file or folder")
+        else:
+            raise CabSourceError(source, "not a file or folder")
+    return CabCatalog(tuple(candidates), tuple(notes), tuple(sources))
+
+
+def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
+    from vhdtool.iso import IsoError, IsoImage
+
+    out = []
+    with IsoImage(path) as iso:
+        entries = list(iso.files())
+        if not any(f.path.lower().startswith("/support/") for f, _ in entries):
+            raise IsoError(str(path), "has no support folder: not an integration services disk (vmguest.iso)")
+        for entry, raw in entries:
+            name = entry.path.rsplit("/", 1)[-1]
+            if not entry.path.lower().startswith("/support/") or not name.lower().endswith(".cab"):
+                continue
+            if not IC_CAB_NAME.match(name):
+                notes.append(f"{path}:{entry.path}: not an integration services cab name; skipped")
+                continue
+            data = iso.read(entry, raw)
+            out.append(describe(data, f"{path}:{entry.path}", source, name))
+    if not out:
+        notes.append(f"{source}: no integration services cabs under /support")
+    return out
+
