@@ -9,6 +9,7 @@ converted to raw once per session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,10 +29,13 @@ if str(ROOT) not in sys.path:
 from fixtures import build as fb  # noqa: E402
 
 TOOLS = ("qemu-img", "sfdisk", "sgdisk", "blkid", "mkntfs", "ntfs-3g", "ntfsls", "ntfscat", "ntfsinfo",
-         "mkfs.fat", "mkfs.ext4", "debugfs", "hivexsh", "hivexget")
+         "mkfs.fat", "mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck", "hivexsh", "hivexget", "mkfs.xfs", "xfs_db",
+         "xfs_repair", "lvm", "losetup", "mkswap", "xz")
 _missing = [t for t in TOOLS if shutil.which(t) is None]
 if not os.path.exists("/dev/fuse"):
     _missing.append("/dev/fuse")
+if not os.path.exists("/dev/loop-control"):
+    _missing.append("/dev/loop-control")
 if _missing and os.environ.get("CI"):
     raise RuntimeError(f"fixture tools missing on CI: {', '.join(_missing)}")
 
@@ -255,7 +259,8 @@ def test_partition_table_matches_facts(name, raw):
     for f in facts:
         probe = sh("blkid", "-p", "-o", "export", "-O", f["offset"], "-S", f["size"], disk, check=False)
         tags = dict(line.split("=", 1) for line in probe.stdout.decode().splitlines() if "=" in line)
-        found = {"ntfs": "ntfs", "vfat": "fat", "ext4": "ext4", "BitLocker": "bitlocker"}.get(tags.get("TYPE"))
+        found = {"ntfs": "ntfs", "vfat": "fat", "ext4": "ext4", "xfs": "xfs", "LVM2_member": "lvm2",
+                 "BitLocker": "bitlocker"}.get(tags.get("TYPE"))
         assert found == f["filesystem"], (f, tags)
 
 
@@ -520,53 +525,315 @@ def test_dirty_hive_and_its_log(windows_files, tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# Linux, BitLocker, no guest
+# Linux guests: volumes read with debugfs (ext4), xfs_db (XFS) and the LVM tools
 
 
-def _debugfs(part: Path, request: str) -> str:
-    return sh("debugfs", "-R", request, part).stdout.decode()
+class Ext4Volume:
+    """An ext4 image read with debugfs. Paths are taken as they are: no symlink in them
+    is followed by the test's own resolve() (debugfs stat does not follow the last one)."""
 
+    def __init__(self, image: Path):
+        self.image = image
 
-@pytest.mark.parametrize("name", LINUX)
-def test_linux_facts_read_back(name, partition, tmp_path):
-    facts = fb.FIXTURES[name].facts
-    index = next(i for i, p in enumerate(facts["partitions"], 1) if p["filesystem"] == "ext4")
-    part = partition(name, index)
-    os_release = dict(re.findall(r'^(\w+)="?([^"\n]*)"?$', _debugfs(part, "cat /etc/os-release"), re.M))
-    assert "Type: directory" in _debugfs(part, "stat /lib")
+    def _debugfs(self, request: str) -> bytes:
+        return sh("debugfs", "-R", request, self.image).stdout
 
-    def names(path: str) -> list[str]:
-        out = _debugfs(part, f"ls -p {path}")
-        return [line.split("/")[5] for line in out.splitlines() if line.count("/") >= 6]
-
-    def kind(path: str) -> str | None:
-        m = re.search(r"Type: (\w+)", _debugfs(part, f"stat {path}"))
+    def kind(self, path: str) -> str | None:
+        m = re.search(r"Type: (\w+)", self._debugfs(f"stat {path}").decode())
         return m.group(1) if m else None
 
-    kernels = sorted(n[len("vmlinuz-"):] for n in names("/boot")
-                     if n.startswith("vmlinuz-") and kind(f"/boot/{n}") == "regular")
+    def names(self, path: str) -> list[str]:
+        out = self._debugfs(f"ls -p {path}").decode()
+        return [n for n in (line.split("/")[5] for line in out.splitlines() if line.count("/") >= 6)
+                if n not in (".", "..")]
+
+    def read(self, path: str) -> bytes:
+        return self._debugfs(f"cat {path}")
+
+    def readlink(self, path: str) -> str:
+        m = re.search(r'Fast link dest: "(.*)"', self._debugfs(f"stat {path}").decode())
+        assert m, f"{path} is not a fast symlink"
+        return m.group(1)
+
+
+XFS_MODES = {0o040000: "directory", 0o100000: "regular", 0o120000: "symlink"}
+
+
+class XfsVolume:
+    """An XFS image read with xfs_db -r: directory listings (ls), inode modes, symlink
+    targets (u3.symlink) and file extents (bmap), whose blocks are then read from the image."""
+
+    def __init__(self, image: Path):
+        self.image = image
+        sb = dict(re.findall(r"^(\w+) = (\d+)$", self._db("sb 0", "print blocksize agblocks"), re.M))
+        self.blocksize, self.agblocks = int(sb["blocksize"]), int(sb["agblocks"])
+
+    def _db(self, *commands: str, check: bool = True) -> str:
+        args = [a for c in commands for a in ("-c", c)]
+        return sh("xfs_db", "-r", *args, self.image, check=check).stdout.decode()
+
+    def _inode(self, path: str, *fields: str) -> dict[str, str] | None:
+        out = self._db(f"path {path}", f"print {' '.join(fields)}", check=False)
+        values = dict(re.findall(r"^([\w.]+) = (.*)$", out, re.M))
+        return values or None
+
+    def kind(self, path: str) -> str | None:
+        inode = self._inode(path, "core.mode")
+        return None if inode is None else XFS_MODES.get(int(inode["core.mode"], 8) & 0o170000, "other")
+
+    def names(self, path: str) -> list[str]:
+        out = self._db(f"ls {path}")
+        entries = [line.split() for line in out.splitlines()[1:]]
+        assert all(e[-1] == "(good)" for e in entries), out
+        return [e[5] for e in entries if e[5] not in (".", "..")]
+
+    def read(self, path: str) -> bytes:
+        inode = self._inode(path, "core.size", "core.format")
+        assert inode and inode["core.format"] == "2 (extents)", inode
+        size = int(inode["core.size"])
+        data = bytearray(-(-size // self.blocksize) * self.blocksize)
+        with open(self.image, "rb") as f:
+            for m in re.finditer(r"data offset (\d+) startblock \d+ \((\d+)/(\d+)\) count (\d+) flag (\d)",
+                                 self._db(f"path {path}", "bmap")):
+                offset, ag, agbno, count, unwritten = map(int, m.groups())
+                if unwritten:
+                    continue
+                f.seek((ag * self.agblocks + agbno) * self.blocksize)
+                chunk = f.read(count * self.blocksize)
+                data[offset * self.blocksize:offset * self.blocksize + len(chunk)] = chunk
+        return bytes(data[:size])
+
+    def readlink(self, path: str) -> str:
+        inode = self._inode(path, "core.format", "u3.symlink")
+        assert inode and inode["core.format"] == "1 (local)", inode
+        return inode["u3.symlink"][1:-1]
+
+
+def resolve(volume, path: str) -> str | None:
+    """`path` with every symlink in it (the last one too) resolved inside the volume."""
+    parts, done, hops = [p for p in path.split("/") if p], [], 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            done = done[:-1]
+            continue
+        here = "/" + "/".join(done + [name])
+        kind = volume.kind(here)
+        if kind is None:
+            return None
+        if kind == "symlink":
+            hops += 1
+            assert hops <= 40, f"symlink loop at {path}"
+            target = volume.readlink(here)
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        done.append(name)
+    return "/" + "/".join(done)
+
+
+def blkid_type(image: Path) -> str | None:
+    proc = sh("blkid", "-p", "-o", "value", "-s", "TYPE", image, check=False)
+    return proc.stdout.decode().strip() or None
+
+
+@contextlib.contextmanager
+def lvm_readonly(image: Path, work: Path):
+    """Yields report(command, *args) -> rows: pvs/vgs/lvs --readonly on `image`, attached to
+    a read-only loop device, with an lvm.conf that sees that device only."""
+    dev = sh("losetup", "--find", "--show", "--read-only", image).stdout.decode().strip()
+    try:
+        system = work / "lvm-system"
+        (system / "lock").mkdir(parents=True, exist_ok=True)
+        accept = f'[ "a|^{dev}$|", "r|.*|" ]'
+        (system / "lvm.conf").write_text(
+            f"devices {{ filter = {accept} global_filter = {accept} use_devicesfile = 0 hints = \"none\" "
+            f"obtain_device_list_from_udev = 0 }}\n"
+            f"global {{ locking_dir = \"{system / 'lock'}\" use_lvmpolld = 0 notify_dbus = 0 }}\n"
+            "activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }\nbackup { backup = 0 archive = 0 }\n")
+        env = {**os.environ, "LVM_SYSTEM_DIR": str(system), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+        def report(command: str, *args: str) -> list[dict[str, str]]:
+            proc = subprocess.run(["lvm", command, "--readonly", "--devices", dev, "--reportformat", "json",
+                                   "--units", "b", "--nosuffix", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False)
+            assert proc.returncode == 0, proc.stderr.decode()
+            doc = json.loads(proc.stdout)
+            return [row for r in doc["report"] for rows in r.values() for row in rows]
+
+        yield dev, report
+    finally:
+        sh("losetup", "--detach", dev)
+
+
+@pytest.fixture(scope="session")
+def lvm_volumes(partition, tmp_path_factory):
+    """lvm_volumes(name, index) -> {vg/lv: (offset in the PV, extracted image)} of the PV
+    on that partition, as pvs/vgs/lvs report it."""
+    done: dict[tuple[str, int], dict[str, tuple[int, Path]]] = {}
+
+    def get(name: str, index: int) -> dict[str, tuple[int, Path]]:
+        if (name, index) in done:
+            return done[name, index]
+        pv_image = partition(name, index)
+        work = tmp_path_factory.mktemp(f"{name}-lvm")
+        with lvm_readonly(pv_image, work) as (dev, report):
+            (pv,) = report("pvs", "-o", "pv_name,pe_start,vg_name,pv_size")
+            assert int(pv["pv_size"]) <= fb.FIXTURES[name].facts["partitions"][index - 1]["size"]
+            (vg,) = report("vgs", "-o", "vg_name,vg_extent_size")
+            segments = report("lvs", "--segments", "-o", "lv_name,vg_name,seg_pe_ranges,lv_size")
+        volumes: dict[str, tuple[int, Path]] = {}
+        for seg in segments:  # one segment each (in the order lvs lists them)
+            m = re.fullmatch(re.escape(dev) + r":(\d+)-(\d+)", seg["seg_pe_ranges"])
+            assert m, seg
+            first, last = int(m.group(1)), int(m.group(2))
+            offset = int(pv["pe_start"]) + first * int(vg["vg_extent_size"])
+            size = (last - first + 1) * int(vg["vg_extent_size"])
+            assert size == int(seg["lv_size"])
+            key = f"{seg['vg_name']}/{seg['lv_name']}"
+            assert key not in volumes, f"{key} has more than one segment"
+            volumes[key] = (offset, _copy_range(pv_image, work / f"{seg['lv_name']}.img", offset, size))
+        done[name, index] = volumes
+        return volumes
+
+    return get
+
+
+VOLUME_READERS = {"ext4": Ext4Volume, "xfs": XfsVolume}
+# The Hyper-V daemons under the names distributions install them (Debian/Ubuntu's
+# hyperv-daemons and linux-tools: hv_*_daemon; RHEL's hyperv-daemons: hyperv*d).
+DAEMON_FILES = {
+    "hv_kvp_daemon": ("hv_kvp_daemon", "hypervkvpd"),
+    "hv_vss_daemon": ("hv_vss_daemon", "hypervvssd"),
+    "hv_fcopy_daemon": ("hv_fcopy_daemon", "hypervfcopyd"),
+}
+
+
+@pytest.fixture(scope="session")
+def linux_volumes(partition, lvm_volumes):
+    """linux_volumes(name) -> [(partition index, blkid TYPE, reader)] of every ext4/XFS
+    volume of the fixture: on partitions, and on LVM logical volumes of lvm2 partitions."""
+    def get(name: str) -> list[tuple[int, str, object]]:
+        found = []
+        for i, p in enumerate(fb.FIXTURES[name].facts["partitions"], 1):
+            if p["filesystem"] is None:
+                continue
+            image = partition(name, i)
+            kind = blkid_type(image)
+            images = [image] if kind != "LVM2_member" else [img for _, img in lvm_volumes(name, i).values()]
+            for img in images:
+                kind = blkid_type(img)
+                if kind in VOLUME_READERS:
+                    found.append((i, kind, VOLUME_READERS[kind](img)))
+        return found
+
+    return get
+
+
+def derive_linux_facts(volumes: list[tuple[int, str, object]], tmp_path: Path) -> dict:
+    roots = [(i, kind, vol) for i, kind, vol in volumes if resolve(vol, "/etc/os-release")]
+    assert len(roots) == 1, roots
+    index, kind, vol = roots[0]
+    os_release = dict(re.findall(r'^(\w+)="?([^"\n]*)"?$', vol.read(resolve(vol, "/etc/os-release")).decode(), re.M))
+
+    def is_file(path: str) -> bool:
+        real = resolve(vol, path)
+        return real is not None and vol.kind(real) == "regular"
+
+    boot = resolve(vol, "/boot")
+    kernels = sorted(n[len("vmlinuz-"):] for n in vol.names(boot)
+                     if n.startswith("vmlinuz-") and vol.kind(f"{boot}/{n}") == "regular")
     modules: dict[str, bool] = {}
     for kernel in kernels:
-        base = f"/lib/modules/{kernel}"
-        builtin = _debugfs(part, f"cat {base}/modules.builtin").split()
+        base = resolve(vol, f"/lib/modules/{kernel}")
+        builtin = vol.read(f"{base}/modules.builtin").decode().split()
         for module, (directory, _) in fb.HV_MODULES.items():
-            present = f"{directory}/{module}.ko" in builtin or any(
-                kind(f"{base}/{directory}/{module}{ext}") == "regular" for ext in (".ko", ".ko.zst", ".ko.xz"))
-            modules[module] = modules.get(module, False) or present
-            zst = f"{base}/{directory}/{module}.ko.zst"
-            if kind(zst) == "regular" and shutil.which("zstd"):
-                out = tmp_path / f"{kernel}-{module}.ko.zst"
-                _debugfs(part, f"dump {zst} {out}")
-                sh("zstd", "-t", "-q", out)
-    daemons = {d: kind(f"/usr/sbin/{d}") == "regular" for d in ("hv_kvp_daemon", "hv_vss_daemon", "hv_fcopy_daemon")}
-    derived = {"os": "linux", "linux": {
+            files = [f"{base}/{directory}/{module}{ext}" for ext in (".ko", ".ko.zst", ".ko.xz")]
+            present = [f for f in files if is_file(f)]
+            modules[module] = modules.get(module, False) or f"{directory}/{module}.ko" in builtin or bool(present)
+            for path in present:  # compressed modules must decompress to the module
+                data = vol.read(resolve(vol, path))
+                out = tmp_path / f"{kernel}-{Path(path).name}"
+                out.write_bytes(data)
+                if path.endswith(".ko.xz"):
+                    data = sh("xz", "-dc", out).stdout
+                elif path.endswith(".ko.zst"):
+                    if not shutil.which("zstd"):
+                        continue
+                    data = sh("zstd", "-dc", out).stdout
+                assert data[:4] == b"\x7fELF" and f"name={module}\0".encode() in data, path
+    daemons = {key: any(is_file(f"/usr/sbin/{n}") for n in names) for key, names in DAEMON_FILES.items()}
+    return {"os": "linux", "linux": {
         "distribution": os_release["ID"],
         "version": os_release["VERSION_ID"],
         "kernels": kernels,
         "hv_modules": modules,
         "daemons": daemons,
+        "root_partition": index,
+        "filesystem": kind,
     }}
-    assert derived == facts["guest"]
+
+
+@pytest.mark.parametrize("name", LINUX)
+def test_linux_facts_read_back(name, linux_volumes, tmp_path):
+    facts = fb.FIXTURES[name].facts["guest"]
+    derived = derive_linux_facts(linux_volumes(name), tmp_path)
+    assert set(facts) == {"os", "linux"} and set(facts["linux"]) <= set(derived["linux"])
+    assert derived["linux"] == {**derived["linux"], **facts["linux"]}, (derived, facts)
+
+
+def test_ubuntu_lib_is_a_directory(linux_volumes):
+    ((_, _, vol),) = linux_volumes("ubuntu-ext4")
+    assert vol.kind("/lib") == "directory"
+    assert vol.readlink("/boot/vmlinuz") == "vmlinuz-6.5.0-14-generic"
+
+
+def test_rhel_merged_usr_on_xfs(partition, linux_volumes):
+    (_, kind, vol), = linux_volumes("rhel-xfs")
+    assert kind == "xfs"
+    # /lib and /etc/os-release are symlinks: the modules and os-release are only found through them.
+    assert (vol.kind("/lib"), vol.readlink("/lib")) == ("symlink", "usr/lib")
+    assert (vol.kind("/etc/os-release"), vol.readlink("/etc/os-release")) == ("symlink", "../usr/lib/os-release")
+    assert vol.kind("/lib/modules") is None  # xfs_db does not follow /lib
+    assert resolve(vol, "/lib/modules") == "/usr/lib/modules"
+    assert b'PRETTY_NAME="Red Hat Enterprise Linux 9.3 (Plow)"' in vol.read("/usr/lib/os-release")
+    base = f"/usr/lib/modules/{fb.RHEL_KERNEL}/kernel/drivers"
+    assert sorted(vol.names(base)) == ["hid", "net", "pci", "scsi"]  # no drivers/hv: hv_balloon is absent
+    assert vol.names(f"{base}/scsi") == ["hv_storvsc.ko.xz"]
+    assert sorted(vol.names("/usr/sbin")) == ["hypervfcopyd", "hypervkvpd", "hypervvssd"]
+    # The filesystem is consistent (xfs_repair -n changes nothing) and the ESP is FAT.
+    sh("xfs_repair", "-n", "-f", partition("rhel-xfs", 2))
+    assert blkid_type(partition("rhel-xfs", 1)) == "vfat"
+    label = sh("xfs_db", "-r", "-c", "label", partition("rhel-xfs", 2)).stdout.decode().strip()
+    assert label == 'label = "root"'
+
+
+def test_debian_lvm_layout(raw, partition, lvm_volumes, linux_volumes):
+    disk = json.loads(sh("sfdisk", "--json", raw("debian-lvm-ext4")).stdout)["partitiontable"]
+    assert [p["type"] for p in disk["partitions"]] == ["8e"]
+    volumes = lvm_volumes("debian-lvm-ext4", 1)
+    assert sorted(volumes) == ["vg0/root", "vg0/swap"]
+    swap_offset, swap = volumes["vg0/swap"]
+    root_offset, root = volumes["vg0/root"]
+    # swap comes first in the VG, so root does not start at the first extent.
+    assert swap_offset < root_offset and root_offset - swap_offset == swap.stat().st_size
+    assert blkid_type(swap) == "swap" and blkid_type(root) == "ext4"
+    dump = sh("dumpe2fs", "-h", root).stdout.decode()
+    assert re.search(r"^Filesystem volume name:\s+root$", dump, re.M)
+    assert int(re.search(r"^Block count:\s+(\d+)$", dump, re.M).group(1)) * 4096 == root.stat().st_size
+    sh("e2fsck", "-fn", root)
+    (_, kind, vol), = linux_volumes("debian-lvm-ext4")
+    assert kind == "ext4" and vol.kind("/lib") == "directory"
+    assert vol.names("/usr/sbin") == ["hv_kvp_daemon"]
+    # Building left no loop device attached to a fixture's work files.
+    assert "vhdtool-fixture-" not in sh("losetup", "--list", "--noheadings", "--output", "BACK-FILE").stdout.decode()
+
+
+# --------------------------------------------------------------------------------------
+# BitLocker, no guest
 
 
 def test_bitlocker_volume(raw):
@@ -601,7 +868,7 @@ def test_facts_are_subsets_of_the_schema():
         assert set(facts) <= {"guest", "partitions"}, name
         for i, p in enumerate(facts["partitions"], 1):
             assert set(p) == {"index", "table", "offset", "size", "filesystem"} and p["index"] == i
-            assert p["filesystem"] in ("ntfs", "fat", "ext4", "bitlocker", None)
+            assert p["filesystem"] in ("ntfs", "fat", "ext4", "xfs", "lvm2", "bitlocker", None)
         guest = facts.get("guest")
         if guest and guest["os"] == "windows":
             assert set(guest["windows"]) == windows_keys, name

@@ -102,6 +102,8 @@ def test_cli_text_summary(image, cli):
     code, out, err = cli("inspect", image("ws2008r2-x64"))
     assert code == 0, err
     assert "Windows Server 2008 R2 Standard Service Pack 1" in out
+    assert "vmickvpexchange      manual (3)" in out
+    code, out, err = cli("inspect", image("ws2008r2-nokvp"))
     assert "vmickvpexchange      disabled (4)" in out
 
 
