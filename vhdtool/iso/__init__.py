@@ -40,11 +40,11 @@ class IsoImage:
             raise IsoError(self.path, f"not a readable ISO image ({_first_line(e)})") from None
         # Joliet and UDF keep the real (mixed-case, long) names; plain ISO 9660 is the fallback.
         if self._iso.has_joliet():
-            self._facet, self._key = self._iso.get_joliet_facet(), "joliet_path"
+            self._facet, self._key = self._iso.get_joliet_facade(), "joliet_path"
         elif self._iso.has_udf():
-            self._facet, self._key = self._iso.get_udf_facet(), "udf_path"
+            self._facet, self._key = self._iso.get_udf_facade(), "udf_path"
         else:
-            self._facet, self._key = self._iso.get_iso9660_facet(), "iso_path"
+            self._facet, self._key = self._iso.get_iso9660_facade(), "iso_path"
 
     def close(self) -> None:
         try:
