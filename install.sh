@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   python3 python3-venv python3-pip
   ntfs-3g libhivex0 libhivex-bin libmspack0
-  qemu-utils gcab genisoimage e2fsprogs fdisk gdisk dosfstools xz-utils bzip2
+  qemu-utils gcab genisoimage osslsigncode openssl e2fsprogs fdisk gdisk dosfstools xz-utils bzip2
   xfsprogs lvm2
 )
 missing=()

@@ -38,6 +38,17 @@ class IsoImage:
             self._iso.open(self.path)
         except Exception as e:  # noqa: BLE001 - pycdlib raises many kinds on damaged images
             raise IsoError(self.path, f"not a readable ISO image ({_first_line(e)})") from None
+        # The primary volume descriptor (ECMA-119 8.4) says how long the image is; a shorter
+        # file was cut, even where the files needed still happen to be inside it.
+        with open(self.path, "rb") as f:
+            f.seek(16 * 2048)
+            pvd = f.read(2048)
+            size = os.fstat(f.fileno()).st_size
+        blocks = int.from_bytes(pvd[80:84], "little")
+        block_size = int.from_bytes(pvd[128:130], "little")
+        if pvd[1:6] == b"CD001" and blocks * block_size > size:
+            self.close()
+            raise IsoError(self.path, f"truncated: the volume spans {blocks * block_size} bytes, the file has {size}")
         # Joliet and UDF keep the real (mixed-case, long) names; plain ISO 9660 is the fallback.
         if self._iso.has_joliet():
             self._facet, self._key = self._iso.get_joliet_facade(), "joliet_path"

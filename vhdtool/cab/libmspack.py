@@ -1,0 +1,603 @@
+"""libmspack's cab decompressor through ctypes (mspack.h: mspack_system, mscab_decompressor), run in a forked child.
+
+libmspack reads through a struct mspack_system whose "files" here are memory:
+the only file it can open for reading is the cabinet, and the only one it can
+open for writing is a buffer capped at the caller's limit. Nothing touches the
+disk.
+
+libmspack is C that parses hostile bytes, and its own test suite is a list of
+crashes, over-reads and infinite loops it once had. So every call runs in a
+forked child with a capped address space and no core dumps; the parent waits
+with a timeout. A crash, a hang or a memory blow-up in the child becomes a
+CabError, never a crash of vhdtool. The child answers through a pipe in a
+format the parent parses as data (a length, JSON, raw bytes), never as code:
+a child that libmspack let an attacker take over can lie, but not run code in
+the parent, and its member list must still agree with the header the parent
+checked itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import fcntl
+import gc
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from vhdtool.cab import CabError, CabLayout
+
+SONAME = "libmspack.so.0"
+LIBC_SONAME = "libc.so.6"
+MiB = 1024 * 1024
+
+CHILD_TIMEOUT = 10.0  # seconds; a real servicing cab decodes in well under one
+CHILD_MEMORY = 1024 * MiB  # address space the child may add to what it inherits
+ANSWER_OVERHEAD = 32 * MiB  # the member list of 65535 files with 255-byte names fits in it
+ANSWER_MAGIC = b"VCAB"
+MAX_FILES = 0xFFFF  # CFHEADER.cFiles is 16 bits
+
+# mspack.h
+MSPACK_VER_SYSTEM = 1
+MSPACK_VER_MSCABD = 2
+MSPACK_SYS_OPEN_READ = 0
+MSPACK_SYS_OPEN_WRITE = 1
+MSPACK_SYS_SEEK_START, MSPACK_SYS_SEEK_CUR, MSPACK_SYS_SEEK_END = 0, 1, 2
+MSPACK_ERR_OK = 0
+MSPACK_ERRORS = {
+    1: "bad arguments",
+    2: "open failed",
+    3: "read failed, the cabinet is cut short",
+    4: "write failed",
+    5: "seek failed",
+    6: "out of memory",
+    7: "bad signature",
+    8: "bad or corrupt data format",
+    9: "bad checksum",
+    10: "compression error",
+    11: "decompression error",
+}
+
+# off_t is 64-bit on x86-64 Linux (and every LP64 Linux); mspack_sys_selftest_internal
+# confirms the library was built the same way before anything else is called.
+off_t = ctypes.c_int64
+
+OPEN_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int)
+CLOSE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+READ_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+WRITE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+SEEK_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, off_t, ctypes.c_int)
+TELL_FN = ctypes.CFUNCTYPE(off_t, ctypes.c_void_p)
+# message() is variadic in C. The SysV x86-64 and AArch64 ABIs pass the two fixed
+# arguments in the same registers either way, so a two-argument callback is safe;
+# the rest are never looked at.
+MESSAGE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+ALLOC_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+FREE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+COPY_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class MspackSystem(ctypes.Structure):
+    _fields_ = [
+        ("open", OPEN_FN),
+        ("close", CLOSE_FN),
+        ("read", READ_FN),
+        ("write", WRITE_FN),
+        ("seek", SEEK_FN),
+        ("tell", TELL_FN),
+        ("message", MESSAGE_FN),
+        ("alloc", ALLOC_FN),
+        ("free", FREE_FN),
+        ("copy", COPY_FN),
+        ("null_ptr", ctypes.c_void_p),  # must be NULL: libmspack checks it marks the end
+    ]
+
+
+class MscabdFolder(ctypes.Structure):
+    pass
+
+
+MscabdFolder._fields_ = [
+    ("next", ctypes.POINTER(MscabdFolder)),
+    ("comp_type", ctypes.c_int),
+    ("num_blocks", ctypes.c_uint),
+]
+
+
+class MscabdFile(ctypes.Structure):
+    pass
+
+
+MscabdFile._fields_ = [
+    ("next", ctypes.POINTER(MscabdFile)),
+    ("filename", ctypes.c_void_p),  # char *, NUL-terminated, at most 255 bytes
+    ("length", ctypes.c_uint),
+    ("attribs", ctypes.c_int),
+    ("time_h", ctypes.c_byte),
+    ("time_m", ctypes.c_byte),
+    ("time_s", ctypes.c_byte),
+    ("date_d", ctypes.c_byte),
+    ("date_m", ctypes.c_byte),
+    ("date_y", ctypes.c_int),
+    ("folder", ctypes.POINTER(MscabdFolder)),
+    ("offset", ctypes.c_uint),
+]
+
+
+class MscabdCabinet(ctypes.Structure):
+    _fields_ = [
+        ("next", ctypes.c_void_p),
+        ("filename", ctypes.c_void_p),
+        ("base_offset", off_t),
+        ("length", ctypes.c_uint),
+        ("prevcab", ctypes.c_void_p),
+        ("nextcab", ctypes.c_void_p),
+        ("prevname", ctypes.c_void_p),
+        ("nextname", ctypes.c_void_p),
+        ("previnfo", ctypes.c_void_p),
+        ("nextinfo", ctypes.c_void_p),
+        ("files", ctypes.POINTER(MscabdFile)),
+        ("folders", ctypes.POINTER(MscabdFolder)),
+        ("set_id", ctypes.c_ushort),
+        ("set_index", ctypes.c_ushort),
+        ("header_resv", ctypes.c_ushort),
+        ("flags", ctypes.c_int),
+    ]
+
+
+class MscabDecompressor(ctypes.Structure):
+    # Filenames are passed as addresses: libmspack keeps the pointer until close().
+    _fields_ = [
+        ("open", ctypes.CFUNCTYPE(ctypes.POINTER(MscabdCabinet), ctypes.c_void_p, ctypes.c_void_p)),
+        ("close", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(MscabdCabinet))),
+        ("search", ctypes.CFUNCTYPE(ctypes.POINTER(MscabdCabinet), ctypes.c_void_p, ctypes.c_void_p)),
+        ("append", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)),
+        ("prepend", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)),
+        ("extract", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(MscabdFile), ctypes.c_void_p)),
+        ("set_param", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)),
+        ("last_error", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)),
+    ]
+
+
+@dataclass(frozen=True)
+class Library:
+    """libmspack's entry points, and libc's allocator for the mspack_system."""
+
+    create: ctypes._CFuncPtr
+    destroy: ctypes._CFuncPtr
+    malloc: ctypes._CFuncPtr
+    free: ctypes._CFuncPtr
+    copy: ctypes._CFuncPtr
+
+
+_library: Library | None = None
+_library_lock = threading.Lock()
+
+
+def load(label: str) -> Library:
+    """libmspack, opened on first use (inspect and plan never need it)."""
+    global _library
+    with _library_lock:
+        if _library is None:
+            _library = _open_library(label)
+        return _library
+
+
+def _open_library(label: str) -> Library:
+    try:
+        lib = ctypes.CDLL(SONAME)
+        libc = ctypes.CDLL(LIBC_SONAME)
+    except OSError:
+        raise CabError(label, "libmspack is not installed", hint="install the libmspack0 package") from None
+    lib.mspack_sys_selftest_internal.argtypes = [ctypes.c_int]
+    lib.mspack_sys_selftest_internal.restype = ctypes.c_int
+    if lib.mspack_sys_selftest_internal(ctypes.sizeof(off_t)) != MSPACK_ERR_OK:
+        raise CabError(label, "libmspack was built with a different off_t than this platform's",
+                       hint="install the distribution's libmspack0 package")
+    lib.mspack_version.argtypes = [ctypes.c_int]
+    lib.mspack_version.restype = ctypes.c_int
+    if lib.mspack_version(MSPACK_VER_SYSTEM) < 1 or lib.mspack_version(MSPACK_VER_MSCABD) < 1:
+        raise CabError(label, "this libmspack cannot decompress cabinets", hint="install the libmspack0 package")
+    create = lib.mspack_create_cab_decompressor
+    create.argtypes = [ctypes.POINTER(MspackSystem)]
+    create.restype = ctypes.c_void_p
+    destroy = lib.mspack_destroy_cab_decompressor
+    destroy.argtypes = [ctypes.c_void_p]
+    destroy.restype = None
+    malloc = libc.malloc
+    malloc.argtypes = [ctypes.c_size_t]
+    malloc.restype = ctypes.c_void_p
+    return Library(
+        create=create,
+        destroy=destroy,
+        malloc=malloc,
+        # free(ptr) has mspack_system.free's signature exactly, and bcopy(src, dest, n)
+        # has copy()'s argument order (memcpy's is the other way round), so libmspack
+        # calls both straight into libc.
+        free=ctypes.cast(libc.free, FREE_FN),
+        copy=ctypes.cast(libc.bcopy, COPY_FN),
+    )
+
+
+# -- the mspack_system: files in memory -------------------------------------------
+
+class _Refusal(Exception):
+    """A reason, found in the child, to refuse the cabinet; becomes a CabError in the parent."""
+
+
+def _guarded(failure):
+    """A callback must never raise into C: any exception becomes the callback's failure value."""
+
+    def wrap(fn):
+        def callback(*args):
+            try:
+                return fn(*args)
+            except Exception:
+                return failure
+
+        return callback
+
+    return wrap
+
+
+class MemoryFiles:
+    """The struct mspack_system handed to libmspack: reads come from the cabinet, writes go to a capped buffer."""
+
+    def __init__(self, library: Library, cabinet: bytes, limit: int):
+        self.library = library
+        self.source = (ctypes.c_char * max(1, len(cabinet))).from_buffer_copy(cabinet.ljust(1, b"\0"))
+        self.size = len(cabinet)
+        self.limit = limit
+        self.output = bytearray()
+        self.overflow = False
+        self.messages = 0
+        self.handles: dict[int, list] = {}  # handle -> [kind, position]
+        self.next_handle = 1
+        # libmspack keeps the cabinet's "filename" pointer until close(): these buffers outlive it.
+        self.input_name = ctypes.create_string_buffer(b"cabinet")
+        self.output_name = ctypes.create_string_buffer(b"member")
+        self._callbacks = (
+            OPEN_FN(self._open),
+            CLOSE_FN(self._close),
+            READ_FN(self._read),
+            WRITE_FN(self._write),
+            SEEK_FN(self._seek),
+            TELL_FN(self._tell),
+            MESSAGE_FN(self._message),
+            ALLOC_FN(self._alloc),
+        )
+        self.system = MspackSystem(*self._callbacks, library.free, library.copy, None)
+
+    @_guarded(None)
+    def _open(self, _system, filename, mode):
+        if filename == self.input_name.value and mode == MSPACK_SYS_OPEN_READ:
+            kind = "in"
+        elif filename == self.output_name.value and mode == MSPACK_SYS_OPEN_WRITE:
+            kind = "out"
+            self.output = bytearray()
+        else:
+            return None
+        handle = self.next_handle
+        self.next_handle += 1
+        self.handles[handle] = [kind, 0]
+        return handle
+
+    @_guarded(None)
+    def _close(self, handle):
+        self.handles.pop(handle, None)
+
+    @_guarded(-1)
+    def _read(self, handle, buffer, count):
+        state = self.handles.get(handle)
+        if state is None or state[0] != "in" or count < 0 or not buffer:
+            return -1
+        n = max(0, min(count, self.size - state[1]))
+        if n:
+            ctypes.memmove(buffer, ctypes.addressof(self.source) + state[1], n)
+            state[1] += n
+        return n
+
+    @_guarded(-1)
+    def _write(self, handle, buffer, count):
+        state = self.handles.get(handle)
+        if state is None or state[0] != "out" or count < 0 or (count and not buffer):
+            return -1
+        if len(self.output) + count > self.limit:
+            # A member larger than the caller allows fails the extraction here, whatever
+            # the header said its size was.
+            self.overflow = True
+            return -1
+        self.output += ctypes.string_at(buffer, count)
+        return count
+
+    @_guarded(-1)
+    def _seek(self, handle, offset, mode):
+        state = self.handles.get(handle)
+        if state is None or state[0] != "in":
+            return -1
+        base = {MSPACK_SYS_SEEK_START: 0, MSPACK_SYS_SEEK_CUR: state[1], MSPACK_SYS_SEEK_END: self.size}.get(mode)
+        if base is None or not 0 <= base + offset <= self.size:
+            return -1
+        state[1] = base + offset
+        return 0
+
+    @_guarded(-1)
+    def _tell(self, handle):
+        state = self.handles.get(handle)
+        return -1 if state is None else state[1]
+
+    @_guarded(None)
+    def _message(self, _file, _format):
+        # Warnings for a human at a terminal; the return codes say what matters.
+        self.messages += 1
+
+    @_guarded(None)
+    def _alloc(self, _system, size):
+        # The one callback libc cannot take directly: malloc has no self argument.
+        return self.library.malloc(size) or None
+
+
+# -- in the child: one cabinet, one decompressor ------------------------------------
+
+def describe(code: int) -> str:
+    return MSPACK_ERRORS.get(code, f"error {code}")
+
+
+def decode_here(library: Library, cabinet: bytes, want: int | None, limit: int) -> dict:
+    """List the cabinet with libmspack and extract member `want`; runs in the child."""
+    files = MemoryFiles(library, cabinet, limit)
+    handle = library.create(ctypes.byref(files.system))
+    if not handle:
+        raise _Refusal("libmspack could not create a cab decompressor")
+    try:
+        cabd = ctypes.cast(handle, ctypes.POINTER(MscabDecompressor)).contents
+        cab = cabd.open(handle, ctypes.addressof(files.input_name))
+        if not cab:
+            raise _Refusal(f"corrupt cabinet (libmspack: {describe(cabd.last_error(handle))})")
+        try:
+            return _list_and_extract(cabd, handle, cab, files, want)
+        finally:
+            cabd.close(handle, cab)
+    finally:
+        library.destroy(handle)
+
+
+def _list_and_extract(cabd, handle, cab, files: MemoryFiles, want: int | None) -> dict:
+    members, nodes = [], []
+    node = cab.contents.files
+    while node:
+        if len(nodes) >= MAX_FILES:
+            raise _Refusal("libmspack listed more files than a cabinet can hold")
+        entry = node.contents
+        raw = ctypes.string_at(entry.filename) if entry.filename else b""
+        members.append([raw.decode("latin-1"), entry.length])
+        nodes.append(node)
+        node = entry.next
+    payload = None
+    if want is not None:
+        if want >= len(nodes):
+            raise _Refusal("libmspack lists fewer files than the cabinet header")
+        name = members[want][0]
+        rc = cabd.extract(handle, nodes[want], ctypes.addressof(files.output_name))
+        if files.overflow:
+            raise _Refusal(f"member {name} is larger than {files.limit} bytes")
+        if rc != MSPACK_ERR_OK:
+            raise _Refusal(f"corrupt cabinet (libmspack: {describe(rc)} extracting {name})")
+        payload = files.output
+    return {"length": cab.contents.length, "members": members, "payload": payload}
+
+
+# -- the fork -------------------------------------------------------------------------
+
+def decode(layout: CabLayout, label: str, want: int | None, limit: int) -> bytes | None:
+    """Have libmspack list the cabinet (and extract member `want`) in a child; check what it says."""
+    library = load(label)
+    answer, payload = run_isolated(
+        lambda: decode_here(library, layout.cabinet, want, limit), label, cap=limit + ANSWER_OVERHEAD
+    )
+    _check_agreement(answer, payload, layout, label, want)
+    return payload
+
+
+def _check_agreement(answer: dict, payload: bytes | None, layout: CabLayout, label: str, want: int | None) -> None:
+    members = answer.get("members")
+    if answer.get("length") != len(layout.cabinet) or not isinstance(members, list):
+        raise CabError(label, "libmspack read a different cabinet than the header describes")
+    try:
+        listed = [(name.encode("latin-1"), size) for name, size in members]
+    except (TypeError, ValueError, AttributeError):
+        raise CabError(label, "the cab reader child sent a malformed answer") from None
+    if listed != [(e.raw_name, e.size) for e in layout.entries]:
+        raise CabError(label, "libmspack and the cabinet header disagree about the member list")
+    if want is None:
+        return
+    entry = layout.entries[want]
+    if payload is None or len(payload) != entry.size:
+        got = "nothing" if payload is None else f"{len(payload)} bytes"
+        raise CabError(label, f"libmspack extracted {got} of member {entry.name}, the header gives {entry.size} bytes")
+
+
+def run_isolated(job, label: str, cap: int) -> tuple[dict, bytes | None]:
+    """Run job() in a forked child; its answer, or a CabError for whatever happened to it."""
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise CabError(label, f"cannot start a process to read it in ({e.strerror})",
+                       hint="free some memory or processes and try again") from None
+    if pid == 0:  # child: never returns
+        # A collection would touch every object the parent has, copying each page it sits on.
+        gc.disable()
+        os.close(read_fd)
+        _child(write_fd, job, cap)
+    os.close(write_fd)
+    reaped = False
+    try:
+        deadline = time.monotonic() + CHILD_TIMEOUT
+        blob = _read_answer(read_fd, deadline, cap, label)
+        status = _wait(pid, deadline) if blob is not None else None
+        reaped = status is not None
+        if status is None:
+            raise CabError(
+                label, f"libmspack did not finish within {CHILD_TIMEOUT:g} s; the cabinet is damaged or hostile"
+            )
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(number).name
+            except ValueError:
+                name = "unknown"
+            raise CabError(label, f"libmspack crashed on it (signal {number}, {name})")
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise CabError(label, f"the cab reader child failed (exit status {code})")
+        return _parse_answer(blob, label)
+    finally:
+        os.close(read_fd)
+        if not reaped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+
+
+def _read_answer(fd: int, deadline: float, cap: int, label: str) -> bytes | None:
+    """Everything the child writes until it exits; None if the deadline passes first."""
+    chunks, size = [], 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if not poller.poll(max(1, int(left * 1000))):
+            continue
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            raise CabError(label, "the cab reader child sent more than the cabinet can hold")
+        chunks.append(chunk)
+
+
+def _wait(pid: int, deadline: float) -> int | None:
+    # The pipe closes as the child exits; reaping it is a matter of microseconds.
+    delay = 0.0001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def _parse_answer(blob: bytes, label: str) -> tuple[dict, bytes | None]:
+    malformed = CabError(label, "the cab reader child sent a malformed answer")
+    if len(blob) < 8 or blob[:4] != ANSWER_MAGIC:
+        raise malformed
+    (head_size,) = struct.unpack_from("<I", blob, 4)
+    try:
+        answer = json.loads(blob[8 : 8 + head_size])
+    except ValueError:
+        raise malformed from None
+    if not isinstance(answer, dict):
+        raise malformed
+    if "error" in answer:
+        problem = answer["error"]
+        if not isinstance(problem, str):
+            raise malformed
+        raise CabError(label, problem[:300])
+    rest = blob[8 + head_size :]
+    payload_size = answer.get("payload")
+    if payload_size is None:
+        if rest:
+            raise malformed
+        return answer, None
+    if not isinstance(payload_size, int) or payload_size != len(rest):
+        raise malformed
+    return answer, rest
+
+
+def _child(write_fd: int, job, answer_cap: int) -> None:
+    """The child's whole life: confine itself, run the job, answer, and _exit whatever happens."""
+    status = 70
+    try:
+        if write_fd <= 2:
+            # A parent started with stdio closed: keep the pipe clear of the descriptors redirected below.
+            write_fd = fcntl.fcntl(write_fd, fcntl.F_DUPFD, 3)
+        _confine(write_fd, answer_cap)
+        payload = b""
+        try:
+            result = job()
+            payload = result.pop("payload")
+            result["payload"] = None if payload is None else len(payload)
+            head = _frame(result)
+        except _Refusal as e:
+            head = _frame({"error": str(e)})
+        except MemoryError:
+            head = _frame({"error": "libmspack ran out of memory on it"})
+        # Head and payload go out separately: the payload is never copied again.
+        for part in (head, payload or b""):
+            view = memoryview(part)
+            while view:
+                view = view[os.write(write_fd, view) :]
+        status = 0
+    finally:
+        # Never return into the parent's code (a test runner, a CLI) from the child.
+        os._exit(status)
+
+
+def _frame(head: dict) -> bytes:
+    text = json.dumps(head).encode()
+    return ANSWER_MAGIC + struct.pack("<I", len(text)) + text
+
+
+def _confine(keep_fd: int, answer_cap: int) -> None:
+    """Limits for a process about to parse hostile bytes in C."""
+    if faulthandler.is_enabled():
+        # A crash here is expected and reported by the parent; no traceback on the user's terminal.
+        faulthandler.disable()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # The parent may hold a disk image open for writing: a child that libmspack let
+    # someone take over gets no descriptor but its answer pipe.
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd != devnull:
+            os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    inherited = _address_space()
+    if inherited:
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        # Room for libmspack's windows and buffers, and for the member it writes (grown in place).
+        limit = inherited + CHILD_MEMORY + 2 * answer_cap
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or limit < soft:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _address_space() -> int:
+    """This process's virtual size in bytes, 0 if /proc cannot say."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
