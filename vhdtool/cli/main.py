@@ -36,6 +36,37 @@ def _root() -> None:
     """Service offline Hyper-V disk images (VHDX/VHD)."""
 
 
+def _for_each_image(images, as_json: bool, work, render, error_image) -> None:
+    """Run ``work`` on each image; one document each (a list for several); exit with the first error's code.
+
+    ``work(image)`` returns the result; ``render(result)`` its text; ``error_image(image)``
+    what the JSON document of a failed image names it by.
+    """
+    from vhdtool.guest.inspection import SCHEMA
+
+    docs = []
+    code = 0
+    for i, image in enumerate(images):
+        try:
+            result = work(image)
+        except VhdtoolError as e:
+            _fail_line(e.message)
+            code = code or e.exit_code
+            docs.append({"schema": SCHEMA, "image": error_image(image), "error": {"code": e.exit_code, "message": e.message}})
+            continue
+        if as_json:
+            docs.append(result.to_dict())
+        else:
+            if i:
+                typer.echo("")
+            typer.echo(render(result))
+    if as_json:
+        out = docs[0] if len(images) == 1 else docs
+        if len(images) > 1 or code == 0:
+            typer.echo(json.dumps(out, indent=2))
+    raise typer.Exit(code)
+
+
 @app.command()
 def inspect(
     images: List[Path] = typer.Argument(..., help="VHDX or VHD files", show_default=False),
@@ -44,31 +75,15 @@ def inspect(
 ) -> None:
     """Report the guest OS, its integration services and the disk layout of each image."""
     from vhdtool.cli.render import render_inspection
-    from vhdtool.guest.inspection import SCHEMA, inspect_measured
+    from vhdtool.guest.inspection import inspect_measured
 
-    docs = []
-    code = 0
-    for i, image in enumerate(images):
-        try:
-            result, io = inspect_measured(image)
-        except VhdtoolError as e:
-            _fail_line(e.message)
-            code = code or e.exit_code
-            docs.append({"schema": SCHEMA, "image": {"path": os.fspath(image)}, "error": {"code": e.exit_code, "message": e.message}})
-            continue
+    def work(image):
+        result, io = inspect_measured(image)
         if stats:
             typer.echo(f"vhdtool: stats: {image}: read {io.bytes_read} bytes in {io.reads} reads", err=True)
-        if as_json:
-            docs.append(result.to_dict())
-        else:
-            if i:
-                typer.echo("")
-            typer.echo(render_inspection(result))
-    if as_json:
-        out = docs[0] if len(images) == 1 else docs
-        if len(images) > 1 or code == 0:
-            typer.echo(json.dumps(out, indent=2))
-    raise typer.Exit(code)
+        return result
+
+    _for_each_image(images, as_json, work, render_inspection, lambda image: {"path": os.fspath(image)})
 
 
 @app.command()
@@ -100,7 +115,7 @@ def plan(
 ) -> None:
     """Decide how each image's guest gets its integration services on HOST, and which cab to stage."""
     from vhdtool.cli.render import render_plan
-    from vhdtool.guest.inspection import SCHEMA, inspect as inspect_image
+    from vhdtool.guest.inspection import inspect as inspect_image
     from vhdtool.plan.decide import plan as make_plan
     from vhdtool.plan.matrix import load_matrix
     from vhdtool.plan.sources import load_sources
@@ -108,27 +123,9 @@ def plan(
     m = load_matrix(revision)
     host_key = m.resolve_host(host)
     catalog = load_sources(cabs)
-    docs = []
-    code = 0
-    for i, image in enumerate(images):
-        try:
-            result = make_plan(inspect_image(image), host_key, catalog, m)
-        except VhdtoolError as e:
-            _fail_line(e.message)
-            code = code or e.exit_code
-            docs.append({"schema": SCHEMA, "image": os.fspath(image), "error": {"code": e.exit_code, "message": e.message}})
-            continue
-        if as_json:
-            docs.append(result.to_dict())
-        else:
-            if i:
-                typer.echo("")
-            typer.echo(render_plan(result))
-    if as_json:
-        out = docs[0] if len(images) == 1 else docs
-        if len(images) > 1 or code == 0:
-            typer.echo(json.dumps(out, indent=2))
-    raise typer.Exit(code)
+    _for_each_image(
+        images, as_json, lambda image: make_plan(inspect_image(image), host_key, catalog, m), render_plan, os.fspath
+    )
 
 
 def main() -> None:
