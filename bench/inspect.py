@@ -73,7 +73,7 @@ def build_software(path: Path) -> None:
         lines += [f"add {name}", f"cd {name}", "setval 1", "CurrentState", "dword:0x00000070", "cd .."]
     # Filler to bring the hive to about 60 MB, in a tree (hivex grows flat lists quadratically).
     lines += ["cd \\", "add Classes", "cd Classes"]
-    for g in range(200):
+    for g in range(150):
         lines += [f"add G{g:04d}", f"cd G{g:04d}"]
         for i in range(50):
             lines += [f"add K{i:03d}", f"cd K{i:03d}", "setval 2", "Data", "string:" + "x" * 200,
