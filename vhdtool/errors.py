@@ -34,6 +34,12 @@ class VhdtoolError(Exception):
         return " ".join(text.split())
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of what a third-party library said, for a one-line message."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 # -- container layer -------------------------------------------------------
 
 class ImageNotFound(VhdtoolError):

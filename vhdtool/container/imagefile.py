@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 
 from vhdtool.errors import CorruptImage, ImageNotFound, NotADiskImage
 
@@ -105,3 +106,32 @@ class ImageFile:
             else:
                 buf[lo - offset : hi - offset] = o_data[lo - o_off : hi - o_off]
         return bytes(buf) if buf is not None else data
+
+
+class PagedTable:
+    """A table of fixed-size entries in the image (a BAT), read one 4 KiB page at a time on first use.
+
+    Reading page by page keeps what an open costs independent of the disk's size.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, image: ImageFile, offset: int, count: int, fmt: str, what: str):
+        self.image = image
+        self.offset = offset
+        self.count = count
+        self.what = what
+        self._entry = struct.Struct(fmt)
+        self._per_page = self.PAGE // self._entry.size
+        self._pages: dict[int, bytes] = {}
+
+    def __getitem__(self, index: int) -> int:
+        page = index // self._per_page
+        data = self._pages.get(page)
+        if data is None:
+            start = page * self._per_page
+            n = min(self._per_page, self.count - start)
+            size = self._entry.size
+            data = self.image.read_exact(self.offset + start * size, n * size, self.what)
+            self._pages[page] = data
+        return self._entry.unpack_from(data, (index % self._per_page) * self._entry.size)[0]

@@ -31,10 +31,23 @@ class DiskStream(io.RawIOBase):
     def _close_backing(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    image = None  # the ImageFile every read of this disk goes through
+
+    def chain(self):
+        """This disk, then its parent, its parent's parent..."""
+        disk = self
+        while disk is not None:
+            yield disk
+            disk = disk.parent
+
     @property
     def bytes_read(self) -> int:
         """Bytes read from this image file and its parents so far."""
-        return 0
+        return sum(d.image.bytes_read for d in self.chain())
+
+    @property
+    def reads(self) -> int:
+        return sum(d.image.reads for d in self.chain())
 
     # -- io.RawIOBase ---------------------------------------------------------
     def readable(self) -> bool:

@@ -18,14 +18,14 @@ import ntpath
 import os
 import struct
 
-from vhdtool.container.imagefile import ImageFile
+from vhdtool.container.bitmap import bitmap_span, present_runs
+from vhdtool.container.imagefile import ImageFile, PagedTable
 from vhdtool.container.stream import DiskStream
-from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, UnsupportedImage
+from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, UnsupportedImage, first_line
 
 FOOTER_COOKIE = b"conectix"
 SECTOR = 512
 UNALLOCATED = 0xFFFFFFFF
-TABLE_PAGE_ENTRIES = 1024
 FOOTER_SIZE = 512
 DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
 MAX_PARENT_DEPTH = 16
@@ -78,7 +78,7 @@ class VhdDisk(DiskStream):
                 # libvhdi reads through our ImageFile so that reads are counted.
                 self._vhdi.open_file_object(_CountingFile(self.image))
             except (OSError, IOError) as e:
-                raise CorruptImage(self.path, f"libvhdi cannot open it ({_first_line(e)})") from None
+                raise CorruptImage(self.path, f"libvhdi cannot open it ({first_line(e)})") from None
             if self.disk_type == DISK_DIFFERENCING:
                 self._open_parent(_depth)
         except BaseException:
@@ -113,21 +113,12 @@ class VhdDisk(DiskStream):
         if table_offset + 4 * entries > self.image.file_size:
             raise CorruptImage(self.path, "truncated: the VHD block table lies beyond the end of the file")
         self.block_size = block_size
-        self._table_offset = table_offset
-        self._table_entries = entries
+        self._table = PagedTable(self.image, table_offset, entries, ">I", "VHD block table")
         self._bitmap_size = -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
-        self._table_pages: dict[int, bytes] = {}
 
     def _block_sector(self, block: int) -> int | None:
         """File sector where ``block`` starts (its bitmap), or None when not allocated."""
-        page = block // TABLE_PAGE_ENTRIES
-        data = self._table_pages.get(page)
-        if data is None:
-            start = page * TABLE_PAGE_ENTRIES
-            count = min(TABLE_PAGE_ENTRIES, self._table_entries - start)
-            data = self.image.read_exact(self._table_offset + 4 * start, 4 * count, "VHD block table")
-            self._table_pages[page] = data
-        (sector,) = struct.unpack_from(">I", data, 4 * (block % TABLE_PAGE_ENTRIES))
+        sector = self._table[block]
         return None if sector == UNALLOCATED else sector
 
     def _open_parent(self, depth: int) -> None:
@@ -154,10 +145,6 @@ class VhdDisk(DiskStream):
             raise CorruptImage(self.path, f"parent {found} is not the disk this one was made from (identifier mismatch)")
         self.parent = parent
 
-    @property
-    def bytes_read(self) -> int:
-        return self.image.bytes_read + (self.parent.bytes_read if self.parent else 0)
-
     def read_at(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:
@@ -167,7 +154,7 @@ class VhdDisk(DiskStream):
         try:
             data = self._vhdi.read_buffer_at_offset(end - offset, offset)
         except (OSError, IOError) as e:
-            raise CorruptImage(self.path, f"read failed at offset {offset} ({_first_line(e)})") from None
+            raise CorruptImage(self.path, f"read failed at offset {offset} ({first_line(e)})") from None
         return data.ljust(end - offset, b"\0")
 
     def _read_differencing(self, offset: int, end: int) -> bytes:
@@ -186,26 +173,16 @@ class VhdDisk(DiskStream):
         return bytes(out)
 
     def _read_partial(self, block: int, start: int, within: int, n: int) -> bytes:
-        first, last = within // SECTOR, (within + n - 1) // SECTOR
-        bitmap = self.image.read_exact(start + first // 8, last // 8 - first // 8 + 1, "VHD sector bitmap")
+        first_byte, length = bitmap_span(within, within + n, SECTOR)
+        bitmap = self.image.read_exact(start + first_byte, length, "VHD sector bitmap")
         data_start = start + self._bitmap_size
         base = block * self.block_size
         out = bytearray()
-        pos, end = within, within + n
-        while pos < end:
-            s = pos // SECTOR
-            present = bitmap[s // 8 - first // 8] >> (7 - s % 8) & 1
-            run_end = min(end, (s + 1) * SECTOR)
-            while run_end < end:
-                t = run_end // SECTOR
-                if (bitmap[t // 8 - first // 8] >> (7 - t % 8) & 1) != present:
-                    break
-                run_end = min(end, run_end + SECTOR)
+        for lo, hi, present in present_runs(bitmap, first_byte, within, within + n, SECTOR, msb_first=True):
             if present:
-                out += self.image.read_exact(data_start + pos, run_end - pos, f"VHD block {block}")
+                out += self.image.read_exact(data_start + lo, hi - lo, f"VHD block {block}")
             else:
-                out += self.parent.read_at(base + pos, run_end - pos).ljust(run_end - pos, b"\0")
-            pos = run_end
+                out += self.parent.read_at(base + lo, hi - lo).ljust(hi - lo, b"\0")
         return bytes(out)
 
     def _close_backing(self) -> None:
@@ -249,8 +226,3 @@ class _CountingFile:
 
     def close(self) -> None:
         pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -46,14 +46,14 @@ from vhdtool.container.c_vhdx import (
     TiB,
     c_vhdx,
 )
-from vhdtool.container.imagefile import ImageFile
+from vhdtool.container.bitmap import bitmap_span, present_runs
+from vhdtool.container.imagefile import ImageFile, PagedTable
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.vhdx_log import crc32c, replay_into_overlay
 from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, UnsupportedImage
 
 ZERO_GUID = UUID(int=0)
 MAX_VIRTUAL_SIZE = 64 * TiB  # 2.6.2.2
-BAT_PAGE_ENTRIES = 512  # BAT is read lazily, 4 KiB at a time: cost does not grow with the disk
 MAX_PARENT_DEPTH = 16
 KNOWN_METADATA = {
     FILE_PARAMETERS_GUID,
@@ -333,18 +333,11 @@ class VhdxDisk(DiskStream):
         if self.bat_region.file_offset >= self.image.size:
             raise self._corrupt("truncated: the BAT lies beyond the end of the file")
         self.bat_entries = total
-        self._bat_pages: dict[int, bytes] = {}
+        self._bat = PagedTable(self.image, self.bat_region.file_offset, total, "<Q", "BAT")
 
     def _bat_entry(self, index: int) -> tuple[int, int]:
         """(state, file offset in bytes) of BAT entry ``index``."""
-        page = index // BAT_PAGE_ENTRIES
-        data = self._bat_pages.get(page)
-        if data is None:
-            start = page * BAT_PAGE_ENTRIES
-            count = min(BAT_PAGE_ENTRIES, self.bat_entries - start)
-            data = self.image.read_exact(self.bat_region.file_offset + start * 8, count * 8, "BAT")
-            self._bat_pages[page] = data
-        (raw,) = struct.unpack_from("<Q", data, (index % BAT_PAGE_ENTRIES) * 8)
+        raw = self._bat[index]
         return raw & 7, (raw >> 20) * MiB
 
     def _open_parent(self, depth: int) -> None:
@@ -382,10 +375,6 @@ class VhdxDisk(DiskStream):
         self.parent = parent
 
     # -- reading ------------------------------------------------------------------
-    @property
-    def bytes_read(self) -> int:
-        return self.image.bytes_read + (self.parent.bytes_read if self.parent else 0)
-
     def _payload_index(self, block: int) -> int:
         return block + block // self.chunk_ratio
 
@@ -434,30 +423,17 @@ class VhdxDisk(DiskStream):
         if sb_state != SB_BLOCK_PRESENT:
             raise self._corrupt(f"BAT entry {index} is partially present but its sector bitmap is not")
         lss = self.logical_sector_size
-        disk_offset = block * self.block_size + within
-        first = disk_offset // lss
-        last = (disk_offset + n - 1) // lss
-        # Sector number within the chunk: bit (s % 8) of byte (s // 8) of the bitmap (2.4).
-        s0 = first - chunk * SECTORS_PER_BITMAP_BLOCK
-        s1 = last - chunk * SECTORS_PER_BITMAP_BLOCK
-        bitmap = self.image.read_exact(sb_offset + s0 // 8, s1 // 8 - s0 // 8 + 1, "sector bitmap")
+        # Offsets within the chunk; bit (s % 8) of byte (s // 8) is chunk sector s (2.4).
+        chunk_base = chunk * SECTORS_PER_BITMAP_BLOCK * lss
+        start = block * self.block_size + within - chunk_base
+        first_byte, length = bitmap_span(start, start + n, lss)
+        bitmap = self.image.read_exact(sb_offset + first_byte, length, "sector bitmap")
         out = bytearray()
-        pos, end = disk_offset, disk_offset + n
-        while pos < end:
-            s = pos // lss - chunk * SECTORS_PER_BITMAP_BLOCK
-            present = bitmap[s // 8 - s0 // 8] >> (s % 8) & 1
-            run_end = min(end, (pos // lss + 1) * lss)
-            # Extend the run while the bit stays the same.
-            while run_end < end:
-                t = run_end // lss - chunk * SECTORS_PER_BITMAP_BLOCK
-                if (bitmap[t // 8 - s0 // 8] >> (t % 8) & 1) != present:
-                    break
-                run_end = min(end, run_end + lss)
+        for lo, hi, present in present_runs(bitmap, first_byte, start, start + n, lss, msb_first=False):
             if present:
-                out += self._payload(index, file_offset, pos - block * self.block_size, run_end - pos)
+                out += self._payload(index, file_offset, chunk_base + lo - block * self.block_size, hi - lo)
             else:
-                out += self.parent.read_at(pos, run_end - pos).ljust(run_end - pos, b"\0")
-            pos = run_end
+                out += self.parent.read_at(chunk_base + lo, hi - lo).ljust(hi - lo, b"\0")
         return bytes(out)
 
     def _close_backing(self) -> None:

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from vhdtool.errors import CorruptFilesystem, VhdtoolError
+from vhdtool.errors import CorruptFilesystem, VhdtoolError, first_line
 
 MAX_SMALL_FILE = 16 * 1024 * 1024
 
@@ -48,5 +48,4 @@ def translate_errors(image_path: str | None, what: str) -> Iterator[None]:
     except (MemoryError, RecursionError) as e:
         raise CorruptFilesystem(image_path, f"{what}: structures too large or cyclic ({type(e).__name__})") from None
     except Exception as e:  # noqa: BLE001 - dissect parsers raise anything on damaged data
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CorruptFilesystem(image_path, f"{what}: {detail}") from None
+        raise CorruptFilesystem(image_path, f"{what}: {first_line(e)}") from None

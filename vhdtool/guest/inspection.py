@@ -74,13 +74,8 @@ class Inspection:
 
 
 def _image_info(disk: DiskStream) -> tuple[ImageInfo, list[str]]:
-    chain = []
-    warnings = []
-    node = disk
-    while node is not None:
-        chain.append(node.path)
-        warnings.extend(getattr(node, "warnings", []))
-        node = node.parent
+    chain = [d.path for d in disk.chain()]
+    warnings = [w for d in disk.chain() for w in getattr(d, "warnings", [])]
     info = ImageInfo(
         path=disk.path,
         format=disk.format,
@@ -90,16 +85,10 @@ def _image_info(disk: DiskStream) -> tuple[ImageInfo, list[str]]:
         physical_sector_size=disk.physical_sector_size,
         differencing=disk.parent is not None,
         parent=disk.parent.path if disk.parent is not None else None,
-        log_replayed=any(getattr(n, "log_replayed", False) for n in _walk(disk)),
+        log_replayed=any(d.log_replayed for d in disk.chain()),
         chain=tuple(chain),
     )
     return info, warnings
-
-
-def _walk(disk: DiskStream):
-    while disk is not None:
-        yield disk
-        disk = disk.parent
 
 
 def _linux_candidates(disk: DiskStream, partitions: list[Partition], path: str, warnings: list[str]):
@@ -184,9 +173,5 @@ def inspect(path: str | os.PathLike) -> Inspection:
 def inspect_measured(path: str | os.PathLike) -> tuple[Inspection, IoStats]:
     with open_disk(path) as disk:
         result = inspect_disk(disk)
-        nodes = list(_walk(disk))
-        stats = IoStats(
-            bytes_read=sum(n.image.bytes_read for n in nodes),
-            reads=sum(n.image.reads for n in nodes),
-        )
+        stats = IoStats(bytes_read=disk.bytes_read, reads=disk.reads)
     return result, stats

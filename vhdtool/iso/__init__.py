@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vhdtool.errors import VhdtoolError
+from vhdtool.errors import VhdtoolError, first_line
 
 MAX_CAB_SIZE = 512 * 1024 * 1024
 MAX_ENTRIES = 100_000
@@ -37,7 +37,7 @@ class IsoImage:
         try:
             self._iso.open(self.path)
         except Exception as e:  # noqa: BLE001 - pycdlib raises many kinds on damaged images
-            raise IsoError(self.path, f"not a readable ISO image ({_first_line(e)})") from None
+            raise IsoError(self.path, f"not a readable ISO image ({first_line(e)})") from None
         # The primary volume descriptor (ECMA-119 8.4) says how long the image is; a shorter
         # file was cut, even where the files needed still happen to be inside it.
         with open(self.path, "rb") as f:
@@ -86,7 +86,7 @@ class IsoImage:
         except IsoError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise IsoError(self.path, f"damaged directory structure ({_first_line(e)})") from None
+            raise IsoError(self.path, f"damaged directory structure ({first_line(e)})") from None
 
     def cabs(self) -> list[tuple[IsoFile, str]]:
         return [(f, raw) for f, raw in self.files() if f.path.lower().endswith(".cab")]
@@ -101,13 +101,8 @@ class IsoImage:
             with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
                 data = fh.read(limit + 1)
         except Exception as e:  # noqa: BLE001
-            raise IsoError(self.path, f"cannot read {entry.path} ({_first_line(e)}); the image may be truncated") from None
+            raise IsoError(self.path, f"cannot read {entry.path} ({first_line(e)}); the image may be truncated") from None
         # pycdlib returns what is there: a short read means the image was cut.
         if len(data) != entry.size:
             raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {len(data)} are there")
         return data
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
