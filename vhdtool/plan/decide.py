@@ -43,12 +43,7 @@ class Plan:
     notes: tuple[str, ...]
 
     def to_dict(self) -> dict:
-        cab = None
-        if self.cab is not None:
-            c = self.cab
-            cab = {"path": c.path, "source": c.source, "name": c.name, "version": c.version, "arch": c.arch,
-                   "sha256": c.sha256, "nt": c.nt, "identity": c.identity_name,
-                   "package_identifier": c.package_identifier}
+        cab = self.cab.to_dict() if self.cab is not None else None
         return {
             "schema": SCHEMA,
             "image": self.image,
