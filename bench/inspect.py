@@ -6,8 +6,10 @@ hivexsh, the real Windows 10 SYSTEM hive) on an NTFS partition made by mkntfs an
 filled through ntfs-3g, and puts the same partition into dynamic VHDX images of
 4 GiB, 127 GiB and 2 TiB virtual size (qemu-img). Then times the whole
 ``vhdtool inspect --json`` process on each, reads its byte count (counted in the
-container layer, ``--stats``), and compares with a bare script that chains the
-dissect libraries, and with virt-inspector where libguestfs is installed.
+container layer, ``--stats``), and compares, in the same run, with ``python -c
+pass``, with ``bench/three_facts.py`` (the least a dissect user would write for
+product name, build and architecture), with in-process ``vhdtool.inspect()`` once
+warm, and with virt-inspector where libguestfs is installed.
 
     python3 bench/inspect.py [--runs N] [--cache DIR]
 """
@@ -137,31 +139,22 @@ def time_command(cmd: list[str], runs: int) -> tuple[float, subprocess.Completed
     return statistics.median(times), last
 
 
-BARE = r"""
-import sys, time
-from dissect.hypervisor.disk.vhdx import VHDX
-from dissect.volume.disk import Disk
-from dissect.ntfs import NTFS
-from dissect.regf import RegistryHive
+THREE_FACTS = ROOT / "bench" / "three_facts.py"
+WARM_RUNS = 20
 
-class Counting:
-    def __init__(self, f): self.f, self.n = f, 0
-    def read(self, n=-1):
-        b = self.f.read(n); self.n += len(b); return b
-    def seek(self, *a): return self.f.seek(*a)
-    def tell(self): return self.f.tell()
 
-fh = Counting(open(sys.argv[1], "rb"))
-disk = VHDX(fh)
-part = Disk(disk).partitions[0]
-fs = NTFS(part.open())
-sw = RegistryHive(fs.mft.get("Windows/System32/config/SOFTWARE").open())
-cv = sw.open("Microsoft\\Windows NT\\CurrentVersion")
-sy = RegistryHive(fs.mft.get("Windows/System32/config/SYSTEM").open())
-cs = sy.open("Select").value("Current").value
-arch = sy.open(f"ControlSet{cs:03d}\\Control\\Session Manager\\Environment").value("PROCESSOR_ARCHITECTURE").value
-print(cv.value("ProductName").value, cv.value("CurrentBuildNumber").value, arch, fh.n)
-"""
+def in_process_warm(image: Path, runs: int) -> float:
+    """Median seconds of ``vhdtool.inspect(image)`` in one process, after a first call has loaded everything."""
+    code = (
+        "import statistics, sys, time, vhdtool\n"
+        "vhdtool.inspect(sys.argv[1])\n"
+        "times = []\n"
+        f"for _ in range({runs}):\n"
+        "    t0 = time.perf_counter(); vhdtool.inspect(sys.argv[1]); times.append(time.perf_counter() - t0)\n"
+        "print(statistics.median(times))\n"
+    )
+    res = subprocess.run([sys.executable, "-I", "-c", code, str(image)], capture_output=True, text=True, check=True)
+    return float(res.stdout)
 
 
 def main() -> int:
@@ -185,11 +178,17 @@ def main() -> int:
     sizes = [int(l.split()[-1].strip("()"), 16) for l in software_size.splitlines() if l.strip().lower().startswith("data size")]
     print(f"SOFTWARE hive: {max(sizes, default=0) / MiB:.1f} MiB")
     print()
-    print(f"{'image':<10} {'file MiB':>9} {'vhdtool s':>10} {'read MiB':>9} {'reads':>6} {'bare s':>8} {'bare MiB':>9} {'virt-insp s':>11}")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    python_wall, _ = time_command([sys.executable, "-I", "-c", "pass"], args.runs)
+    print(f"python -c pass: {python_wall:.3f} s (median of {args.runs})")
+    print()
+    print(
+        f"{'image':<10} {'file MiB':>9} {'vhdtool s':>10} {'read MiB':>9} {'reads':>6} {'3-fact s':>9} {'3-fact MiB':>10} "
+        f"{'ratio':>6} {'warm ms':>8} {'virt-insp s':>11}"
+    )
     ok = True
     for name, image in images.items():
-        wall, res = time_command([sys.executable, "-m", "vhdtool.cli.main", "inspect", "--json", "--stats", str(image)], args.runs)
+        vhdtool = [sys.executable, "-I", "-m", "vhdtool.cli.main", "inspect", "--json", "--stats", str(image)]
+        wall, res = time_command(vhdtool, args.runs)
         if res.returncode != 0:
             print(f"{name}: vhdtool failed: {res.stderr.strip()}")
             ok = False
@@ -199,8 +198,15 @@ def main() -> int:
         stat_line = next(l for l in res.stderr.splitlines() if "stats:" in l)
         nbytes = int(stat_line.split(" read ")[1].split()[0])
         nreads = int(stat_line.split(" in ")[-1].split()[0])
-        bare_wall, bare = time_command([sys.executable, "-c", BARE, str(image)], args.runs)
-        bare_bytes = int(bare.stdout.split()[-1]) if bare.returncode == 0 else -1
+        # -I everywhere: the script's folder (bench/, where this inspect.py would shadow the
+        # standard library's) is not put on sys.path, and each process starts alike.
+        bare_wall, bare = time_command([sys.executable, "-I", str(THREE_FACTS), str(image)], args.runs)
+        if bare.returncode != 0:
+            print(f"{name}: three_facts.py failed: {bare.stderr.strip()[-300:]}")
+            ok = False
+            continue
+        bare_bytes = int(bare.stdout.split()[-1])
+        warm = in_process_warm(image, WARM_RUNS)
         vi = "-"
         if shutil.which("virt-inspector"):
             vi_wall, vres = time_command(["virt-inspector", "-a", str(image)], 1)
@@ -209,8 +215,10 @@ def main() -> int:
                 vi += f" (x{vi_wall / wall:.0f})"
         print(
             f"{name:<10} {image.stat().st_size / MiB:>9.1f} {wall:>10.3f} {nbytes / MiB:>9.2f} {nreads:>6} "
-            f"{bare_wall:>8.3f} {bare_bytes / MiB:>9.2f} {vi:>11}"
+            f"{bare_wall:>9.3f} {bare_bytes / MiB:>10.2f} {wall / bare_wall:>6.2f} {warm * 1000:>8.1f} {vi:>11}"
         )
+    print("\nratio: whole vhdtool process / three-fact dissect script; warm: in-process vhdtool.inspect(), "
+          f"median of {WARM_RUNS} after one call")
     if not shutil.which("virt-inspector"):
         print("\nvirt-inspector (libguestfs) is not installed: no comparison with it.")
     return 0 if ok else 1

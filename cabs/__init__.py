@@ -1,4 +1,4 @@
-"""Data: the host/guest OS matrix (matrix.json) and the catalog of IC cab names (catalog.json).
+"""Data: the host/guest OS matrix of Hyper-V integration services (matrix.json).
 
 Installed as the package ``vhdtool.cabs``; read with importlib.resources.
 """

@@ -23,16 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from vhdtool.cab import (
-    CabError,
-    CabMember,
-    check_cabinet,
-    extract_member,
-    libmspack,
-    list_members,
-    mum,
-    read_package,
-)
+from vhdtool.cabinet import CabError, CabMember, extract_member, libmspack, list_members, mum, read_package
+from vhdtool.cabinet.format import check_cabinet
+from vhdtool.native import Refusal
 
 REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
 LABEL = "vmguest.iso:/SUPPORT/AMD64/Windows6.3-KB3071740-x64.cab"
@@ -528,7 +521,7 @@ def test_child_sees_none_of_the_parents_files(real_cab, monkeypatch, tmp_path):
             os.fstat(image.fileno())
         except OSError:
             return real_decode(*args)
-        raise libmspack._Refusal("the parent's open file is visible in the child")
+        raise Refusal("the parent's open file is visible in the child")
 
     monkeypatch.setattr(libmspack, "decode_here", probe)
     try:
@@ -543,7 +536,7 @@ def test_works_with_stdio_closed(tmp_path):
     code = (
         "import os, sys\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from vhdtool.cab import list_members\n"
+        "from vhdtool.cabinet import list_members\n"
         f"data = open({str(REAL / 'cab' / 'mszip_lzx_qtm.cab')!r}, 'rb').read()\n"
         "for fd in (0, 1, 2): os.close(fd)\n"
         f"open({str(out)!r}, 'w').write(repr([m.name for m in list_members(data, 'x')]))\n"
@@ -556,7 +549,7 @@ def test_fork_failure_is_a_cab_error(real_cab, monkeypatch):
     def no_fork():
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(libmspack.os, "fork", no_fork)
+    monkeypatch.setattr(os, "fork", no_fork)
     with pytest.raises(CabError) as e:
         list_members(real_cab, LABEL)
     assert_cab_error(e, "cannot start a process to read it in (Resource temporarily unavailable)")

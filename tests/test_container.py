@@ -445,3 +445,34 @@ def test_differencing_vhd_wrong_parent(tmp_path):
     _, child, _ = _vhd_diff(tmp_path, parent_id=uuid.uuid4().bytes)
     with pytest.raises(CorruptImage, match="identifier"):
         read_all(child)
+
+
+# -- the chain: loops and depth ----------------------------------------------------------------
+def test_differencing_chain_that_names_itself(made, tmp_path, cli):
+    _, parent = made("parent.vhdx", "subformat=dynamic", "block_size=2M")
+    child = tmp_path / "child.avhdx"
+    vc.make_differencing(parent, child, {1: b"\x01" * 512}, relative_path=".\\child.avhdx")
+    with pytest.raises(CorruptImage, match="loops"):
+        read_all(child)
+    assert_one_line_error(*cli("inspect", child), child)
+
+
+def test_differencing_chain_depth_limit(made, tmp_path):
+    from vhdtool.container.chain import MAX_PARENT_DEPTH
+
+    raw, disk = made("base.vhdx", "subformat=dynamic", "block_size=2M")
+    chain = [disk]
+    for i in range(MAX_PARENT_DEPTH + 1):
+        child = tmp_path / f"d{i:02d}.avhdx"
+        vc.make_differencing(chain[-1], child, {i: bytes([i + 1]) * 512}, relative_path=f".\\{chain[-1].name}")
+        chain.append(child)
+    # A chain of exactly MAX_PARENT_DEPTH parents opens, and reads every link's sector.
+    with open_disk(chain[-2]) as d:
+        assert len(list(d.chain())) == MAX_PARENT_DEPTH + 1
+        data = d.read(MAX_PARENT_DEPTH * 512)
+    assert all(data[i * 512 : i * 512 + 512] == bytes([i + 1]) * 512 for i in range(MAX_PARENT_DEPTH))
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(UnsupportedImage, match=f"deeper than {MAX_PARENT_DEPTH}"):
+        read_all(chain[-1])
+    # Every disk the failed open had opened is closed again.
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -1,15 +1,17 @@
-"""The fixture images (fixtures/build.py) judged by independent tools.
+"""The fixture images (fixtures/build/) judged by independent tools.
 
 Every image must be a valid container (qemu-img), carry the partition table its facts
 list (sfdisk, blkid), and every fact recorded for it must be read back out of the image
 with tools that are not vhdtool: ntfsls/ntfscat/ntfsinfo for NTFS, hivexget/hivexsh for
-the hives, debugfs for ext4. Images are built once per cache (see fixtures/build.py) and
-converted to raw once per session.
+the hives, debugfs for ext4, xfs_db for XFS, the LVM tools read-only. The code that reads
+them is in tests/judges/ and imports neither vhdtool nor the builder. Images are built
+once per cache (see fixtures/build/) and converted to raw once per session.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ast
+import dataclasses
 import json
 import os
 import re
@@ -23,10 +25,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+pytest.register_assert_rewrite("judges")
 
 from fixtures import build as fb  # noqa: E402
+from judges.disks import blkid_type, copy_range, vhdx_bat_states  # noqa: E402
+from judges.hives import (REG_SZ, hive_sequences, hive_subkeys, hive_typed_values, hive_values,  # noqa: E402
+                          replay_new_log)
+from judges.linux import VOLUME_READERS, derive_linux_facts, logical_volumes, resolve  # noqa: E402
+from judges.pe import file_version  # noqa: E402
+from judges.tools import sh  # noqa: E402
+from judges.windows import GUEST_PARAMETERS, IC_NAMES, IC_PACKAGE, copy_system_files, derive_windows_facts  # noqa: E402
+
+JUDGES = ROOT / "tests" / "judges"
 
 TOOLS = ("qemu-img", "sfdisk", "sgdisk", "blkid", "mkntfs", "ntfs-3g", "ntfsls", "ntfscat", "ntfsinfo",
          "mkfs.fat", "mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck", "hivexsh", "hivexget", "mkfs.xfs", "xfs_db",
@@ -47,16 +60,6 @@ pytestmark = [
 NAMES = list(fb.FIXTURES)
 WINDOWS = [n for n, f in fb.FIXTURES.items() if f.facts.get("guest", {}).get("os") == "windows"]
 LINUX = [n for n, f in fb.FIXTURES.items() if f.facts.get("guest", {}).get("os") == "linux"]
-IC_NAMES = ("vmicheartbeat", "vmickvpexchange", "vmicshutdown", "vmictimesync", "vmicvss",
-            "vmicguestinterface", "vmicrdv", "vmicvmsession")
-IC_PACKAGE = "Microsoft-Hyper-V-Guest-Integration-Drivers-Package~"
-
-
-def sh(*cmd: object, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}: {proc.stderr.decode()}")
-    return proc
 
 
 # --------------------------------------------------------------------------------------
@@ -90,22 +93,6 @@ def raw(image, tmp_path_factory):
     return get
 
 
-def _copy_range(src: Path, dest: Path, offset: int, size: int) -> Path:
-    with open(src, "rb") as fi, open(dest, "wb") as fo:
-        fi.seek(offset)
-        left = size
-        while left:
-            chunk = fi.read(min(left, 1 << 20))
-            assert chunk, f"{src} ends before {offset + size}"
-            if chunk.count(0) == len(chunk):
-                fo.seek(len(chunk), os.SEEK_CUR)
-            else:
-                fo.write(chunk)
-            left -= len(chunk)
-        fo.truncate(size)
-    return dest
-
-
 @pytest.fixture(scope="session")
 def partition(raw):
     """partition(name, index) -> a file holding that partition (index 1-based, per facts)."""
@@ -116,75 +103,10 @@ def partition(raw):
         if key not in extracted:
             p = fb.FIXTURES[name].facts["partitions"][index - 1]
             disk = raw(name)
-            extracted[key] = _copy_range(disk, disk.parent / f"part{index}.img", p["offset"], p["size"])
+            extracted[key] = copy_range(disk, disk.parent / f"part{index}.img", p["offset"], p["size"])
         return extracted[key]
 
     return get
-
-
-# --------------------------------------------------------------------------------------
-# hivexget output, parsed
-
-
-def _unquote(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
-
-
-def hive_values(hive: Path, key: str) -> dict[str, object] | None:
-    """All values of `key` as {name: str | int | bytes}; None if the key does not exist."""
-    proc = sh("hivexget", hive, key, check=False)
-    if proc.returncode != 0:
-        assert b"not found" in proc.stderr, proc.stderr
-        return None
-    values: dict[str, object] = {}
-    for line in proc.stdout.decode().splitlines():
-        m = re.fullmatch(r'(?:"((?:[^"\\]|\\.)*)"|@)=(.*)', line)
-        assert m, line
-        name, data = _unquote(m.group(1) or ""), m.group(2)
-        if data.startswith('"'):
-            values[name] = _unquote(data[1:-1])
-        elif data.startswith("str(2):"):
-            values[name] = _unquote(data[8:-1])
-        elif data.startswith("dword:"):
-            values[name] = int(data[6:], 16)
-        elif data.startswith("hex("):
-            hexbytes = data.split(":", 1)[1]
-            values[name] = bytes.fromhex(hexbytes.replace(",", "")) if hexbytes else b""
-        else:
-            raise AssertionError(f"unparsed hivexget line {line!r}")
-    return values
-
-
-def hive_subkeys(hive: Path, key: str) -> list[str]:
-    proc = subprocess.run(["hivexsh", str(hive)], input=f"cd \\{key}\nls\n".encode(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        return []
-    return proc.stdout.decode().splitlines()
-
-
-def hive_sequences(hive: Path) -> tuple[int, int, bool]:
-    block = hive.read_bytes()[:4096]
-    assert block[:4] == b"regf"
-    seq1, seq2 = struct.unpack_from("<II", block, 4)
-    csum = 0
-    for (word,) in struct.iter_unpack("<I", block[:508]):
-        csum ^= word
-    csum = {0: 1, 0xFFFFFFFF: 0xFFFFFFFE}.get(csum, csum)
-    return seq1, seq2, csum == struct.unpack_from("<I", block, 508)[0]
-
-
-def file_version(data: bytes) -> str:
-    """dwFileVersionMS/LS of the VS_FIXEDFILEINFO after the VS_VERSION_INFO key."""
-    key = "VS_VERSION_INFO\0".encode("utf-16-le")
-    at = data.index(key)
-    node = at - 6
-    length, value_length, vtype = struct.unpack_from("<HHH", data, node)
-    assert (value_length, vtype) == (52, 0)
-    fixed = node + ((6 + len(key) + 3) & ~3)
-    sig, _, ms, ls = struct.unpack_from("<IIII", data, fixed)
-    assert sig == 0xFEEF04BD
-    return f"{ms >> 16}.{ms & 0xFFFF}.{ls >> 16}.{ls & 0xFFFF}"
 
 
 # --------------------------------------------------------------------------------------
@@ -213,29 +135,12 @@ def test_container_is_valid(name, image):
         assert struct.unpack_from(">Q", footer, 48)[0] == fixture.virtual_size
 
 
-def _vhdx_bat_states(path: Path) -> list[int]:
-    """Payload-block states from the VHDX BAT (region table at 192 KiB)."""
-    with open(path, "rb") as f:
-        f.seek(0x30000)
-        table = f.read(64 * 1024)
-        assert table[:4] == b"regi"
-        count = struct.unpack_from("<I", table, 8)[0]
-        bat = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
-        for i in range(count):
-            guid, offset, length, _ = struct.unpack_from("<16sQII", table, 16 + 32 * i)
-            if uuid.UUID(bytes_le=guid) == bat:
-                f.seek(offset)
-                entries = struct.unpack(f"<{length // 8}Q", f.read(length))
-                return [e & 7 for e in entries]
-    raise AssertionError("no BAT region")
-
-
 @pytest.mark.parametrize("name", [n for n, f in fb.FIXTURES.items() if f.container == "vhdx"])
 def test_vhdx_block_states(name, image):
     fixture = fb.FIXTURES[name]
     info = json.loads(sh("qemu-img", "info", "--output=json", image(name)).stdout)
     blocks = fixture.virtual_size // info["cluster-size"]
-    states = _vhdx_bat_states(image(name))[:blocks]  # a small disk has no sector bitmap entry in front
+    states = vhdx_bat_states(image(name))[:blocks]  # a small disk has no sector bitmap entry in front
     if fixture.subformat == "fixed":
         assert states == [6] * blocks  # every block FULLY_PRESENT, as Hyper-V makes fixed disks
     else:
@@ -275,107 +180,12 @@ def windows_files(partition, tmp_path_factory):
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
-        if name in done:
-            return done[name]
-        index = fb.FIXTURES[name].facts["guest"]["windows"]["system_partition"]
-        part = partition(name, index)
-        out = tmp_path_factory.mktemp(f"{name}-files")
-        listing = sh("ntfsls", "-f", part, "-p", "/Windows/System32/config").stdout.decode().split()
-        assert "SOFTWARE" in listing and "SYSTEM" in listing
-        for entry in listing:
-            if entry.startswith(("SOFTWARE", "SYSTEM")):
-                (out / entry).write_bytes(sh("ntfscat", "-f", part, f"/Windows/System32/config/{entry}").stdout)
-        for src, dest in (("/Windows/System32/drivers/vmbus.sys", "vmbus.sys"), ("/hiberfil.sys", "hiberfil.sys")):
-            proc = sh("ntfscat", "-f", part, src, check=False)
-            if proc.returncode == 0:
-                (out / dest).write_bytes(proc.stdout)
-        done[name] = out
-        return out
+        if name not in done:
+            index = fb.FIXTURES[name].facts["guest"]["windows"]["system_partition"]
+            done[name] = copy_system_files(partition(name, index), tmp_path_factory.mktemp(f"{name}-files"))
+        return done[name]
 
     return get
-
-
-def derive_windows_facts(raw: Path, volumes: dict[int, Path], files: Path) -> dict:
-    """The facts of the Windows guest, read with hivexget/ntfsls/ntfsinfo/sfdisk only.
-    `volumes`: every NTFS partition (by index) extracted to a file."""
-    software, system = files / "SOFTWARE", files / "SYSTEM"
-    cv = hive_values(software, "Microsoft\\Windows NT\\CurrentVersion")
-    if "CurrentMajorVersionNumber" in cv:
-        version = f"{cv['CurrentMajorVersionNumber']}.{cv['CurrentMinorVersionNumber']}"
-    else:
-        version = cv["CurrentVersion"]
-    current = hive_values(system, "Select")["Current"]
-    cs = f"ControlSet{current:03d}"
-    env = hive_values(system, f"{cs}\\Control\\Session Manager\\Environment")
-    arch = {"AMD64": "x64", "x86": "x86"}[env["PROCESSOR_ARCHITECTURE"]]
-
-    # The drive letter: MountedDevices \DosDevices\C: must name the system partition.
-    table = json.loads(sh("sfdisk", "--json", raw).stdout)["partitiontable"]
-    c_drive = hive_values(system, "MountedDevices")["\\DosDevices\\C:"]
-    named = []
-    for i, p in enumerate(table["partitions"], 1):
-        if table["label"] == "dos":
-            ident = struct.pack("<IQ", int(table["id"], 16), p["start"] * 512)
-        else:
-            ident = b"DMIO:ID:" + uuid.UUID(p["uuid"]).bytes_le
-        if ident == c_drive:
-            named.append(i)
-    system_partitions = [i for i, volume in sorted(volumes.items())
-                         if sh("ntfsls", "-f", volume, "-p", "/Windows/System32/config", check=False).returncode == 0]
-    assert len(system_partitions) == 1, system_partitions
-    part = volumes[system_partitions[0]]
-    image_state = (hive_values(software, "Microsoft\\Windows\\CurrentVersion\\Setup\\State") or {}).get("ImageState")
-    sysprep = hive_values(system, "Setup\\Status\\SysprepStatus") or {}
-    hiberfil = files / "hiberfil.sys"
-    volume_flags = re.search(r"Volume Flags: (0x[0-9a-f]+)", sh("ntfsinfo", "-m", "-f", part).stdout.decode())
-    with open(part, "rb") as f:
-        boot_sector = f.read(512)
-    dirty = {}
-    for hive in ("SYSTEM", "SOFTWARE"):
-        seq1, seq2, checksum_ok = hive_sequences(files / hive)
-        assert checksum_ok, f"{hive} base block checksum"
-        dirty[hive] = {"dirty": seq1 != seq2}
-
-    windows = {
-        "product_name": cv["ProductName"],
-        "version": version,
-        "build": int(cv["CurrentBuildNumber"]),
-        "ubr": cv.get("UBR"),
-        "service_pack": cv.get("CSDVersion"),
-        "edition": cv["EditionID"],
-        "installation_type": cv["InstallationType"],
-        "arch": arch,
-        "system_partition": system_partitions[0],
-        "drive_letter": "C" if named == system_partitions else None,
-        "control_set": current,
-        "generalized": image_state == "IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE"
-                       and sysprep.get("GeneralizationState") == 7,
-        "hibernated": hiberfil.exists() and hiberfil.read_bytes()[:4] in (b"HIBR", b"hibr"),
-        "ntfs_clean": volume_flags is not None and int(volume_flags.group(1), 16) & 1 == 0,
-        "bitlocker": boot_sector[3:11] == b"-FVE-FS-",
-        "hives": dirty,
-    }
-
-    kvp = (hive_values(software, "Microsoft\\Virtual Machine\\Auto") or {}).get("IntegrationServicesVersion")
-    packages_key = "Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages"
-    installed = [k.split("~")[-1] for k in hive_subkeys(software, packages_key)
-                 if k.startswith(IC_PACKAGE)
-                 and hive_values(software, f"{packages_key}\\{k}").get("CurrentState") == 0x70]
-    if kvp:
-        ic = {"version": kvp, "source": "kvp"}
-    elif installed:
-        ic = {"version": max(installed, key=lambda v: tuple(map(int, v.split(".")))), "source": "cbs"}
-    else:
-        ic = {"version": file_version((files / "vmbus.sys").read_bytes()), "source": "vmbus.sys"}
-    services = []
-    for service in IC_NAMES:
-        values = hive_values(system, f"{cs}\\Services\\{service}")
-        if values is not None:
-            start = values["Start"]
-            services.append({"name": service, "start": ["boot", "system", "automatic", "manual", "disabled"][start],
-                             "start_value": start})
-    ic["services"] = services
-    return {"guest": {"os": "windows", "windows": windows, "integration_services": ic}}
 
 
 @pytest.mark.parametrize("name", WINDOWS)
@@ -397,6 +207,26 @@ def test_windows_volume_layout(name, partition):
     assert ("Program Files (x86)" in root) == (facts["guest"]["windows"]["arch"] == "x64")
     drivers = sh("ntfsls", "-f", part, "-p", "/Windows/System32/drivers").stdout.decode().split()
     assert "vmbus.sys" in drivers
+
+
+@pytest.mark.parametrize("name", WINDOWS)
+def test_last_host_only_with_kvp_data(name, windows_files):
+    """The host the guest last ran on is in Guest\\Parameters as REG_SZ values, which the guest's
+    data-exchange (KVP) service writes: so they are there exactly where Virtual Machine\\Auto is."""
+    software = windows_files(name) / "SOFTWARE"
+    kvp = (hive_values(software, "Microsoft\\Virtual Machine\\Auto") or {}).get("IntegrationServicesVersion")
+    params = hive_typed_values(software, GUEST_PARAMETERS)
+    last_host = fb.FIXTURES[name].facts["guest"]["integration_services"]["last_host"]
+    if kvp is None:
+        assert params is None and last_host is None
+        return
+    assert params is not None and last_host is not None
+    hyperv = {"HostingSystemOsMajor", "HostingSystemOsMinor", "HostingSystemSpMajor"}
+    blog = {"HostSystemOSMajor", "HostSystemOSMinor", "HostSystemSPMajor"}
+    version_names = blog if name == "ws2008r2-dirtyhive" else hyperv
+    assert set(params) - {"PhysicalHostNameFullyQualified"} == version_names | {"PhysicalHostName", "VirtualMachineName"}
+    assert all(kind == REG_SZ for kind, _ in params.values()), params
+    assert params[sorted(version_names)[-1]] == (REG_SZ, "0")
 
 
 def test_real_hives_are_unchanged(windows_files):
@@ -460,42 +290,6 @@ def test_hibernated_hiberfil(windows_files):
     assert not (windows_files("ws2008r2-x64") / "hiberfil.sys").exists()
 
 
-def _replay_new_log(primary: bytes, log: bytes) -> bytes:
-    """A minimal replay of a new-format (HvLE) log onto a dirty primary, per yarp."""
-    seq2 = struct.unpack_from("<I", primary, 8)[0]
-    assert log[:4] == b"regf" and struct.unpack_from("<I", log, 28)[0] == 6
-    expected = struct.unpack_from("<I", log, 4)[0]
-    assert expected >= seq2
-    hive = bytearray(primary)
-    pos = 512
-    applied = 0
-    while pos + 40 <= len(log) and log[pos:pos + 4] == b"HvLE":
-        size, _flags, seq, bins_size, count = struct.unpack_from("<IIIII", log, pos + 4)
-        entry = log[pos:pos + size]
-        h1, h2 = struct.unpack_from("<QQ", entry, 24)
-        if seq != expected or h2 != fb.marvin32(entry[:32]) or h1 != fb.marvin32(entry[40:]):
-            break
-        data = pos + 40 + 8 * count
-        for i in range(count):
-            off, length = struct.unpack_from("<II", log, pos + 40 + 8 * i)
-            end = 4096 + off + length
-            if len(hive) < end:
-                hive.extend(b"\0" * (end - len(hive)))
-            hive[4096 + off:end] = log[data:data + length]
-            data += length
-        struct.pack_into("<II", hive, 4, seq, seq)
-        struct.pack_into("<I", hive, 40, bins_size)
-        applied += 1
-        pos += size
-        expected += 1
-    assert applied, "no log entry applied"
-    csum = 0
-    for (word,) in struct.iter_unpack("<I", bytes(hive[:508])):
-        csum ^= word
-    struct.pack_into("<I", hive, 508, {0: 1, 0xFFFFFFFF: 0xFFFFFFFE}.get(csum, csum))
-    return bytes(hive)
-
-
 def test_dirty_hive_and_its_log(windows_files, tmp_path):
     files = windows_files("ws2008r2-dirtyhive")
     seq1, seq2, ok = hive_sequences(files / "SYSTEM")
@@ -512,7 +306,8 @@ def test_dirty_hive_and_its_log(windows_files, tmp_path):
 
     # Replaying the fixture's log gives a clean hive that differs only in ShutdownTime.
     recovered = tmp_path / "SYSTEM.recovered"
-    recovered.write_bytes(_replay_new_log((files / "SYSTEM").read_bytes(), (files / "SYSTEM.LOG1").read_bytes()))
+    recovered.write_bytes(replay_new_log((files / "SYSTEM").read_bytes(), (files / "SYSTEM.LOG1").read_bytes(),
+                                          fb.marvin32))
     r1, r2, ok = hive_sequences(recovered)
     assert ok and r1 == r2
     before = hive_values(files / "SYSTEM", "ControlSet001\\Control\\Windows")["ShutdownTime"]
@@ -528,147 +323,6 @@ def test_dirty_hive_and_its_log(windows_files, tmp_path):
 # Linux guests: volumes read with debugfs (ext4), xfs_db (XFS) and the LVM tools
 
 
-class Ext4Volume:
-    """An ext4 image read with debugfs. Paths are taken as they are: no symlink in them
-    is followed by the test's own resolve() (debugfs stat does not follow the last one)."""
-
-    def __init__(self, image: Path):
-        self.image = image
-
-    def _debugfs(self, request: str) -> bytes:
-        return sh("debugfs", "-R", request, self.image).stdout
-
-    def kind(self, path: str) -> str | None:
-        m = re.search(r"Type: (\w+)", self._debugfs(f"stat {path}").decode())
-        return m.group(1) if m else None
-
-    def names(self, path: str) -> list[str]:
-        out = self._debugfs(f"ls -p {path}").decode()
-        return [n for n in (line.split("/")[5] for line in out.splitlines() if line.count("/") >= 6)
-                if n not in (".", "..")]
-
-    def read(self, path: str) -> bytes:
-        return self._debugfs(f"cat {path}")
-
-    def readlink(self, path: str) -> str:
-        m = re.search(r'Fast link dest: "(.*)"', self._debugfs(f"stat {path}").decode())
-        assert m, f"{path} is not a fast symlink"
-        return m.group(1)
-
-
-XFS_MODES = {0o040000: "directory", 0o100000: "regular", 0o120000: "symlink"}
-
-
-class XfsVolume:
-    """An XFS image read with xfs_db -r: directory listings (ls), inode modes, symlink
-    targets (u3.symlink) and file extents (bmap), whose blocks are then read from the image."""
-
-    def __init__(self, image: Path):
-        self.image = image
-        sb = dict(re.findall(r"^(\w+) = (\d+)$", self._db("sb 0", "print blocksize agblocks"), re.M))
-        self.blocksize, self.agblocks = int(sb["blocksize"]), int(sb["agblocks"])
-
-    def _db(self, *commands: str, check: bool = True) -> str:
-        args = [a for c in commands for a in ("-c", c)]
-        return sh("xfs_db", "-r", *args, self.image, check=check).stdout.decode()
-
-    def _inode(self, path: str, *fields: str) -> dict[str, str] | None:
-        out = self._db(f"path {path}", f"print {' '.join(fields)}", check=False)
-        values = dict(re.findall(r"^([\w.]+) = (.*)$", out, re.M))
-        return values or None
-
-    def kind(self, path: str) -> str | None:
-        inode = self._inode(path, "core.mode")
-        return None if inode is None else XFS_MODES.get(int(inode["core.mode"], 8) & 0o170000, "other")
-
-    def names(self, path: str) -> list[str]:
-        out = self._db(f"ls {path}")
-        entries = [line.split() for line in out.splitlines()[1:]]
-        assert all(e[-1] == "(good)" for e in entries), out
-        return [e[5] for e in entries if e[5] not in (".", "..")]
-
-    def read(self, path: str) -> bytes:
-        inode = self._inode(path, "core.size", "core.format")
-        assert inode and inode["core.format"] == "2 (extents)", inode
-        size = int(inode["core.size"])
-        data = bytearray(-(-size // self.blocksize) * self.blocksize)
-        with open(self.image, "rb") as f:
-            for m in re.finditer(r"data offset (\d+) startblock \d+ \((\d+)/(\d+)\) count (\d+) flag (\d)",
-                                 self._db(f"path {path}", "bmap")):
-                offset, ag, agbno, count, unwritten = map(int, m.groups())
-                if unwritten:
-                    continue
-                f.seek((ag * self.agblocks + agbno) * self.blocksize)
-                chunk = f.read(count * self.blocksize)
-                data[offset * self.blocksize:offset * self.blocksize + len(chunk)] = chunk
-        return bytes(data[:size])
-
-    def readlink(self, path: str) -> str:
-        inode = self._inode(path, "core.format", "u3.symlink")
-        assert inode and inode["core.format"] == "1 (local)", inode
-        return inode["u3.symlink"][1:-1]
-
-
-def resolve(volume, path: str) -> str | None:
-    """`path` with every symlink in it (the last one too) resolved inside the volume."""
-    parts, done, hops = [p for p in path.split("/") if p], [], 0
-    while parts:
-        name = parts.pop(0)
-        if name == ".":
-            continue
-        if name == "..":
-            done = done[:-1]
-            continue
-        here = "/" + "/".join(done + [name])
-        kind = volume.kind(here)
-        if kind is None:
-            return None
-        if kind == "symlink":
-            hops += 1
-            assert hops <= 40, f"symlink loop at {path}"
-            target = volume.readlink(here)
-            if target.startswith("/"):
-                done = []
-            parts = [p for p in target.split("/") if p] + parts
-            continue
-        done.append(name)
-    return "/" + "/".join(done)
-
-
-def blkid_type(image: Path) -> str | None:
-    proc = sh("blkid", "-p", "-o", "value", "-s", "TYPE", image, check=False)
-    return proc.stdout.decode().strip() or None
-
-
-@contextlib.contextmanager
-def lvm_readonly(image: Path, work: Path):
-    """Yields report(command, *args) -> rows: pvs/vgs/lvs --readonly on `image`, attached to
-    a read-only loop device, with an lvm.conf that sees that device only."""
-    dev = sh("losetup", "--find", "--show", "--read-only", image).stdout.decode().strip()
-    try:
-        system = work / "lvm-system"
-        (system / "lock").mkdir(parents=True, exist_ok=True)
-        accept = f'[ "a|^{dev}$|", "r|.*|" ]'
-        (system / "lvm.conf").write_text(
-            f"devices {{ filter = {accept} global_filter = {accept} use_devicesfile = 0 hints = \"none\" "
-            f"obtain_device_list_from_udev = 0 }}\n"
-            f"global {{ locking_dir = \"{system / 'lock'}\" use_lvmpolld = 0 notify_dbus = 0 }}\n"
-            "activation { udev_sync = 0 udev_rules = 0 monitoring = 0 }\nbackup { backup = 0 archive = 0 }\n")
-        env = {**os.environ, "LVM_SYSTEM_DIR": str(system), "LVM_SUPPRESS_FD_WARNINGS": "1"}
-
-        def report(command: str, *args: str) -> list[dict[str, str]]:
-            proc = subprocess.run(["lvm", command, "--readonly", "--devices", dev, "--reportformat", "json",
-                                   "--units", "b", "--nosuffix", *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False)
-            assert proc.returncode == 0, proc.stderr.decode()
-            doc = json.loads(proc.stdout)
-            return [row for r in doc["report"] for rows in r.values() for row in rows]
-
-        yield dev, report
-    finally:
-        sh("losetup", "--detach", dev)
-
-
 @pytest.fixture(scope="session")
 def lvm_volumes(partition, tmp_path_factory):
     """lvm_volumes(name, index) -> {vg/lv: (offset in the PV, extracted image)} of the PV
@@ -676,40 +330,14 @@ def lvm_volumes(partition, tmp_path_factory):
     done: dict[tuple[str, int], dict[str, tuple[int, Path]]] = {}
 
     def get(name: str, index: int) -> dict[str, tuple[int, Path]]:
-        if (name, index) in done:
-            return done[name, index]
-        pv_image = partition(name, index)
-        work = tmp_path_factory.mktemp(f"{name}-lvm")
-        with lvm_readonly(pv_image, work) as (dev, report):
-            (pv,) = report("pvs", "-o", "pv_name,pe_start,vg_name,pv_size")
-            assert int(pv["pv_size"]) <= fb.FIXTURES[name].facts["partitions"][index - 1]["size"]
-            (vg,) = report("vgs", "-o", "vg_name,vg_extent_size")
-            segments = report("lvs", "--segments", "-o", "lv_name,vg_name,seg_pe_ranges,lv_size")
-        volumes: dict[str, tuple[int, Path]] = {}
-        for seg in segments:  # one segment each (in the order lvs lists them)
-            m = re.fullmatch(re.escape(dev) + r":(\d+)-(\d+)", seg["seg_pe_ranges"])
-            assert m, seg
-            first, last = int(m.group(1)), int(m.group(2))
-            offset = int(pv["pe_start"]) + first * int(vg["vg_extent_size"])
-            size = (last - first + 1) * int(vg["vg_extent_size"])
-            assert size == int(seg["lv_size"])
-            key = f"{seg['vg_name']}/{seg['lv_name']}"
-            assert key not in volumes, f"{key} has more than one segment"
-            volumes[key] = (offset, _copy_range(pv_image, work / f"{seg['lv_name']}.img", offset, size))
-        done[name, index] = volumes
-        return volumes
+        if (name, index) not in done:
+            pv_size, volumes = logical_volumes(partition(name, index), tmp_path_factory.mktemp(f"{name}-lvm"))
+            assert pv_size <= fb.FIXTURES[name].facts["partitions"][index - 1]["size"]
+            done[name, index] = volumes
+        return done[name, index]
 
     return get
 
-
-VOLUME_READERS = {"ext4": Ext4Volume, "xfs": XfsVolume}
-# The Hyper-V daemons under the names distributions install them (Debian/Ubuntu's
-# hyperv-daemons and linux-tools: hv_*_daemon; RHEL's hyperv-daemons: hyperv*d).
-DAEMON_FILES = {
-    "hv_kvp_daemon": ("hv_kvp_daemon", "hypervkvpd"),
-    "hv_vss_daemon": ("hv_vss_daemon", "hypervvssd"),
-    "hv_fcopy_daemon": ("hv_fcopy_daemon", "hypervfcopyd"),
-}
 
 
 @pytest.fixture(scope="session")
@@ -733,54 +361,10 @@ def linux_volumes(partition, lvm_volumes):
     return get
 
 
-def derive_linux_facts(volumes: list[tuple[int, str, object]], tmp_path: Path) -> dict:
-    roots = [(i, kind, vol) for i, kind, vol in volumes if resolve(vol, "/etc/os-release")]
-    assert len(roots) == 1, roots
-    index, kind, vol = roots[0]
-    os_release = dict(re.findall(r'^(\w+)="?([^"\n]*)"?$', vol.read(resolve(vol, "/etc/os-release")).decode(), re.M))
-
-    def is_file(path: str) -> bool:
-        real = resolve(vol, path)
-        return real is not None and vol.kind(real) == "regular"
-
-    boot = resolve(vol, "/boot")
-    kernels = sorted(n[len("vmlinuz-"):] for n in vol.names(boot)
-                     if n.startswith("vmlinuz-") and vol.kind(f"{boot}/{n}") == "regular")
-    modules: dict[str, bool] = {}
-    for kernel in kernels:
-        base = resolve(vol, f"/lib/modules/{kernel}")
-        builtin = vol.read(f"{base}/modules.builtin").decode().split()
-        for module, (directory, _) in fb.HV_MODULES.items():
-            files = [f"{base}/{directory}/{module}{ext}" for ext in (".ko", ".ko.zst", ".ko.xz")]
-            present = [f for f in files if is_file(f)]
-            modules[module] = modules.get(module, False) or f"{directory}/{module}.ko" in builtin or bool(present)
-            for path in present:  # compressed modules must decompress to the module
-                data = vol.read(resolve(vol, path))
-                out = tmp_path / f"{kernel}-{Path(path).name}"
-                out.write_bytes(data)
-                if path.endswith(".ko.xz"):
-                    data = sh("xz", "-dc", out).stdout
-                elif path.endswith(".ko.zst"):
-                    if not shutil.which("zstd"):
-                        continue
-                    data = sh("zstd", "-dc", out).stdout
-                assert data[:4] == b"\x7fELF" and f"name={module}\0".encode() in data, path
-    daemons = {key: any(is_file(f"/usr/sbin/{n}") for n in names) for key, names in DAEMON_FILES.items()}
-    return {"os": "linux", "linux": {
-        "distribution": os_release["ID"],
-        "version": os_release["VERSION_ID"],
-        "kernels": kernels,
-        "hv_modules": modules,
-        "daemons": daemons,
-        "root_partition": index,
-        "filesystem": kind,
-    }}
-
-
 @pytest.mark.parametrize("name", LINUX)
 def test_linux_facts_read_back(name, linux_volumes, tmp_path):
     facts = fb.FIXTURES[name].facts["guest"]
-    derived = derive_linux_facts(linux_volumes(name), tmp_path)
+    derived = derive_linux_facts(linux_volumes(name), tmp_path, fb.HV_MODULES)
     assert set(facts) == {"os", "linux"} and set(facts["linux"]) <= set(derived["linux"])
     assert derived["linux"] == {**derived["linux"], **facts["linux"]}, (derived, facts)
 
@@ -872,8 +456,48 @@ def test_facts_are_subsets_of_the_schema():
         guest = facts.get("guest")
         if guest and guest["os"] == "windows":
             assert set(guest["windows"]) == windows_keys, name
+            assert set(guest["integration_services"]) == {"version", "source", "services", "last_host"}, name
             json.dumps(facts)
     assert "ws2008r2-x64-4k" not in fb.FIXTURES and "ws2008r2-x64-4k" in fb.UNBUILDABLE
+
+
+def test_last_hosts_recorded():
+    """ws2008r2-x64 last ran on a Server 2012 host; between them the Windows guests name a host
+    of each of the matrix's host tables, one it has none for, and one without a fully
+    qualified name (the name is then PhysicalHostName)."""
+    hosts = {n: fb.FIXTURES[n].facts["guest"]["integration_services"]["last_host"] for n in WINDOWS}
+    assert hosts["ws2008r2-x64"] == {"name": "hv-host-01.contoso.test", "os_version": "6.2", "service_pack": 0,
+                                     "host_key": "win8", "virtual_machine_name": "ws2008r2-x64"}
+    assert {h["host_key"] for h in hosts.values() if h} == {"win8", "win8.1", "win10", None}
+    assert any(h and "." not in h["name"] for h in hosts.values())
+    assert [n for n, h in hosts.items() if h is None] == ["win7-x86", "win10-gpt", "ws2012-sysprep"]
+
+
+def test_judges_import_neither_vhdtool_nor_the_builder(tmp_path):
+    """The judges must not share code with what they judge: no import of vhdtool or of
+    fixtures (the builder), neither in their source nor, transitively, when imported."""
+    forbidden = ("vhdtool", "fixtures")
+    modules = sorted(JUDGES.glob("*.py"))
+    assert len(modules) > 5
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] in forbidden], f"{path.name} imports {names}"
+    code = ("import importlib, json, pkgutil, sys; sys.path.insert(0, sys.argv[1]); import judges; "
+            "loaded = [importlib.import_module('judges.' + m.name).__name__ "
+            "for m in pkgutil.iter_modules(judges.__path__)]; "
+            "print(json.dumps([loaded, sorted(m for m in sys.modules if m.split('.')[0] in sys.argv[2:])]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(JUDGES.parent), *forbidden], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr
+    loaded, imported = json.loads(proc.stdout)
+    assert sorted(loaded) == sorted(f"judges.{p.stem}" for p in modules if p.stem != "__init__")
+    assert imported == []
 
 
 def test_cache_reuses_and_replaces_atomically(tmp_path, monkeypatch):
@@ -886,12 +510,29 @@ def test_cache_reuses_and_replaces_atomically(tmp_path, monkeypatch):
         raise fb.FixtureBuildError("boom")
 
     fixture = fb.FIXTURES["no-partition-table"]
-    monkeypatch.setitem(fb.FIXTURES, "no-partition-table", fb.dataclasses.replace(fixture, builder=broken))
-    monkeypatch.setattr(fb, "cache_key", lambda name: "f" * 64)  # as if the builder had changed
+    monkeypatch.setitem(fb.FIXTURES, "no-partition-table", dataclasses.replace(fixture, builder=broken))
+    monkeypatch.setattr(fb.cache, "cache_key", lambda name: "f" * 64)  # as if the builder had changed
     with pytest.raises(fb.FixtureBuildError):
         fb.build("no-partition-table", tmp_path)
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == [".no-partition-table.lock", first.name]
+
+
+def test_cache_key_covers_every_builder_module(tmp_path, monkeypatch):
+    """Editing any module of the builder package changes every fixture's cache key."""
+    package = tmp_path / "build"
+    shutil.copytree(Path(fb.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fb.cache, "PACKAGE_DIR", package)
+    modules = sorted(package.glob("*.py"))
+    names = {m.name for m in modules}
+    assert {"__init__.py", "__main__.py", "cache.py", "windows.py", "linux.py", "no_guest.py"} <= names
+    before = {name: fb.cache_key(name) for name in NAMES}
+    for module in modules:
+        text = module.read_text()
+        module.write_text(text + "# edited\n")
+        assert all(fb.cache_key(name) != key for name, key in before.items()), module.name
+        module.write_text(text)
+    assert {name: fb.cache_key(name) for name in NAMES} == before
 
 
 def test_cache_concurrent_builders(tmp_path):

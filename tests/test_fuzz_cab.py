@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_cab import PACKAGE_MUM, REAL, build_cab, gcab, payload_bytes, stored_folder
-from vhdtool.cab import CabError, extract_member, libmspack, list_members, read_package
+from vhdtool.cabinet import CabError, extract_member, libmspack, list_members, read_package
 
 EXAMPLES = int(os.environ.get("VHDTOOL_CAB_FUZZ_EXAMPLES", "10000"))
 LABEL = "fuzzed.cab"

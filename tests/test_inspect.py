@@ -1,6 +1,6 @@
 """The whole read path on fixture images built with real tools, judged field by field.
 
-Each fixture records the facts it was built with (fixtures/build.py); inspect must
+Each fixture records the facts it was built with (fixtures/build/); inspect must
 report every one of them. Bytes read through open_disk must equal qemu-img's and
 libvhdi's reading of the same file, and inspecting must not change the file.
 """

@@ -239,3 +239,40 @@ def test_plan_to_dict_keys():
     assert {"schema", "image", "host", "guest_key", "arch", "guest_ic_version", "method", "action", "cab", "reasons", "notes"} <= set(d)
     assert set(d["cab"]) >= {"path", "source", "name", "version", "arch", "sha256"}
     assert d["action"] == "stage" and d["guest_ic_version"] is None
+
+
+# -- --host auto: the host the guest last ran on -------------------------------------------------
+def with_last_host(inspection, os_version, name="hv-01.example.test"):
+    import dataclasses
+
+    from vhdtool.guest.windows import HOST_KEYS, LastHost
+
+    ic = inspection.guest.integration_services
+    last = None if os_version is None else LastHost(name, os_version, 0, HOST_KEYS.get(os_version), "vm1")
+    guest = dataclasses.replace(inspection.guest, integration_services=dataclasses.replace(ic, last_host=last))
+    return dataclasses.replace(inspection, guest=guest)
+
+
+def test_guest_host_keys_are_matrix_hosts():
+    from vhdtool.guest.windows import HOST_KEYS
+
+    assert set(HOST_KEYS.values()) == {h.key for h in load_matrix().hosts}
+
+
+@pytest.mark.parametrize("os_version,host", [("6.2", "win8"), ("6.3", "win8.1"), ("10.0", "win10")])
+def test_host_auto_uses_the_recorded_host(os_version, host):
+    from vhdtool.plan.decide import plan_for_host
+
+    p = plan_for_host(with_last_host(windows("server-2008r2", sp=1), os_version), None)
+    assert p.host == host
+    assert p.to_dict() == plan(windows("server-2008r2", sp=1), host).to_dict()
+
+
+@pytest.mark.parametrize("os_version,needle", [(None, "never recorded the host"), ("6.1", "Windows 6.1 host (hv-01.example.test)")])
+def test_host_auto_without_a_usable_host(os_version, needle):
+    from vhdtool.plan.decide import plan_for_host
+
+    with pytest.raises(UnknownKey) as e:
+        plan_for_host(with_last_host(windows("server-2008r2", sp=1), os_version), None)
+    assert needle in e.value.message and "--host win8, win8.1 or win10" in e.value.message
+    assert e.value.path == "/images/vm.vhdx" and e.value.exit_code == 11

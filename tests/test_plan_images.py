@@ -155,3 +155,32 @@ def test_cab_whose_manifest_disagrees_with_its_name_is_never_chosen(cli, tmp_pat
 def test_missing_cab_source(cli, tmp_path):
     code, out, err = cli("plan", fb.build("ws2008r2-x64"), "--host", "win8", "--cabs", tmp_path / "nope")
     assert_one_line_error(code, out, err, tmp_path / "nope")
+
+
+def test_host_auto_plans_for_the_host_each_guest_last_ran_on(cli, sources):
+    # ws2008r2-x64 recorded a Server 2012 host (win8); ws2008r2-hibernated a Server 2012 R2 one
+    # (win8.1); ws2008r2-dirtyhive a Windows 10 one, in the other spelling of the value names.
+    images = [fb.build(n) for n in ("ws2008r2-x64", "ws2008r2-hibernated", "ws2008r2-dirtyhive")]
+    code, out, err = cli("plan", "--json", "--host", "auto", "--cabs", sources["iso"], *images)
+    assert code == 0, err
+    docs = json.loads(out)
+    assert [d["host"] for d in docs] == ["win8", "win8.1", "win10"]
+    assert [(d["method"], d["action"]) for d in docs] == [
+        ("integration-services-disk", "stage"), ("integration-services-disk", "stage"), ("windows-update", "none")]
+    for image, doc in zip(images, docs):
+        code, out, err = cli("plan", "--json", "--host", doc["host"], "--cabs", sources["iso"], image)
+        assert json.loads(out) == doc
+
+
+@pytest.mark.parametrize("name,needle", [("win7-x86", "never recorded the host"),
+                                         ("ws2008r2-nokvp", "last ran on a Windows 6.1 host (HV-OLD-07)")])
+def test_host_auto_without_a_usable_host(cli, name, needle):
+    image = fb.build(name)
+    code, out, err = cli("plan", "--host", "auto", image)
+    assert_one_line_error(code, out, err, image)
+    assert code == 11 and needle in err and "--host win8, win8.1 or win10" in err
+    # In a JSON list, the failed image's document has the plan's schema and the error.
+    code, out, err = cli("plan", "--json", "--host", "auto", image, fb.build("ws2008r2-x64"))
+    docs = json.loads(out)
+    assert code == 11 and docs[0] == {"schema": 1, "image": str(image), "error": {"code": 11, "message": err.splitlines()[0][len("vhdtool: "):]}}
+    assert docs[1]["host"] == "win8"

@@ -9,8 +9,12 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # The guest layer pulls in the filesystem and registry readers; load it on first use.
-    if name in ("inspect", "Inspection"):
-        from vhdtool.guest import inspection
+    if name == "inspect":
+        from vhdtool.guest.discover import inspect
 
-        return getattr(inspection, name)
+        return inspect
+    if name == "Inspection":
+        from vhdtool.guest.inspection import Inspection
+
+        return Inspection
     raise AttributeError(name)

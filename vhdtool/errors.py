@@ -1,14 +1,23 @@
 """Typed errors: every failure a user can cause, each with a one-line message and an exit code.
 
-Each layer raises its own subclass; the CLI turns any VhdtoolError into
+Every exit code vhdtool has is defined here and nowhere else (a test greps for
+strays). Each layer raises its own subclass; the CLI turns any VhdtoolError into
 ``vhdtool: <message>`` on stderr and its ``exit_code``. Nothing else may escape
 a parser: a struct error, an IndexError or an EOFError met while reading an
-image is a corrupt image, not a crash.
+image is a corrupt image, not a crash. Each layer translates the exceptions of
+the library below it in one way, ``translating(...)``, at its boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+
+# Codes that belong to no error type. Command-line usage errors exit with 2, as
+# click makes them; ImageNotFound shares that code.
+EXIT_INTERNAL_ERROR = 70  # a bug: an exception no layer translated (sysexits EX_SOFTWARE)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
 class VhdtoolError(Exception):
@@ -38,6 +47,25 @@ def first_line(e: BaseException) -> str:
     """The first line of what a third-party library said, for a one-line message."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def translating(error: type[VhdtoolError], path: str | os.PathLike | None, what: str) -> Iterator[None]:
+    """Turn any failure of a third-party library inside the block into one ``error``.
+
+    ``what`` names the place ("NTFS on partition 2: /Windows"); the library's own
+    first line follows it. Our own errors pass through untouched, so a layer may
+    raise a more specific one inside the block. MemoryError and RecursionError are
+    what hostile sizes and cycles make a parser raise.
+    """
+    try:
+        yield
+    except VhdtoolError:
+        raise
+    except (MemoryError, RecursionError) as e:
+        raise error(path, f"{what}: structures too large or cyclic ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - parsers of damaged data raise anything
+        raise error(path, f"{what}: {first_line(e)}") from None
 
 
 # -- container layer -------------------------------------------------------
@@ -98,3 +126,44 @@ class CorruptFilesystem(VhdtoolError):
 class CorruptHive(VhdtoolError):
     exit_code = 4
     hint = "the registry hive is damaged"
+
+
+# -- native libraries (vhdtool.native) ------------------------------------------
+
+class NativeError(VhdtoolError):
+    """A system library could not be loaded, or its sandboxed child failed.
+
+    Layers that run native code (cabinet, NTFS and hive writers) translate it into
+    their own error naming what was being read; this code is seen only where none does.
+    """
+
+    exit_code = 13
+
+
+class MissingLibrary(NativeError):
+    exit_code = 14
+    hint = "install the system package named above"
+
+
+# -- cabinets, cab sources, ISO ------------------------------------------------------
+
+class CabError(VhdtoolError):
+    exit_code = 10
+    hint = "use an intact cab from the integration services disk or the Download Center"
+
+
+class CabSourceError(VhdtoolError):
+    exit_code = 12
+    hint = "give a folder of cabs, a .cab file or the host's vmguest.iso"
+
+
+class IsoError(CabSourceError):
+    hint = "use the host's vmguest.iso (C:\\Windows\\System32\\vmguest.iso) or a folder of cabs"
+
+
+# -- plan ------------------------------------------------------------------------------
+
+class UnknownKey(VhdtoolError):
+    """An unknown host, matrix revision, or a host that cannot be told from the guest."""
+
+    exit_code = 11

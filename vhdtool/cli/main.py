@@ -1,148 +1,70 @@
-"""vhdtool command line: ``inspect``, ``matrix`` and ``plan``.
+"""vhdtool command line: one module per command; errors become exit codes here and only here.
 
-Errors become exit codes here and only here: a VhdtoolError prints one line
-``vhdtool: <file>: <problem>; <what to do>`` on stderr and exits with its code.
-Documents go to stdout, everything else to stderr.
+A VhdtoolError prints one line ``vhdtool: <file>: <problem>; <what to do>`` on
+stderr and exits with its code (vhdtool.errors). Documents go to stdout,
+everything else to stderr. Each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
-from typing import List, Optional
 
 import typer
 
-from vhdtool.errors import VhdtoolError
-
-INTERNAL_ERROR = 70
+from vhdtool.cli.images import fail_line
+from vhdtool.cli.inspect import inspect
+from vhdtool.cli.matrix import matrix
+from vhdtool.cli.plan import plan
+from vhdtool.errors import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, VhdtoolError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Service offline Hyper-V disk images (VHDX/VHD).",
+    # Plain help: it reads the same in a pipe, a log and an 80-column terminal.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
-def _fail_line(message: str) -> None:
-    typer.echo(f"vhdtool: {message}", err=True)
+def _print_version(value: bool) -> None:
+    if value:
+        from vhdtool import __version__
+
+        typer.echo(f"vhdtool {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
-    """Service offline Hyper-V disk images (VHDX/VHD)."""
-
-
-def _for_each_image(images, as_json: bool, work, render, error_image) -> None:
-    """Run ``work`` on each image; one document each (a list for several); exit with the first error's code.
-
-    ``work(image)`` returns the result; ``render(result)`` its text; ``error_image(image)``
-    what the JSON document of a failed image names it by.
-    """
-    from vhdtool.guest.inspection import SCHEMA
-
-    docs = []
-    code = 0
-    for i, image in enumerate(images):
-        try:
-            result = work(image)
-        except VhdtoolError as e:
-            _fail_line(e.message)
-            code = code or e.exit_code
-            docs.append({"schema": SCHEMA, "image": error_image(image), "error": {"code": e.exit_code, "message": e.message}})
-            continue
-        if as_json:
-            docs.append(result.to_dict())
-        else:
-            if i:
-                typer.echo("")
-            typer.echo(render(result))
-    if as_json:
-        out = docs[0] if len(images) == 1 else docs
-        if len(images) > 1 or code == 0:
-            typer.echo(json.dumps(out, indent=2))
-    raise typer.Exit(code)
-
-
-@app.command()
-def inspect(
-    images: List[Path] = typer.Argument(..., help="VHDX or VHD files", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON document per image (a list for several)"),
-    stats: bool = typer.Option(False, "--stats", help="print how much of each image file was read (stderr)"),
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
 ) -> None:
-    """Report the guest OS, its integration services and the disk layout of each image."""
-    from vhdtool.cli.render import render_inspection
-    from vhdtool.guest.inspection import inspect_measured
-
-    def work(image):
-        result, io = inspect_measured(image)
-        if stats:
-            typer.echo(f"vhdtool: stats: {image}: read {io.bytes_read} bytes in {io.reads} reads", err=True)
-        return result
-
-    _for_each_image(images, as_json, work, render_inspection, lambda image: {"path": os.fspath(image)})
+    """Service offline Hyper-V disk images (VHDX/VHD) from Linux: inspect guests, plan integration services."""
 
 
-@app.command()
-def matrix(
-    host: Optional[str] = typer.Option(None, "--host", help="one host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)"),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON list of rows"),
-    revision: Optional[str] = typer.Option(None, "--matrix-revision", help="revision of the source document"),
-) -> None:
-    """Show the host/guest OS matrix: how each guest gets its integration services."""
-    from vhdtool.cli.render import render_matrix
-    from vhdtool.plan.matrix import load_matrix
-
-    m = load_matrix(revision)
-    hosts = [m.resolve_host(host)] if host else [h.key for h in m.hosts]
-    rows = [r for h in hosts for r in m.table(h)]
-    if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
-    else:
-        typer.echo(render_matrix(m, hosts))
-
-
-@app.command()
-def plan(
-    images: List[Path] = typer.Argument(..., help="VHDX or VHD files", show_default=False),
-    host: str = typer.Option(..., "--host", help="the Hyper-V host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)"),
-    cabs: List[Path] = typer.Option([], "--cabs", help="folder, .cab or vmguest.iso to take cabs from (repeatable)"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON document per image (a list for several)"),
-    revision: Optional[str] = typer.Option(None, "--matrix-revision", help="revision of the source document"),
-) -> None:
-    """Decide how each image's guest gets its integration services on HOST, and which cab to stage."""
-    from vhdtool.cli.render import render_plan
-    from vhdtool.guest.inspection import inspect as inspect_image
-    from vhdtool.plan.decide import plan as make_plan
-    from vhdtool.plan.matrix import load_matrix
-    from vhdtool.plan.sources import load_sources
-
-    m = load_matrix(revision)
-    host_key = m.resolve_host(host)
-    catalog = load_sources(cabs)
-    _for_each_image(
-        images, as_json, lambda image: make_plan(inspect_image(image), host_key, catalog, m), render_plan, os.fspath
-    )
+app.command()(inspect)
+app.command()(matrix)
+app.command()(plan)
 
 
 def main() -> None:
     try:
         app()
     except VhdtoolError as e:
-        _fail_line(e.message)
+        fail_line(e.message)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        _fail_line("interrupted")
-        sys.exit(130)
+        fail_line("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
         if os.environ.get("VHDTOOL_DEBUG"):
             raise
         detail = str(e).splitlines()[0] if str(e) else ""
-        _fail_line(f"internal error: {type(e).__name__}: {detail} (set VHDTOOL_DEBUG=1 for a traceback and report it)")
-        sys.exit(INTERNAL_ERROR)
+        fail_line(f"internal error: {type(e).__name__}: {detail} (set VHDTOOL_DEBUG=1 for a traceback and report it)")
+        sys.exit(EXIT_INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

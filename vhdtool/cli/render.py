@@ -58,6 +58,11 @@ def render_inspection(ins: Inspection) -> str:
         lines.append(f"  IC         version {ic.version or 'unknown'}" + (f" (from {ic.source})" if ic.source else ""))
         for s in ic.services:
             lines.append(f"    {s.name:<20} {s.start or '?'} ({s.start_value})")
+        if ic.last_host:
+            h = ic.last_host
+            key = f", matrix host {h.host_key}" if h.host_key else ""
+            vm = f", as VM {h.virtual_machine_name}" if h.virtual_machine_name else ""
+            lines.append(f"  last host  {h.name or '?'} (Windows NT {h.os_version or '?'}{key}){vm}")
     if g.linux:
         lx = g.linux
         lines.append(f"  guest      {lx.pretty_name or lx.distribution} ({lx.distribution} {lx.version}), {lx.filesystem}")

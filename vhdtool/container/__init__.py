@@ -6,17 +6,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from vhdtool.container.chain import open_image
 from vhdtool.container.stream import DiskStream
-from vhdtool.container.vhd import VhdDisk
-from vhdtool.container.vhdx import VhdxDisk, open_image
 
-__all__ = ["DiskStream", "VhdDisk", "VhdxDisk", "open_disk", "open_image"]
+__all__ = ["DiskStream", "open_disk", "open_image"]
 
 
 @contextlib.contextmanager
 def open_disk(path: str | os.PathLike) -> Iterator[DiskStream]:
     """Open ``path`` read-only as its virtual disk; the file is never written."""
-    disk = open_image(os.fspath(path))
+    disk = open_image(path)
     try:
         yield disk
     finally:

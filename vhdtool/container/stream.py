@@ -33,6 +33,16 @@ class DiskStream(io.RawIOBase):
 
     image = None  # the ImageFile every read of this disk goes through
 
+    # -- differencing (vhdtool.container.chain opens the parent) ---------------------
+    needs_parent: bool = False
+
+    def parent_paths(self) -> list[tuple[str, bool]]:
+        """Where the parent is, as (path, relative to this file?), in the order to try."""
+        return []
+
+    def attach_parent(self, parent: DiskStream) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def chain(self):
         """This disk, then its parent, its parent's parent..."""
         disk = self

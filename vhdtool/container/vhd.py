@@ -14,21 +14,20 @@ then the data) is small enough to read directly.
 
 from __future__ import annotations
 
-import ntpath
 import os
 import struct
 
 from vhdtool.container.bitmap import bitmap_span, present_runs
 from vhdtool.container.imagefile import ImageFile, PagedTable
 from vhdtool.container.stream import DiskStream
-from vhdtool.errors import CorruptImage, MissingParent, NotADiskImage, UnsupportedImage, first_line
+from vhdtool.errors import CorruptImage, NotADiskImage, UnsupportedImage, first_line
+from vhdtool.units import MiB
 
 FOOTER_COOKIE = b"conectix"
 SECTOR = 512
 UNALLOCATED = 0xFFFFFFFF
 FOOTER_SIZE = 512
 DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
-MAX_PARENT_DEPTH = 16
 
 
 def _footer_at(image: ImageFile, offset: int) -> bytes | None:
@@ -52,7 +51,7 @@ def footer_checksum(footer: bytes) -> int:
 class VhdDisk(DiskStream):
     format = "vhd"
 
-    def __init__(self, path: str | os.PathLike, _depth: int = 0):
+    def __init__(self, path: str | os.PathLike):
         super().__init__()
         import pyvhdi
 
@@ -79,8 +78,6 @@ class VhdDisk(DiskStream):
                 self._vhdi.open_file_object(_CountingFile(self.image))
             except (OSError, IOError) as e:
                 raise CorruptImage(self.path, f"libvhdi cannot open it ({first_line(e)})") from None
-            if self.disk_type == DISK_DIFFERENCING:
-                self._open_parent(_depth)
         except BaseException:
             self._close_backing()
             raise
@@ -106,7 +103,7 @@ class VhdDisk(DiskStream):
         if len(header) != 1024 or header[:8] != b"cxsparse":
             raise CorruptImage(self.path, "truncated or damaged VHD dynamic disk header")
         table_offset, _version, entries, block_size = struct.unpack_from(">QIII", header, 16)
-        if block_size < 512 or block_size & (block_size - 1) or block_size > 256 * 1024 * 1024:
+        if block_size < 512 or block_size & (block_size - 1) or block_size > 256 * MiB:
             raise CorruptImage(self.path, f"VHD block size {block_size} is not allowed")
         if entries * block_size < self.size:
             raise CorruptImage(self.path, "VHD block table is too small for the disk size")
@@ -121,28 +118,25 @@ class VhdDisk(DiskStream):
         sector = self._table[block]
         return None if sector == UNALLOCATED else sector
 
-    def _open_parent(self, depth: int) -> None:
-        if depth >= MAX_PARENT_DEPTH:
-            raise UnsupportedImage(self.path, f"differencing chain deeper than {MAX_PARENT_DEPTH}")
-        named = self._vhdi.get_parent_filename() or "?"
-        here = os.path.dirname(os.path.abspath(self.path))
-        candidates = [
-            os.path.normpath(os.path.join(here, named.replace("\\", "/"))),
-            os.path.join(here, ntpath.basename(named)),
-        ]
-        found = next((c for c in candidates if os.path.isfile(c)), None)
-        if found is None:
-            raise MissingParent(self.path, f"parent disk {named} not found")
-        from vhdtool.container.vhdx import open_image
+    # -- the parent (opened by vhdtool.container.chain) ----------------------------
+    @property
+    def needs_parent(self) -> bool:
+        return self.disk_type == DISK_DIFFERENCING
 
-        parent = open_image(found, _depth=depth + 1)
+    def parent_paths(self) -> list[tuple[str, bool]]:
+        """The parent's name as libvhdi gives it from the parent locators, tried relative to this file first."""
+        named = self._vhdi.get_parent_filename()
+        return [(named, True)] if named else []
+
+    def attach_parent(self, parent: DiskStream) -> None:
+        """Check the parent is a VHD with the unique id this disk was made from (footer Unique Id), and use it."""
         if not isinstance(parent, VhdDisk):
-            parent.close()
-            raise UnsupportedImage(self.path, f"parent {found} is not a VHD")
+            raise UnsupportedImage(self.path, f"parent {parent.path} is not a VHD")
         want = self._vhdi.get_parent_identifier()
         if want and str(want).lower() != str(parent._vhdi.get_identifier()).lower():
-            parent.close()
-            raise CorruptImage(self.path, f"parent {found} is not the disk this one was made from (identifier mismatch)")
+            raise CorruptImage(
+                self.path, f"parent {parent.path} is not the disk this one was made from (identifier mismatch)"
+            )
         self.parent = parent
 
     def read_at(self, offset: int, length: int) -> bytes:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import BinaryIO
 
-from vhdtool.errors import CorruptFilesystem, VhdtoolError, first_line
+from vhdtool.errors import CorruptFilesystem, translating
+from vhdtool.units import MiB
 
-MAX_SMALL_FILE = 16 * 1024 * 1024
+MAX_SMALL_FILE = 16 * MiB
 
 
 class Filesystem:
@@ -34,18 +34,9 @@ class Filesystem:
 
     def read(self, path: str, limit: int = MAX_SMALL_FILE) -> bytes:
         """The first ``limit`` bytes of a file (a hostile file may claim any size)."""
-        fh = self.open(path)
-        return fh.read(min(limit, self.size(path)))
+        raise NotImplementedError
 
 
-@contextlib.contextmanager
-def translate_errors(image_path: str | None, what: str) -> Iterator[None]:
-    """Turn any failure of a third-party parser into a one-line CorruptFilesystem."""
-    try:
-        yield
-    except VhdtoolError:
-        raise
-    except (MemoryError, RecursionError) as e:
-        raise CorruptFilesystem(image_path, f"{what}: structures too large or cyclic ({type(e).__name__})") from None
-    except Exception as e:  # noqa: BLE001 - dissect parsers raise anything on damaged data
-        raise CorruptFilesystem(image_path, f"{what}: {first_line(e)}") from None
+def translate_errors(image_path: str | None, what: str) -> contextlib.AbstractContextManager[None]:
+    """Any failure of a filesystem library inside the block becomes a one-line CorruptFilesystem."""
+    return translating(CorruptFilesystem, image_path, what)

@@ -6,7 +6,7 @@ import posixpath
 import stat
 from typing import BinaryIO
 
-from vhdtool.filesystem.base import Filesystem, translate_errors
+from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 MAX_SYMLINKS = 40
 
@@ -78,7 +78,7 @@ class LinuxFilesystem(Filesystem):
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
             return self._lookup(path).size
 
-    def read(self, path: str, limit: int = 16 * 1024 * 1024) -> bytes:
+    def read(self, path: str, limit: int = MAX_SMALL_FILE) -> bytes:
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
             node = self._lookup(path)
             return node.open().read(min(limit, node.size))

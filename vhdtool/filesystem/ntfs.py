@@ -15,7 +15,7 @@ from typing import BinaryIO
 from dissect.ntfs import NTFS
 from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
 
-from vhdtool.filesystem.base import Filesystem, translate_errors
+from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 FILE_NUMBER_LOGFILE = 2
 FILE_NUMBER_VOLUME = 3
@@ -68,7 +68,7 @@ class NtfsFilesystem(Filesystem):
         with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
             return self._get(path).size()
 
-    def read(self, path: str, limit: int = 16 * 1024 * 1024) -> bytes:
+    def read(self, path: str, limit: int = MAX_SMALL_FILE) -> bytes:
         with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
             record = self._get(path)
             return record.open().read(min(limit, record.size()))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from vhdtool.filesystem.base import Filesystem
+from vhdtool.units import MiB
 
 HV_MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "hv_netvsc", "hv_balloon")
 # Where each module lives in a kernel's modules tree, when modules.dep is absent.
@@ -101,7 +102,7 @@ def linux_facts(fs: Filesystem, root_partition: int | None) -> LinuxFacts:
         found: set[str] = set()
         for listing in ("modules.builtin", "modules.dep"):
             if fs.exists(f"{base}/{listing}"):
-                text = fs.read(f"{base}/{listing}", 8 * 1024 * 1024).decode("utf-8", "replace")
+                text = fs.read(f"{base}/{listing}", 8 * MiB).decode("utf-8", "replace")
                 for line in text.splitlines():
                     path = line.split(":", 1)[0].strip()
                     if path:

@@ -17,13 +17,18 @@ from uuid import UUID
 
 from vhdtool.errors import CorruptHive
 from vhdtool.filesystem.ntfs import NtfsFilesystem
-from vhdtool.guest.versioninfo import file_version
+from vhdtool.guest.versioninfo import file_version, version_tuple
 from vhdtool.registry import Hive
+from vhdtool.units import MiB
 from vhdtool.volume import Partition
 
 CONFIG_DIR = "/Windows/System32/config"
 CURRENT_VERSION = "Microsoft\\Windows NT\\CurrentVersion"
 KVP_AUTO = "Microsoft\\Virtual Machine\\Auto"
+# Written by the guest's data-exchange (KVP) service from what the host told it.
+KVP_GUEST_PARAMETERS = "Microsoft\\Virtual Machine\\Guest\\Parameters"
+# The host's NT version -> the OS matrix's host key (cabs/matrix.json); older hosts have no table.
+HOST_KEYS = {"6.2": "win8", "6.3": "win8.1", "10.0": "win10"}
 CBS_PACKAGES = "Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages"
 SETUP_STATE = "Microsoft\\Windows\\CurrentVersion\\Setup\\State"
 VMBUS_SYS = "/Windows/System32/drivers/vmbus.sys"
@@ -96,16 +101,38 @@ class IcService:
 
 
 @dataclass(frozen=True)
+class LastHost:
+    """The Hyper-V host the guest last ran on, as its data-exchange service recorded it."""
+
+    name: str | None  # PhysicalHostNameFullyQualified, else PhysicalHostName
+    os_version: str | None  # "6.2"
+    service_pack: int | None
+    host_key: str | None  # the matrix's host key for os_version, None for hosts it has no table for
+    virtual_machine_name: str | None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "os_version": self.os_version,
+            "service_pack": self.service_pack,
+            "host_key": self.host_key,
+            "virtual_machine_name": self.virtual_machine_name,
+        }
+
+
+@dataclass(frozen=True)
 class IntegrationServices:
     version: str | None
     source: str | None
     services: tuple[IcService, ...]
+    last_host: LastHost | None = None
 
     def to_dict(self) -> dict:
         return {
             "version": self.version,
             "source": self.source,
             "services": [s.to_dict() for s in self.services],
+            "last_host": self.last_host.to_dict() if self.last_host else None,
         }
 
 
@@ -125,10 +152,6 @@ def _str(value) -> str | None:
     if isinstance(value, str):
         return value.strip("\0").strip() or None
     return None
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version))
 
 
 class WindowsGuest:
@@ -185,6 +208,11 @@ class WindowsGuest:
         return existing[0]
 
     def facts(self) -> tuple[WindowsFacts, IntegrationServices]:
+        if self.software.key(CURRENT_VERSION) is None:
+            self.warnings.append(
+                f"the SOFTWARE hive has no {CURRENT_VERSION} key, so the product and version are unknown; "
+                "it may be damaged or another hive put in its place"
+            )
         cv = self.software.values(CURRENT_VERSION)
         major = _int(cv.get("CurrentMajorVersionNumber"))
         minor = _int(cv.get("CurrentMinorVersionNumber"))
@@ -269,7 +297,30 @@ class WindowsGuest:
             start = _int(self.system.value(key, "Start"))
             services.append(IcService(name, START_NAMES.get(start) if start is not None else None, start))
         version, source = self._ic_version()
-        return IntegrationServices(version, source, tuple(services))
+        return IntegrationServices(version, source, tuple(services), self.last_host())
+
+    def last_host(self) -> LastHost | None:
+        """The host recorded under Guest\\Parameters, or None when the guest never recorded one."""
+        # Value names are case-insensitive in the registry, as everywhere in Windows.
+        values = {k.lower(): v for k, v in self.software.values(KVP_GUEST_PARAMETERS).items()}
+
+        def first(*names: str):
+            return next((values[n.lower()] for n in names if n.lower() in values), None)
+
+        # Hyper-V writes HostingSystemOsMajor...; Microsoft's own blog post spells them HostSystemOSMajor.
+        major = _int(first("HostingSystemOsMajor", "HostSystemOSMajor"))
+        minor = _int(first("HostingSystemOsMinor", "HostSystemOSMinor"))
+        name = _str(first("PhysicalHostNameFullyQualified")) or _str(first("PhysicalHostName"))
+        if major is None and name is None:
+            return None
+        os_version = f"{major}.{minor or 0}" if major is not None else None
+        return LastHost(
+            name=name,
+            os_version=os_version,
+            service_pack=_int(first("HostingSystemSpMajor", "HostSystemSPMajor")),
+            host_key=HOST_KEYS.get(os_version or ""),
+            virtual_machine_name=_str(first("VirtualMachineName")),
+        )
 
     def _ic_version(self) -> tuple[str | None, str | None]:
         kvp = _str(self.software.value(KVP_AUTO, "IntegrationServicesVersion"))
@@ -283,12 +334,12 @@ class WindowsGuest:
             state = _int(self.software.value(f"{CBS_PACKAGES}\\{name}", "CurrentState"))
             if state is not None and state != CBS_INSTALLED:
                 continue
-            if best is None or version_key(m.group(3)) > version_key(best):
+            if best is None or version_tuple(m.group(3)) > version_tuple(best):
                 best = m.group(3)
         if best:
             return best, "cbs"
         if self.fs.exists(VMBUS_SYS):
-            version = file_version(self.fs.read(VMBUS_SYS, 8 * 1024 * 1024))
+            version = file_version(self.fs.read(VMBUS_SYS, 8 * MiB))
             if version:
                 return version, "vmbus.sys"
             self.warnings.append("vmbus.sys has no readable version resource")

@@ -5,19 +5,14 @@ Nothing is extracted to disk: a cab is read into memory straight from the image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vhdtool.errors import VhdtoolError, first_line
+from vhdtool.errors import IsoError, translating
 
-MAX_CAB_SIZE = 512 * 1024 * 1024
 MAX_ENTRIES = 100_000
-
-
-class IsoError(VhdtoolError):
-    exit_code = 12
-    hint = "use the host's vmguest.iso (C:\\Windows\\System32\\vmguest.iso) or a folder of cabs"
 
 
 @dataclass(frozen=True)
@@ -34,10 +29,8 @@ class IsoImage:
         if not os.path.isfile(self.path):
             raise IsoError(self.path, "no such file")
         self._iso = pycdlib.PyCdlib()
-        try:
+        with translating(IsoError, self.path, "not a readable ISO image"):
             self._iso.open(self.path)
-        except Exception as e:  # noqa: BLE001 - pycdlib raises many kinds on damaged images
-            raise IsoError(self.path, f"not a readable ISO image ({first_line(e)})") from None
         # The primary volume descriptor (ECMA-119 8.4) says how long the image is; a shorter
         # file was cut, even where the files needed still happen to be inside it.
         with open(self.path, "rb") as f:
@@ -58,10 +51,9 @@ class IsoImage:
             self._facet, self._key = self._iso.get_iso9660_facade(), "iso_path"
 
     def close(self) -> None:
-        try:
+        # Closing only drops pycdlib's handle and tables; a damaged image cannot make it fail usefully.
+        with contextlib.suppress(Exception):
             self._iso.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     def __enter__(self) -> IsoImage:
         return self
@@ -72,7 +64,7 @@ class IsoImage:
     def files(self) -> Iterator[tuple[IsoFile, str]]:
         """Every regular file, depth first, with the path pycdlib knows it by."""
         count = 0
-        try:
+        with translating(IsoError, self.path, "damaged directory structure"):
             for dirpath, _dirs, names in self._facet.walk("/"):
                 for name in names:
                     count += 1
@@ -83,25 +75,23 @@ class IsoImage:
                     record = self._facet.get_record(full)
                     size = record.get_data_length() if hasattr(record, "get_data_length") else 0
                     yield IsoFile(dirpath.rstrip("/") + "/" + shown, size), full
-        except IsoError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise IsoError(self.path, f"damaged directory structure ({first_line(e)})") from None
 
-    def cabs(self) -> list[tuple[IsoFile, str]]:
-        return [(f, raw) for f, raw in self.files() if f.path.lower().endswith(".cab")]
+    def support_cabs(self) -> list[tuple[IsoFile, str]]:
+        """The .cab files under /support, where vmguest.iso keeps one folder per architecture.
 
-    def has_support_folder(self) -> bool:
-        return any(f.path.lower().startswith("/support/") for f, _ in self.files())
+        An image with no /support folder at all is not an integration services disk.
+        """
+        entries = list(self.files())
+        if not any(f.path.lower().startswith("/support/") for f, _ in entries):
+            raise IsoError(self.path, "has no support folder: not an integration services disk (vmguest.iso)")
+        return [(f, raw) for f, raw in entries if f.path.lower().startswith("/support/") and f.path.lower().endswith(".cab")]
 
-    def read(self, entry: IsoFile, raw_path: str, limit: int = MAX_CAB_SIZE) -> bytes:
+    def read(self, entry: IsoFile, raw_path: str, limit: int) -> bytes:
         if entry.size > limit:
             raise IsoError(self.path, f"{entry.path} is larger than {limit} bytes")
-        try:
+        with translating(IsoError, self.path, f"cannot read {entry.path} (the image may be truncated)"):
             with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
                 data = fh.read(limit + 1)
-        except Exception as e:  # noqa: BLE001
-            raise IsoError(self.path, f"cannot read {entry.path} ({first_line(e)}); the image may be truncated") from None
         # pycdlib returns what is there: a short read means the image was cut.
         if len(data) != entry.size:
             raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {len(data)} are there")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vhdtool.errors import UnknownKey
 from vhdtool.guest.inspection import Inspection
 from vhdtool.plan.guestkey import NEWER_THAN_MATRIX, identify
 from vhdtool.plan.matrix import Matrix, load_matrix
-from vhdtool.plan.sources import CabCandidate, CabCatalog, version_tuple
+from vhdtool.guest.versioninfo import version_tuple
+from vhdtool.plan.sources import CabCandidate, CabCatalog
 
 SCHEMA = 1
 WINDOWS_UPDATE = "windows-update"
@@ -129,6 +131,36 @@ def plan(
         reasons.append(f"{guest.key} installs integration services from an MSI (setup.exe on the disk), not a cab")
         return done(IC_DISK, MANUAL)
     return _with_cab(IC_DISK, guest, ic_version, catalog, reasons, done)
+
+
+def host_of(inspection: Inspection, matrix: Matrix) -> str:
+    """The matrix host key of the host the guest last ran on (``--host auto``), or UnknownKey saying why not."""
+    path = inspection.image.path
+    ic = inspection.guest.integration_services
+    last = ic.last_host if ic else None
+    if last is None:
+        raise UnknownKey(
+            path,
+            "--host auto: the guest never recorded the host it ran on (no data-exchange Guest\\Parameters)",
+            "give the host with --host win8, win8.1 or win10",
+        )
+    if last.host_key is None or last.host_key not in {h.key for h in matrix.hosts}:
+        on = f" ({last.name})" if last.name else ""
+        raise UnknownKey(
+            path,
+            f"--host auto: the guest last ran on a Windows {last.os_version or '?'} host{on}, "
+            f"which revision '{matrix.revision}' of the matrix has no table for",
+            "give the host with --host win8, win8.1 or win10",
+        )
+    return last.host_key
+
+
+def plan_for_host(
+    inspection: Inspection, host: str | None, catalog: CabCatalog | None = None, matrix: Matrix | None = None
+) -> Plan:
+    """``plan`` on ``host``, or on the host the guest last ran on when ``host`` is None (``--host auto``)."""
+    matrix = matrix or load_matrix()
+    return plan(inspection, host if host is not None else host_of(inspection, matrix), catalog, matrix)
 
 
 def _data_exchange_state(inspection: Inspection) -> str | None:

@@ -13,13 +13,9 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
-from vhdtool.errors import VhdtoolError
+from vhdtool.errors import UnknownKey
 
 HOSTS = ("win8", "win8.1", "win10")
-
-
-class UnknownKey(VhdtoolError):
-    exit_code = 11
 
 
 @dataclass(frozen=True)

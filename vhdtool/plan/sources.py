@@ -15,17 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vhdtool.errors import VhdtoolError
+from vhdtool.errors import CabSourceError
+from vhdtool.guest.versioninfo import version_tuple
 
 IC_CAB_NAME = re.compile(r"^windows(\d+\.\d+)-hypervintegrationservices-(x86|x64|amd64|arm64)\.cab$", re.IGNORECASE)
 ARCH_FROM_MANIFEST = {"amd64": "x64", "x86": "x86", "arm64": "arm64"}
 ISO_MAGIC_OFFSET = 0x8001
-MAX_CAB_FILE = 512 * 1024 * 1024
-
-
-class CabSourceError(VhdtoolError):
-    exit_code = 12
-    hint = "give a folder of cabs, a .cab file or the host's vmguest.iso"
 
 
 @dataclass(frozen=True)
@@ -62,12 +57,8 @@ class CabCatalog:
     sources: tuple[str, ...]
 
 
-def version_tuple(version: str | None) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version or ""))
-
-
 def describe(data: bytes, label: str, source: str, name: str) -> CabCandidate:
-    from vhdtool.cab import read_package
+    from vhdtool.cabinet import read_package
 
     package = read_package(data, label)
     ident = package.identity
@@ -113,9 +104,11 @@ def _is_iso(path: Path) -> bool:
 
 
 def _read_file(path: Path) -> bytes:
+    from vhdtool.cabinet.format import MAX_CAB_SIZE
+
     size = path.stat().st_size
-    if size > MAX_CAB_FILE:
-        raise CabSourceError(str(path), f"larger than {MAX_CAB_FILE} bytes; not an integration services cab")
+    if size > MAX_CAB_SIZE:
+        raise CabSourceError(str(path), f"larger than {MAX_CAB_SIZE} bytes; not an integration services cab")
     return path.read_bytes()
 
 
@@ -150,21 +143,17 @@ def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
 
 
 def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
-    from vhdtool.iso import IsoError, IsoImage
+    from vhdtool.cabinet.format import MAX_CAB_SIZE
+    from vhdtool.iso import IsoImage
 
     out = []
     with IsoImage(path) as iso:
-        entries = list(iso.files())
-        if not any(f.path.lower().startswith("/support/") for f, _ in entries):
-            raise IsoError(str(path), "has no support folder: not an integration services disk (vmguest.iso)")
-        for entry, raw in entries:
+        for entry, raw in iso.support_cabs():
             name = entry.path.rsplit("/", 1)[-1]
-            if not entry.path.lower().startswith("/support/") or not name.lower().endswith(".cab"):
-                continue
             if not IC_CAB_NAME.match(name):
                 notes.append(f"{path}:{entry.path}: not an integration services cab name; skipped")
                 continue
-            data = iso.read(entry, raw)
+            data = iso.read(entry, raw, MAX_CAB_SIZE)
             out.append(describe(data, f"{path}:{entry.path}", source, name))
     if not out:
         notes.append(f"{source}: no integration services cabs under /support")

@@ -15,12 +15,13 @@ from dissect.util.stream import RangeStream
 from dissect.volume.disk import Disk
 from dissect.volume.exceptions import DiskError
 
-from vhdtool.errors import CorruptImage, NoPartitionTable, UnsupportedLayout, VhdtoolError
+from vhdtool.errors import CorruptImage, NoPartitionTable, UnsupportedLayout, translating
 
 # Windows dynamic disks (LDM): MBR type 0x42, GPT LDM metadata/data partitions.
 LDM_MBR_TYPE = 0x42
 LDM_GPT_TYPES = {UUID("5808c8aa-7e8f-42e0-85d2-e1e90434cfb3"), UUID("af9b60a0-1431-4f62-bc68-3311714a69ad")}
 MBR_EXTENDED_TYPES = {0x05, 0x0F, 0x85}
+MBR_DISK_SIGNATURE_OFFSET = 440
 GPT_TYPE_NAMES = {
     UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b"): "efi",
     UUID("e3c9e316-0b5c-4db8-817d-f92df00215ae"): "msr",
@@ -80,15 +81,12 @@ def sniff_filesystem(head: bytes) -> str | None:
 
 def list_partitions(disk: BinaryIO, sector_size: int = 512, path: str | None = None) -> list[Partition]:
     """Partitions of ``disk`` (MBR or GPT). Raises if there is no table or it is LDM."""
-    try:
-        disk.seek(0)
-        parsed = Disk(disk, sector_size=sector_size)
-    except VhdtoolError:
-        raise
-    except DiskError:
-        raise NoPartitionTable(path, "no partition table (neither MBR nor GPT)") from None
-    except (EOFError, ValueError, KeyError, IndexError, OverflowError, TypeError) as e:
-        raise CorruptImage(path, f"partition table is damaged ({e})") from None
+    with translating(CorruptImage, path, "partition table is damaged"):
+        try:
+            disk.seek(0)
+            parsed = Disk(disk, sector_size=sector_size)
+        except DiskError:
+            raise NoPartitionTable(path, "no partition table (neither MBR nor GPT)") from None
     scheme = type(parsed.scheme).__name__.lower()
     if scheme not in ("mbr", "gpt"):
         raise NoPartitionTable(path, f"unsupported partition table {scheme}", "only MBR and GPT are read")
@@ -135,3 +133,12 @@ def list_partitions(disk: BinaryIO, sector_size: int = 512, path: str | None = N
 
 def open_partition(disk: BinaryIO, part: Partition) -> BinaryIO:
     return RangeStream(disk, part.offset, part.size, align=4096)
+
+
+def mbr_disk_signature(disk: BinaryIO, partitions: list[Partition]) -> int | None:
+    """The MBR's 32-bit disk signature (offset 440), which Windows' MountedDevices names MBR volumes by."""
+    if not partitions or partitions[0].table != "mbr":
+        return None
+    disk.seek(MBR_DISK_SIGNATURE_OFFSET)
+    data = disk.read(4)
+    return struct.unpack("<I", data)[0] if len(data) == 4 else None

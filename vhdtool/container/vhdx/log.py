@@ -10,25 +10,21 @@ import struct
 from dataclasses import dataclass
 from uuid import UUID
 
-from dissect.util.hash import crc32c as _crc32c
-
-from vhdtool.container.c_vhdx import (
+from vhdtool.container.imagefile import ImageFile
+from vhdtool.container.vhdx.structs import (
     LOG_DATA_DESC_SIGNATURE,
     LOG_DATA_SECTOR_SIGNATURE,
+    LOG_DESCRIPTOR,
+    LOG_ENTRY_HEADER,
     LOG_ENTRY_SIGNATURE,
     LOG_SECTOR_SIZE,
     LOG_ZERO_SIGNATURE,
-    c_vhdx,
+    checksum_zeroed,
 )
-from vhdtool.container.imagefile import ImageFile
 from vhdtool.errors import CorruptImage
 
-ENTRY_HEADER_SIZE = 64
-DESCRIPTOR_SIZE = 32
-
-
-def crc32c(data: bytes) -> int:
-    return _crc32c.crc32c(data) & 0xFFFFFFFF
+ENTRY_HEADER_SIZE = LOG_ENTRY_HEADER.size
+DESCRIPTOR_SIZE = LOG_DESCRIPTOR.size
 
 
 @dataclass(frozen=True)
@@ -77,7 +73,7 @@ class LogReader:
         head = self._log[offset : offset + ENTRY_HEADER_SIZE]
         if len(head) < ENTRY_HEADER_SIZE or head[:4] != LOG_ENTRY_SIGNATURE:
             return None
-        hdr = c_vhdx.log_entry_header(head)
+        hdr = LOG_ENTRY_HEADER.unpack(head)
         if UUID(bytes_le=hdr.log_guid) != self.log_guid:
             return None
 
@@ -99,15 +95,13 @@ class LogReader:
         if desc_sectors * LOG_SECTOR_SIZE > hdr.entry_length:
             return bad()
         raw = self._read(offset, hdr.entry_length)
-        check = bytearray(raw)
-        check[4:8] = b"\0\0\0\0"
-        if crc32c(bytes(check)) != hdr.checksum:
+        if checksum_zeroed(raw) != hdr.checksum:
             return bad()
 
         descriptors = []
         data_sector = desc_sectors
         for i in range(hdr.descriptor_count):
-            d = c_vhdx.log_descriptor(raw[ENTRY_HEADER_SIZE + i * DESCRIPTOR_SIZE :][:DESCRIPTOR_SIZE])
+            d = LOG_DESCRIPTOR.unpack(raw, ENTRY_HEADER_SIZE + i * DESCRIPTOR_SIZE)
             if d.sequence_number != hdr.sequence_number or d.file_offset % LOG_SECTOR_SIZE:
                 return bad()
             if d.signature == LOG_ZERO_SIGNATURE:

@@ -1,22 +1,16 @@
-"""Windows servicing cabinets (MS-CAB 2.1: CFHEADER, CFFOLDER, CFFILE, CFDATA) and their update.mum.
+"""The cabinet format (MS-CAB 2.1: CFHEADER, CFFOLDER, CFFILE, CFDATA), checked before any decoder sees it.
 
-A cab is checked here, byte by byte and against its own length, before
-libmspack is given it: every count, offset and size in the header, the folder
-table, the file table and the data block chain must stay inside the cabinet.
-libmspack then decodes it in a forked child (vhdtool.cab.libmspack), and its
-member list must agree with the one read here. update.mum, the package
-manifest at the cabinet root, names the package (vhdtool.cab.mum).
+Every count, offset and size in the header, the folder table, the file table and
+the data block chain must stay inside the cabinet, bounded by its own length.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
-from vhdtool.errors import VhdtoolError
-
-MiB = 1024 * 1024
+from vhdtool.errors import CabError
+from vhdtool.units import MiB
 
 HEADER = struct.Struct("<4sIIIIIBBHHHHH")  # 2.1.1 CFHEADER up to iCabinet
 HEADER_RESERVE = struct.Struct("<HBB")  # cbCFHeader, cbCFFolder, cbCFData
@@ -42,14 +36,10 @@ WINDOW_BITS = {2: (10, 21), 3: (15, 21)}  # Quantum and LZX windows libmspack ca
 # them give the offset and size of the PKCS#7 blob appended after cbCabinet.
 SIGNED_RESERVE_SIZE = 20
 
+MAX_CAB_SIZE = 512 * MiB  # integration services cabs are a few MiB; KB3071740's too
 MUM_NAME = "update.mum"
 MUM_MAX_SIZE = 4 * MiB
 DEFAULT_MEMBER_LIMIT = 16 * MiB
-
-
-class CabError(VhdtoolError):
-    exit_code = 10
-    hint = "use an intact cab from the integration services disk or the Download Center"
 
 
 @dataclass(frozen=True)
@@ -95,45 +85,6 @@ class CabLayout:
     entries: tuple[CabEntry, ...]
 
 
-# -- public API -----------------------------------------------------------------
-
-def list_members(data: bytes, label: str) -> list[CabMember]:
-    """The members of a single cabinet, in file table order."""
-    layout = check_cabinet(data, label)
-    libmspack.decode(layout, label, want=None, limit=0)
-    return [CabMember(e.name, e.size) for e in layout.entries]
-
-
-def extract_member(data: bytes, name: str, label: str, limit: int = DEFAULT_MEMBER_LIMIT) -> bytes:
-    """The bytes of one member, named case-insensitively as Windows does."""
-    layout = check_cabinet(data, label)
-    index = _find_member(layout, name, label)
-    entry = layout.entries[index]
-    if entry.size > limit:
-        raise CabError(label, f"member {entry.name} is larger than {limit} bytes ({entry.size} bytes)")
-    return libmspack.decode(layout, label, want=index, limit=limit)
-
-
-def read_package(data: bytes, label: str) -> CabPackage:
-    """The package a servicing cab carries: its members and the identity in its root update.mum."""
-    layout = check_cabinet(data, label)
-    matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == MUM_NAME]
-    if not matches:
-        raise CabError(label, "no update.mum at the cabinet root, so this is not a servicing package")
-    if len(matches) > 1:
-        raise CabError(label, f"{len(matches)} members are named update.mum; the package identity is ambiguous")
-    entry = layout.entries[matches[0]]
-    if entry.size > MUM_MAX_SIZE:
-        raise CabError(label, f"update.mum is larger than {MUM_MAX_SIZE // MiB} MiB ({entry.size} bytes)")
-    manifest = libmspack.decode(layout, label, want=matches[0], limit=MUM_MAX_SIZE)
-    return CabPackage(
-        label=label,
-        members=tuple(CabMember(e.name, e.size) for e in layout.entries),
-        identity=mum.parse_identity(manifest, label),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
-
-
 def fold_name(name: str) -> str:
     """Case-fold a member name one character at a time, as Windows' upcase table does."""
     out = []
@@ -143,7 +94,7 @@ def fold_name(name: str) -> str:
     return "".join(out)
 
 
-def _find_member(layout: CabLayout, name: str, label: str) -> int:
+def find_member(layout: CabLayout, name: str, label: str) -> int:
     want = fold_name(name)
     matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == want]
     if not matches:
@@ -301,8 +252,3 @@ def _walk_folder(cab: bytes, index: int, entry_at: int, data_start: int, data_re
             raise CabError(label, f"truncated: folder {index} ends inside data block {b} of {n_blocks}")
         total += cb_uncomp
     return total
-
-
-# Last, because both take CabError and the value types from this module. Neither loads
-# libmspack itself until a cab is read.
-from vhdtool.cab import libmspack, mum  # noqa: E402

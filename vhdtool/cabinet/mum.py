@@ -14,7 +14,9 @@ import re
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
 
-from vhdtool.cab import MUM_MAX_SIZE, CabError, PackageIdentity
+from vhdtool.cabinet.format import MUM_MAX_SIZE, PackageIdentity
+from vhdtool.errors import CabError
+from vhdtool.units import MiB
 
 ASM_V3 = "urn:schemas-microsoft-com:asm.v3"
 NAMESPACES = (ASM_V3, "")  # some tools write manifests without the namespace
@@ -29,7 +31,7 @@ class _Doctype(Exception):
 def parse_identity(data: bytes, label: str) -> PackageIdentity:
     """The package identity an update.mum declares."""
     if len(data) > MUM_MAX_SIZE:
-        raise CabError(label, f"update.mum is larger than {MUM_MAX_SIZE // (1024 * 1024)} MiB ({len(data)} bytes)")
+        raise CabError(label, f"update.mum is larger than {MUM_MAX_SIZE // MiB} MiB ({len(data)} bytes)")
     _check_xml(data, label)
     try:
         root = ET.fromstring(data)

@@ -1,4 +1,4 @@
-"""libmspack's cab decompressor through ctypes (mspack.h: mspack_system, mscab_decompressor), run in a forked child.
+"""libmspack's cab decompressor through ctypes (mspack.h: mspack_system, mscab_decompressor), run in the sandbox.
 
 libmspack reads through a struct mspack_system whose "files" here are memory:
 the only file it can open for reading is the cabinet, and the only one it can
@@ -6,42 +6,29 @@ open for writing is a buffer capped at the caller's limit. Nothing touches the
 disk.
 
 libmspack is C that parses hostile bytes, and its own test suite is a list of
-crashes, over-reads and infinite loops it once had. So every call runs in a
-forked child with a capped address space and no core dumps; the parent waits
-with a timeout. A crash, a hang or a memory blow-up in the child becomes a
-CabError, never a crash of vhdtool. The child answers through a pipe in a
-format the parent parses as data (a length, JSON, raw bytes), never as code:
-a child that libmspack let an attacker take over can lie, but not run code in
-the parent, and its member list must still agree with the header the parent
-checked itself.
+crashes, over-reads and infinite loops it once had. So every call runs in
+``vhdtool.native``'s forked, confined child; whatever happens to it becomes a
+CabError here. A child that libmspack let an attacker take over can lie, but its
+member list must still agree with the header the parent checked itself.
 """
 
 from __future__ import annotations
 
 import ctypes
-import faulthandler
-import fcntl
-import gc
-import json
-import os
-import resource
-import select
-import signal
-import struct
 import threading
-import time
 from dataclasses import dataclass
 
-from vhdtool.cab import CabError, CabLayout
+from vhdtool.cabinet.format import CabLayout
+from vhdtool.errors import CabError, NativeError
+from vhdtool.native import Refusal, load_library, run_isolated
+from vhdtool.units import MiB
 
 SONAME = "libmspack.so.0"
+PACKAGE = "libmspack0"
 LIBC_SONAME = "libc.so.6"
-MiB = 1024 * 1024
 
 CHILD_TIMEOUT = 10.0  # seconds; a real servicing cab decodes in well under one
-CHILD_MEMORY = 1024 * MiB  # address space the child may add to what it inherits
 ANSWER_OVERHEAD = 32 * MiB  # the member list of 65535 files with 255-byte names fits in it
-ANSWER_MAGIC = b"VCAB"
 MAX_FILES = 0xFFFF  # CFHEADER.cFiles is 16 bits
 
 # mspack.h
@@ -192,10 +179,10 @@ def load(label: str) -> Library:
 
 def _open_library(label: str) -> Library:
     try:
-        lib = ctypes.CDLL(SONAME)
-        libc = ctypes.CDLL(LIBC_SONAME)
-    except OSError:
-        raise CabError(label, "libmspack is not installed", hint="install the libmspack0 package") from None
+        lib = load_library(SONAME, "libmspack", PACKAGE, label)
+        libc = load_library(LIBC_SONAME, "the C library", "libc6", label)
+    except NativeError as e:
+        raise CabError(label, e.problem, hint=e.hint) from None
     lib.mspack_sys_selftest_internal.argtypes = [ctypes.c_int]
     lib.mspack_sys_selftest_internal.restype = ctypes.c_int
     if lib.mspack_sys_selftest_internal(ctypes.sizeof(off_t)) != MSPACK_ERR_OK:
@@ -227,10 +214,6 @@ def _open_library(label: str) -> Library:
 
 
 # -- the mspack_system: files in memory -------------------------------------------
-
-class _Refusal(Exception):
-    """A reason, found in the child, to refuse the cabinet; becomes a CabError in the parent."""
-
 
 def _guarded(failure):
     """A callback must never raise into C: any exception becomes the callback's failure value."""
@@ -355,12 +338,12 @@ def decode_here(library: Library, cabinet: bytes, want: int | None, limit: int) 
     files = MemoryFiles(library, cabinet, limit)
     handle = library.create(ctypes.byref(files.system))
     if not handle:
-        raise _Refusal("libmspack could not create a cab decompressor")
+        raise Refusal("libmspack could not create a cab decompressor")
     try:
         cabd = ctypes.cast(handle, ctypes.POINTER(MscabDecompressor)).contents
         cab = cabd.open(handle, ctypes.addressof(files.input_name))
         if not cab:
-            raise _Refusal(f"corrupt cabinet (libmspack: {describe(cabd.last_error(handle))})")
+            raise Refusal(f"corrupt cabinet (libmspack: {describe(cabd.last_error(handle))})")
         try:
             return _list_and_extract(cabd, handle, cab, files, want)
         finally:
@@ -374,7 +357,7 @@ def _list_and_extract(cabd, handle, cab, files: MemoryFiles, want: int | None) -
     node = cab.contents.files
     while node:
         if len(nodes) >= MAX_FILES:
-            raise _Refusal("libmspack listed more files than a cabinet can hold")
+            raise Refusal("libmspack listed more files than a cabinet can hold")
         entry = node.contents
         raw = ctypes.string_at(entry.filename) if entry.filename else b""
         members.append([raw.decode("latin-1"), entry.length])
@@ -383,13 +366,13 @@ def _list_and_extract(cabd, handle, cab, files: MemoryFiles, want: int | None) -
     payload = None
     if want is not None:
         if want >= len(nodes):
-            raise _Refusal("libmspack lists fewer files than the cabinet header")
+            raise Refusal("libmspack lists fewer files than the cabinet header")
         name = members[want][0]
         rc = cabd.extract(handle, nodes[want], ctypes.addressof(files.output_name))
         if files.overflow:
-            raise _Refusal(f"member {name} is larger than {files.limit} bytes")
+            raise Refusal(f"member {name} is larger than {files.limit} bytes")
         if rc != MSPACK_ERR_OK:
-            raise _Refusal(f"corrupt cabinet (libmspack: {describe(rc)} extracting {name})")
+            raise Refusal(f"corrupt cabinet (libmspack: {describe(rc)} extracting {name})")
         payload = files.output
     return {"length": cab.contents.length, "members": members, "payload": payload}
 
@@ -399,9 +382,17 @@ def _list_and_extract(cabd, handle, cab, files: MemoryFiles, want: int | None) -
 def decode(layout: CabLayout, label: str, want: int | None, limit: int) -> bytes | None:
     """Have libmspack list the cabinet (and extract member `want`) in a child; check what it says."""
     library = load(label)
-    answer, payload = run_isolated(
-        lambda: decode_here(library, layout.cabinet, want, limit), label, cap=limit + ANSWER_OVERHEAD
-    )
+    try:
+        answer, payload = run_isolated(
+            lambda: decode_here(library, layout.cabinet, want, limit),
+            label,
+            library="libmspack",
+            subject="the cabinet",
+            cap=limit + ANSWER_OVERHEAD,
+            timeout=CHILD_TIMEOUT,
+        )
+    except NativeError as e:
+        raise CabError(label, e.problem, hint=e.hint or None) from None
     _check_agreement(answer, payload, layout, label, want)
     return payload
 
@@ -413,7 +404,7 @@ def _check_agreement(answer: dict, payload: bytes | None, layout: CabLayout, lab
     try:
         listed = [(name.encode("latin-1"), size) for name, size in members]
     except (TypeError, ValueError, AttributeError):
-        raise CabError(label, "the cab reader child sent a malformed answer") from None
+        raise CabError(label, "the libmspack child sent a malformed answer") from None
     if listed != [(e.raw_name, e.size) for e in layout.entries]:
         raise CabError(label, "libmspack and the cabinet header disagree about the member list")
     if want is None:
@@ -422,182 +413,3 @@ def _check_agreement(answer: dict, payload: bytes | None, layout: CabLayout, lab
     if payload is None or len(payload) != entry.size:
         got = "nothing" if payload is None else f"{len(payload)} bytes"
         raise CabError(label, f"libmspack extracted {got} of member {entry.name}, the header gives {entry.size} bytes")
-
-
-def run_isolated(job, label: str, cap: int) -> tuple[dict, bytes | None]:
-    """Run job() in a forked child; its answer, or a CabError for whatever happened to it."""
-    read_fd, write_fd = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError as e:
-        os.close(read_fd)
-        os.close(write_fd)
-        raise CabError(label, f"cannot start a process to read it in ({e.strerror})",
-                       hint="free some memory or processes and try again") from None
-    if pid == 0:  # child: never returns
-        # A collection would touch every object the parent has, copying each page it sits on.
-        gc.disable()
-        os.close(read_fd)
-        _child(write_fd, job, cap)
-    os.close(write_fd)
-    reaped = False
-    try:
-        deadline = time.monotonic() + CHILD_TIMEOUT
-        blob = _read_answer(read_fd, deadline, cap, label)
-        status = _wait(pid, deadline) if blob is not None else None
-        reaped = status is not None
-        if status is None:
-            raise CabError(
-                label, f"libmspack did not finish within {CHILD_TIMEOUT:g} s; the cabinet is damaged or hostile"
-            )
-        if os.WIFSIGNALED(status):
-            number = os.WTERMSIG(status)
-            try:
-                name = signal.Signals(number).name
-            except ValueError:
-                name = "unknown"
-            raise CabError(label, f"libmspack crashed on it (signal {number}, {name})")
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            raise CabError(label, f"the cab reader child failed (exit status {code})")
-        return _parse_answer(blob, label)
-    finally:
-        os.close(read_fd)
-        if not reaped:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-
-
-def _read_answer(fd: int, deadline: float, cap: int, label: str) -> bytes | None:
-    """Everything the child writes until it exits; None if the deadline passes first."""
-    chunks, size = [], 0
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        if not poller.poll(max(1, int(left * 1000))):
-            continue
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > cap:
-            raise CabError(label, "the cab reader child sent more than the cabinet can hold")
-        chunks.append(chunk)
-
-
-def _wait(pid: int, deadline: float) -> int | None:
-    # The pipe closes as the child exits; reaping it is a matter of microseconds.
-    delay = 0.0001
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.01)
-
-
-def _parse_answer(blob: bytes, label: str) -> tuple[dict, bytes | None]:
-    malformed = CabError(label, "the cab reader child sent a malformed answer")
-    if len(blob) < 8 or blob[:4] != ANSWER_MAGIC:
-        raise malformed
-    (head_size,) = struct.unpack_from("<I", blob, 4)
-    try:
-        answer = json.loads(blob[8 : 8 + head_size])
-    except ValueError:
-        raise malformed from None
-    if not isinstance(answer, dict):
-        raise malformed
-    if "error" in answer:
-        problem = answer["error"]
-        if not isinstance(problem, str):
-            raise malformed
-        raise CabError(label, problem[:300])
-    rest = blob[8 + head_size :]
-    payload_size = answer.get("payload")
-    if payload_size is None:
-        if rest:
-            raise malformed
-        return answer, None
-    if not isinstance(payload_size, int) or payload_size != len(rest):
-        raise malformed
-    return answer, rest
-
-
-def _child(write_fd: int, job, answer_cap: int) -> None:
-    """The child's whole life: confine itself, run the job, answer, and _exit whatever happens."""
-    status = 70
-    try:
-        if write_fd <= 2:
-            # A parent started with stdio closed: keep the pipe clear of the descriptors redirected below.
-            write_fd = fcntl.fcntl(write_fd, fcntl.F_DUPFD, 3)
-        _confine(write_fd, answer_cap)
-        payload = b""
-        try:
-            result = job()
-            payload = result.pop("payload")
-            result["payload"] = None if payload is None else len(payload)
-            head = _frame(result)
-        except _Refusal as e:
-            head = _frame({"error": str(e)})
-        except MemoryError:
-            head = _frame({"error": "libmspack ran out of memory on it"})
-        # Head and payload go out separately: the payload is never copied again.
-        for part in (head, payload or b""):
-            view = memoryview(part)
-            while view:
-                view = view[os.write(write_fd, view) :]
-        status = 0
-    finally:
-        # Never return into the parent's code (a test runner, a CLI) from the child.
-        os._exit(status)
-
-
-def _frame(head: dict) -> bytes:
-    text = json.dumps(head).encode()
-    return ANSWER_MAGIC + struct.pack("<I", len(text)) + text
-
-
-def _confine(keep_fd: int, answer_cap: int) -> None:
-    """Limits for a process about to parse hostile bytes in C."""
-    if faulthandler.is_enabled():
-        # A crash here is expected and reported by the parent; no traceback on the user's terminal.
-        faulthandler.disable()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    # The parent may hold a disk image open for writing: a child that libmspack let
-    # someone take over gets no descriptor but its answer pipe.
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        if fd != devnull:
-            os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    inherited = _address_space()
-    if inherited:
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        # Room for libmspack's windows and buffers, and for the member it writes (grown in place).
-        limit = inherited + CHILD_MEMORY + 2 * answer_cap
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        if soft == resource.RLIM_INFINITY or limit < soft:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def _address_space() -> int:
-    """This process's virtual size in bytes, 0 if /proc cannot say."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            pages = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,48 @@
+"""``vhdtool plan IMAGE... --host H``: how each guest gets its integration services, and which cab to stage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vhdtool.cli.images import for_each_image
+
+HOST_HELP = (
+    "The Hyper-V host: win8, win8.1, win10, an alias (2012, 2012r2, 2016...), "
+    "or auto for the host each guest last ran on."
+)
+
+
+def plan(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
+    host: str = typer.Option(..., "--host", metavar="HOST", help=HOST_HELP),
+    cabs: List[Path] = typer.Option(
+        [], "--cabs", metavar="PATH", show_default=False,
+        help="A folder, a .cab or the host's vmguest.iso to take cabs from; repeatable.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+    revision: Optional[str] = typer.Option(
+        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the newest)."
+    ),
+) -> None:
+    """Decide how each IMAGE's guest gets integration services on HOST.
+
+    Where the answer is a cab (the integration services disk, or KB3071740 for
+    guests without Data Exchange), choose it from the --cabs sources, verified
+    against the guest.
+    """
+    from vhdtool.cli.render import render_plan
+    from vhdtool.guest.discover import inspect
+    from vhdtool.plan.decide import SCHEMA, plan_for_host
+    from vhdtool.plan.matrix import load_matrix
+    from vhdtool.plan.sources import load_sources
+
+    m = load_matrix(revision)
+    host_key = None if host.strip().lower() == "auto" else m.resolve_host(host)
+    catalog = load_sources(cabs)
+    for_each_image(
+        images, as_json, SCHEMA, lambda image: plan_for_host(inspect(image), host_key, catalog, m), render_plan, os.fspath
+    )

@@ -1,0 +1,115 @@
+"""The walk: disk, then volumes, then filesystems, then the guest OS on one of them.
+
+``inspect(path)`` opens the image read-only and returns a frozen ``Inspection``
+(``vhdtool.guest.inspection``). The first NTFS volume holding a Windows system
+root is the Windows guest; failing that, the first Linux root filesystem, LVM
+logical volumes included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from vhdtool.container import DiskStream, open_disk
+from vhdtool.errors import EncryptedVolume, NoGuestFound, VhdtoolError
+from vhdtool.filesystem import NtfsFilesystem, open_linux_filesystem
+from vhdtool.guest.inspection import GuestInfo, ImageInfo, Inspection, IoStats
+from vhdtool.guest.linux import is_linux_root, linux_facts
+from vhdtool.guest.windows import WindowsGuest, find_config_dir
+from vhdtool.volume import Partition, list_partitions, mbr_disk_signature, open_partition, sniff_filesystem
+from vhdtool.volume.lvm import logical_volumes
+
+LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs")
+
+
+def image_info(disk: DiskStream) -> tuple[ImageInfo, list[str]]:
+    """The container's facts, and the warnings each disk of the chain had."""
+    chain = list(disk.chain())
+    info = ImageInfo(
+        path=disk.path,
+        format=disk.format,
+        virtual_size=disk.size,
+        block_size=disk.block_size,
+        logical_sector_size=disk.logical_sector_size,
+        physical_sector_size=disk.physical_sector_size,
+        differencing=disk.parent is not None,
+        parent=disk.parent.path if disk.parent is not None else None,
+        log_replayed=any(d.log_replayed for d in chain),
+        chain=tuple(d.path for d in chain),
+    )
+    return info, [w for d in chain for w in getattr(d, "warnings", [])]
+
+
+def linux_candidates(
+    disk: DiskStream, partitions: list[Partition], path: str, warnings: list[str]
+) -> Iterator[tuple[int, str, BinaryIO, str]]:
+    """(partition index, kind, stream, label) of every Linux filesystem, LVM volumes included."""
+    for p in partitions:
+        if p.filesystem in LINUX_FILESYSTEMS:
+            yield p.index, p.filesystem, open_partition(disk, p), f"partition {p.index}"
+        elif p.filesystem == "lvm2":
+            try:
+                volumes = list(logical_volumes(open_partition(disk, p), path, f"partition {p.index}"))
+            except VhdtoolError as e:
+                warnings.append(e.problem)
+                continue
+            for lv in volumes:
+                lv.stream.seek(0)
+                kind = sniff_filesystem(lv.stream.read(8192))
+                if kind in LINUX_FILESYSTEMS:
+                    yield p.index, kind, lv.stream, lv.label
+
+
+def inspect_disk(disk: DiskStream) -> Inspection:
+    path = disk.path
+    image, warnings = image_info(disk)
+    partitions = list_partitions(disk, disk.logical_sector_size, path)
+    disk_signature = mbr_disk_signature(disk, partitions)
+    encrypted = [p for p in partitions if p.filesystem == "bitlocker"]
+    if encrypted:
+        warnings.append(
+            "BitLocker-encrypted volume(s) on partition(s) " + ", ".join(str(p.index) for p in encrypted)
+            + " cannot be read"
+        )
+
+    guest = None
+    for p in partitions:
+        if p.filesystem != "ntfs":
+            continue
+        fs = NtfsFilesystem(open_partition(disk, p), path, f"partition {p.index}")
+        if not find_config_dir(fs):
+            continue
+        if guest is not None:
+            warnings.append(f"another Windows installation on partition {p.index} was not inspected")
+            continue
+        win = WindowsGuest(fs, p, disk_signature, path, bool(encrypted))
+        windows, ic = win.facts()
+        warnings.extend(win.warnings)
+        guest = GuestInfo(os="windows", windows=windows, integration_services=ic)
+
+    if guest is None:
+        for index, kind, stream, label in linux_candidates(disk, partitions, path, warnings):
+            fs = open_linux_filesystem(stream, kind, path, label)
+            if is_linux_root(fs):
+                guest = GuestInfo(os="linux", linux=linux_facts(fs, index))
+                break
+
+    if guest is None:
+        if encrypted:
+            raise EncryptedVolume(path, "the guest's volume is BitLocker-encrypted and cannot be read")
+        raise NoGuestFound(path, "no operating system found (no Windows system root, no Linux root filesystem)")
+    return Inspection(image=image, partitions=tuple(partitions), guest=guest, warnings=tuple(warnings))
+
+
+def inspect(path: str | os.PathLike) -> Inspection:
+    """Inspect the image at ``path`` read-only; raises a VhdtoolError on bad input."""
+    return inspect_measured(path)[0]
+
+
+def inspect_measured(path: str | os.PathLike) -> tuple[Inspection, IoStats]:
+    with open_disk(path) as disk:
+        result = inspect_disk(disk)
+        stats = IoStats(bytes_read=disk.bytes_read, reads=disk.reads)
+    return result, stats

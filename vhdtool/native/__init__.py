@@ -1,0 +1,14 @@
+"""Native code, kept at arm's length: lazy loading of system libraries, and a sandbox to run them in.
+
+libmspack (cabinets), libntfs-3g and libhivex (the write path) are C that parses
+bytes vhdtool did not make. ``load_library`` opens one on first use and names the
+Debian package when it is missing; ``run_isolated`` runs a job that calls it in a
+forked, confined child and returns what the child answered. Both raise
+``NativeError`` (``MissingLibrary``), which a layer translates into its own error.
+"""
+
+from vhdtool.errors import MissingLibrary, NativeError
+from vhdtool.native.library import load_library
+from vhdtool.native.sandbox import Refusal, run_isolated
+
+__all__ = ["MissingLibrary", "NativeError", "Refusal", "load_library", "run_isolated"]
