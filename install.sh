@@ -13,7 +13,7 @@ PACKAGES=(
   python3 python3-venv python3-pip
   ntfs-3g libhivex0 libhivex-bin libmspack0
   qemu-utils gcab genisoimage osslsigncode openssl e2fsprogs fdisk gdisk dosfstools xz-utils bzip2
-  xfsprogs lvm2
+  xfsprogs lvm2 strace
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

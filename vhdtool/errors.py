@@ -128,6 +128,23 @@ class CorruptHive(VhdtoolError):
     hint = "the registry hive is damaged"
 
 
+# -- writing (refusals come before anything is written) ---------------------------------
+
+class WriteFailed(VhdtoolError):
+    exit_code = 15
+    hint = "check the disk holding the image (space, I/O errors); vhdtool replays or discards its own log at the next open"
+
+
+class ImageInUse(VhdtoolError):
+    exit_code = 16
+    hint = "stop the VM or the program that has the image open, then try again"
+
+
+class ImageReadOnly(VhdtoolError):
+    exit_code = 17
+    hint = "make the image file writable, or write a copy with --output NEW"
+
+
 # -- native libraries (vhdtool.native) ------------------------------------------
 
 class NativeError(VhdtoolError):

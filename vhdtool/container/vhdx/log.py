@@ -1,7 +1,8 @@
 """VHDX log: find the active sequence and replay it (MS-VHDX 2.3).
 
-Replay here is read-only: each descriptor becomes an overlay segment of the
-``ImageFile`` so reads see the replayed bytes while the file is left untouched.
+A read-only open replays into memory: each descriptor becomes an overlay segment
+of the ``ImageFile`` so reads see the replayed bytes while the file is left
+untouched. A writer replays ``pending_sequence`` into the file itself.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ class LogReader:
         return best
 
 
-def replay_into_overlay(image: ImageFile, log_offset: int, log_length: int, log_guid: UUID) -> int:
-    """Replay the active log sequence into ``image``'s overlay; returns entries replayed."""
+def pending_sequence(image: ImageFile, log_offset: int, log_length: int, log_guid: UUID) -> list[LogEntry]:
+    """The sequence a header with a non-zero LogGuid says must be replayed (2.3.3), checked against the file."""
     if log_length == 0:
         raise CorruptImage(image.path, "the header names a pending log but the log is empty")
     reader = LogReader(image, log_offset, log_length, log_guid)
@@ -195,6 +196,13 @@ def replay_into_overlay(image: ImageFile, log_offset: int, log_length: int, log_
             image.path,
             f"truncated: the log says the file held {head.flushed_file_offset} bytes, it has {image.file_size}",
         )
+    return sequence
+
+
+def replay_into_overlay(image: ImageFile, log_offset: int, log_length: int, log_guid: UUID) -> int:
+    """Replay the active log sequence into ``image``'s overlay, never the file; returns entries replayed."""
+    sequence = pending_sequence(image, log_offset, log_length, log_guid)
+    head = sequence[-1]
     for e in sequence:
         for d in e.descriptors:
             image.add_overlay(d.file_offset, d.data, d.length)

@@ -1,0 +1,336 @@
+"""VHDX writer: one operation's changes to the virtual disk, committed as one crash-atomic transaction.
+
+Everything is decided before the file is opened for writing: ``plan_commit`` maps
+the overlay's changed extents onto the image as read (the pending log replayed in
+memory) and says what will be appended and what will be logged. ``commit`` then
+writes, in this order; the comment at each step says why stopping there is safe:
+
+ 0. A log left by a crash is replayed into the file first, as Hyper-V does:
+    its writes applied, flushed, its LogGuid cleared, flushed.
+ 1. Header update: new FileWriteGuid and DataWriteGuid (MS-VHDX 2.2.2: before the
+    first write of the session, before the first change of virtual-disk data).
+ 2. New payload blocks and sector bitmap blocks are appended at the end of the
+    file, 1 MiB aligned, written and flushed. Nothing points at them yet.
+ 3. The log sequence holding every in-place change (BAT entries, sector
+    bitmaps, data in blocks already allocated) is written under a fresh LogGuid
+    at the start of the log region (or of a larger region appended at the end of
+    the file when it does not fit), and flushed. No header names it yet.
+ 4. Header update: LogGuid set (and LogOffset/LogLength when the log moved),
+    flushed. From here any reader replays the sequence: the operation has happened.
+ 5. The logged writes are applied in place and flushed.
+ 6. Header update: LogGuid cleared, flushed. The log is retired.
+
+A header update writes the older of the two header slots with the next sequence
+number and flushes it (2.2.2.1): a torn write leaves that slot's CRC wrong and
+the other, still valid header current. Every write and every flush is checked;
+the first failure stops the commit with WriteFailed, and what is on disk is then
+the state of the last completed step, which the table above says is consistent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from vhdtool.container.overlay import Extent
+from vhdtool.container.vhdx.bat import encode_entry
+from vhdtool.container.vhdx.header import ZERO_GUID, VhdxHeader
+from vhdtool.container.vhdx.log import pending_sequence
+from vhdtool.container.vhdx.logwriter import LoggedWrite, build_sequence, sequence_size
+from vhdtool.container.vhdx.reader import VhdxDisk
+from vhdtool.container.vhdx.structs import (
+    HEADER,
+    HEADER_OFFSETS,
+    HEADER_SIGNATURE,
+    HEADER_SIZE,
+    LOG_SECTOR_SIZE,
+    PAYLOAD_BLOCK_FULLY_PRESENT,
+    PAYLOAD_BLOCK_NOT_PRESENT,
+    PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+    SB_BLOCK_PRESENT,
+    SECTORS_PER_BITMAP_BLOCK,
+    Header,
+    checksum_zeroed,
+)
+from vhdtool.container.writefile import WritableFile
+from vhdtool.errors import UnsupportedImage
+from vhdtool.units import MiB
+
+BAT_ENTRY_SIZE = 8
+
+
+@dataclass
+class CommitPlan:
+    """What a commit will write, decided on the read-only view before anything is opened for writing."""
+
+    appended: list[tuple[int, int, list[tuple[int, bytes]]]] = field(default_factory=list)
+    """(file offset, length, [(offset in it, bytes)]) of each new 1 MiB-aligned block; the rest of it is zeros."""
+    logged: list[LoggedWrite] = field(default_factory=list)
+    end_of_file: int = 0  # the file's size once the new blocks are appended
+
+    @property
+    def empty(self) -> bool:
+        return not self.appended and not self.logged
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+class _Planner:
+    """Maps changed virtual-disk extents onto one VHDX file (2.4 sector bitmaps, 2.5 BAT)."""
+
+    def __init__(self, disk: VhdxDisk):
+        self.disk = disk
+        self.geometry = disk.geometry
+        self.lss = disk.logical_sector_size
+        self.end = _round_up(disk.image.size, MiB)
+        self.plan = CommitPlan()
+        self.in_place: dict[int, bytearray] = {}  # 4 KiB-aligned file offset -> new sector contents
+        self.bat: dict[int, int] = {}  # BAT index -> new raw entry
+        self.new_bitmaps: dict[int, tuple[int, bytearray]] = {}  # chunk -> (file offset, bitmap block)
+
+    def _append(self, length: int) -> int:
+        offset = self.end
+        self.end += _round_up(length, MiB)
+        return offset
+
+    def _file_sector(self, offset: int) -> bytearray:
+        base = offset - offset % LOG_SECTOR_SIZE
+        sector = self.in_place.get(base)
+        if sector is None:
+            sector = self.in_place[base] = bytearray(self.disk.image.read_exact(base, LOG_SECTOR_SIZE, "a sector to log"))
+        return sector
+
+    def _write_in_place(self, file_offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            sector = self._file_sector(file_offset + pos)
+            within = (file_offset + pos) % LOG_SECTOR_SIZE
+            n = min(LOG_SECTOR_SIZE - within, len(data) - pos)
+            sector[within : within + n] = data[pos : pos + n]
+            pos += n
+
+    def _bitmap_bits(self, chunk: int, first_sector: int, count: int) -> None:
+        """Mark chunk sectors [first_sector, first_sector + count) present (2.4: bit s % 8 of byte s // 8)."""
+        state, offset = self.disk.bat[self.geometry.bitmap_index(chunk)]
+        if state == SB_BLOCK_PRESENT:
+            target = None
+        elif chunk in self.new_bitmaps:
+            target = self.new_bitmaps[chunk][1]
+        else:
+            # A new sector bitmap block: all zero (every sector from the parent) but ours.
+            offset = self._append(MiB)
+            target = bytearray(MiB)
+            self.new_bitmaps[chunk] = (offset, target)
+            self.bat[self.geometry.bitmap_index(chunk)] = encode_entry(SB_BLOCK_PRESENT, offset)
+        for s in range(first_sector, first_sector + count):
+            if target is not None:
+                target[s // 8] |= 1 << (s % 8)
+            else:
+                byte = self._file_sector(offset + s // 8)
+                byte[(offset + s // 8) % LOG_SECTOR_SIZE] |= 1 << (s % 8)
+
+    def add_block(self, block: int, pieces: list[tuple[int, bytes]]) -> None:
+        """``pieces``: (offset within the block, bytes) of one payload block's changes."""
+        index = self.geometry.payload_index(block)
+        state, file_offset = self.disk.bat[index]
+        bs = self.disk.block_size
+        differencing = self.disk.has_parent
+        chunk = block // self.geometry.chunk_ratio
+        chunk_first_sector = (block * bs - chunk * SECTORS_PER_BITMAP_BLOCK * self.lss) // self.lss
+        if state in (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT):
+            # Allocated: every change goes through the log.
+            for within, data in pieces:
+                self._write_in_place(file_offset + within, data)
+                if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
+                    self._bitmap_bits(chunk, chunk_first_sector + within // self.lss, len(data) // self.lss)
+            return
+        # Not allocated: a new block at the end of the file. In a differencing disk a
+        # block the parent supplies becomes partially present, holding only what
+        # changed; anything else reads as zeros, so the new block is zeros and changes.
+        new_offset = self._append(bs)
+        self.plan.appended.append((new_offset, bs, pieces))
+        if differencing and state == PAYLOAD_BLOCK_NOT_PRESENT:
+            for within, data in pieces:
+                self._bitmap_bits(chunk, chunk_first_sector + within // self.lss, len(data) // self.lss)
+            self.bat[index] = encode_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, new_offset)
+        else:
+            self.bat[index] = encode_entry(PAYLOAD_BLOCK_FULLY_PRESENT, new_offset)
+
+    def finish(self) -> CommitPlan:
+        bat_base = self.disk.bat_region.file_offset
+        for index, raw in self.bat.items():
+            at = bat_base + index * BAT_ENTRY_SIZE
+            self._write_in_place(at, raw.to_bytes(BAT_ENTRY_SIZE, "little"))
+        for chunk, (offset, bitmap) in self.new_bitmaps.items():
+            self.plan.appended.append((offset, MiB, [(0, bytes(bitmap))]))
+        self.plan.appended.sort()
+        # Contiguous logged sectors become one write, so one descriptor run per extent.
+        runs: list[LoggedWrite] = []
+        for base in sorted(self.in_place):
+            data = bytes(self.in_place[base])
+            if runs and runs[-1].file_offset + runs[-1].length == base:
+                last = runs.pop()
+                runs.append(LoggedWrite(last.file_offset, last.length + LOG_SECTOR_SIZE, last.data + data))
+            else:
+                runs.append(LoggedWrite(base, LOG_SECTOR_SIZE, data))
+        self.plan.logged = runs
+        self.plan.end_of_file = self.end if self.plan.appended else self.disk.image.size
+        return self.plan
+
+
+def plan_commit(disk: VhdxDisk, changes: list[Extent]) -> CommitPlan:
+    """Where each changed extent goes in the file: appended blocks, logged in-place writes."""
+    if disk.parent is None and disk.has_parent:
+        raise UnsupportedImage(disk.path, "a differencing disk is written only with its parent chain open")
+    planner = _Planner(disk)
+    bs = disk.block_size
+    per_block: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+    for extent in changes:
+        pos = extent.offset
+        while pos < extent.end:
+            block, within = divmod(pos, bs)
+            n = min(bs - within, extent.end - pos)
+            per_block[block].append((within, extent.data[pos - extent.offset : pos - extent.offset + n]))
+            pos += n
+    for block in sorted(per_block):
+        planner.add_block(block, per_block[block])
+    return planner.finish()
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    bytes_written: int
+    writes: int
+    flushes: int
+    log_replayed: bool
+    log_moved: bool
+
+
+class VhdxCommit:
+    """Runs steps 0-6 of the module docstring on one writable file."""
+
+    def __init__(self, disk: VhdxDisk, file: WritableFile):
+        self.disk = disk
+        self.file = file
+        self.header: VhdxHeader = disk.header
+
+    # -- headers (2.2.2) ----------------------------------------------------------------
+    def _update_header(self, **changes) -> None:
+        """Write the older header slot with the next sequence number and ``changes``; flush."""
+        h = self.header
+        fields = {
+            "file_write_guid": h.file_write_guid,
+            "data_write_guid": h.data_write_guid,
+            "log_guid": h.log_guid,
+            "log_length": h.log_length,
+            "log_offset": h.log_offset,
+        }
+        fields.update(changes)
+        slot = 2 if h.slot == 1 else 1
+        new = VhdxHeader(slot=slot, sequence_number=h.sequence_number + 1, **fields)
+        raw = bytearray(
+            HEADER.pack(
+                Header(
+                    signature=HEADER_SIGNATURE,
+                    checksum=0,
+                    sequence_number=new.sequence_number,
+                    file_write_guid=new.file_write_guid.bytes_le,
+                    data_write_guid=new.data_write_guid.bytes_le,
+                    log_guid=new.log_guid.bytes_le,
+                    log_version=0,
+                    version=1,
+                    log_length=new.log_length,
+                    log_offset=new.log_offset,
+                )
+            ).ljust(HEADER_SIZE, b"\0")
+        )
+        raw[4:8] = checksum_zeroed(raw).to_bytes(4, "little")
+        self.file.pwrite(HEADER_OFFSETS[slot - 1], bytes(raw))
+        self.file.flush()
+        self.header = new
+
+    # -- step 0 -----------------------------------------------------------------------
+    def replay_pending_log(self) -> bool:
+        """Apply a log a crash left behind into the file, then retire it (2.3.3)."""
+        h = self.header
+        if h.log_guid == ZERO_GUID:
+            return False
+        sequence = pending_sequence(self.disk.image, h.log_offset, h.log_length, h.log_guid)
+        last = sequence[-1].last_file_offset
+        if last > self.file.size:
+            self.file.truncate(last)
+        for entry in sequence:
+            for d in entry.descriptors:
+                self.file.pwrite(d.file_offset, d.data if d.data is not None else bytes(d.length))
+        self.file.flush()
+        self._update_header(log_guid=ZERO_GUID)
+        return True
+
+    # -- steps 1-6 ----------------------------------------------------------------------
+    def run(self, plan: CommitPlan) -> bool:
+        """Commit ``plan``; returns whether the log had to move to a larger region."""
+        # Step 1. Interrupted: the old content under one of two valid headers.
+        self._update_header(file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4())
+
+        # Step 2. Interrupted: a longer file whose new blocks nothing points at.
+        if plan.appended:
+            self.file.truncate(max(self.file.size, plan.end_of_file))
+            for offset, _length, pieces in plan.appended:
+                for within, data in pieces:
+                    self.file.pwrite(offset + within, data)
+            self.file.flush()
+
+        # Step 3. Interrupted: entries under a LogGuid no header names, never replayed.
+        log_guid = uuid.uuid4()
+        # One 4 KiB sector of the log stays unused, so that a reader scanning the circular
+        # log (as QEMU's does) never mistakes a full log for an empty one.
+        size = sequence_size(plan.logged) + LOG_SECTOR_SIZE
+        log_offset, log_length = self.header.log_offset, self.header.log_length
+        moved = size > log_length
+        if moved:
+            # 2.2.2: any 1 MiB-aligned LogOffset and LogLength; the old region is left unused.
+            log_offset = _round_up(self.file.size, MiB)
+            log_length = _round_up(size, MiB)
+            self.file.truncate(log_offset + log_length)
+        sequence = build_sequence(
+            plan.logged, log_guid, 1, flushed_file_offset=self.file.size, last_file_offset=self.file.size
+        )
+        self.file.pwrite(log_offset, sequence)
+        self.file.flush()
+
+        # Step 4. Interrupted: the header with the higher sequence number decides, and
+        # both the old one (no log) and the new one (replay the entry) are consistent.
+        self._update_header(log_guid=log_guid, log_offset=log_offset, log_length=log_length)
+
+        # Step 5. Interrupted: the log replays over whatever was half-applied.
+        for w in plan.logged:
+            self.file.pwrite(w.file_offset, w.data if w.data is not None else bytes(w.length))
+        self.file.flush()
+
+        # Step 6. Interrupted: the log is replayed once more, to the same result.
+        self._update_header(log_guid=ZERO_GUID)
+        return moved
+
+
+def commit(disk: VhdxDisk, changes: list[Extent]) -> CommitResult | None:
+    """Commit ``changes`` to the file ``disk`` was opened from; None when there is nothing to change.
+
+    ``disk`` must be the top of its chain (its parents are never written) and is
+    stale afterwards: close it and open the file again to read the result.
+    """
+    plan = plan_commit(disk, changes)
+    if plan.empty:
+        # Nothing to change is no write at all, not even the replay of a pending log.
+        return None
+    file = WritableFile(disk.path)
+    try:
+        writer = VhdxCommit(disk, file)
+        replayed = writer.replay_pending_log()
+        moved = writer.run(plan)
+        return CommitResult(file.bytes_written, file.writes, file.flushes, replayed, moved)
+    finally:
+        file.close()
+
