@@ -95,7 +95,7 @@ def test_no_import_cycle_inside_vhdtool():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-LAYERS = ["units", "errors", "native", "container", "volume", "filesystem", "registry", "guest",
+LAYERS = ["units", "errors", "native", "container", "volume", "filesystem", "registry", "guest", "editor",
           "cabinet", "iso", "plan", "cli"]
 
 

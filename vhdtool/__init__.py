@@ -3,7 +3,7 @@
 from vhdtool.container import open_disk
 from vhdtool.errors import VhdtoolError
 
-__all__ = ["open_disk", "VhdtoolError", "inspect", "Inspection"]
+__all__ = ["open_disk", "VhdtoolError", "inspect", "Inspection", "edit"]
 __version__ = "0.1.0"
 
 
@@ -13,6 +13,10 @@ def __getattr__(name):
         from vhdtool.guest.discover import inspect
 
         return inspect
+    if name == "edit":
+        from vhdtool.editor import edit
+
+        return edit
     if name == "Inspection":
         from vhdtool.guest.inspection import Inspection
 

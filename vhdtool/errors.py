@@ -145,6 +145,16 @@ class ImageReadOnly(VhdtoolError):
     hint = "make the image file writable, or write a copy with --output NEW"
 
 
+class GuestNotClean(VhdtoolError):
+    exit_code = 18
+    hint = "boot the guest and shut it down cleanly (not hibernated, Fast Startup off), then try again"
+
+
+class ImageHasChildren(VhdtoolError):
+    exit_code = 19
+    hint = "merge or delete the differencing disks that depend on it, or write a copy with --output NEW"
+
+
 # -- native libraries (vhdtool.native) ------------------------------------------
 
 class NativeError(VhdtoolError):

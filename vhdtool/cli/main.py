@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from vhdtool.cli.copy_in import copy_in
 from vhdtool.cli.images import fail_line
 from vhdtool.cli.inspect import inspect
 from vhdtool.cli.matrix import matrix
@@ -48,6 +49,7 @@ def _root(
 app.command()(inspect)
 app.command()(matrix)
 app.command()(plan)
+app.command("copy-in")(copy_in)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from vhdtool.editor import EditResult
     from vhdtool.guest.inspection import Inspection
     from vhdtool.plan.decide import Plan
     from vhdtool.plan.matrix import Matrix
@@ -103,4 +104,19 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  because    {r}")
     for n in plan.notes:
         lines.append(f"  note       {n}")
+    return "\n".join(lines)
+
+
+def render_edit(result: EditResult) -> str:
+    where = result.output or result.image
+    verb = "would change" if result.dry_run else ("changed" if result.committed else "unchanged")
+    lines = [f"{where}: {verb}" + (f" (a copy of {result.image})" if result.output else "")]
+    for f in result.files:
+        size = f" ({_size(f.size)}, sha256 {f.sha256[:16]}...)" if f.size is not None else ""
+        lines.append(f"  {f.action:<8} {f.path}{size} on partition {f.partition}")
+    for r in result.registry:
+        lines.append(f"  registry {r.hive}\\{r.key}\\{r.name} ({r.type}): {r.old!r} -> {r.new!r}")
+    if result.committed and not result.dry_run:
+        lines.append(f"  wrote    {_size(result.bytes_written)} to the image file"
+                     + (", after replaying its pending log" if result.log_replayed else ""))
     return "\n".join(lines)

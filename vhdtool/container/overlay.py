@@ -32,6 +32,17 @@ class Extent:
         return self.offset + len(self.data)
 
 
+@dataclass(frozen=True)
+class CommitResult:
+    """What committing an overlay's changes wrote to the image file."""
+
+    bytes_written: int
+    writes: int
+    flushes: int
+    log_replayed: bool = False  # VHDX: a pending log was replayed into the file first
+    log_moved: bool = False  # VHDX: the log moved to a larger region
+
+
 class Overlay(DiskStream):
     """A writable view of ``base``: reads see pending writes, the base disk is never written."""
 

@@ -1,6 +1,7 @@
-"""Filesystem layer: read-only access to files on a volume, whatever the filesystem.
+"""Filesystem layer: reading files on a volume, whatever the filesystem; writing NTFS.
 
-NTFS through dissect.ntfs, ext2/3/4 through dissect.extfs, XFS through dissect.xfs.
+Reads: NTFS through dissect.ntfs, ext2/3/4 through dissect.extfs, XFS through dissect.xfs.
+Writes: NTFS only, through libntfs-3g into an overlay (vhdtool.filesystem.ntfs3g).
 Each is wrapped in the same small interface (``exists``, ``is_dir``, ``listdir``,
 ``open``, ``read``) and every error of the library below becomes a
 ``CorruptFilesystem`` naming the image.

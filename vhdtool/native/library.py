@@ -17,7 +17,8 @@ def load_library(soname: str, name: str, package: str, label: str | None = None)
         lib = _loaded.get(soname)
         if lib is None:
             try:
-                lib = ctypes.CDLL(soname)
+                # use_errno: ctypes.get_errno() then tells why a call failed.
+                lib = ctypes.CDLL(soname, use_errno=True)
             except OSError:
                 raise MissingLibrary(label, f"{name} is not installed", hint=f"install the {package} package") from None
             _loaded[soname] = lib

@@ -47,13 +47,19 @@ def run_isolated(
     cap: int,
     timeout: float = DEFAULT_TIMEOUT,
     subject: str = "the input",
+    keep_fds: tuple[int, ...] = (),
 ) -> tuple[dict, bytes | None]:
     """Run ``job()`` in a forked child; its answer (head, payload), or a NativeError for whatever happened to it.
 
     ``job`` returns a JSON-able dict; its optional ``payload`` (bytes) crosses the pipe
     raw. ``cap`` bounds what the parent will read. ``library`` and ``subject`` name
-    the code and what it was given, for messages.
+    the code and what it was given, for messages. ``keep_fds`` are descriptors the
+    child keeps (a disk image it reads through); each must be open read-only, so
+    that the child cannot write to anything the parent will commit.
     """
+    for fd in keep_fds:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+            raise ValueError(f"descriptor {fd} is writable; the sandbox keeps only read-only ones")
     read_fd, write_fd = os.pipe()
     try:
         pid = os.fork()
@@ -66,7 +72,7 @@ def run_isolated(
         # A collection would touch every object the parent has, copying each page it sits on.
         gc.disable()
         os.close(read_fd)
-        _child(write_fd, job, cap, library)
+        _child(write_fd, job, cap, library, keep_fds)
     os.close(write_fd)
     reaped = False
     try:
@@ -157,14 +163,14 @@ def _parse_answer(blob: bytes, label: str | None, library: str) -> tuple[dict, b
     return answer, rest
 
 
-def _child(write_fd: int, job: Job, answer_cap: int, library: str) -> None:
+def _child(write_fd: int, job: Job, answer_cap: int, library: str, keep_fds: tuple[int, ...] = ()) -> None:
     """The child's whole life: confine itself, run the job, answer, and _exit whatever happens."""
     status = EXIT_INTERNAL_ERROR  # the job raised: any status but 0 is a failure to the parent
     try:
         if write_fd <= 2:
             # A parent started with stdio closed: keep the pipe clear of the descriptors redirected below.
             write_fd = fcntl.fcntl(write_fd, fcntl.F_DUPFD, 3)
-        _confine(write_fd, answer_cap)
+        _confine((write_fd, *keep_fds), answer_cap)
         payload = b""
         try:
             result = job()
@@ -191,16 +197,19 @@ def _frame(head: dict) -> bytes:
     return MAGIC + struct.pack("<I", len(text)) + text
 
 
-def _confine(keep_fd: int, answer_cap: int) -> None:
+def _confine(keep: tuple[int, ...], answer_cap: int) -> None:
     """Limits for a process about to parse hostile bytes in C."""
     if faulthandler.is_enabled():
         # A crash here is expected and reported by the parent; no traceback on the user's terminal.
         faulthandler.disable()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     # The parent may hold a disk image open for writing: a child that a library let
-    # someone take over gets no descriptor but its answer pipe.
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    # someone take over gets no descriptor but its answer pipe (and the read-only ones it was given).
+    low = 3
+    for fd in sorted(f for f in keep if f >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         if fd != devnull:

@@ -33,7 +33,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from vhdtool.container.overlay import Extent
+from vhdtool.container.overlay import CommitResult, Extent
 from vhdtool.container.vhdx.bat import encode_entry
 from vhdtool.container.vhdx.header import ZERO_GUID, VhdxHeader
 from vhdtool.container.vhdx.log import pending_sequence
@@ -200,15 +200,6 @@ def plan_commit(disk: VhdxDisk, changes: list[Extent]) -> CommitPlan:
     return planner.finish()
 
 
-@dataclass(frozen=True)
-class CommitResult:
-    bytes_written: int
-    writes: int
-    flushes: int
-    log_replayed: bool
-    log_moved: bool
-
-
 class VhdxCommit:
     """Runs steps 0-6 of the module docstring on one writable file."""
 
@@ -315,22 +306,28 @@ class VhdxCommit:
         return moved
 
 
-def commit(disk: VhdxDisk, changes: list[Extent]) -> CommitResult | None:
+def commit(disk: VhdxDisk, changes: list[Extent], file: WritableFile | None = None) -> CommitResult | None:
     """Commit ``changes`` to the file ``disk`` was opened from; None when there is nothing to change.
 
     ``disk`` must be the top of its chain (its parents are never written) and is
-    stale afterwards: close it and open the file again to read the result.
+    stale afterwards: close it and open the file again to read the result. ``file``
+    is the caller's locked handle of the same file, or None to open one here.
     """
     plan = plan_commit(disk, changes)
     if plan.empty:
         # Nothing to change is no write at all, not even the replay of a pending log.
         return None
-    file = WritableFile(disk.path)
+    own = file is None
+    if own:
+        file = WritableFile(disk.path)
+    before = (file.bytes_written, file.writes, file.flushes)
     try:
         writer = VhdxCommit(disk, file)
         replayed = writer.replay_pending_log()
         moved = writer.run(plan)
-        return CommitResult(file.bytes_written, file.writes, file.flushes, replayed, moved)
+        return CommitResult(file.bytes_written - before[0], file.writes - before[1], file.flushes - before[2],
+                            replayed, moved)
     finally:
-        file.close()
+        if own:
+            file.close()
 

@@ -1,0 +1,76 @@
+"""Judging a disk image's volumes with tools other than vhdtool: qemu-img for the container, sfdisk for
+the partition table, ntfs-3g's ntfscat for files, dissect.ntfs to hash a whole volume tree."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+from judges.tools import sh
+
+
+def raw_image(image: Path, out: Path, fmt: str | None = None) -> Path:
+    cmd = ["qemu-img", "convert"] + (["-f", fmt] if fmt else []) + ["-O", "raw", str(image), str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def partition_table(raw: Path) -> dict:
+    """sfdisk's JSON dump of the table (type, start, size, ids): what must stay the same, file names left out."""
+    table = json.loads(sh("sfdisk", "-J", raw).stdout)["partitiontable"]
+    table.pop("device", None)
+    for p in table["partitions"]:
+        p.pop("node", None)
+    return table
+
+
+def extract_partition(raw: Path, number: int, out: Path) -> Path:
+    table = partition_table(raw)
+    part = table["partitions"][number - 1]
+    sector = table.get("sectorsize", 512)
+    with open(raw, "rb") as fi, open(out, "wb") as fo:
+        fi.seek(part["start"] * sector)
+        left = part["size"] * sector
+        while left:
+            chunk = fi.read(min(left, 8 << 20))
+            if not chunk:
+                break
+            fo.write(chunk)
+            left -= len(chunk)
+    return out
+
+
+def ntfscat(volume: Path, path: str) -> bytes:
+    return sh("ntfscat", "-f", volume, path).stdout
+
+
+def ntfs_tree(volume: Path) -> dict[str, str]:
+    """Every directory and file of an NTFS volume image (system files included): path -> sha256 of its data,
+    or "dir"; read with dissect.ntfs."""
+    from dissect.ntfs import NTFS
+    from dissect.ntfs.exceptions import FileNotFoundError
+
+    out: dict[str, str] = {}
+    with open(volume, "rb") as f:
+        fs = NTFS(f)
+
+        def walk(record, prefix: str) -> None:
+            for name, index_entry in sorted(record.listdir(ignore_dos=True).items()):
+                if name in (".", ".."):
+                    continue
+                path = f"{prefix}/{name}"
+                entry = index_entry.dereference()
+                if entry.is_dir():
+                    out[path] = "dir"
+                    if len(out) < 100_000:
+                        walk(entry, path)
+                else:
+                    try:
+                        out[path] = hashlib.sha256(entry.open().read()).hexdigest()
+                    except FileNotFoundError:
+                        out[path] = "no data stream"  # $Extend\$Quota and the like
+
+        walk(fs.mft.root, "")
+    return out

@@ -1,0 +1,260 @@
+"""`vhdtool copy-in` on fixture images, judged by tools other than vhdtool.
+
+After each write: `qemu-img check` finds no errors; qemu-img's raw conversion,
+cut at the partition sfdisk reports, gives ntfs-3g's ntfscat each copied file
+byte for byte; dissect.ntfs hashes every other file of the volume (the system
+files NTFS changes when files are added excepted, but $LogFile included: a clean
+$LogFile must not be reset) and finds them as they were; the partition table is
+unchanged. Refusals leave the image byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error
+from fixtures import build as fb
+from judges.volumes import extract_partition, ntfs_tree, ntfscat, partition_table, raw_image
+
+pytestmark = pytest.mark.fixtures
+# What adding files changes besides the files: the MFT (and its mirror), the cluster
+# bitmap, the security descriptors stream, and the folders that gain entries.
+CHANGING_SYSTEM_FILES = {"/$MFT", "/$MFTMirr", "/$Bitmap", "/$Secure"}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def volume_of(image: Path, tmp: Path, number: int, fmt: str | None = None) -> tuple[Path, dict]:
+    raw = raw_image(image, tmp / f"{image.name}.{time.monotonic_ns()}.raw", fmt)
+    table = partition_table(raw)
+    part = extract_partition(raw, number, tmp / f"{raw.name}.p{number}")
+    raw.unlink()
+    return part, table
+
+
+def qemu_check(image: Path) -> None:
+    res = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert res.returncode == 0 and "No errors were found" in res.stdout, res.stdout + res.stderr
+
+
+def work_copy(name: str, tmp: Path) -> Path:
+    src = fb.build(name)
+    dst = tmp / Path(src).name
+    shutil.copyfile(src, dst)
+    return dst
+
+
+@pytest.fixture
+def payload(tmp_path):
+    files = {
+        "big.bin": os.urandom(3 * 1024 * 1024 + 123),
+        "small.txt": b"integration services\r\n",
+        "empty.dat": b"",
+    }
+    paths = []
+    for name, data in files.items():
+        p = tmp_path / "local" / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(data)
+        paths.append(p)
+    return files, paths
+
+
+@pytest.mark.parametrize("name,part", [("ws2008r2-x64", 2), ("ws2008r2-x64-fixed", 2), ("win10-gpt", 3)])
+def test_copy_in_is_judged_correct(name, part, cli, payload, tmp_path):
+    files, paths = payload
+    image = work_copy(name, tmp_path)
+    before_part, before_table = volume_of(image, tmp_path, part)
+    before = ntfs_tree(before_part)
+    code, out, err = cli("copy-in", "--json", image, *paths, "C:\\Windows\\Temp\\vhdtool drop")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["committed"] and not doc["dry_run"] and doc["bytes_written"] > 0
+    assert [(f["path"], f["action"]) for f in doc["changes"]["files"]] == [
+        ("/Windows/Temp/vhdtool drop", "mkdir")] + [(f"/Windows/Temp/vhdtool drop/{n}", "add") for n in files]
+    qemu_check(image)
+    after_part, after_table = volume_of(image, tmp_path, part)
+    assert after_table == before_table
+    for n, data in files.items():
+        assert ntfscat(after_part, f"/Windows/Temp/vhdtool drop/{n}") == data
+    after = ntfs_tree(after_part)
+    added = {"/Windows/Temp/vhdtool drop"} | {f"/Windows/Temp/vhdtool drop/{n}" for n in files}
+    assert set(after) - set(before) == added
+    for path, h in before.items():
+        if path not in CHANGING_SYSTEM_FILES:
+            assert after[path] == h, path
+    # The same copy again changes nothing: no write at all.
+    again = digest(image)
+    code, out, err = cli("copy-in", "--json", image, *paths, "/Windows/Temp/vhdtool drop")
+    assert code == 0 and json.loads(out)["changes"]["files"] == [] and not json.loads(out)["committed"]
+    assert digest(image) == again
+
+
+def test_replacing_a_file_and_vhdtool_reads_it_back(cli, tmp_path):
+    import vhdtool
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    local = tmp_path / "notes.txt"
+    for text in (b"first\r\n", b"second, longer version\r\n" * 50):
+        local.write_bytes(text)
+        code, out, err = cli("copy-in", image, local, "/Windows/Temp")
+        assert code == 0, err
+        with vhdtool.edit(image, dry_run=True) as ed:
+            pass
+        from vhdtool.filesystem import NtfsFilesystem
+        from vhdtool.volume import list_partitions, open_partition
+
+        with vhdtool.open_disk(image) as disk:
+            p = list_partitions(disk, 512, str(image))[1]
+            assert NtfsFilesystem(open_partition(disk, p)).read("/Windows/Temp/notes.txt") == text
+    assert "replace" in out
+
+
+def test_dry_run_and_output_leave_the_image_alone(cli, payload, tmp_path):
+    files, paths = payload
+    image = work_copy("ws2008r2-x64", tmp_path)
+    original = digest(image)
+    code, out, err = cli("copy-in", "--json", "--dry-run", image, *paths, "/Windows/Temp")
+    doc = json.loads(out)
+    assert code == 0 and doc["dry_run"] and not doc["committed"] and len(doc["changes"]["files"]) == 3
+    assert digest(image) == original
+    new = tmp_path / "changed.vhdx"
+    code, out, err = cli("copy-in", "--json", "--output", new, image, *paths, "/Windows/Temp")
+    assert code == 0, err
+    assert json.loads(out)["output"] == str(new)
+    assert digest(image) == original
+    qemu_check(new)
+    part, _ = volume_of(new, tmp_path, 2)
+    assert ntfscat(part, "/Windows/Temp/big.bin") == files["big.bin"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".vhdtool-tmp")]
+    # An existing output is never overwritten.
+    code, out, err = cli("copy-in", "--output", new, image, *paths, "/Windows/Temp")
+    assert code != 0 and "exists" in err
+
+
+def test_data_volume_by_partition(cli, tmp_path):
+    # ws2008r2-x64's partition 1 is the System Reserved volume: NTFS without Windows on it.
+    image = work_copy("ws2008r2-x64", tmp_path)
+    local = tmp_path / "data.bin"
+    local.write_bytes(os.urandom(200_000))
+    code, out, err = cli("copy-in", "--partition", "1", image, local, "/Data/In")
+    assert code == 0, err
+    part, _ = volume_of(image, tmp_path, 1)
+    assert ntfscat(part, "/Data/In/data.bin") == local.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "name,args,code,needle",
+    [
+        ("ws2008r2-hibernated", (), 18, "hibernated"),
+        ("ubuntu-ext4", (), 5, "writes only"),
+        ("bitlocker", ("--partition", "1"), 8, "BitLocker"),
+        ("ws2008r2-x64", ("--partition", "9"), 5, "no partition 9"),
+    ],
+)
+def test_refusals_leave_the_image_byte_identical(cli, tmp_path, name, args, code, needle):
+    image = work_copy(name, tmp_path)
+    local = tmp_path / "x.txt"
+    local.write_bytes(b"x")
+    before = digest(image)
+    result = cli("copy-in", *args, image, local, "/Windows/Temp")
+    assert_one_line_error(*result, image)
+    assert result[0] == code and needle in result[2], result[2]
+    assert digest(image) == before
+
+
+def test_refused_when_a_differencing_disk_depends_on_it(cli, tmp_path):
+    import vhdx_craft as vc
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    vc.make_differencing(image, tmp_path / "child.avhdx", {}, relative_path=f".\\{image.name}")
+    local = tmp_path / "x.txt"
+    local.write_bytes(b"x")
+    before = digest(image)
+    result = cli("copy-in", image, local, "/Windows/Temp")
+    assert_one_line_error(*result, image)
+    assert result[0] == 19 and "child.avhdx" in result[2]
+    assert digest(image) == before
+    # Written through the child instead, the parent stays as it was.
+    code, out, err = cli("copy-in", tmp_path / "child.avhdx", local, "/Windows/Temp")
+    assert code == 0, err
+    assert digest(image) == before
+
+
+def test_refused_while_qemu_holds_the_image(cli, tmp_path):
+    image = work_copy("ws2008r2-x64", tmp_path)
+    local = tmp_path / "x.txt"
+    local.write_bytes(b"x")
+    before = digest(image)
+    holder = subprocess.Popen(["qemu-io", "-f", "vhdx", str(image)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        result = cli("copy-in", image, local, "/Windows/Temp")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(*result, image)
+    assert result[0] == 16
+    assert digest(image) == before
+
+
+# -- crash safety of the command ---------------------------------------------------------------------
+
+def run_copy_in(image: Path, local: Path, inject: str | None = None, count: Path | None = None):
+    cmd = [sys.executable, "-m", "vhdtool.cli.main", "copy-in", str(image), str(local), "/Windows/Temp/crash"]
+    if inject:
+        cmd = ["strace", "-f", "-o", "/dev/null", "-e", f"inject={inject}"] + cmd
+    elif count:
+        cmd = ["strace", "-f", "-o", str(count), "-e", "trace=pwrite64,fsync,ftruncate"] + cmd
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_kill_copy_in_at_every_write_and_flush(tmp_path):
+    original = work_copy("ws2008r2-x64", tmp_path)
+    local = tmp_path / "payload.bin"
+    local.write_bytes(os.urandom(1_500_000))
+    probe = tmp_path / "probe.vhdx"
+    shutil.copyfile(original, probe)
+    trace = tmp_path / "trace"
+    assert run_copy_in(probe, local, count=trace).returncode == 0
+    counts = {n: sum(1 for line in trace.read_text().splitlines() if f" {n}(" in line or line.startswith(f"{n}("))
+              for n in ("pwrite64", "fsync", "ftruncate")}
+    points = [(n, k) for n, total in counts.items() for k in range(1, total + 1)]
+    assert len(points) >= 10, counts
+    old_part, _ = volume_of(original, tmp_path, 2)
+    old_tree = ntfs_tree(old_part)
+    outcomes = {"old": 0, "new": 0}
+    victim = tmp_path / "victim.vhdx"
+    for name, k in points:
+        shutil.copyfile(original, victim)
+        res = run_copy_in(victim, local, inject=f"{name}:signal=KILL:when={k}")
+        assert res.returncode != 0, (name, k)
+        repaired = tmp_path / "repaired.vhdx"
+        shutil.copyfile(victim, repaired)
+        subprocess.run(["qemu-img", "check", "-r", "all", str(repaired)], check=True, capture_output=True)
+        qemu_check(repaired)
+        part, _ = volume_of(repaired, tmp_path, 2)
+        tree = ntfs_tree(part)
+        if "/Windows/Temp/crash/payload.bin" in tree:
+            assert ntfscat(part, "/Windows/Temp/crash/payload.bin") == local.read_bytes(), (name, k)
+            outcomes["new"] += 1
+        else:
+            assert tree == old_tree, (name, k)
+            outcomes["old"] += 1
+        subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)
+        part.unlink()
+    assert outcomes["old"] and outcomes["new"], outcomes
+    print(f"\ncopy-in: {len(points)} kill points {counts}, outcomes {outcomes}")

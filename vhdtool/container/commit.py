@@ -1,0 +1,30 @@
+"""Committing an overlay's changes to the image file it sits on, whatever the format.
+
+VHDX is written in place through its log (vhdtool.container.vhdx.writer); VHD,
+which has no log, is written into a copy that replaces the original only when
+complete (vhdtool.container.vhdwriter). Either way the result is all of the
+changes or none of them.
+"""
+
+from __future__ import annotations
+
+from vhdtool.container.overlay import CommitResult, Extent
+from vhdtool.container.stream import DiskStream
+from vhdtool.container.writefile import WritableFile
+from vhdtool.errors import UnsupportedImage
+
+__all__ = ["CommitResult", "commit"]
+
+
+def commit(disk: DiskStream, changes: list[Extent], file: WritableFile | None = None) -> CommitResult | None:
+    """Write ``changes`` into the top disk of ``disk``'s chain; None when there is nothing to change.
+
+    ``file``: the image already open for writing (and locked) by the caller, who keeps
+    it; without it the commit opens and locks the file itself. ``disk`` is stale
+    afterwards: close it and open the file again to read the result.
+    """
+    if disk.format == "vhdx":
+        from vhdtool.container.vhdx.writer import commit as commit_vhdx
+
+        return commit_vhdx(disk, changes, file)
+    raise UnsupportedImage(disk.path, "writing VHD images is not supported yet", "convert it to VHDX, or use --dry-run")

@@ -1,0 +1,40 @@
+"""Editing an offline guest: one session, one overlay, one commit.
+
+``with vhdtool.edit(path) as ed:`` opens the image read-only, inspects it through
+that handle, and collects what the caller asks for (``write_file``, ``mkdir``,
+and, through the hive layer, registry values). When the block ends normally the
+operations run against an overlay over the virtual disk (libntfs-3g and libhivex
+in the native sandbox write only into it), and the overlay's changes are
+committed once, crash-atomically (vhdtool.container.commit). When the block
+raises, nothing is written. ``dry_run`` stops before the commit and reports the
+change set; ``output`` commits into a copy and never opens the original for
+writing.
+
+Every refusal is decided before anything is opened for writing, and a refused
+image is byte-identical afterwards: an image another process holds, a read-only
+file, a disk that differencing disks in its folder depend on, a hibernated guest,
+an NTFS volume not shut down cleanly, BitLocker, a Linux filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from vhdtool.editor.session import EditSession, EditResult, FileChange, RegistryChange
+
+__all__ = ["EditResult", "EditSession", "FileChange", "RegistryChange", "edit"]
+
+
+@contextmanager
+def edit(path: str | os.PathLike, dry_run: bool = False, output: str | os.PathLike | None = None) -> Iterator[EditSession]:
+    """An edit session on the image at ``path``; commits when the block exits normally."""
+    session = EditSession(os.fspath(path), dry_run=dry_run, output=os.fspath(output) if output else None)
+    try:
+        session.open()
+        yield session
+        session.commit()
+    finally:
+        session.close()
+

@@ -1,0 +1,334 @@
+"""The edit session: refusals first, then operations into an overlay, then one commit (see the package docstring)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from vhdtool.container.chain import find_parent, open_image, open_one
+from vhdtool.container.commit import commit as commit_changes
+from vhdtool.container.overlay import Overlay
+from vhdtool.container.stream import DiskStream
+from vhdtool.container.writefile import WritableFile
+from vhdtool.errors import (
+    EncryptedVolume,
+    GuestNotClean,
+    ImageHasChildren,
+    ImageNotFound,
+    NoGuestFound,
+    UnsupportedImage,
+    UnsupportedLayout,
+    VhdtoolError,
+)
+from vhdtool.filesystem import NtfsFilesystem, ntfs3g
+from vhdtool.guest.discover import inspect_disk
+from vhdtool.guest.inspection import Inspection
+from vhdtool.volume import Partition, open_partition
+
+SCHEMA = 1
+IMAGE_SUFFIXES = (".vhdx", ".avhdx", ".vhd", ".avhd")
+MAX_SIBLINGS = 4096  # differencing disks looked at in the image's folder
+LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "lvm2")
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: str
+    action: str  # "add" | "replace" | "mkdir"
+    size: int | None
+    sha256: str | None
+    partition: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "action": self.action, "size": self.size, "sha256": self.sha256,
+                "partition": self.partition}
+
+
+@dataclass(frozen=True)
+class RegistryChange:
+    hive: str
+    key: str
+    name: str
+    type: str
+    old: object
+    new: object
+
+    def to_dict(self) -> dict:
+        return {"hive": self.hive, "key": self.key, "name": self.name, "type": self.type, "old": self.old, "new": self.new}
+
+
+@dataclass(frozen=True)
+class EditResult:
+    image: str
+    output: str | None
+    dry_run: bool
+    committed: bool
+    files: tuple[FileChange, ...]
+    registry: tuple[RegistryChange, ...]
+    bytes_written: int
+    log_replayed: bool
+    changed_bytes: int  # of the virtual disk
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "image": self.image,
+            "output": self.output,
+            "dry_run": self.dry_run,
+            "committed": self.committed,
+            "changes": {"files": [f.to_dict() for f in self.files], "registry": [r.to_dict() for r in self.registry]},
+            "bytes_written": self.bytes_written,
+            "log_replayed": self.log_replayed,
+        }
+
+
+def guest_path(path: str, drive_letter: str | None = None) -> str:
+    """``C:\\Windows\\Temp`` or ``/Windows/Temp`` as the volume path ``/Windows/Temp``."""
+    p = path.strip().replace("\\", "/")
+    if len(p) >= 2 and p[1] == ":":
+        if drive_letter and p[0].upper() != drive_letter.upper():
+            raise UnsupportedLayout(None, f"{path} is not on the guest's system drive {drive_letter}:",
+                                    "give a path on the system drive, or --partition N with a path inside that volume")
+        p = p[2:]
+    parts = [x for x in p.split("/") if x]
+    if any(x in (".", "..") for x in parts):
+        raise UnsupportedLayout(None, f"{path}: '.' and '..' are not allowed in guest paths", "give an absolute path")
+    return "/" + "/".join(parts)
+
+
+def dependent_children(image: str) -> list[str]:
+    """Differencing disks in ``image``'s folder whose parent locator resolves to ``image``."""
+    here = os.path.realpath(image)
+    folder = os.path.dirname(here)
+    found = []
+    try:
+        names = sorted(os.listdir(folder))[:MAX_SIBLINGS]
+    except OSError:
+        return []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not name.lower().endswith(IMAGE_SUFFIXES) or os.path.realpath(path) == here or not os.path.isfile(path):
+            continue
+        try:
+            disk = open_one(path)
+        except VhdtoolError:
+            continue
+        try:
+            if disk.needs_parent and os.path.realpath(find_parent(disk)) == here:
+                found.append(path)
+        except VhdtoolError:
+            pass
+        finally:
+            disk.close()
+    return found
+
+
+class EditSession:
+    def __init__(self, path: str, dry_run: bool = False, output: str | None = None):
+        self.path = path
+        self.dry_run = dry_run
+        self.output = output
+        self.work_path = path
+        self._tmp_output: str | None = None
+        self._lock: WritableFile | None = None
+        self.disk: DiskStream | None = None
+        self.overlay: Overlay | None = None
+        self.inspection: Inspection | None = None
+        self._ops: dict[int, list] = {}  # partition index -> ntfs3g operations, in order
+        self._files: list[FileChange] = []
+        self._registry: list[RegistryChange] = []
+        self.result: EditResult | None = None
+
+    # -- opening, and the refusals that need no guest ----------------------------------------
+    def open(self) -> None:
+        if not os.path.exists(self.path):
+            raise ImageNotFound(self.path, "no such file")
+        if self.output is None and not self.dry_run:
+            children = dependent_children(self.path)
+            if children:
+                raise ImageHasChildren(self.path, f"differencing disk {children[0]} depends on it (parent_linkage would break)")
+        if self.output is not None and not self.dry_run:
+            self._copy_for_output()
+        if not self.dry_run:
+            # The lock is held for the whole session: nobody changes the image between what
+            # is decided on the read-only view and the commit.
+            self._lock = WritableFile(self.work_path)
+        self.disk = open_image(self.work_path)
+        self.inspection = inspect_disk(self.disk)
+        self.overlay = Overlay(self.disk)
+
+    def _copy_for_output(self) -> None:
+        out = os.path.abspath(self.output)
+        if os.path.exists(out):
+            raise UnsupportedLayout(out, "the output file exists", "give a new file name for --output")
+        if os.path.dirname(out) != os.path.dirname(os.path.abspath(self.path)):
+            probe = open_one(self.path)
+            try:
+                if probe.needs_parent:
+                    raise UnsupportedImage(self.path, "a differencing disk's --output must be in the same folder",
+                                           "so that its parent locator still finds the parent")
+            finally:
+                probe.close()
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".vhdtool-tmp", dir=os.path.dirname(out))
+        os.close(fd)
+        self._tmp_output = tmp
+        copy_sparse(self.path, tmp)
+        # The copy keeps the original's extension, so that its format probe and locators agree.
+        self.work_path = tmp
+
+    # -- what the operations act on ----------------------------------------------------------
+    def _volume(self, partition: int | None) -> tuple[Partition, NtfsFilesystem]:
+        ins = self.inspection
+        if partition is None:
+            if ins.guest.os != "windows" or ins.guest.windows is None:
+                kind = ins.guest.os or "no guest"
+                raise UnsupportedLayout(self.path, f"the guest is {kind}: vhdtool writes only Windows guests' NTFS volumes",
+                                        "give --partition N for an NTFS data volume")
+            w = ins.guest.windows
+            if w.hibernated:
+                raise GuestNotClean(self.path, "the guest is hibernated (hiberfil.sys holds a hibernation image)")
+            if not w.ntfs_clean:
+                raise GuestNotClean(self.path, "the system volume was not shut down cleanly (NTFS dirty bit or $LogFile)")
+            partition = w.system_partition
+        part = next((p for p in ins.partitions if p.index == partition), None)
+        if part is None:
+            raise UnsupportedLayout(self.path, f"the disk has no partition {partition}",
+                                    "see `vhdtool inspect` for the partitions")
+        if part.filesystem == "bitlocker":
+            raise EncryptedVolume(self.path, f"partition {partition} is BitLocker-encrypted")
+        if part.filesystem in LINUX_FILESYSTEMS:
+            raise UnsupportedLayout(self.path, f"partition {partition} holds {part.filesystem}: vhdtool writes only NTFS",
+                                    "Linux guests get their integration services from their kernel")
+        if part.filesystem != "ntfs":
+            raise UnsupportedLayout(self.path, f"partition {partition} holds no NTFS volume", "give an NTFS partition")
+        fs = NtfsFilesystem(open_partition(self.overlay, part), self.path, f"partition {partition}")
+        if fs.volume_dirty() or not fs.logfile_clean():
+            raise GuestNotClean(self.path, f"the NTFS volume on partition {partition} was not shut down cleanly")
+        if fs.hibernated():
+            raise GuestNotClean(self.path, f"partition {partition} holds a hibernated system")
+        return part, fs
+
+    def _drive(self, partition: int | None) -> str | None:
+        w = self.inspection.guest.windows
+        return w.drive_letter if partition is None and w is not None else None
+
+    # -- operations -------------------------------------------------------------------------
+    def write_file(self, path: str, data: bytes | str | os.PathLike, partition: int | None = None) -> FileChange | None:
+        """Put ``data`` (bytes, or the content of a local file) at guest ``path``; None when it is already there."""
+        if not isinstance(data, (bytes, bytearray)):
+            with open(data, "rb") as f:
+                data = f.read()
+        part, fs = self._volume(partition)
+        target = guest_path(path, self._drive(partition))
+        if target == "/":
+            raise UnsupportedLayout(self.path, f"{path} names the root folder, not a file", "give a file path")
+        action = "add"
+        if fs.exists(target):
+            if fs.is_dir(target):
+                raise UnsupportedLayout(self.path, f"{path} is a folder in the guest", "give a file path")
+            if fs.size(target) == len(data) and fs.read(target, len(data) + 1) == data:
+                return None
+            action = "replace"
+        self._ops.setdefault(part.index, []).append(ntfs3g.WriteFile(target, bytes(data)))
+        change = FileChange(target, action, len(data), hashlib.sha256(data).hexdigest(), part.index)
+        self._files.append(change)
+        return change
+
+    def mkdir(self, path: str, partition: int | None = None) -> FileChange | None:
+        part, fs = self._volume(partition)
+        target = guest_path(path, self._drive(partition))
+        if fs.exists(target):
+            if not fs.is_dir(target):
+                raise UnsupportedLayout(self.path, f"{path} is a file in the guest", "give a folder path")
+            return None
+        self._ops.setdefault(part.index, []).append(ntfs3g.MakeDir(target))
+        change = FileChange(target, "mkdir", None, None, part.index)
+        self._files.append(change)
+        return change
+
+    @property
+    def changes(self) -> tuple[tuple[FileChange, ...], tuple[RegistryChange, ...]]:
+        return tuple(self._files), tuple(self._registry)
+
+    # -- the commit -----------------------------------------------------------------------
+    def _run_operations(self) -> None:
+        for index, ops in self._ops.items():
+            part = next(p for p in self.inspection.partitions if p.index == index)
+            ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}")
+        self._ops.clear()
+
+    def commit(self) -> EditResult:
+        self._run_operations()
+        changes = self.overlay.changes()
+        changed = sum(len(e.data) for e in changes)
+        written, replayed, committed = 0, False, False
+        if changes and not self.dry_run:
+            result = commit_changes(self.disk, changes, self._lock)
+            if result is not None:
+                written, replayed, committed = result.bytes_written, result.log_replayed, True
+        if self._tmp_output is not None and not self.dry_run:
+            os.replace(self._tmp_output, self.output)
+            self._tmp_output = None
+            committed = True
+        self.result = EditResult(
+            image=self.path,
+            output=self.output,
+            dry_run=self.dry_run,
+            committed=committed,
+            files=tuple(self._files),
+            registry=tuple(self._registry),
+            bytes_written=written,
+            log_replayed=replayed,
+            changed_bytes=changed,
+        )
+        return self.result
+
+    def close(self) -> None:
+        if self.overlay is not None:
+            self.overlay.close()
+        if self.disk is not None:
+            self.disk.close()
+        if self._lock is not None:
+            self._lock.close()
+        if self._tmp_output is not None:
+            try:
+                os.unlink(self._tmp_output)
+            except FileNotFoundError:
+                pass
+
+
+def copy_sparse(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` (which exists, empty): a reflink where the filesystem has one, else only the data extents."""
+    shutil.copymode(src, dst)
+    with open(src, "rb") as fi, open(dst, "r+b") as fo:
+        try:
+            import fcntl
+
+            fcntl.ioctl(fo.fileno(), 0x40049409, fi.fileno())  # FICLONE
+            return
+        except OSError:
+            pass
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                break  # no more data: the rest is a hole
+            try:
+                hole = os.lseek(fi.fileno(), data, os.SEEK_HOLE)
+            except OSError:
+                hole = size
+            while data < hole:
+                chunk = os.pread(fi.fileno(), min(8 << 20, hole - data), data)
+                if not chunk:
+                    break
+                os.pwrite(fo.fileno(), chunk, data)
+                data += len(chunk)
+            pos = hole
+        os.ftruncate(fo.fileno(), size)
+        os.fsync(fo.fileno())
+

@@ -1,0 +1,323 @@
+"""NTFS writes through libntfs-3g (ctypes), on a device whose reads and writes go to an overlay, in the sandbox.
+
+No mount, no FUSE, no root: libntfs-3g is given a ``struct ntfs_device`` whose
+operations (device.h: open, close, seek, read, write, pread, pwrite, sync, stat,
+ioctl) are Python callbacks over one partition of the overlay. It runs in the
+native sandbox's forked child, which keeps only read-only descriptors of the
+image; what libntfs-3g writes lands in the child's copy of the overlay, and the
+child answers with the sectors that changed, which the parent puts into its own
+overlay. A crash of the C library loses nothing but the child.
+
+The volume is mounted with NTFS_MNT_FORENSIC: libntfs-3g then neither resets
+$LogFile nor sets the dirty bit on mount, so a volume whose $LogFile is clean
+stays so, and only the structures an operation touches change. It still refuses
+a volume whose $LogFile is not clean or that is hibernated (volume.c). New files
+and folders get the security id libntfs-3g derives from their parent folder's
+inheritable ACEs (ntfs_inherited_id), as Windows would give them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from vhdtool.container.overlay import Extent, Overlay
+from vhdtool.errors import CorruptFilesystem, NativeError
+from vhdtool.native import Refusal, load_library, run_isolated
+from vhdtool.units import MiB
+
+SONAME = "libntfs-3g.so.89"
+PACKAGE = "libntfs-3g89"
+CHILD_TIMEOUT = 120.0
+NTFS_MNT_FORENSIC = 0x04000000
+AT_DATA = 0x80
+ND_OPEN = 1 << 0
+BLKGETSIZE64 = 0x80081272
+S_IFREG, S_IFDIR = stat.S_IFREG, stat.S_IFDIR
+EXTENT_HEAD = struct.Struct("<QQ")
+MAX_ANSWER = 2048 * MiB
+
+s64 = ctypes.c_int64
+OPEN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+CLOSE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+SEEK = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, s64, ctypes.c_int)
+READ = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64)
+WRITE = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64)
+PREAD = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64, s64)
+PWRITE = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64, s64)
+SYNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+STAT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+IOCTL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p)
+
+
+class DeviceOperations(ctypes.Structure):  # struct ntfs_device_operations
+    _fields_ = [("open", OPEN), ("close", CLOSE), ("seek", SEEK), ("read", READ), ("write", WRITE),
+                ("pread", PREAD), ("pwrite", PWRITE), ("sync", SYNC), ("stat", STAT), ("ioctl", IOCTL)]
+
+
+class Device(ctypes.Structure):  # struct ntfs_device
+    _fields_ = [("d_ops", ctypes.c_void_p), ("d_state", ctypes.c_ulong), ("d_name", ctypes.c_char_p),
+                ("d_private", ctypes.c_void_p), ("d_heads", ctypes.c_int), ("d_sectors_per_track", ctypes.c_int)]
+
+
+class SecurityContext(ctypes.Structure):  # struct SECURITY_CONTEXT (security.h), no user mapping
+    _fields_ = [("vol", ctypes.c_void_p), ("mapping", ctypes.c_void_p * 2), ("pseccache", ctypes.c_void_p),
+                ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("tid", ctypes.c_int32),
+                ("umask", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    """Put ``data`` at ``path`` (absolute, '/'-separated), creating or replacing the file."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MakeDir:
+    """Create the folder ``path`` and any missing parents; an existing folder is left as it is."""
+
+    path: str
+
+
+def _bind(label: str) -> ctypes.CDLL:
+    try:
+        lib = load_library(SONAME, "libntfs-3g", PACKAGE, label)
+    except NativeError as e:
+        raise CorruptFilesystem(label, e.problem, hint=e.hint) from None
+    c = ctypes.c_void_p
+    for name, restype, argtypes in (
+        ("ntfs_device_alloc", c, [ctypes.c_char_p, ctypes.c_long, c, c]),
+        ("ntfs_device_free", ctypes.c_int, [c]),
+        ("ntfs_device_mount", c, [c, ctypes.c_ulong]),
+        ("ntfs_umount", ctypes.c_int, [c, ctypes.c_int]),
+        ("ntfs_open_secure", ctypes.c_int, [c]),
+        ("ntfs_close_secure", ctypes.c_int, [c]),
+        ("ntfs_pathname_to_inode", c, [c, c, ctypes.c_char_p]),
+        ("ntfs_inode_close", ctypes.c_int, [c]),
+        ("ntfs_mbstoucs", ctypes.c_int, [ctypes.c_char_p, ctypes.POINTER(c)]),
+        ("ntfs_create", c, [c, ctypes.c_uint32, c, ctypes.c_uint8, ctypes.c_uint32]),
+        ("ntfs_inherited_id", ctypes.c_uint32, [c, c, ctypes.c_int]),
+        ("ntfs_attr_open", c, [c, ctypes.c_uint32, c, ctypes.c_uint32]),
+        ("ntfs_attr_close", None, [c]),
+        ("ntfs_attr_truncate", ctypes.c_int, [c, s64]),
+        ("ntfs_attr_pwrite", s64, [c, s64, s64, c]),
+    ):
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+class _OverlayDevice:
+    """The callbacks of one ntfs_device: byte ``pos`` of the volume is ``start + pos`` of the overlay."""
+
+    def __init__(self, overlay: Overlay, start: int, size: int):
+        self.overlay = overlay
+        self.start = start
+        self.size = size
+        self.pos = 0
+        self.ops = DeviceOperations(
+            OPEN(self._open), CLOSE(self._close), SEEK(self._seek), READ(self._read), WRITE(self._write),
+            PREAD(self._pread), PWRITE(self._pwrite), SYNC(lambda _dev: 0), STAT(self._stat), IOCTL(self._ioctl),
+        )
+
+    # Every callback returns a failure value instead of raising into C.
+    def _open(self, dev, _flags):
+        Device.from_address(dev).d_state |= ND_OPEN
+        return 0
+
+    def _close(self, dev):
+        Device.from_address(dev).d_state &= ~ND_OPEN
+        return 0
+
+    def _seek(self, _dev, offset, whence):
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}.get(whence)
+        if base is None or base + offset < 0:
+            return -1
+        self.pos = base + offset
+        return self.pos
+
+    def _pread(self, _dev, buf, count, offset):
+        try:
+            if count < 0 or offset < 0:
+                return -1
+            n = max(0, min(count, self.size - offset))
+            data = self.overlay.read_at(self.start + offset, n) if n else b""
+            ctypes.memmove(buf, data, len(data))
+            return len(data)
+        except Exception:  # noqa: BLE001 - never raise into C
+            return -1
+
+    def _pwrite(self, _dev, buf, count, offset):
+        try:
+            if count < 0 or offset < 0 or offset + count > self.size:
+                return -1
+            self.overlay.write_at(self.start + offset, ctypes.string_at(buf, count))
+            return count
+        except Exception:  # noqa: BLE001
+            return -1
+
+    def _read(self, dev, buf, count):
+        n = self._pread(dev, buf, count, self.pos)
+        if n > 0:
+            self.pos += n
+        return n
+
+    def _write(self, dev, buf, count):
+        n = self._pwrite(dev, buf, count, self.pos)
+        if n > 0:
+            self.pos += n
+        return n
+
+    def _stat(self, _dev, buf):
+        # struct stat on LP64 Linux: st_mode at 24, st_size at 48.
+        ctypes.memset(buf, 0, 144)
+        struct.pack_into("<I", (ctypes.c_char * 144).from_address(buf), 24, S_IFREG | 0o600)
+        struct.pack_into("<q", (ctypes.c_char * 144).from_address(buf), 48, self.size)
+        return 0
+
+    def _ioctl(self, _dev, request, argp):
+        if request == BLKGETSIZE64 and argp:
+            ctypes.c_uint64.from_address(argp).value = self.size
+            return 0
+        return -1
+
+
+class _Volume:
+    """One mounted volume in the child, and the few operations vhdtool needs of it."""
+
+    def __init__(self, lib: ctypes.CDLL, device: _OverlayDevice):
+        self.lib = lib
+        self.device = device
+        self.dev = lib.ntfs_device_alloc(b"vhdtool", 0, ctypes.addressof(device.ops), None)
+        if not self.dev:
+            raise Refusal("libntfs-3g could not allocate a device")
+        self.vol = lib.ntfs_device_mount(self.dev, NTFS_MNT_FORENSIC)
+        if not self.vol:
+            err = ctypes.get_errno()
+            lib.ntfs_device_free(self.dev)
+            raise Refusal(f"libntfs-3g cannot open the volume for writing ({os.strerror(err) if err else 'refused'})")
+        lib.ntfs_open_secure(self.vol)
+        self.cache = ctypes.c_void_p(None)
+        self.scx = SecurityContext(vol=self.vol)
+        self.scx.pseccache = ctypes.addressof(self.cache)
+
+    def unmount(self) -> None:
+        self.lib.ntfs_close_secure(self.vol)
+        if self.lib.ntfs_umount(self.vol, 0) != 0:
+            raise Refusal("libntfs-3g could not write back the volume's structures")
+
+    def inode(self, path: str):
+        return self.lib.ntfs_pathname_to_inode(self.vol, None, path.encode("utf-8") or b"/")
+
+    def _name(self, name: str) -> tuple[ctypes.c_void_p, int]:
+        out = ctypes.c_void_p()
+        n = self.lib.ntfs_mbstoucs(name.encode("utf-8"), ctypes.byref(out))
+        if n <= 0 or n > 255:
+            raise Refusal(f"'{name}' is not a valid NTFS file name")
+        return out, n
+
+    def create(self, parent_path: str, name: str, is_dir: bool):
+        parent = self.inode(parent_path)
+        if not parent:
+            raise Refusal(f"the folder {parent_path or '/'} does not exist")
+        try:
+            securid = self.lib.ntfs_inherited_id(ctypes.byref(self.scx), parent, int(is_dir))
+            uname, n = self._name(name)
+            ni = self.lib.ntfs_create(parent, securid, uname, n, S_IFDIR if is_dir else S_IFREG)
+            if not ni:
+                raise Refusal(f"libntfs-3g could not create {parent_path}/{name} ({os.strerror(ctypes.get_errno())})")
+            return ni
+        finally:
+            self.lib.ntfs_inode_close(parent)
+
+    def mkdir(self, path: str) -> None:
+        parts = [p for p in path.split("/") if p]
+        for i in range(len(parts)):
+            here = "/" + "/".join(parts[: i + 1])
+            ni = self.inode(here)
+            if not ni:
+                ni = self.create("/" + "/".join(parts[:i]), parts[i], True)
+            self.lib.ntfs_inode_close(ni)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        parent, _, name = path.rstrip("/").rpartition("/")
+        self.mkdir(parent)
+        ni = self.inode(path) or self.create(parent, name, False)
+        try:
+            unnamed = ctypes.c_uint16.in_dll(self.lib, "AT_UNNAMED")
+            na = self.lib.ntfs_attr_open(ni, AT_DATA, ctypes.addressof(unnamed), 0)
+            if not na:
+                raise Refusal(f"libntfs-3g cannot open the data of {path}")
+            try:
+                if self.lib.ntfs_attr_truncate(na, len(data)) != 0:
+                    raise Refusal(f"libntfs-3g cannot size {path} to {len(data)} bytes (volume full?)")
+                buf = ctypes.create_string_buffer(data, len(data)) if data else None
+                done = 0
+                while done < len(data):
+                    n = self.lib.ntfs_attr_pwrite(na, done, len(data) - done, ctypes.addressof(buf) + done)
+                    if n <= 0:
+                        raise Refusal(f"libntfs-3g could not write {path} ({os.strerror(ctypes.get_errno())})")
+                    done += n
+            finally:
+                self.lib.ntfs_attr_close(na)
+        finally:
+            self.lib.ntfs_inode_close(ni)
+
+
+def _encode(extents: list[Extent]) -> bytes:
+    return b"".join(EXTENT_HEAD.pack(e.offset, len(e.data)) + e.data for e in extents)
+
+
+def _decode(blob: bytes, start: int, end: int, sector: int, label: str) -> list[Extent]:
+    """The child's extents, checked: inside the partition, whole sectors, the payload used exactly."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + EXTENT_HEAD.size > len(blob):
+            raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
+        offset, length = EXTENT_HEAD.unpack_from(blob, pos)
+        pos += EXTENT_HEAD.size
+        if offset < start or offset + length > end or offset % sector or length % sector or pos + length > len(blob):
+            raise CorruptFilesystem(label, "the libntfs-3g child wrote outside the volume it was given")
+        out.append(Extent(offset, blob[pos : pos + length]))
+        pos += length
+    return out
+
+
+def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str) -> int:
+    """Run ``operations`` (WriteFile, MakeDir) with libntfs-3g on the volume at [start, start + size) of
+    ``overlay``; the sectors it changes go into ``overlay``. Returns how many bytes changed."""
+    lib = _bind(label)
+    keep = tuple(d.image._fd for d in overlay.base.chain() if getattr(d.image, "_fd", None) is not None)
+
+    def job() -> dict:
+        device = _OverlayDevice(overlay, start, size)
+        before = {e.offset: e.data for e in overlay.changes()}
+        volume = _Volume(lib, device)
+        for op in operations:
+            if isinstance(op, MakeDir):
+                volume.mkdir(op.path)
+            else:
+                volume.write_file(op.path, op.data)
+        volume.unmount()  # ntfs_umount frees the device too
+        # Only what this run changed, inside the volume.
+        changed = [e for e in overlay.changes() if before.get(e.offset) != e.data and start <= e.offset < start + size]
+        return {"extents": len(changed), "payload": _encode(changed)}
+
+    try:
+        head, payload = run_isolated(
+            job, label, library="libntfs-3g", subject=what, cap=MAX_ANSWER, timeout=CHILD_TIMEOUT, keep_fds=keep
+        )
+    except NativeError as e:
+        raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
+    extents = _decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
+    if len(extents) != head.get("extents"):
+        raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
+    for e in extents:
+        overlay.write_at(e.offset, e.data)
+    return sum(len(e.data) for e in extents)
