@@ -340,3 +340,20 @@ def test_failed_write_or_flush_stops_the_commit(syscall, errno_name, tmp_path):
         assert content in (old, new)
         seen.add(content == new)
     assert False in seen
+
+
+def test_unreachable_data_is_written_before_the_log_not_through_it(source, tmp_path):
+    raw, src = source
+    path = vc.qemu_vhdx(src, tmp_path / "d.vhdx", "subformat=dynamic", "block_size=1M")
+    data = random.Random(3).randbytes(256 * 1024)
+    with open_disk(path) as disk:
+        overlay = Overlay(disk)
+        overlay.write_at(64 * 1024, data)  # allocated data (the pattern fills the first 512 KiB)
+        logged_only = plan_commit(disk, overlay.changes())
+        overlay.mark_unreachable(64 * 1024, 128 * 1024)
+        plan = plan_commit(disk, overlay.changes(), overlay.unreachable())
+        assert sum(len(d) for _o, d in plan.direct) == 128 * 1024
+        assert sum(w.length for w in plan.logged) == sum(w.length for w in logged_only.logged) - 128 * 1024
+        result = commit(disk, overlay.changes(), unreachable=overlay.unreachable())
+    assert result.bytes_written < 2 * len(data)
+    judge(path, apply(raw, [(64 * 1024, data)]), tmp_path)

@@ -16,15 +16,21 @@ from vhdtool.errors import UnsupportedImage
 __all__ = ["CommitResult", "commit"]
 
 
-def commit(disk: DiskStream, changes: list[Extent], file: WritableFile | None = None) -> CommitResult | None:
+def commit(
+    disk: DiskStream,
+    changes: list[Extent],
+    file: WritableFile | None = None,
+    unreachable: list[tuple[int, int]] = (),
+) -> CommitResult | None:
     """Write ``changes`` into the top disk of ``disk``'s chain; None when there is nothing to change.
 
     ``file``: the image already open for writing (and locked) by the caller, who keeps
-    it; without it the commit opens and locks the file itself. ``disk`` is stale
+    it; without it the commit opens and locks the file itself. ``unreachable``: the
+    overlay's ranges no structure of the old state points into. ``disk`` is stale
     afterwards: close it and open the file again to read the result.
     """
     if disk.format == "vhdx":
         from vhdtool.container.vhdx.writer import commit as commit_vhdx
 
-        return commit_vhdx(disk, changes, file)
+        return commit_vhdx(disk, changes, file, unreachable)
     raise UnsupportedImage(disk.path, "writing VHD images is not supported yet", "convert it to VHDX, or use --dry-run")

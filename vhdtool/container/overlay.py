@@ -56,6 +56,24 @@ class Overlay(DiskStream):
         self.logical_sector_size = base.logical_sector_size
         self.physical_sector_size = base.physical_sector_size
         self._pages: dict[int, bytearray] = {}
+        # Virtual-disk ranges whose old content nothing in the old state can reach (clusters the
+        # volume's old $Bitmap marks free): a writer may put new data there before its log.
+        self._unreachable: list[tuple[int, int]] = []
+
+    def mark_unreachable(self, offset: int, length: int) -> None:
+        """Say that no structure of the disk's old state points into [offset, offset + length)."""
+        if length > 0:
+            self._unreachable.append((offset, offset + length))
+
+    def unreachable(self) -> list[tuple[int, int]]:
+        """The marked ranges, merged and sorted."""
+        merged: list[list[int]] = []
+        for lo, hi in sorted(self._unreachable):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        return [(lo, hi) for lo, hi in merged]
 
     # -- writing -----------------------------------------------------------------------
     def write_at(self, offset: int, data: bytes) -> None:

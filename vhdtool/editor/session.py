@@ -266,7 +266,7 @@ class EditSession:
         changed = sum(len(e.data) for e in changes)
         written, replayed, committed = 0, False, False
         if changes and not self.dry_run:
-            result = commit_changes(self.disk, changes, self._lock)
+            result = commit_changes(self.disk, changes, self._lock, self.overlay.unreachable())
             if result is not None:
                 written, replayed, committed = result.bytes_written, result.log_replayed, True
         if self._tmp_output is not None and not self.dry_run:

@@ -73,6 +73,10 @@ class NtfsFilesystem(Filesystem):
             record = self._get(path)
             return record.open().read(min(limit, record.size()))
 
+    def cluster_size(self) -> int:
+        with translate_errors(self.image_path, f"NTFS on {self.label}: boot sector"):
+            return self.ntfs.cluster_size
+
     # -- volume state ---------------------------------------------------------------
     def volume_dirty(self) -> bool:
         with translate_errors(self.image_path, f"NTFS on {self.label}: $Volume"):

@@ -318,6 +318,48 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
     extents = _decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
     if len(extents) != head.get("extents"):
         raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
+    free = _free_clusters(overlay, start, size, label)
     for e in extents:
         overlay.write_at(e.offset, e.data)
+        for lo, hi in free.runs(e.offset - start, e.end - start):
+            overlay.mark_unreachable(start + lo, hi - lo)
     return sum(len(e.data) for e in extents)
+
+
+class _FreeClusters:
+    """The clusters the volume's on-disk (old) $Bitmap marks free: nothing of the old volume reads them."""
+
+    def __init__(self, bitmap: bytes, cluster: int):
+        self.bitmap = bitmap
+        self.cluster = cluster
+
+    def free(self, n: int) -> bool:
+        byte = n // 8
+        # Clusters past the bitmap's end do not exist: never free.
+        return byte < len(self.bitmap) and not self.bitmap[byte] >> (n % 8) & 1
+
+    def runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Byte ranges inside [lo, hi) of the volume that lie wholly in free clusters."""
+        out = []
+        c = self.cluster
+        first, last = -(-lo // c), hi // c
+        n = first
+        while n < last:
+            if self.free(n):
+                m = n
+                while m < last and self.free(m):
+                    m += 1
+                out.append((n * c, m * c))
+                n = m
+            else:
+                n += 1
+        return out
+
+
+def _free_clusters(overlay: Overlay, start: int, size: int, label: str) -> _FreeClusters:
+    from dissect.util.stream import RangeStream
+
+    from vhdtool.filesystem.ntfs import NtfsFilesystem
+
+    fs = NtfsFilesystem(RangeStream(overlay.base, start, size, align=4096), label, "the volume")
+    return _FreeClusters(fs.read("/$Bitmap", size // 8 + 4096), fs.cluster_size())

@@ -10,7 +10,11 @@ writes, in this order; the comment at each step says why stopping there is safe:
  1. Header update: new FileWriteGuid and DataWriteGuid (MS-VHDX 2.2.2: before the
     first write of the session, before the first change of virtual-disk data).
  2. New payload blocks and sector bitmap blocks are appended at the end of the
-    file, 1 MiB aligned, written and flushed. Nothing points at them yet.
+    file, 1 MiB aligned; data the overlay marks unreachable (clusters the old
+    volume's $Bitmap marks free) is written in place, inside blocks already
+    allocated; all of it flushed. Nothing in the old state points at any of it,
+    so the old state reads as before (ordered mode, as ext4 journals data=ordered:
+    the data first, then the metadata that makes it reachable, through the log).
  3. The log sequence holding every in-place change (BAT entries, sector
     bitmaps, data in blocks already allocated) is written under a fresh LogGuid
     at the start of the log region (or of a larger region appended at the end of
@@ -67,11 +71,13 @@ class CommitPlan:
     appended: list[tuple[int, int, list[tuple[int, bytes]]]] = field(default_factory=list)
     """(file offset, length, [(offset in it, bytes)]) of each new 1 MiB-aligned block; the rest of it is zeros."""
     logged: list[LoggedWrite] = field(default_factory=list)
+    direct: list[tuple[int, bytes]] = field(default_factory=list)
+    """(file offset, bytes) written in place before the log: nothing of the old state reaches them."""
     end_of_file: int = 0  # the file's size once the new blocks are appended
 
     @property
     def empty(self) -> bool:
-        return not self.appended and not self.logged
+        return not self.appended and not self.logged and not self.direct
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -81,8 +87,9 @@ def _round_up(n: int, unit: int) -> int:
 class _Planner:
     """Maps changed virtual-disk extents onto one VHDX file (2.4 sector bitmaps, 2.5 BAT)."""
 
-    def __init__(self, disk: VhdxDisk):
+    def __init__(self, disk: VhdxDisk, unreachable: list[tuple[int, int]] = ()):
         self.disk = disk
+        self.unreachable = list(unreachable)
         self.geometry = disk.geometry
         self.lss = disk.logical_sector_size
         self.end = _round_up(disk.image.size, MiB)
@@ -132,6 +139,21 @@ class _Planner:
                 byte = self._file_sector(offset + s // 8)
                 byte[(offset + s // 8) % LOG_SECTOR_SIZE] |= 1 << (s % 8)
 
+    def _split_unreachable(self, virtual: int, data: bytes) -> list[tuple[int, bytes, bool]]:
+        """(offset in data, bytes, unreachable?) runs of a piece at virtual-disk ``virtual``."""
+        out, pos, end = [], 0, len(data)
+        for lo, hi in self.unreachable:
+            if hi <= virtual + pos or lo >= virtual + end:
+                continue
+            a, b = max(lo - virtual, pos), min(hi - virtual, end)
+            if a > pos:
+                out.append((pos, data[pos:a], False))
+            out.append((a, data[a:b], True))
+            pos = b
+        if pos < end:
+            out.append((pos, data[pos:], False))
+        return out
+
     def add_block(self, block: int, pieces: list[tuple[int, bytes]]) -> None:
         """``pieces``: (offset within the block, bytes) of one payload block's changes."""
         index = self.geometry.payload_index(block)
@@ -141,9 +163,13 @@ class _Planner:
         chunk = block // self.geometry.chunk_ratio
         chunk_first_sector = (block * bs - chunk * SECTORS_PER_BITMAP_BLOCK * self.lss) // self.lss
         if state in (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT):
-            # Allocated: every change goes through the log.
+            # Allocated: data nothing old can reach goes straight in; the rest through the log.
             for within, data in pieces:
-                self._write_in_place(file_offset + within, data)
+                for at, run, unreachable in self._split_unreachable(block * bs + within, data):
+                    if unreachable:
+                        self.plan.direct.append((file_offset + within + at, run))
+                    else:
+                        self._write_in_place(file_offset + within + at, run)
                 if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
                     self._bitmap_bits(chunk, chunk_first_sector + within // self.lss, len(data) // self.lss)
             return
@@ -178,14 +204,18 @@ class _Planner:
                 runs.append(LoggedWrite(base, LOG_SECTOR_SIZE, data))
         self.plan.logged = runs
         self.plan.end_of_file = self.end if self.plan.appended else self.disk.image.size
+        self.plan.direct.sort()
         return self.plan
 
 
-def plan_commit(disk: VhdxDisk, changes: list[Extent]) -> CommitPlan:
-    """Where each changed extent goes in the file: appended blocks, logged in-place writes."""
+def plan_commit(disk: VhdxDisk, changes: list[Extent], unreachable: list[tuple[int, int]] = ()) -> CommitPlan:
+    """Where each changed extent goes in the file: appended blocks, direct writes, logged in-place writes.
+
+    ``unreachable``: virtual-disk ranges no structure of the old state points into.
+    """
     if disk.parent is None and disk.has_parent:
         raise UnsupportedImage(disk.path, "a differencing disk is written only with its parent chain open")
-    planner = _Planner(disk)
+    planner = _Planner(disk, unreachable)
     bs = disk.block_size
     per_block: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
     for extent in changes:
@@ -266,12 +296,15 @@ class VhdxCommit:
         # Step 1. Interrupted: the old content under one of two valid headers.
         self._update_header(file_write_guid=uuid.uuid4(), data_write_guid=uuid.uuid4())
 
-        # Step 2. Interrupted: a longer file whose new blocks nothing points at.
-        if plan.appended:
+        # Step 2. Interrupted: a longer file whose new blocks nothing points at, and new
+        # bytes in free clusters, which nothing of the old state reads.
+        if plan.appended or plan.direct:
             self.file.truncate(max(self.file.size, plan.end_of_file))
             for offset, _length, pieces in plan.appended:
                 for within, data in pieces:
                     self.file.pwrite(offset + within, data)
+            for offset, data in plan.direct:
+                self.file.pwrite(offset, data)
             self.file.flush()
 
         # Step 3. Interrupted: entries under a LogGuid no header names, never replayed.
@@ -306,14 +339,16 @@ class VhdxCommit:
         return moved
 
 
-def commit(disk: VhdxDisk, changes: list[Extent], file: WritableFile | None = None) -> CommitResult | None:
+def commit(
+    disk: VhdxDisk, changes: list[Extent], file: WritableFile | None = None, unreachable: list[tuple[int, int]] = ()
+) -> CommitResult | None:
     """Commit ``changes`` to the file ``disk`` was opened from; None when there is nothing to change.
 
     ``disk`` must be the top of its chain (its parents are never written) and is
     stale afterwards: close it and open the file again to read the result. ``file``
     is the caller's locked handle of the same file, or None to open one here.
     """
-    plan = plan_commit(disk, changes)
+    plan = plan_commit(disk, changes, unreachable)
     if plan.empty:
         # Nothing to change is no write at all, not even the replay of a pending log.
         return None
