@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -300,8 +301,12 @@ class EditSession:
                 pass
 
 
+PROGRESS_FROM = 256 * 1024 * 1024  # copies smaller than this finish before a bar would help
+
+
 def copy_sparse(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` (which exists, empty): a reflink where the filesystem has one, else only the data extents."""
+    """Copy ``src`` to ``dst`` (which exists, empty): a reflink where the filesystem has one, else only the
+    data extents, with a progress bar on a terminal for large images."""
     shutil.copymode(src, dst)
     with open(src, "rb") as fi, open(dst, "r+b") as fo:
         try:
@@ -312,6 +317,12 @@ def copy_sparse(src: str, dst: str) -> None:
         except OSError:
             pass
         size = os.fstat(fi.fileno()).st_size
+        bar = None
+        if size >= PROGRESS_FROM and sys.stderr.isatty() and not os.environ.get("CI"):
+            from tqdm import tqdm
+
+            bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"copying {os.path.basename(src)}",
+                       leave=False)
         pos = 0
         while pos < size:
             try:
@@ -328,7 +339,12 @@ def copy_sparse(src: str, dst: str) -> None:
                     break
                 os.pwrite(fo.fileno(), chunk, data)
                 data += len(chunk)
+                if bar is not None:
+                    # Progress through the file, holes included: they cost nothing to copy.
+                    bar.update(data - bar.n)
             pos = hole
+        if bar is not None:
+            bar.close()
         os.ftruncate(fo.fileno(), size)
         os.fsync(fo.fileno())
 
