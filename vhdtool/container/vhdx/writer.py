@@ -45,6 +45,7 @@ from vhdtool.container.vhdx.logwriter import LoggedWrite, build_sequence, sequen
 from vhdtool.container.vhdx.reader import VhdxDisk
 from vhdtool.container.vhdx.structs import (
     HEADER,
+    HEADER_SECTION_SIZE,
     HEADER_OFFSETS,
     HEADER_SIGNATURE,
     HEADER_SIZE,
@@ -58,10 +59,12 @@ from vhdtool.container.vhdx.structs import (
     checksum_zeroed,
 )
 from vhdtool.container.writefile import WritableFile
-from vhdtool.errors import UnsupportedImage
+from vhdtool.errors import CorruptImage, UnsupportedImage
 from vhdtool.units import MiB
 
 BAT_ENTRY_SIZE = 8
+FULL_BAT_CHECK = 16 * MiB
+ALLOCATED = (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)  # BATs up to this size are checked whole for blocks that share file space
 
 
 @dataclass
@@ -97,6 +100,7 @@ class _Planner:
         self.in_place: dict[int, bytearray] = {}  # 4 KiB-aligned file offset -> new sector contents
         self.bat: dict[int, int] = {}  # BAT index -> new raw entry
         self.new_bitmaps: dict[int, tuple[int, bytearray]] = {}  # chunk -> (file offset, bitmap block)
+        self.targets: dict[int, tuple[int, int]] = {}  # BAT index written into in place -> (file offset, length)
 
     def _append(self, length: int) -> int:
         offset = self.end
@@ -124,6 +128,7 @@ class _Planner:
         state, offset = self.disk.bat[self.geometry.bitmap_index(chunk)]
         if state == SB_BLOCK_PRESENT:
             target = None
+            self.targets[self.geometry.bitmap_index(chunk)] = (offset, MiB)
         elif chunk in self.new_bitmaps:
             target = self.new_bitmaps[chunk][1]
         else:
@@ -164,6 +169,7 @@ class _Planner:
         chunk_first_sector = (block * bs - chunk * SECTORS_PER_BITMAP_BLOCK * self.lss) // self.lss
         if state in (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT):
             # Allocated: data nothing old can reach goes straight in; the rest through the log.
+            self.targets[index] = (file_offset, bs)
             for within, data in pieces:
                 for at, run, unreachable in self._split_unreachable(block * bs + within, data):
                     if unreachable:
@@ -185,7 +191,45 @@ class _Planner:
         else:
             self.bat[index] = encode_entry(PAYLOAD_BLOCK_FULLY_PRESENT, new_offset)
 
+    def check_targets(self) -> None:
+        """Refuse to write in place into a block that shares file space with anything else (2.5.1).
+
+        The reader follows a BAT entry wherever it points, but a write there would also
+        change what the other structure holds: the header section, the BAT, the metadata,
+        the log, or another block. Each block written is checked against the regions and
+        against every allocated block of the BAT (whole BATs up to FULL_BAT_CHECK bytes;
+        beyond that, against the blocks this commit writes).
+        """
+        d = self.disk
+        h = d.header
+        spans = [(0, HEADER_SECTION_SIZE, "the header section"),
+                 (d.bat_region.file_offset, d.bat_region.file_offset + d.bat_region.length, "the BAT"),
+                 (d.metadata_region.file_offset, d.metadata_region.file_offset + d.metadata_region.length,
+                  "the metadata region")]
+        if h.log_length:
+            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
+        owners: dict[int, tuple[int, int]] = {}  # file offset -> (BAT index, length) of allocated blocks
+        if self.geometry.entries * BAT_ENTRY_SIZE <= FULL_BAT_CHECK:
+            for i in range(self.geometry.entries):
+                state, offset = d.bat[i]
+                is_bitmap = (i + 1) % (self.geometry.chunk_ratio + 1) == 0
+                if (state == SB_BLOCK_PRESENT if is_bitmap else state in ALLOCATED) and offset:
+                    owners.setdefault(offset, (i, MiB if is_bitmap else d.block_size))
+        for index, (offset, length) in sorted(self.targets.items()):
+            for lo, hi, what in spans:
+                if offset < hi and lo < offset + length:
+                    raise CorruptImage(d.path, f"BAT entry {index} points into {what}; writing there would damage it")
+            for other, (o_off, o_len) in self.targets.items():
+                if other != index and offset < o_off + o_len and o_off < offset + length:
+                    raise CorruptImage(d.path, f"BAT entries {index} and {other} share file space")
+            # Another block overlaps this one if it starts inside it, or less than a block before it.
+            for at in range(max(0, offset - d.block_size + MiB), offset + length, MiB):
+                owner, owner_length = owners.get(at, (index, 0))
+                if owner != index and at < offset + length and offset < at + owner_length:
+                    raise CorruptImage(d.path, f"BAT entries {index} and {owner} share file space")
+
     def finish(self) -> CommitPlan:
+        self.check_targets()
         bat_base = self.disk.bat_region.file_offset
         for index, raw in self.bat.items():
             at = bat_base + index * BAT_ENTRY_SIZE
