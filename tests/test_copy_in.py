@@ -222,6 +222,9 @@ def run_copy_in(image: Path, local: Path, inject: str | None = None, count: Path
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
 
 
+RANDOM_KILLS = int(os.environ.get("VHDTOOL_RANDOM_KILLS", "30"))
+
+
 def test_kill_copy_in_at_every_write_and_flush(tmp_path):
     original = work_copy("ws2008r2-x64", tmp_path)
     local = tmp_path / "payload.bin"
@@ -230,6 +233,10 @@ def test_kill_copy_in_at_every_write_and_flush(tmp_path):
     shutil.copyfile(original, probe)
     trace = tmp_path / "trace"
     assert run_copy_in(probe, local, count=trace).returncode == 0
+    shutil.copyfile(original, probe)
+    t0 = time.monotonic()
+    assert run_copy_in(probe, local).returncode == 0
+    duration = time.monotonic() - t0
     counts = {n: sum(1 for line in trace.read_text().splitlines() if f" {n}(" in line or line.startswith(f"{n}("))
               for n in ("pwrite64", "fsync", "ftruncate")}
     points = [(n, k) for n, total in counts.items() for k in range(1, total + 1)]
@@ -238,10 +245,23 @@ def test_kill_copy_in_at_every_write_and_flush(tmp_path):
     old_tree = ntfs_tree(old_part)
     outcomes = {"old": 0, "new": 0}
     victim = tmp_path / "victim.vhdx"
-    for name, k in points:
+    rnd = __import__("random").Random(7)
+    # Every write and flush, then random times spread over the whole run (the commit is its last part).
+    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.5, 1.0) * duration) for _ in range(RANDOM_KILLS)]
+    for how, point in kills:
         shutil.copyfile(original, victim)
-        res = run_copy_in(victim, local, inject=f"{name}:signal=KILL:when={k}")
-        assert res.returncode != 0, (name, k)
+        if how == "syscall":
+            name, k = point
+            res = run_copy_in(victim, local, inject=f"{name}:signal=KILL:when={k}")
+            assert res.returncode != 0, point
+        else:
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            proc = subprocess.Popen([sys.executable, "-m", "vhdtool.cli.main", "copy-in", str(victim), str(local),
+                                     "/Windows/Temp/crash"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            time.sleep(point)
+            proc.kill()
+            proc.wait()
+        name, k = how, point
         repaired = tmp_path / "repaired.vhdx"
         shutil.copyfile(victim, repaired)
         subprocess.run(["qemu-img", "check", "-r", "all", str(repaired)], check=True, capture_output=True)
@@ -257,4 +277,4 @@ def test_kill_copy_in_at_every_write_and_flush(tmp_path):
         subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)
         part.unlink()
     assert outcomes["old"] and outcomes["new"], outcomes
-    print(f"\ncopy-in: {len(points)} kill points {counts}, outcomes {outcomes}")
+    print(f"\ncopy-in: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
