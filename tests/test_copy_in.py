@@ -44,6 +44,8 @@ def volume_of(image: Path, tmp: Path, number: int, fmt: str | None = None) -> tu
 
 
 def qemu_check(image: Path) -> None:
+    if image.suffix != ".vhdx":
+        return  # qemu-img checks no VHD (vpc) images; its raw conversion judges them below
     res = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
     assert res.returncode == 0 and "No errors were found" in res.stdout, res.stdout + res.stderr
 
@@ -71,7 +73,8 @@ def payload(tmp_path):
     return files, paths
 
 
-@pytest.mark.parametrize("name,part", [("ws2008r2-x64", 2), ("ws2008r2-x64-fixed", 2), ("win10-gpt", 3)])
+@pytest.mark.parametrize("name,part", [("ws2008r2-x64", 2), ("ws2008r2-x64-fixed", 2), ("win10-gpt", 3),
+                                       ("ws2008r2-x64-vhd", 2), ("ws2008r2-x64-fixed-vhd", 2)])
 def test_copy_in_is_judged_correct(name, part, cli, payload, tmp_path):
     files, paths = payload
     image = work_copy(name, tmp_path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from vhdtool.container.overlay import CommitResult, Extent
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
-from vhdtool.errors import UnsupportedImage
 
 __all__ = ["CommitResult", "commit"]
 
@@ -33,4 +32,8 @@ def commit(
         from vhdtool.container.vhdx.writer import commit as commit_vhdx
 
         return commit_vhdx(disk, changes, file, unreachable)
-    raise UnsupportedImage(disk.path, "writing VHD images is not supported yet", "convert it to VHDX, or use --dry-run")
+    from vhdtool.container.vhdwriter import commit as commit_vhd
+
+    # A VHD is written into a copy renamed over it: every change lands at once, so there
+    # is nothing to gain from writing unreachable clusters first.
+    return commit_vhd(disk, changes, file)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from vhdtool.container.chain import find_parent, open_image, open_one
 from vhdtool.container.commit import commit as commit_changes
+from vhdtool.container.filecopy import copy_file
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
@@ -23,6 +24,7 @@ from vhdtool.errors import (
     UnsupportedImage,
     UnsupportedLayout,
     VhdtoolError,
+    WriteFailed,
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import inspect_disk
@@ -176,7 +178,7 @@ class EditSession:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".vhdtool-tmp", dir=os.path.dirname(out))
         os.close(fd)
         self._tmp_output = tmp
-        copy_sparse(self.path, tmp)
+        copy_image(self.path, tmp)
         # The copy keeps the original's extension, so that its format probe and locators agree.
         self.work_path = tmp
 
@@ -304,18 +306,11 @@ class EditSession:
 PROGRESS_FROM = 256 * 1024 * 1024  # copies smaller than this finish before a bar would help
 
 
-def copy_sparse(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` (which exists, empty): a reflink where the filesystem has one, else only the
-    data extents, with a progress bar on a terminal for large images."""
+def copy_image(src: str, dst: str) -> None:
+    """Copy the image ``src`` to ``dst`` (which exists, empty), sparse or as a reflink, with a
+    progress bar on a terminal for large images."""
     shutil.copymode(src, dst)
     with open(src, "rb") as fi, open(dst, "r+b") as fo:
-        try:
-            import fcntl
-
-            fcntl.ioctl(fo.fileno(), 0x40049409, fi.fileno())  # FICLONE
-            return
-        except OSError:
-            pass
         size = os.fstat(fi.fileno()).st_size
         bar = None
         if size >= PROGRESS_FROM and sys.stderr.isatty() and not os.environ.get("CI"):
@@ -323,28 +318,13 @@ def copy_sparse(src: str, dst: str) -> None:
 
             bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"copying {os.path.basename(src)}",
                        leave=False)
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
-            except OSError:
-                break  # no more data: the rest is a hole
-            try:
-                hole = os.lseek(fi.fileno(), data, os.SEEK_HOLE)
-            except OSError:
-                hole = size
-            while data < hole:
-                chunk = os.pread(fi.fileno(), min(8 << 20, hole - data), data)
-                if not chunk:
-                    break
-                os.pwrite(fo.fileno(), chunk, data)
-                data += len(chunk)
-                if bar is not None:
-                    # Progress through the file, holes included: they cost nothing to copy.
-                    bar.update(data - bar.n)
-            pos = hole
-        if bar is not None:
-            bar.close()
-        os.ftruncate(fo.fileno(), size)
-        os.fsync(fo.fileno())
-
+        try:
+            copy_file(fi.fileno(), fo.fileno(), size, src, why="--output needs a copy of the image's data",
+                      progress=(lambda at: bar.update(at - bar.n)) if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        try:
+            os.fsync(fo.fileno())
+        except OSError as e:
+            raise WriteFailed(dst, f"flushing the copy failed ({e.strerror})") from None
