@@ -35,8 +35,8 @@ def hive_typed_values(hive: Path, key: str) -> dict[str, tuple[int, object]] | N
         elif data.startswith("dword:"):
             values[name] = (REG_DWORD, int(data[6:], 16))
         elif data.startswith("hex("):
-            kind, hexbytes = data.split(":", 1)
-            values[name] = (int(kind[4:-1], 16), bytes.fromhex(hexbytes.replace(",", "")) if hexbytes else b"")
+            kind, hexbytes = data.split(":", 1)  # hivexget prints the type in decimal: hex(11) is REG_QWORD
+            values[name] = (int(kind[4:-1]), bytes.fromhex(hexbytes.replace(",", "")) if hexbytes else b"")
         else:
             raise AssertionError(f"unparsed hivexget line {line!r}")
     return values

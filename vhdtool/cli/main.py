@@ -17,6 +17,7 @@ from vhdtool.cli.images import fail_line
 from vhdtool.cli.inspect import inspect
 from vhdtool.cli.matrix import matrix
 from vhdtool.cli.plan import plan
+from vhdtool.cli.services import services
 from vhdtool.errors import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, VhdtoolError
 
 app = typer.Typer(
@@ -50,6 +51,7 @@ app.command()(inspect)
 app.command()(matrix)
 app.command()(plan)
 app.command("copy-in")(copy_in)
+app.command()(services)
 
 
 def main() -> None:

@@ -120,3 +120,12 @@ def render_edit(result: EditResult) -> str:
         lines.append(f"  wrote    {_size(result.bytes_written)} to the image file"
                      + (", after replaying its pending log" if result.log_replayed else ""))
     return "\n".join(lines)
+
+
+def render_services(image: str, services) -> str:
+    lines = [image]
+    for s in services:
+        lines.append(f"  {s.name:<20} {s.start or '?'} ({s.start_value})")
+    if not services:
+        lines.append("  no integration services are installed")
+    return "\n".join(lines)

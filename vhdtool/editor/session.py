@@ -32,6 +32,8 @@ from vhdtool.guest.inspection import Inspection
 from vhdtool.volume import Partition, open_partition
 
 SCHEMA = 1
+CONFIG_DIR = "/Windows/System32/config"
+HIVES = ("SYSTEM", "SOFTWARE", "SAM", "SECURITY", "DEFAULT")
 IMAGE_SUFFIXES = (".vhdx", ".avhdx", ".vhd", ".avhd")
 MAX_SIBLINGS = 4096  # differencing disks looked at in the image's folder
 LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "lvm2")
@@ -141,6 +143,7 @@ class EditSession:
         self.overlay: Overlay | None = None
         self.inspection: Inspection | None = None
         self._ops: dict[int, list] = {}  # partition index -> ntfs3g operations, in order
+        self._hive_edits: dict[str, list] = {}  # hive name -> HiveEdits, in order
         self._files: list[FileChange] = []
         self._registry: list[RegistryChange] = []
         self.result: EditResult | None = None
@@ -252,12 +255,65 @@ class EditSession:
         self._files.append(change)
         return change
 
+    def set_value(self, hive: str, key: str, name: str, value, type: str | int) -> None:
+        """Set value ``name`` of ``key`` in the system volume's ``hive`` (SYSTEM, SOFTWARE...), creating the key."""
+        from vhdtool.registry import HiveEdit
+
+        self._hive(hive).append(HiveEdit.set_value(key, name, value, type))
+
+    def delete_value(self, hive: str, key: str, name: str) -> None:
+        from vhdtool.registry import HiveEdit
+
+        self._hive(hive).append(HiveEdit.delete_value(key, name))
+
+    def _hive(self, hive: str) -> list:
+        name = hive.upper()
+        if name not in HIVES:
+            raise UnsupportedLayout(self.path, f"unknown hive {hive}", f"use one of {', '.join(HIVES)}")
+        self._volume(None)  # the refusals of the system volume, now rather than at commit
+        return self._hive_edits.setdefault(name, [])
+
     @property
     def changes(self) -> tuple[tuple[FileChange, ...], tuple[RegistryChange, ...]]:
         return tuple(self._files), tuple(self._registry)
 
     # -- the commit -----------------------------------------------------------------------
+    def _run_hive_edits(self) -> None:
+        """Each edited hive read from NTFS, brought up to date from its logs if dirty, edited by
+        libhivex, made so Windows will not replay its old logs over the change, and queued to
+        be written back before the volume's other operations."""
+        from vhdtool.registry import edit_hive, replay, retire_logs
+
+        if not self._hive_edits:
+            return
+        part, fs = self._volume(None)
+        queued = []
+        for name, edits in self._hive_edits.items():
+            path = f"{CONFIG_DIR}/{name}"
+            if not fs.exists(path):
+                raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
+            primary = fs.read(path, fs.size(path))
+            logs = [fs.read(f"{path}.{ext}", fs.size(f"{path}.{ext}")) if fs.exists(f"{path}.{ext}") else None
+                    for ext in ("LOG1", "LOG2")]
+            if logs == [None, None] and fs.exists(f"{path}.LOG"):
+                logs[0] = fs.read(f"{path}.LOG", fs.size(f"{path}.LOG"))  # the single log of NT 6.0 and older
+            current = replay(primary, logs[0], logs[1], name, self.path)
+            edited = edit_hive(current.data, edits, name, self.path)
+            for outcome in edited.outcomes:
+                if outcome.changed:
+                    e = outcome.edit
+                    new = e.value.to_json() if e.value is not None else None
+                    old = outcome.old.to_json() if outcome.old is not None else None
+                    kind = (e.value or outcome.old).type_name if (e.value or outcome.old) else "-"
+                    self._registry.append(RegistryChange(name, e.key, e.name, kind, old, new))
+            if edited.changed:
+                queued.append(ntfs3g.WriteFile(path, retire_logs(edited.data, logs[0], logs[1], name, self.path)))
+        self._hive_edits.clear()
+        if queued:
+            self._ops[part.index] = queued + self._ops.get(part.index, [])
+
     def _run_operations(self) -> None:
+        self._run_hive_edits()
         for index, ops in self._ops.items():
             part = next(p for p in self.inspection.partitions if p.index == index)
             ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}")

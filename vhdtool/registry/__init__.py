@@ -173,3 +173,19 @@ def _not_an_ancestor(node: KeyNode, lineage: set[int]) -> None:
     """A key listed under itself or its own subkey makes the tree infinitely deep: damage."""
     if node.offset in lineage:
         raise Damage(f"key cell {node.offset:#x} ({node.name!r}) is listed as a subkey of itself or of its own subkey")
+
+
+# -- the write path: log replay (pure Python) and libhivex edits (loaded on first use) ---------
+
+from vhdtool.registry.logreplay import Replayed, is_dirty, replay, retire_logs  # noqa: E402
+
+_HIVEX_NAMES = ("EditOutcome", "EditResult", "HiveEdit", "RegValue", "edit_hive")
+
+
+def __getattr__(name: str):
+    # vhdtool.registry.hivex (ctypes, the sandbox) is imported only by the code that edits hives.
+    if name in _HIVEX_NAMES:
+        from vhdtool.registry import hivex
+
+        return getattr(hivex, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
