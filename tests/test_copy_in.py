@@ -281,3 +281,24 @@ def test_kill_copy_in_at_every_write_and_flush(tmp_path):
         part.unlink()
     assert outcomes["old"] and outcomes["new"], outcomes
     print(f"\ncopy-in: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
+
+
+def test_new_files_and_folders_inherit_the_parents_acl_as_windows_does(cli, tmp_path):
+    """MS-DTYP 2.4.4.1: a file gets each ACE its folder marks OBJECT_INHERIT, a folder each ACE marked
+    CONTAINER_INHERIT (keeping the inheritance flags, to pass them on), both with INHERITED_ACE set."""
+    from judges.volumes import dacl_aces, security_descriptor
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    local = tmp_path / "acl.txt"
+    local.write_bytes(b"acl")
+    code, out, err = cli("copy-in", image, local, "/Windows/Temp/acl test")
+    assert code == 0, err
+    part, _ = volume_of(image, tmp_path, 2)
+    parent = dacl_aces(security_descriptor(part, "/Windows/Temp"))
+    folder = dacl_aces(security_descriptor(part, "/Windows/Temp/acl test"))
+    file = dacl_aces(security_descriptor(part, "/Windows/Temp/acl test/acl.txt"))
+    OI, CI, NP, INHERITED = 0x01, 0x02, 0x04, 0x10
+    # The fixture's folders carry ACEs inherited by both files and folders (OI|CI).
+    assert parent and all(f & (OI | CI) == OI | CI for _k, f, _b in parent)
+    assert folder == [(k, (f & (OI | CI)) | INHERITED, b) for k, f, b in parent if f & CI and not f & NP]
+    assert file == [(k, INHERITED, b) for k, f, b in parent if f & OI]

@@ -74,3 +74,29 @@ def ntfs_tree(volume: Path) -> dict[str, str]:
 
         walk(fs.mft.root, "")
     return out
+
+
+def security_descriptor(volume: Path, path: str) -> bytes:
+    """The self-relative security descriptor of ``path``, as ntfs-3g's ntfssecaudit dumps it."""
+    out = sh("ntfssecaudit", "-v", volume, path).stdout.decode()
+    data = bytearray()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and len(parts[0]) == 6 and all(c in "0123456789abcdef" for c in parts[0]):
+            for word in parts[1:]:
+                data += bytes.fromhex(word)
+    return bytes(data)
+
+
+def dacl_aces(sd: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, flags, body) of each ACE of the DACL of a self-relative descriptor (MS-DTYP 2.4.6, 2.4.5)."""
+    import struct
+
+    dacl = struct.unpack_from("<I", sd, 16)[0]
+    _rev, _sbz, _size, count, _sbz2 = struct.unpack_from("<BBHHH", sd, dacl)
+    out, pos = [], dacl + 8
+    for _ in range(count):
+        kind, flags, size = struct.unpack_from("<BBH", sd, pos)
+        out.append((kind, flags, sd[pos + 4 : pos + size]))
+        pos += size
+    return out

@@ -38,6 +38,12 @@ ND_OPEN = 1 << 0
 BLKGETSIZE64 = 0x80081272
 S_IFREG, S_IFDIR = stat.S_IFREG, stat.S_IFDIR
 EXTENT_HEAD = struct.Struct("<QQ")
+# MS-DTYP 2.4.6 SECURITY_DESCRIPTOR (self-relative) and 2.4.5 ACL headers, 2.4.4.1 ACE flags.
+SD_HEADER = struct.Struct("<BBHIIII")
+ACL_HEADER = struct.Struct("<BBHHH")
+SE_DACL_PRESENT = 0x0004
+SE_DACL_AUTO_INHERITED = 0x0400
+INHERITED_ACE = 0x10
 MAX_ANSWER = 2048 * MiB
 
 s64 = ctypes.c_int64
@@ -106,6 +112,8 @@ def _bind(label: str) -> ctypes.CDLL:
         ("ntfs_attr_close", None, [c]),
         ("ntfs_attr_truncate", ctypes.c_int, [c, s64]),
         ("ntfs_attr_pwrite", s64, [c, s64, s64, c]),
+        ("ntfs_get_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t]),
+        ("ntfs_set_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t, ctypes.c_int]),
     ):
         fn = getattr(lib, name)
         fn.restype = restype
@@ -232,9 +240,53 @@ class _Volume:
             ni = self.lib.ntfs_create(parent, securid, uname, n, S_IFDIR if is_dir else S_IFREG)
             if not ni:
                 raise Refusal(f"libntfs-3g could not create {parent_path}/{name} ({os.strerror(ctypes.get_errno())})")
+            if securid:
+                self._mark_inherited(ni, parent)
             return ni
         finally:
             self.lib.ntfs_inode_close(parent)
+
+    def _descriptor(self, ni) -> bytes | None:
+        size = self.lib.ntfs_get_ntfs_acl(ctypes.byref(self.scx), ni, None, 0)
+        if size <= 0 or size > 65536:
+            return None
+        buf = ctypes.create_string_buffer(size)
+        got = self.lib.ntfs_get_ntfs_acl(ctypes.byref(self.scx), ni, buf, size)
+        return buf.raw[:got] if 0 < got <= size else None
+
+    def _mark_inherited(self, ni, parent) -> None:
+        """Make the inherited ACEs look as Windows makes them (MS-DTYP 2.4.4.1, 2.4.6).
+
+        libntfs-3g copies the parent's inheritable ACEs with their inheritance flags
+        cleared; Windows also sets INHERITED_ACE on each, and SE_DACL_AUTO_INHERITED in
+        the descriptor's control when the parent's has it, so that the ACEs are told
+        apart from explicit ones and follow later changes of the parent.
+        """
+        sd = self._descriptor(ni)
+        parent_sd = self._descriptor(parent)
+        if sd is None or parent_sd is None or len(sd) < SD_HEADER.size:
+            return
+        new = bytearray(sd)
+        _rev, _sbz, control, _owner, _group, _sacl, dacl = SD_HEADER.unpack_from(new)
+        if not control & SE_DACL_PRESENT or not dacl or dacl + ACL_HEADER.size > len(new):
+            return
+        _arev, _asbz, acl_size, count, _asbz2 = ACL_HEADER.unpack_from(new, dacl)
+        pos, end = dacl + ACL_HEADER.size, min(dacl + acl_size, len(new))
+        for _ in range(count):
+            if pos + 4 > end:
+                return  # not a well-formed ACL: leave the descriptor as libntfs-3g made it
+            ace_size = struct.unpack_from("<H", new, pos + 2)[0]
+            if ace_size < 4:
+                return
+            new[pos + 1] |= INHERITED_ACE
+            pos += ace_size
+        parent_control = struct.unpack_from("<H", parent_sd, 2)[0]
+        if parent_control & SE_DACL_AUTO_INHERITED:
+            struct.pack_into("<H", new, 2, control | SE_DACL_AUTO_INHERITED)
+        if bytes(new) != sd:
+            data = bytes(new)
+            if self.lib.ntfs_set_ntfs_acl(ctypes.byref(self.scx), ni, data, len(data), 0) != 0:
+                raise Refusal("libntfs-3g could not set the inherited security descriptor")
 
     def mkdir(self, path: str) -> None:
         parts = [p for p in path.split("/") if p]
