@@ -302,3 +302,93 @@ def test_new_files_and_folders_inherit_the_parents_acl_as_windows_does(cli, tmp_
     assert parent and all(f & (OI | CI) == OI | CI for _k, f, _b in parent)
     assert folder == [(k, (f & (OI | CI)) | INHERITED, b) for k, f, b in parent if f & CI and not f & NP]
     assert file == [(k, INHERITED, b) for k, f, b in parent if f & OI]
+
+
+def set_ntfs_dirty_bit(volume: Path) -> None:
+    """Set VOLUME_IS_DIRTY in $Volume's VOLUME_INFORMATION (MFT record 3), as Windows does while mounted.
+
+    Test-side surgery from the NTFS format: the boot sector gives the cluster size and
+    the MFT's first cluster; record 3 lies in the MFT's first extent; the attribute
+    (type 0x70) is resident and near the record's start, clear of the update
+    sequence fix-ups at the end of each 512-byte sector.
+    """
+    import struct
+
+    buf = bytearray(volume.read_bytes())
+    sector, spc = struct.unpack_from("<HB", buf, 11)
+    cluster = sector * (spc if spc < 0x80 else 1 << (256 - spc))
+    (mft_lcn,) = struct.unpack_from("<Q", buf, 48)
+    (raw_size,) = struct.unpack_from("<b", buf, 64)
+    record_size = raw_size * cluster if raw_size > 0 else 1 << -raw_size
+    record = mft_lcn * cluster + 3 * record_size
+    assert buf[record : record + 4] == b"FILE"
+    pos = record + struct.unpack_from("<H", buf, record + 20)[0]
+    while True:
+        kind, length = struct.unpack_from("<II", buf, pos)
+        assert kind != 0xFFFFFFFF and length, "no VOLUME_INFORMATION attribute"
+        if kind == 0x70:
+            value = pos + struct.unpack_from("<H", buf, pos + 20)[0]
+            assert (value + 12 - record) % 512 < 510
+            flags = struct.unpack_from("<H", buf, value + 10)[0]
+            struct.pack_into("<H", buf, value + 10, flags | 0x0001)
+            break
+        pos += length
+    volume.write_bytes(bytes(buf))
+
+
+def test_refused_when_the_ntfs_volume_was_not_shut_down_cleanly(cli, tmp_path):
+    image = work_copy("ws2008r2-x64", tmp_path)
+    raw = raw_image(image, tmp_path / "disk.raw")
+    part = extract_partition(raw, 2, tmp_path / "part.img")
+    set_ntfs_dirty_bit(part)
+    # ntfs-3g's own tools now refuse the volume as one Windows did not shut down cleanly.
+    judged = subprocess.run(["ntfsinfo", "-m", str(part)], capture_output=True, text=True)
+    assert judged.returncode != 0 and "chkdsk" in judged.stdout + judged.stderr
+    start = partition_table(raw)["partitions"][1]["start"] * 512
+    with open(raw, "r+b") as f:
+        f.seek(start)
+        f.write(part.read_bytes())
+    dirty = tmp_path / "dirty.vhdx"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic", str(raw), str(dirty)],
+                   check=True)
+    local = tmp_path / "x.txt"
+    local.write_bytes(b"x")
+    before = digest(dirty)
+    result = cli("copy-in", dirty, local, "/Windows/Temp")
+    assert_one_line_error(*result, dirty)
+    assert result[0] == 18 and "shut it down cleanly" in result[2]
+    assert digest(dirty) == before
+
+
+def test_refused_when_the_image_file_is_read_only(tmp_path):
+    """Run as an unprivileged user (root writes any file) on an image it may read but not write."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="vhdtool-ro-"))
+    try:
+        os.chmod(folder, 0o755)
+        image = folder / "ro.vhdx"
+        shutil.copyfile(fb.build("ws2008r2-x64"), image)
+        os.chmod(image, 0o644)
+        local = folder / "x.txt"
+        local.write_bytes(b"x")
+        os.chmod(local, 0o644)
+        before = digest(image)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "vhdtool.cli.main",
+               "copy-in", str(image), str(local), "/Windows/Temp"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if "Permission denied" in res.stderr and "vhdtool" not in res.stderr:
+            pytest.skip("the unprivileged user cannot run this checkout's Python")
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 17 and len(lines) == 1 and str(image) in lines[0], res.stderr
+        assert digest(image) == before
+        # --output still works from a read-only image.
+        out = folder / "out"
+        out.mkdir()
+        os.chmod(out, 0o777)
+        res = subprocess.run(cmd[:-3] + ["--output", str(out / "new.vhdx")] + cmd[-3:], capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert res.returncode == 0, res.stderr
+        assert digest(image) == before
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
