@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import io
 import lzma
@@ -52,6 +53,22 @@ def real(real_dir):
         return decompress(src, real_dir)
 
     return get
+
+
+@contextlib.contextmanager
+def held_by_qemu(path, fmt: str):
+    """qemu-io with ``path`` open, holding QEMU's image locks as a running VM would."""
+    import subprocess
+    import time
+
+    holder = subprocess.Popen(["qemu-io", "-f", fmt, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # qemu-io has opened and locked the image by then
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

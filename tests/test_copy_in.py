@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, held_by_qemu
 from fixtures import build as fb
 from judges.volumes import extract_partition, ntfs_tree, ntfscat, partition_table, raw_image
 
@@ -113,8 +113,6 @@ def test_replacing_a_file_and_vhdtool_reads_it_back(cli, tmp_path):
         local.write_bytes(text)
         code, out, err = cli("copy-in", image, local, "/Windows/Temp")
         assert code == 0, err
-        with vhdtool.edit(image, dry_run=True) as ed:
-            pass
         from vhdtool.filesystem import NtfsFilesystem
         from vhdtool.volume import list_partitions, open_partition
 
@@ -200,14 +198,8 @@ def test_refused_while_qemu_holds_the_image(cli, tmp_path):
     local = tmp_path / "x.txt"
     local.write_bytes(b"x")
     before = digest(image)
-    holder = subprocess.Popen(["qemu-io", "-f", "vhdx", str(image)], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
+    with held_by_qemu(image, "vhdx"):
         result = cli("copy-in", image, local, "/Windows/Temp")
-    finally:
-        holder.kill()
-        holder.wait()
     assert_one_line_error(*result, image)
     assert result[0] == 16
     assert digest(image) == before

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import held_by_qemu
+
 import vhd_craft
 import vhdx_craft as vc
 from test_container import pyvhdi_bytes
@@ -429,15 +431,8 @@ def test_hard_linked_image_is_refused(tmp_path):
 def test_image_held_by_another_process_is_refused(tmp_path):
     _, path, _ = make("dynamic", tmp_path)
     before = path.read_bytes()
-    holder = subprocess.Popen(["qemu-io", "-f", "vpc", str(path)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        with pytest.raises(ImageInUse):
-            write_and_commit(path, [(0, b"\x42" * 512)])
-    finally:
-        holder.kill()
-        holder.wait()
+    with held_by_qemu(path, "vpc"), pytest.raises(ImageInUse):
+        write_and_commit(path, [(0, b"\x42" * 512)])
     assert path.read_bytes() == before and temps(tmp_path) == []
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import vhdx_craft as vc
+from conftest import held_by_qemu
 from test_container import pyvhdi_bytes
 from vhdtool import open_disk
 from vhdtool.container.overlay import Overlay
@@ -203,17 +204,8 @@ def test_image_held_by_another_process_is_refused(source, tmp_path):
     raw, src = source
     path = vc.qemu_vhdx(src, tmp_path / "d.vhdx")
     before = path.read_bytes()
-    holder = subprocess.Popen(["qemu-io", "-f", "vhdx", str(path)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        import time
-
-        time.sleep(0.5)
-        with pytest.raises(ImageInUse):
-            write_and_commit(path, [(0, b"\x42" * 512)])
-    finally:
-        holder.kill()
-        holder.wait()
+    with held_by_qemu(path, "vhdx"), pytest.raises(ImageInUse):
+        write_and_commit(path, [(0, b"\x42" * 512)])
     assert path.read_bytes() == before
 
 

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import fcntl
 import hashlib
 import os
 import re

@@ -20,7 +20,6 @@ from vhdtool.errors import (
     GuestNotClean,
     ImageHasChildren,
     ImageNotFound,
-    NoGuestFound,
     UnsupportedImage,
     UnsupportedLayout,
     VhdtoolError,

@@ -177,7 +177,7 @@ def _not_an_ancestor(node: KeyNode, lineage: set[int]) -> None:
 
 # -- the write path: log replay (pure Python) and libhivex edits (loaded on first use) ---------
 
-from vhdtool.registry.logreplay import Replayed, is_dirty, replay, retire_logs  # noqa: E402
+from vhdtool.registry.logreplay import Replayed, is_dirty, replay, retire_logs  # noqa: E402,F401  (re-exported)
 
 _HIVEX_NAMES = ("EditOutcome", "EditResult", "HiveEdit", "RegValue", "edit_hive")
 
