@@ -14,7 +14,6 @@ import os
 import random
 import subprocess
 
-
 from test_fuzz_container import bases, reseal  # noqa: F401  (the fixture and the resealer)
 from vhdtool import open_disk
 from vhdtool.container.commit import commit
