@@ -384,3 +384,30 @@ def test_refused_when_the_image_file_is_read_only(tmp_path):
         assert digest(image) == before
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_copy_in_through_a_differencing_child(cli, tmp_path):
+    """The child gets the change (partially present blocks); the parent is never written. libvhdi,
+    which reads differencing VHDX (qemu does not), reads the chain for ntfs-3g to judge."""
+    import pyvhdi
+
+    import vhdx_craft as vc
+
+    parent = work_copy("ws2008r2-x64", tmp_path)
+    child = tmp_path / "child.avhdx"
+    vc.make_differencing(parent, child, {}, relative_path=f".\\{parent.name}", block_size=2 * 1024 * 1024)
+    parent_before = digest(parent)
+    local = tmp_path / "diff.bin"
+    local.write_bytes(os.urandom(700_000))
+    code, out, err = cli("copy-in", child, local, "/Windows/Temp/child")
+    assert code == 0, err
+    assert digest(parent) == parent_before
+    f, p = pyvhdi.file(), pyvhdi.file()
+    f.open(str(child))
+    p.open(str(parent))
+    f.set_parent(p)
+    raw = tmp_path / "chain.raw"
+    raw.write_bytes(f.read_buffer_at_offset(f.get_media_size(), 0))
+    part = extract_partition(raw, 2, tmp_path / "chain.p2")
+    assert ntfscat(part, "/Windows/Temp/child/diff.bin") == local.read_bytes()
+    subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)

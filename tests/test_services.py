@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_one_line_error
 from fixtures import build as fb
 from judges.hives import hive_typed_values
-from judges.volumes import extract_partition, ntfscat, raw_image
+from judges.volumes import extract_partition, ntfs_tree, ntfscat, raw_image
 from regf_judge import judge_replay
 
 pytestmark = pytest.mark.fixtures
@@ -55,9 +55,24 @@ def start_values(hive: bytes, tmp: Path, control_set: int, names) -> dict[str, i
 IC = ("vmicheartbeat", "vmickvpexchange", "vmicshutdown", "vmictimesync", "vmicvss")
 
 
-@pytest.mark.parametrize("name,part,control_set", [("ws2008r2-x64", 2, 1), ("ws2012-sysprep", 1, 2)])
+def volume_tree(image: Path, tmp: Path, number: int) -> dict[str, str]:
+    raw = raw_image(image, tmp / "tree.raw")
+    part = extract_partition(raw, number, tmp / "tree.img")
+    raw.unlink()
+    tree = ntfs_tree(part)
+    part.unlink()
+    return tree
+
+
+# What a hive rewrite changes besides the hive: the MFT (and its mirror) and the cluster bitmap.
+CHANGING = {"/$MFT", "/$MFTMirr", "/$Bitmap", "/$Secure", "/Windows/System32/config/SYSTEM"}
+
+
+@pytest.mark.parametrize("name,part,control_set", [("ws2008r2-x64", 2, 1), ("ws2012-sysprep", 1, 2),
+                                                   ("win10-gpt", 3, 1)])
 def test_disable_and_enable(cli, tmp_path, name, part, control_set):
     image = work_copy(name, tmp_path)
+    tree_before = volume_tree(image, tmp_path, part)
     before = start_values(system_files(image, tmp_path, part)["SYSTEM"], tmp_path, control_set, IC)
     code, out, err = cli("services", "--json", image, "--disable", "vmictimesync", "--disable", "VMICHeartbeat",
                          "--enable", "vmicvss")
@@ -70,6 +85,11 @@ def test_disable_and_enable(cli, tmp_path, name, part, control_set):
     assert changed == expected and doc["committed"]
     after = start_values(system_files(image, tmp_path, part)["SYSTEM"], tmp_path, control_set, IC)
     assert after == {**before, "vmictimesync": 4, "vmicheartbeat": 4, "vmicvss": 3}
+    # Every other file of the volume is as it was ($LogFile included: it is not reset).
+    tree_after = volume_tree(image, tmp_path, part)
+    assert set(tree_after) == set(tree_before)
+    assert {p for p in tree_before if tree_before[p] != tree_after[p]} <= CHANGING
+    assert tree_after["/Windows/System32/config/SYSTEM"] != tree_before["/Windows/System32/config/SYSTEM"]
     # What vhdtool inspect reads agrees, and the same change again is no change at all.
     code, out, err = cli("inspect", "--json", image)
     services = {s["name"]: s["start_value"] for s in json.loads(out)["guest"]["integration_services"]["services"]}
