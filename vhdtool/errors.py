@@ -155,6 +155,11 @@ class ImageHasChildren(VhdtoolError):
     hint = "merge or delete the differencing disks that depend on it, or write a copy with --output NEW"
 
 
+class SetupPending(VhdtoolError):
+    exit_code = 20
+    hint = "boot the guest once so that Windows runs the pending setup command, or clear SYSTEM\\Setup CmdLine"
+
+
 # -- native libraries (vhdtool.native) ------------------------------------------
 
 class NativeError(VhdtoolError):

@@ -18,6 +18,7 @@ from vhdtool.cli.inspect import inspect
 from vhdtool.cli.matrix import matrix
 from vhdtool.cli.plan import plan
 from vhdtool.cli.services import services
+from vhdtool.cli.stage import stage, status
 from vhdtool.errors import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, VhdtoolError
 
 app = typer.Typer(
@@ -52,6 +53,8 @@ app.command()(matrix)
 app.command()(plan)
 app.command("copy-in")(copy_in)
 app.command()(services)
+app.command()(stage)
+app.command()(status)
 
 
 def main() -> None:

@@ -129,3 +129,29 @@ def render_services(image: str, services) -> str:
     if not services:
         lines.append("  no integration services are installed")
     return "\n".join(lines)
+
+
+def render_stage(result) -> str:
+    lines = [render_plan(result.plan)]
+    if result.staged:
+        verb = "would stage" if result.edit and result.edit.dry_run else ("staged" if result.changed else "already staged")
+        lines.append(f"  {verb:<10} {result.id}, boot hook {result.boot_hook['kind']}")
+        for f in result.files:
+            lines.append(f"    {f['path']} ({_size(f['size'])})")
+        if result.edit and result.edit.committed:
+            lines.append(f"  wrote      {_size(result.edit.bytes_written)} to the image file")
+    return "\n".join(lines)
+
+
+def render_status(st) -> str:
+    lines = [st.image, f"  state      {st.state}", f"  IC         version {st.ic_version or 'unknown'}"
+             + (f" (from {st.ic_source})" if st.ic_source else "")]
+    for s in st.staged:
+        detail = f"exit code {s.exit_code}, " if s.exit_code is not None else ""
+        detail += f"{s.attempts} attempt(s)" if s.attempts is not None else "not run yet"
+        if s.finished:
+            detail += f", finished {s.finished}"
+        lines.append(f"  {s.id:<24} {s.state} ({detail})")
+        if s.state == "failed":
+            lines.extend(f"    | {line}" for line in s.log_tail)
+    return "\n".join(lines)

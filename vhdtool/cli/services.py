@@ -24,7 +24,7 @@ def services(
                                           help="Write a changed copy to NEW; the image is not opened for writing."),
     as_json: bool = typer.Option(False, "--json", help="Print the change set and the services as JSON."),
 ) -> None:
-    """List the guest's integration services; enable or disable them offline."""
+    """List the integration services of a guest; set how they start."""
     from vhdtool.cli.render import render_edit, render_services
     from vhdtool.editor import edit
     from vhdtool.errors import UnsupportedLayout

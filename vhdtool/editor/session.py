@@ -265,6 +265,38 @@ class EditSession:
 
         self._hive(hive).append(HiveEdit.delete_value(key, name))
 
+    def _hive_files(self, fs: NtfsFilesystem, name: str) -> tuple[bytes, bytes | None, bytes | None]:
+        """The hive's primary and its LOG1/LOG2 (or the single .LOG of NT 6.0 and older), as on the volume."""
+        path = f"{CONFIG_DIR}/{name}"
+        if not fs.exists(path):
+            raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
+        primary = fs.read(path, fs.size(path))
+        logs = [fs.read(f"{path}.{ext}", fs.size(f"{path}.{ext}")) if fs.exists(f"{path}.{ext}") else None
+                for ext in ("LOG1", "LOG2")]
+        if logs == [None, None] and fs.exists(f"{path}.LOG"):
+            logs[0] = fs.read(f"{path}.LOG", fs.size(f"{path}.LOG"))
+        return primary, logs[0], logs[1]
+
+    def read_value(self, hive: str, key: str, name: str, default=None):
+        """A value of the system volume's ``hive`` as Windows would see it at boot (its logs replayed)."""
+        import io
+
+        from vhdtool.registry import Hive, replay
+
+        hive = hive.upper()
+        _part, fs = self._volume(None)
+        primary, log1, log2 = self._hive_files(fs, hive)
+        current = replay(primary, log1, log2, hive, self.path)
+        return Hive(io.BytesIO(current.data), hive, self.path).value(key, name, default)
+
+    def file_content(self, path: str, partition: int | None = None) -> bytes | None:
+        """A file of the guest as it stands in this session (pending changes not yet applied), or None."""
+        _part, fs = self._volume(partition)
+        target = guest_path(path, self._drive(partition))
+        if not fs.exists(target) or fs.is_dir(target):
+            return None
+        return fs.read(target, fs.size(target))
+
     def _hive(self, hive: str) -> list:
         name = hive.upper()
         if name not in HIVES:
@@ -289,13 +321,7 @@ class EditSession:
         queued = []
         for name, edits in self._hive_edits.items():
             path = f"{CONFIG_DIR}/{name}"
-            if not fs.exists(path):
-                raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
-            primary = fs.read(path, fs.size(path))
-            logs = [fs.read(f"{path}.{ext}", fs.size(f"{path}.{ext}")) if fs.exists(f"{path}.{ext}") else None
-                    for ext in ("LOG1", "LOG2")]
-            if logs == [None, None] and fs.exists(f"{path}.LOG"):
-                logs[0] = fs.read(f"{path}.LOG", fs.size(f"{path}.LOG"))  # the single log of NT 6.0 and older
+            primary, *logs = self._hive_files(fs, name)
             current = replay(primary, logs[0], logs[1], name, self.path)
             edited = edit_hive(current.data, edits, name, self.path)
             for outcome in edited.outcomes:

@@ -159,3 +159,26 @@ def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
         notes.append(f"{source}: no integration services cabs under /support")
     return out
 
+
+
+def cab_bytes(candidate: CabCandidate) -> bytes:
+    """The bytes of a chosen cab, read again from its source and checked against the digest the plan verified."""
+    import hashlib
+
+    from vhdtool.cabinet.format import MAX_CAB_SIZE
+
+    source = Path(candidate.source)
+    if source.is_file() and _is_iso(source):
+        from vhdtool.iso import IsoImage
+
+        inner = candidate.path[len(candidate.source) + 1 :]
+        with IsoImage(source) as iso:
+            match = [(f, raw) for f, raw in iso.support_cabs() if f.path == inner]
+            if not match:
+                raise CabSourceError(candidate.source, f"{inner} is no longer in the image")
+            data = iso.read(match[0][0], match[0][1], MAX_CAB_SIZE)
+    else:
+        data = _read_file(Path(candidate.path))
+    if hashlib.sha256(data).hexdigest() != candidate.sha256:
+        raise CabSourceError(candidate.path, "the cab changed since it was verified", "run the command again")
+    return data

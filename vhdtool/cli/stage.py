@@ -1,0 +1,57 @@
+"""``vhdtool stage`` and ``vhdtool status``: install the chosen integration services at next boot; read the outcome."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vhdtool.cli.images import for_each_image, path_document
+from vhdtool.cli.plan import HOST_HELP
+
+
+def stage(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
+    host: str = typer.Option(..., "--host", metavar="HOST", help=HOST_HELP),
+    cabs: List[Path] = typer.Option(
+        [], "--cabs", metavar="PATH", show_default=False,
+        help="A folder, a .cab or the host's vmguest.iso to take cabs from; repeatable.",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
+    output: Optional[Path] = typer.Option(None, "--output", metavar="NEW",
+                                          help="Stage into a copy NEW (one image only); the image is not written."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+    revision: Optional[str] = typer.Option(
+        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the newest)."
+    ),
+) -> None:
+    """Stage each IMAGE's integration services to install at next boot."""
+    from vhdtool.cli.render import render_stage
+    from vhdtool.plan.decide import SCHEMA
+    from vhdtool.plan.matrix import load_matrix
+    from vhdtool.plan.sources import load_sources
+    from vhdtool.stage.session import stage as stage_image
+
+    if output is not None and len(images) != 1:
+        raise typer.BadParameter("--output takes one image", param_hint="--output")
+    m = load_matrix(revision)
+    host_key = None if host.strip().lower() == "auto" else m.resolve_host(host)
+    catalog = load_sources(cabs)
+    for_each_image(images, as_json, SCHEMA,
+                   lambda image: stage_image(image, host_key, catalog, m, dry_run=dry_run, output=output),
+                   render_stage, os.fspath)
+
+
+def status(
+    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+) -> None:
+    """Report whether what was staged in each IMAGE installed at boot."""
+    from vhdtool.cli.render import render_status
+    from vhdtool.stage.status import SCHEMA
+    from vhdtool.stage.status import status as read_status
+
+    for_each_image(images, as_json, SCHEMA, read_status, render_status, path_document)
+

@@ -1,0 +1,107 @@
+"""`status`: what the boot-time installer left in the guest, read offline and read-only.
+
+For each staged id under %SystemRoot%\\vhdtool: ``pending`` (staged, never run),
+``running`` (it started: attempts.txt, but no result.txt), ``installed`` (result.txt
+with exit code 0 or 3010) or ``failed`` (any other exit code, with the last lines of
+install.log). ``none`` when nothing was ever staged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from vhdtool.container import open_disk
+from vhdtool.errors import UnsupportedLayout
+from vhdtool.filesystem import NtfsFilesystem
+from vhdtool.guest.discover import inspect_disk
+from vhdtool.stage.script import ID_PATTERN, SUCCESS_CODES
+from vhdtool.volume import open_partition
+
+SCHEMA = 1
+STAGING_ROOT = "/Windows/vhdtool"
+LOG_TAIL = 10
+RESULT_LINE = re.compile(r"^(exit_code|attempts|finished)=(.{0,100})$")
+
+
+@dataclass(frozen=True)
+class StagedState:
+    id: str
+    state: str  # "pending" | "running" | "installed" | "failed"
+    exit_code: int | None
+    attempts: int | None
+    finished: str | None
+    log_tail: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "state": self.state, "exit_code": self.exit_code, "attempts": self.attempts,
+                "finished": self.finished, "log_tail": list(self.log_tail)}
+
+
+@dataclass(frozen=True)
+class Status:
+    image: str
+    state: str  # the newest staging's state, or "none"
+    staged: tuple[StagedState, ...]
+    ic_version: str | None
+    ic_source: str | None
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "image": self.image, "state": self.state,
+                "staged": [s.to_dict() for s in self.staged], "ic_version": self.ic_version,
+                "ic_source": self.ic_source}
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _version_key(staged_id: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in staged_id.split("-")[0].split("."))
+
+
+def read_state(fs: NtfsFilesystem, staged_id: str) -> StagedState:
+    folder = f"{STAGING_ROOT}/{staged_id}"
+    fields: dict[str, str] = {}
+    if fs.exists(f"{folder}/result.txt"):
+        for line in fs.read(f"{folder}/result.txt", 4096).decode("latin-1").splitlines():
+            m = RESULT_LINE.match(line.strip())
+            if m:
+                fields[m.group(1)] = m.group(2).strip()
+    log = []
+    if fs.exists(f"{folder}/install.log"):
+        size = fs.size(f"{folder}/install.log")
+        text = fs.read(f"{folder}/install.log", min(size, 1 << 20)).decode("utf-8", "replace")
+        log = [line.rstrip() for line in text.splitlines() if line.strip()][-LOG_TAIL:]
+    attempts = _int(fields.get("attempts"))
+    if attempts is None and fs.exists(f"{folder}/attempts.txt"):
+        attempts = _int(fs.read(f"{folder}/attempts.txt", 64).decode("latin-1").strip())
+    exit_code = _int(fields.get("exit_code"))
+    if "exit_code" in fields:
+        state = "installed" if exit_code in SUCCESS_CODES else "failed"
+    elif attempts:
+        state = "running"
+    else:
+        state = "pending"
+    return StagedState(staged_id, state, exit_code, attempts, fields.get("finished"), tuple(log))
+
+
+def status(image: str | os.PathLike) -> Status:
+    path = os.fspath(image)
+    with open_disk(path) as disk:
+        ins = inspect_disk(disk)
+        w = ins.guest.windows
+        if ins.guest.os != "windows" or w is None:
+            raise UnsupportedLayout(path, "the guest is not Windows: nothing is ever staged in it",
+                                    "Linux guests get integration services from their kernel")
+        part = next(p for p in ins.partitions if p.index == w.system_partition)
+        fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
+        ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.match(n)] if fs.is_dir(STAGING_ROOT) else []
+        staged = tuple(read_state(fs, i) for i in sorted(ids, key=_version_key))
+    ic = ins.guest.integration_services
+    return Status(path, staged[-1].state if staged else "none", staged,
+                  ic.version if ic else None, ic.source if ic else None)
