@@ -47,10 +47,10 @@ def hivexsh_script(lines: list[str], hive: Path) -> None:
     run("hivexsh", "-w", "-f", script, hive)
 
 
-def build_software(path: Path) -> None:
+def build_software(path: Path, product: tuple = PRODUCT, ic_version: str = "6.3.9600.18692") -> None:
     shutil.copyfile(REAL / "minimal", path)
     os.chmod(path, 0o644)
-    product, version, build, _ = PRODUCT
+    product, version, build, _ = product
     lines = ["cd \\"]
     for key in ("Microsoft", "Windows NT", "CurrentVersion"):
         lines += [f"add {key}", f"cd {key}"]
@@ -64,7 +64,7 @@ def build_software(path: Path) -> None:
         "UBR", "dword:0x00004e20",
         "cd \\", "cd Microsoft",
         "add Virtual Machine", "cd Virtual Machine", "add Auto", "cd Auto",
-        "setval 1", "IntegrationServicesVersion", "string:6.3.9600.18692",
+        "setval 1", "IntegrationServicesVersion", f"string:{ic_version}",
         "cd \\", "cd Microsoft",
     ]
     # Component Based Servicing\Packages: thousands of package keys, as on a serviced system.
@@ -84,17 +84,27 @@ def build_software(path: Path) -> None:
     hivexsh_script(lines, path)
 
 
-def build_partition(cache: Path) -> Path:
-    part = cache / "windows-ntfs.img"
+DISK_SIGNATURE = 0x12345678
+PARTITION_OFFSET = 1024 * 1024
+
+
+def build_partition(cache: Path, product: tuple = PRODUCT, ic_version: str = "6.3.9600.18692",
+                    name: str = "windows-ntfs.img", drive_c: bool = False) -> Path:
+    """The guest's NTFS volume; ``drive_c`` records it as C: in MountedDevices (MBR signature + offset)."""
+    part = cache / name
     if part.exists():
         return part
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         tmp = Path(tmp)
         software = tmp / "SOFTWARE"
-        build_software(software)
+        build_software(software, product, ic_version)
         system = tmp / "SYSTEM"
         with gzip.open(REAL / "SYSTEM-win10-x64.gz") as fi, open(system, "wb") as fo:
             shutil.copyfileobj(fi, fo)
+        if drive_c:
+            entry = DISK_SIGNATURE.to_bytes(4, "little") + PARTITION_OFFSET.to_bytes(8, "little")
+            hivexsh_script(["cd \\MountedDevices", "setval 1", "\\DosDevices\\C:",
+                            "hex:3:" + ",".join(f"{b:02x}" for b in entry)], system)
         img = tmp / "part.img"
         with open(img, "wb") as f:
             f.truncate(PARTITION_SIZE)
@@ -114,8 +124,8 @@ def build_partition(cache: Path) -> Path:
     return part
 
 
-def build_image(cache: Path, name: str, size: int, part: Path) -> Path:
-    out = cache / f"windows-{name}.vhdx"
+def build_image(cache: Path, name: str, size: int, part: Path, prefix: str = "windows") -> Path:
+    out = cache / f"{prefix}-{name}.vhdx"
     if out.exists() and out.stat().st_mtime >= part.stat().st_mtime:
         return out
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
