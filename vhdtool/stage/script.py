@@ -11,8 +11,10 @@ At boot, as SYSTEM, install.cmd:
    by full path under System32, logging to install.log beside itself;
  - treats 0 and 3010 as success: writes result.txt (exit_code, attempts, finished),
    removes the cab, clears the boot hook, and asks for a restart only on 3010;
- - on failure re-arms the Setup CmdLine hook itself, because Windows may clear
-   SetupType before it starts CmdLine (KB939857) and the script must work either way;
+ - arms the Setup CmdLine hook itself before each attempt, because Windows may clear
+   SetupType before it starts CmdLine (KB939857): a failed attempt, or one cut short by
+   a power loss, runs again at the next boot either way;
+ - does nothing but clear the hook once result.txt exists (a run after a finished one);
  - after the last failed attempt writes result.txt and clears the hook, so the guest
    never loops at boot.
 """
@@ -45,7 +47,7 @@ class StagedScript:
     def __post_init__(self) -> None:
         for value, pattern, what in ((self.id, ID_PATTERN, "id"), (self.cab_name, CAB_PATTERN, "cab name"),
                                      (self.system_root, SYSTEM_ROOT_PATTERN, "system root")):
-            if not pattern.match(value):
+            if not pattern.fullmatch(value):  # fullmatch: "$" alone would let a trailing newline through
                 raise UnsafeScriptValue(f"{what} {value!r} does not match {pattern.pattern}")
         if self.installer not in ("dism", "pkgmgr") or self.hook not in ("setup-cmdline", "setupcomplete"):
             raise UnsafeScriptValue("unknown installer or hook")
@@ -72,7 +74,7 @@ class StagedScript:
 
 def install_id(version: str, arch: str) -> str:
     value = f"{version}-{arch}"
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise UnsafeScriptValue(f"id {value!r} does not match {ID_PATTERN.pattern}")
     return value
 
@@ -103,11 +105,17 @@ def render(s: StagedScript) -> bytes:
         'set "LOG=%HERE%\\install.log"',
         'set "RESULT=%HERE%\\result.txt"',
         'set "COUNT=%HERE%\\attempts.txt"',
+        "rem A result means an earlier run finished: only the hook is left to clear (power lost before it was).",
+        'if exist "%RESULT%" goto clear',
         "set ATTEMPTS=0",
         'if exist "%COUNT%" set /p ATTEMPTS=<"%COUNT%"',
         "set /a ATTEMPTS=ATTEMPTS+1",
         '> "%COUNT%" echo %ATTEMPTS%',
         f"if %ATTEMPTS% GTR {MAX_ATTEMPTS} goto giveup",
+        "rem Armed for the next boot before the attempt, whether or not Windows cleared SetupType",
+        "rem already (KB939857): a power loss during the installer is retried too.",
+        f"{reg} add {setup_key} /v CmdLine /t REG_SZ /d \"{cmdline}\" /f >nul",
+        f"{reg} add {setup_key} /v SetupType /t REG_DWORD /d 2 /f >nul",
         'echo [%DATE% %TIME%] attempt %ATTEMPTS% >> "%LOG%"',
         f'{install} >> "%LOG%" 2>&1',
         "set RC=%ERRORLEVEL%",
@@ -115,9 +123,7 @@ def render(s: StagedScript) -> bytes:
         'if "%RC%"=="0" goto success',
         'if "%RC%"=="3010" goto success',
         f"if %ATTEMPTS% GEQ {MAX_ATTEMPTS} goto finished",
-        "rem Failed: run again at the next boot, whether or not Windows cleared SetupType already.",
-        f"{reg} add {setup_key} /v CmdLine /t REG_SZ /d \"{cmdline}\" /f >nul",
-        f"{reg} add {setup_key} /v SetupType /t REG_DWORD /d 2 /f >nul",
+        "rem Failed: the hook armed above runs the script again at the next boot.",
         "goto end",
         ":giveup",
         f"set /a ATTEMPTS={MAX_ATTEMPTS}",

@@ -100,7 +100,7 @@ def status(image: str | os.PathLike) -> Status:
                                     "Linux guests get integration services from their kernel")
         part = next(p for p in ins.partitions if p.index == w.system_partition)
         fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
-        ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.match(n)] if fs.is_dir(STAGING_ROOT) else []
+        ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n)] if fs.is_dir(STAGING_ROOT) else []
         staged = tuple(read_state(fs, i) for i in sorted(ids, key=_version_key))
     ic = ins.guest.integration_services
     return Status(path, staged[-1].state if staged else "none", staged,
