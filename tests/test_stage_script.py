@@ -385,3 +385,46 @@ def test_wine_session(wine):
     assert env.get("PROCESSOR_ARCHITECTURE") == "AMD64", env  # the stubs are x86-64 programs
     overrides = wine.reg_values("HKCU\\Software\\Wine\\DllOverrides")
     assert overrides.get("dism.exe") == overrides.get("pkgmgr.exe") == "native", overrides
+
+
+@pytest.mark.fixtures
+def test_staged_image_boots_under_wine_and_status_reads_the_result(wine, tmp_path):
+    """The round trip: `vhdtool stage` writes a fixture image; its install.cmd (read back with ntfscat)
+    runs at a simulated boot; what the boot left (result.txt, install.log, attempts.txt, the Setup
+    values) is written back into the image; `vhdtool status` reads `installed`."""
+    import json
+    import shutil as sh
+
+    import vhdtool
+    from conftest import run_cli
+    from fixtures import build as fb
+    from fixtures.cabs import CabSpec, build_cab
+    from judges.volumes import extract_partition, ntfscat, raw_image
+
+    image = tmp_path / "guest.vhdx"
+    sh.copyfile(fb.build("ws2008r2-x64"), image)
+    cabs = tmp_path / "cabs"
+    build_cab(CabSpec("6.1", "x64", "6.2.9200.16384"), cabs)
+    code, out, err = run_cli("stage", "--json", image, "--host", "win8", "--cabs", cabs)
+    assert code == 0, err
+    doc = json.loads(out)
+    script = StagedScript(id=doc["id"], cab_name=doc["cab"]["name"], installer="dism", system_root="C:\\Windows",
+                          hook="setup-cmdline")
+    part = extract_partition(raw_image(image, tmp_path / "disk.raw"), 2, tmp_path / "p2.img")
+    assert ntfscat(part, f"{script.guest_folder}/install.cmd") == render(script)
+    g = Guest(wine, script)
+    g.stage()
+    g.set_installer_exit(0)
+    assert g.boot(kb939857=False).ran
+    assert g.result()["exit_code"] == "0"
+    with vhdtool.edit(image) as ed:
+        for name in ("result.txt", "install.log", "attempts.txt"):
+            ed.write_file(f"{script.guest_folder}/{name}", g.file(name).read_bytes())
+        values = g.setup_values()
+        ed.set_value("SYSTEM", "Setup", "SetupType", values["SetupType"], "REG_DWORD")
+        ed.set_value("SYSTEM", "Setup", "CmdLine", values["CmdLine"], "REG_SZ")
+    code, out, err = run_cli("status", "--json", image)
+    st = json.loads(out)
+    assert code == 0 and st["state"] == "installed", st
+    assert (st["staged"][0]["exit_code"], st["staged"][0]["attempts"]) == (0, 1)
+    assert st["staged"][0]["finished"]
