@@ -184,3 +184,14 @@ def test_host_auto_without_a_usable_host(cli, name, needle):
     docs = json.loads(out)
     assert code == 11 and docs[0] == {"schema": 1, "image": str(image), "error": {"code": 11, "message": err.splitlines()[0][len("vhdtool: "):]}}
     assert docs[1]["host"] == "win8"
+
+
+def test_plan_says_before_anything_is_written_when_stage_would_refuse(cli, sources):
+    doc = plan_json(cli, fb.build("ws2008r2-hibernated"), "--host", "win8", "--cabs", sources["iso"])
+    assert doc["action"] == "stage"
+    assert any(n.startswith("stage would refuse this image: the guest is hibernated") for n in doc["notes"])
+    doc = plan_json(cli, fb.build("ws2008r2-dirtyhive"), "--host", "win8", "--cabs", sources["iso"])
+    assert any("SYSTEM hive is dirty: stage replays its logs first" in n for n in doc["notes"])
+    assert not any("would refuse" in n for n in doc["notes"])
+    doc = plan_json(cli, fb.build("ws2008r2-x64"), "--host", "win8", "--cabs", sources["iso"])
+    assert not any("refuse" in n or "dirty" in n for n in doc["notes"])

@@ -78,6 +78,10 @@ def plan(
     notes: list[str] = list(catalog.notes)
 
     def done(method: str, action: str, cab: CabCandidate | None = None) -> Plan:
+        if action == STAGE:
+            notes.extend(f"stage would refuse this image: {why}" for why in write_refusals(inspection))
+            for name in dirty_hives(inspection):
+                notes.append(f"the {name} hive is dirty: stage replays its logs first, and stops if they cannot be")
         return Plan(
             image=inspection.image.path,
             host=host,
@@ -161,6 +165,26 @@ def plan_for_host(
     """``plan`` on ``host``, or on the host the guest last ran on when ``host`` is None (``--host auto``)."""
     matrix = matrix or load_matrix()
     return plan(inspection, host if host is not None else host_of(inspection, matrix), catalog, matrix)
+
+
+def write_refusals(inspection: Inspection) -> list[str]:
+    """Why the write engine would refuse to stage into this guest, read from the inspection alone."""
+    w = inspection.guest.windows
+    if w is None:
+        return []
+    out = []
+    if w.hibernated:
+        out.append("the guest is hibernated (boot it and shut it down, Fast Startup off)")
+    if not w.ntfs_clean:
+        out.append("its system volume was not shut down cleanly")
+    if not w.drive_letter:
+        out.append("MountedDevices names no drive letter for its system volume")
+    return out
+
+
+def dirty_hives(inspection: Inspection) -> list[str]:
+    w = inspection.guest.windows
+    return [name for name, state in w.hives if state.dirty] if w is not None else []
 
 
 def _data_exchange_state(inspection: Inspection) -> str | None:
