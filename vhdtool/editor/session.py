@@ -143,6 +143,8 @@ class EditSession:
         self.inspection: Inspection | None = None
         self._ops: dict[int, list] = {}  # partition index -> ntfs3g operations, in order
         self._hive_edits: dict[str, list] = {}  # hive name -> HiveEdits, in order
+        # Each volume is opened and checked once: the overlay changes only at the commit.
+        self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
         self._registry: list[RegistryChange] = []
         self.result: EditResult | None = None
@@ -198,6 +200,8 @@ class EditSession:
             if not w.ntfs_clean:
                 raise GuestNotClean(self.path, "the system volume was not shut down cleanly (NTFS dirty bit or $LogFile)")
             partition = w.system_partition
+        if partition in self._volumes:
+            return self._volumes[partition]
         part = next((p for p in ins.partitions if p.index == partition), None)
         if part is None:
             raise UnsupportedLayout(self.path, f"the disk has no partition {partition}",
@@ -214,6 +218,7 @@ class EditSession:
             raise GuestNotClean(self.path, f"the NTFS volume on partition {partition} was not shut down cleanly")
         if fs.hibernated():
             raise GuestNotClean(self.path, f"partition {partition} holds a hibernated system")
+        self._volumes[partition] = (part, fs)
         return part, fs
 
     def _drive(self, partition: int | None) -> str | None:
