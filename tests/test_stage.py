@@ -267,3 +267,27 @@ def test_kill_stage_at_every_write_and_flush(sources, tmp_path):
         outcomes["new"] += 1
     assert outcomes["old"] and outcomes["new"], outcomes
     print(f"\nstage: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
+
+
+def test_server_2008_sp2_gets_pkgmgr(cli, sources, tmp_path):
+    image = work_copy("ws2008-sp2-x64", tmp_path)
+    code, doc, err = stage_json(cli, image, "--host", "win8", "--cabs", sources["iso"])
+    assert code == 0, err
+    assert doc["guest_key"] == "server-2008" and doc["cab"]["name"] == "Windows6.0-HyperVIntegrationServices-x64.cab"
+    part = volume(image, tmp_path, 2)
+    script = ntfscat(part, f"/Windows/vhdtool/{doc['id']}/install.cmd")
+    cab = f"C:\\Windows\\vhdtool\\{doc['id']}\\Windows6.0-HyperVIntegrationServices-x64.cab"
+    assert f'"C:\\Windows\\System32\\pkgmgr.exe" /ip /m:"{cab}" /quiet /norestart'.encode() in script
+    assert b"dism.exe" not in script
+
+
+def test_a_newer_cab_replaces_a_pending_older_one(cli, sources, tmp_path):
+    image = work_copy("ws2008r2-x64", tmp_path)
+    code, first, err = stage_json(cli, image, "--host", "win8", "--cabs", sources["iso"])
+    assert code == 0 and first["staged"], err
+    code, second, err = stage_json(cli, image, "--host", "win8", "--cabs", sources["iso81"])
+    assert code == 0 and second["staged"] and second["id"] == f"{WIN81_IC}-x64", err
+    setup = setup_values(volume(image, tmp_path, 2), tmp_path)
+    assert setup["CmdLine"] == (REG_SZ, f'cmd.exe /c "C:\\Windows\\vhdtool\\{WIN81_IC}-x64\\install.cmd"')
+    code, out, err = cli("status", "--json", image)
+    assert json.loads(out)["staged"][-1]["id"] == f"{WIN81_IC}-x64"
