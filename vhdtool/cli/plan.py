@@ -37,12 +37,18 @@ def plan(
     from vhdtool.cli.render import render_plan
     from vhdtool.guest.discover import inspect
     from vhdtool.plan.decide import SCHEMA, plan_for_host
+
+    m, host_key, catalog = plan_inputs(host, cabs, revision)
+    for_each_image(
+        images, as_json, SCHEMA, lambda image: plan_for_host(inspect(image), host_key, catalog, m), render_plan, os.fspath
+    )
+
+
+def plan_inputs(host: str, cabs: List[Path], revision: Optional[str]):
+    """(matrix, host key or None for --host auto, cab catalog): what plan and stage decide from."""
     from vhdtool.plan.matrix import load_matrix
     from vhdtool.plan.sources import load_sources
 
     m = load_matrix(revision)
     host_key = None if host.strip().lower() == "auto" else m.resolve_host(host)
-    catalog = load_sources(cabs)
-    for_each_image(
-        images, as_json, SCHEMA, lambda image: plan_for_host(inspect(image), host_key, catalog, m), render_plan, os.fspath
-    )
+    return m, host_key, load_sources(cabs)

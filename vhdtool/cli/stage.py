@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from vhdtool.cli.images import for_each_image, path_document
-from vhdtool.cli.plan import HOST_HELP
+from vhdtool.cli.plan import HOST_HELP, plan_inputs
 
 
 def stage(
@@ -30,15 +30,11 @@ def stage(
     """Stage each IMAGE's integration services to install at next boot."""
     from vhdtool.cli.render import render_stage
     from vhdtool.plan.decide import SCHEMA
-    from vhdtool.plan.matrix import load_matrix
-    from vhdtool.plan.sources import load_sources
     from vhdtool.stage.session import stage as stage_image
 
     if output is not None and len(images) != 1:
         raise typer.BadParameter("--output takes one image", param_hint="--output")
-    m = load_matrix(revision)
-    host_key = None if host.strip().lower() == "auto" else m.resolve_host(host)
-    catalog = load_sources(cabs)
+    m, host_key, catalog = plan_inputs(host, cabs, revision)
     for_each_image(images, as_json, SCHEMA,
                    lambda image: stage_image(image, host_key, catalog, m, dry_run=dry_run, output=output),
                    render_stage, os.fspath)

@@ -24,8 +24,8 @@ FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 UNCHANGED = "the image is unchanged; check the disk holding it (free space, I/O errors) and run the command again"
 
 
-def _failed(path: str, problem: str) -> WriteFailed:
-    """A copy failed: what it was copied for has not happened, the original is as it was."""
+def unchanged_failure(path: str, problem: str) -> WriteFailed:
+    """A failure before anything replaced or changed the image: the original is as it was."""
     return WriteFailed(path, problem, UNCHANGED)
 
 
@@ -49,7 +49,7 @@ def copy_file(
     """
 
     def failed(e: OSError, what: str) -> WriteFailed:
-        return _failed(image_path, f"copying it failed ({what}: {e.strerror})")
+        return unchanged_failure(image_path, f"copying it failed ({what}: {e.strerror})")
 
     if reflink:
         try:
@@ -74,7 +74,7 @@ def copy_file(
             if e.errno == errno.ENXIO:
                 break  # only a hole from here on
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise _failed(image_path, f"reading it failed ({e.strerror})") from None
+                raise unchanged_failure(image_path, f"reading it failed ({e.strerror})") from None
             data, hole = pos, size  # no SEEK_DATA here: all of it is data
         while data < hole:
             n = min(hole - data, COPY_CHUNK)
@@ -90,7 +90,7 @@ def copy_file(
             if not use_cfr:
                 done = _copy_plain(src, dst, data, min(n, PLAIN_CHUNK), failed)
             if done <= 0:
-                raise _failed(image_path, f"copying it failed (the image ended early at offset {data})")
+                raise unchanged_failure(image_path, f"copying it failed (the image ended early at offset {data})")
             copied.bytes += done
             copied.calls += 1
             data += done

@@ -83,7 +83,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from vhdtool.container.filecopy import copy_file
+from vhdtool.container.filecopy import copy_file, unchanged_failure
 from vhdtool.container.overlay import CommitResult, Extent
 from vhdtool.container.vhd import (
     DISK_DIFFERENCING,
@@ -108,12 +108,8 @@ DATA_ALIGN = 4 * KiB  # where Windows starts each block's data
 TEMP_SUFFIX = re.compile(r"\.vhdtool-[0-9a-f]{16}\.tmp")
 
 
-UNCHANGED = "the image is unchanged; check the disk holding it (free space, I/O errors) and run the command again"
-
-
-def _failed(path: str, problem: str) -> WriteFailed:
-    """A write failure before the commit point: the image is as it was."""
-    return WriteFailed(path, problem, UNCHANGED)
+# A failure before the commit point (the rename) leaves the image as it was.
+_failed = unchanged_failure
 
 
 # -- the plan ----------------------------------------------------------------------------

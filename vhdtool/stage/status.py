@@ -16,6 +16,7 @@ from vhdtool.container import open_disk
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import NtfsFilesystem
 from vhdtool.guest.discover import inspect_disk
+from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.stage.script import ID_PATTERN, SUCCESS_CODES
 from vhdtool.volume import open_partition
 
@@ -60,10 +61,6 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def _version_key(staged_id: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in staged_id.split("-")[0].split("."))
-
-
 def read_state(fs: NtfsFilesystem, staged_id: str) -> StagedState:
     folder = f"{STAGING_ROOT}/{staged_id}"
     fields: dict[str, str] = {}
@@ -101,7 +98,7 @@ def status(image: str | os.PathLike) -> Status:
         part = next(p for p in ins.partitions if p.index == w.system_partition)
         fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
         ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n)] if fs.is_dir(STAGING_ROOT) else []
-        staged = tuple(read_state(fs, i) for i in sorted(ids, key=_version_key))
+        staged = tuple(read_state(fs, i) for i in sorted(ids, key=lambda i: version_tuple(i.split("-")[0])))
     ic = ins.guest.integration_services
     return Status(path, staged[-1].state if staged else "none", staged,
                   ic.version if ic else None, ic.source if ic else None)
