@@ -96,7 +96,7 @@ def test_no_import_cycle_inside_vhdtool():
 
 
 LAYERS = ["units", "errors", "native", "container", "volume", "filesystem", "registry", "guest", "editor",
-          "cabinet", "iso", "plan", "stage", "cli"]
+          "cabinet", "iso", "plan", "stage", "fleet", "cli"]
 
 
 def test_imports_point_down_the_layers():
@@ -152,7 +152,9 @@ def test_version_flag():
     assert out.returncode == 0 and out.stdout == f"vhdtool {__version__}\n"
 
 
-@pytest.mark.parametrize("command", [[], ["inspect"], ["matrix"], ["plan"], ["copy-in"], ["services"], ["stage"], ["status"]])
+@pytest.mark.parametrize("command", [[], ["inspect"], ["matrix"], ["plan"], ["copy-in"], ["services"], ["stage"], ["status"],
+                                     ["batch"], ["report"], *(["batch", c] for c in ("inspect", "plan", "stage",
+                                                                                     "status", "services"))])
 def test_help_fits_80_columns_without_type_markers(command):
     env = {"COLUMNS": "80", "PATH": "/usr/bin:/bin", "TERM": "xterm"}
     out = subprocess.run([sys.executable, "-m", "vhdtool.cli.main", *command, "--help"],
@@ -162,5 +164,5 @@ def test_help_fits_80_columns_without_type_markers(command):
     assert lines and all(len(line) <= 80 for line in lines), out.stdout
     # Type markers such as "<bool>" or "<list[Path]>" say nothing to a user.
     assert not re.search(r"<\w+(\[\w+\])?>", out.stdout), out.stdout
-    commands = ("inspect", "matrix", "plan", "copy-in", "services", "stage", "status")
+    commands = ("inspect", "matrix", "plan", "copy-in", "services", "stage", "status", "batch", "report")
     assert "..." not in "".join(l for l in lines if l.startswith("  ") and l.strip().split()[0] in commands)

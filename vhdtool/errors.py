@@ -18,6 +18,7 @@ from collections.abc import Iterator
 # click makes them; ImageNotFound shares that code.
 EXIT_INTERNAL_ERROR = 70  # a bug: an exception no layer translated (sysexits EX_SOFTWARE)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_SOME_FAILED = 21  # `batch`, `report`: the run went through, some images failed (each has its own code)
 
 
 class VhdtoolError(Exception):
@@ -199,3 +200,31 @@ class UnknownKey(VhdtoolError):
     """An unknown host, matrix revision, or a host that cannot be told from the guest."""
 
     exit_code = 11
+
+
+# -- fleet (batch, report) -----------------------------------------------------------
+
+class ImageTimedOut(VhdtoolError):
+    """An image took longer than the batch's per-image time limit; its worker was killed.
+
+    A kill mid-write is a crash the transaction is built for: the image is left as it
+    was or fully changed, never in between.
+    """
+
+    exit_code = 22
+    hint = "run it alone to see why, or raise --timeout"
+
+
+class WorkerDied(VhdtoolError):
+    exit_code = 23
+    hint = "a bug or the kernel's OOM killer: run `vhdtool` on this image alone (VHDTOOL_DEBUG=1) and report it"
+
+
+class BadManifest(VhdtoolError):
+    exit_code = 24
+    hint = "give CSV (image,host,output,cabs) or JSON lines ({\"image\": ...}), one image per row"
+
+
+class BadReport(VhdtoolError):
+    exit_code = 25
+    hint = "give a report written by `vhdtool batch --report`"

@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from vhdtool.cli.batch import batch_app, report
 from vhdtool.cli.copy_in import copy_in
 from vhdtool.cli.images import fail_line
 from vhdtool.cli.inspect import inspect
@@ -55,6 +56,8 @@ app.command("copy-in")(copy_in)
 app.command()(services)
 app.command()(stage)
 app.command()(status)
+app.add_typer(batch_app, name="batch")
+app.command()(report)
 
 
 def main() -> None:

@@ -122,10 +122,12 @@ def render_edit(result: EditResult) -> str:
     return "\n".join(lines)
 
 
-def render_services(image: str, services) -> str:
-    lines = [image]
+def render_services(doc: dict) -> str:
+    """The listing of ``vhdtool services IMAGE`` from its JSON document."""
+    services = doc["services"]
+    lines = [doc["image"]]
     for s in services:
-        lines.append(f"  {s.name:<20} {s.start or '?'} ({s.start_value})")
+        lines.append(f"  {s['name']:<20} {s['start'] or '?'} ({s['start_value']})")
     if not services:
         lines.append("  no integration services are installed")
     return "\n".join(lines)

@@ -10,8 +10,6 @@ import typer
 
 from vhdtool.cli.images import fail_line
 
-MANUAL, DISABLED = 3, 4  # Start values: Windows ships the IC services as manual (triggered) start
-
 
 def services(
     image: Path = typer.Argument(..., metavar="IMAGE", show_default=False, help="VHDX or VHD file"),
@@ -26,34 +24,17 @@ def services(
 ) -> None:
     """List the integration services of a guest; set how they start."""
     from vhdtool.cli.render import render_edit, render_services
-    from vhdtool.editor import edit
-    from vhdtool.errors import UnsupportedLayout
-    from vhdtool.guest.discover import inspect
+    from vhdtool.editor.services import DISABLED, MANUAL, list_services, set_services
 
     wanted = [(n, MANUAL) for n in enable] + [(n, DISABLED) for n in disable]
     if not wanted:
-        ins = inspect(image)
-        ic = ins.guest.integration_services
-        if ins.guest.os != "windows" or ic is None:
-            raise UnsupportedLayout(image, "the guest is not Windows: it has no integration services to list",
-                                    "Linux guests get them from their kernel (see `vhdtool inspect`)")
+        doc = list_services(image)
         if as_json:
-            typer.echo(json.dumps({"schema": 1, "image": str(image), "services": [s.to_dict() for s in ic.services]},
-                                  indent=2))
+            typer.echo(json.dumps(doc, indent=2))
         else:
-            typer.echo(render_services(str(image), ic.services))
+            typer.echo(render_services(doc))
         return
-    with edit(image, dry_run=dry_run, output=output) as ed:
-        ic = ed.inspection.guest.integration_services
-        known = {s.name.lower(): s.name for s in (ic.services if ic else ())}
-        control_set = ed.inspection.guest.windows.control_set if ed.inspection.guest.windows else None
-        for name, start in wanted:
-            if name.lower() not in known:
-                raise UnsupportedLayout(image, f"the guest has no integration service named {name}",
-                                        f"use one of: {', '.join(sorted(known.values())) or 'none installed'}")
-            key = f"ControlSet{control_set:03d}\\Services\\{known[name.lower()]}"
-            ed.set_value("SYSTEM", key, "Start", start, "REG_DWORD")
-    result = ed.result
+    result = set_services(image, wanted, dry_run=dry_run, output=output)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -15,11 +15,20 @@ import struct
 from vhdtool.errors import CorruptImage, ImageNotFound, NotADiskImage
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
 class ImageFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ImageNotFound(self.path, "no such file") from None
         except IsADirectoryError:
@@ -29,9 +38,10 @@ class ImageFile:
         except OSError as e:
             raise ImageNotFound(self.path, f"cannot open ({e.strerror})") from None
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise NotADiskImage(self.path, "is a directory")
+            raise NotADiskImage(self.path, f"is {_kind(st.st_mode)}, not a file")
+        os.set_blocking(fd, True)
         self._fd = fd
         self.file_size = st.st_size
         # Size the image is treated as having: a replayed log may extend it (2.3.3).

@@ -12,9 +12,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 
-from vhdtool.errors import ImageInUse, ImageNotFound, ImageReadOnly, WriteFailed
+from vhdtool.errors import ImageInUse, ImageNotFound, ImageReadOnly, NotADiskImage, WriteFailed
 
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock on LP64 Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
@@ -25,7 +26,7 @@ class WritableFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ImageNotFound(path, "no such file") from None
         except PermissionError:
@@ -34,6 +35,10 @@ class WritableFile:
             if e.errno == errno.EROFS:
                 raise ImageReadOnly(path, "the image file is on a read-only filesystem") from None
             raise WriteFailed(path, f"cannot open it for writing ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotADiskImage(path, "is not a regular file")
+        os.set_blocking(fd, True)
         self._fd = fd
         try:
             self._lock()

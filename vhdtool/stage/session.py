@@ -38,6 +38,7 @@ class StageResult:
             "id": self.id,
             "files": list(self.files),
             "boot_hook": self.boot_hook,
+            "output": self.edit.output if self.edit else None,
             "changes": self.edit.to_dict()["changes"] if self.edit else {"files": [], "registry": []},
             "bytes_written": self.edit.bytes_written if self.edit else 0,
             "dry_run": self.edit.dry_run if self.edit else False,

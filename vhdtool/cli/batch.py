@@ -1,0 +1,141 @@
+"""``vhdtool batch COMMAND [IMAGE|GLOB]... [--manifest FILE]...``: a command over many images; ``vhdtool report``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vhdtool.cli.plan import HOST_HELP
+
+batch_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="""Run inspect, plan, stage, status or services over many images.
+
+Images run in parallel worker processes; each image's record (the command's JSON
+document, or its error) is appended to the report as it finishes. Exit 0 when all
+succeeded, 21 when some failed, 130 when stopped by Ctrl-C or SIGTERM (the images
+in hand finish first).""",
+)
+
+IMAGES = typer.Argument(None, metavar="[IMAGE|GLOB]...", show_default=False,
+                        help="VHDX or VHD files, or quoted patterns such as 'vms/**/*.vhdx'")
+MANIFEST = typer.Option([], "--manifest", "-m", metavar="FILE", show_default=False,
+                        help="CSV or JSON lines: image[,host,output,cabs] per row; repeatable.")
+JOBS = typer.Option(0, "--jobs", "-j", metavar="N", show_default=False,
+                    help="Worker processes (default: this machine's cores).")
+REPORT = typer.Option(None, "--report", metavar="FILE",
+                      help="Append one JSON line per image to FILE (default: stdout).")
+RESUME = typer.Option(False, "--resume", help="Skip images whose last record in --report is a success.")
+SHARD = typer.Option(None, "--shard", metavar="K/N",
+                     help="Run shard K of N (deterministic; by default taken from JOB_COMPLETION_INDEX or "
+                          "SLURM_ARRAY_TASK_ID).")
+SHARDS = typer.Option(None, "--shards", metavar="N", show_default=False,
+                      help="The number of shards of a Kubernetes Indexed Job (or VHDTOOL_SHARDS=N).")
+FAIL_FAST = typer.Option(False, "--fail-fast", help="Start no new image after the first failure.")
+TIMEOUT = typer.Option(3600.0, "--timeout", metavar="SECONDS",
+                       help="Kill an image's worker after this long and fail that image (0: no limit).")
+HOST = typer.Option(None, "--host", metavar="HOST", help=HOST_HELP + " A manifest's host column overrides it.")
+CABS = typer.Option([], "--cabs", metavar="PATH", show_default=False,
+                    help="A folder, a .cab or vmguest.iso; repeatable. A manifest's cabs column overrides it.")
+REVISION = typer.Option(None, "--matrix-revision", metavar="REV", help="Matrix revision (default: the newest).")
+DRY_RUN = typer.Option(False, "--dry-run", help="Show what would change; write nothing.")
+
+
+def _run(command: str, images, manifests, jobs, report, resume, shard, shards, fail_fast, timeout, **options) -> None:
+    from vhdtool.fleet.batch import Batch, run
+    from vhdtool.fleet.work import Options
+
+    if jobs < 0:
+        raise typer.BadParameter("must be 1 or more", param_hint="--jobs")
+    if shards is not None and shards < 1:
+        raise typer.BadParameter("must be 1 or more", param_hint="--shards")
+    o = Options(command, **options)
+    if command in ("plan", "stage") and (o.host or o.cabs):
+        # Check the batch-wide host and cab sources once, before any worker starts.
+        from vhdtool.cli.plan import plan_inputs
+
+        plan_inputs(o.host or "auto", list(o.cabs), o.revision)
+    b = Batch(o, [os.fspath(i) for i in images or []], [os.fspath(m) for m in manifests], jobs,
+              os.fspath(report) if report else None, resume, shard, shards, fail_fast, timeout)
+    raise typer.Exit(run(b))
+
+
+@batch_app.command("inspect")
+def batch_inspect(images: Optional[List[Path]] = IMAGES, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
+                  report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
+                  shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+    """Inspect every image."""
+    _run("inspect", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout)
+
+
+@batch_app.command("status")
+def batch_status(images: Optional[List[Path]] = IMAGES, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
+                 report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
+                 shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+    """Read back whether what was staged in every image installed."""
+    _run("status", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout)
+
+
+@batch_app.command("plan")
+def batch_plan(images: Optional[List[Path]] = IMAGES, host: Optional[str] = HOST, cabs: List[Path] = CABS,
+               revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
+               report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
+               shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+    """Plan every image's integration services."""
+    _run("plan", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
+         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision)
+
+
+@batch_app.command("stage")
+def batch_stage(images: Optional[List[Path]] = IMAGES, host: Optional[str] = HOST, cabs: List[Path] = CABS,
+                dry_run: bool = DRY_RUN, revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST,
+                jobs: int = JOBS, report: Optional[Path] = REPORT, resume: bool = RESUME,
+                shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST,
+                timeout: float = TIMEOUT) -> None:
+    """Stage every image's integration services for next boot.
+
+    A manifest's output column writes a changed copy there instead of the image.
+    """
+    _run("stage", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
+         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, dry_run=dry_run)
+
+
+@batch_app.command("services")
+def batch_services(images: Optional[List[Path]] = IMAGES,
+                   enable: List[str] = typer.Option([], "--enable", metavar="NAME", show_default=False,
+                                                    help="Set service NAME to manual start; repeatable."),
+                   disable: List[str] = typer.Option([], "--disable", metavar="NAME", show_default=False,
+                                                     help="Set service NAME to disabled; repeatable."),
+                   dry_run: bool = DRY_RUN, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
+                   report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
+                   shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+    """List every image's integration services, or set how they start."""
+    _run("services", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
+         enable=tuple(enable), disable=tuple(disable), dry_run=dry_run)
+
+
+def report(
+    files: List[Path] = typer.Argument(..., metavar="FILE...", show_default=False,
+                                       help="Reports written by `vhdtool batch --report` (of several shards too)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Merge batch reports into one summary.
+
+    Counts per outcome, host, guest and method, and the failures with their
+    reasons. An image's last record counts. Exit 0 when no image failed, 21 when some did.
+    """
+    from vhdtool.errors import EXIT_SOME_FAILED
+    from vhdtool.fleet.records import read_reports, render_summary, summarize
+
+    doc = summarize(read_reports([os.fspath(f) for f in files])).to_dict()
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(render_summary(doc))
+    raise typer.Exit(EXIT_SOME_FAILED if doc["outcomes"]["failed"] else 0)

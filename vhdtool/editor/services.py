@@ -1,0 +1,44 @@
+"""The guest's integration services: listed, or their start type set offline, in one edit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from vhdtool.editor import EditResult, edit
+from vhdtool.errors import UnsupportedLayout
+
+MANUAL, DISABLED = 3, 4  # Start values: Windows ships the IC services as manual (triggered) start
+SCHEMA = 1
+
+
+def list_services(image: str | os.PathLike) -> dict:
+    """``{schema, image, services: [{name, start, start_value}]}`` of a Windows guest."""
+    from vhdtool.guest.discover import inspect
+
+    ic = _services_of(image, inspect(image))
+    return {"schema": SCHEMA, "image": os.fspath(image), "services": [s.to_dict() for s in ic.services]}
+
+
+def set_services(image: str | os.PathLike, wanted: Iterable[tuple[str, int]], dry_run: bool = False,
+                 output: str | os.PathLike | None = None) -> EditResult:
+    """Set each (service name, Start value) of ``wanted`` in the current control set, in one commit."""
+    with edit(image, dry_run=dry_run, output=output) as ed:
+        ic = _services_of(image, ed.inspection)
+        known = {s.name.lower(): s.name for s in ic.services}
+        control_set = ed.inspection.guest.windows.control_set
+        for name, start in wanted:
+            if name.lower() not in known:
+                raise UnsupportedLayout(image, f"the guest has no integration service named {name}",
+                                        f"use one of: {', '.join(sorted(known.values())) or 'none installed'}")
+            key = f"ControlSet{control_set:03d}\\Services\\{known[name.lower()]}"
+            ed.set_value("SYSTEM", key, "Start", start, "REG_DWORD")
+    return ed.result
+
+
+def _services_of(image, inspection):
+    ic = inspection.guest.integration_services
+    if inspection.guest.os != "windows" or ic is None or inspection.guest.windows is None:
+        raise UnsupportedLayout(image, "the guest is not Windows: it has no integration services to list",
+                                "Linux guests get them from their kernel (see `vhdtool inspect`)")
+    return ic

@@ -1,0 +1,192 @@
+"""``vhdtool batch``: one command over many images, in parallel, resumable and shardable.
+
+Order of work: the images (paths, globs, manifests; each once) → this machine's
+shard → with ``--resume``, leave out those whose last record in the report is a
+success → the workers. Each finished image's record is appended to the report and
+flushed before the next is handed out by that worker, so a batch killed at any
+moment has lost no finished record, and a resumed one redoes only what has none:
+an image that was being written when the batch died is then either unchanged or
+fully changed (the transaction), and redoing it is safe because every command is
+idempotent (staging the same cab twice changes nothing the second time).
+
+Exit: 0 when every image succeeded, 21 (EXIT_SOME_FAILED) when any failed or was
+not run because of --fail-fast, 130 when stopped by SIGINT or SIGTERM. The first
+signal lets the images in hand finish (their records are written); a second kills
+their workers, which leaves each of them as it was or fully written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from vhdtool.errors import EXIT_INTERRUPTED, EXIT_SOME_FAILED, BadManifest
+from vhdtool.fleet import manifest, shard as sharding
+from vhdtool.fleet.records import (FAILED, OK, Loaded, ReportWriter, latest, now, one_line, read_reports, record,
+                                   render_summary, summarize)
+from vhdtool.fleet.pool import Pool
+from vhdtool.fleet.work import Options
+
+DEFAULT_TIMEOUT = 3600.0
+
+
+@dataclass
+class Batch:
+    options: Options
+    images: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+    jobs: int = 0  # 0: the machine's cores
+    report: str | None = None  # None: records on stdout
+    resume: bool = False
+    shard: str | None = None
+    shards: int | None = None
+    fail_fast: bool = False
+    timeout: float | None = DEFAULT_TIMEOUT
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None] | None = None) -> int:
+    """Run the batch; its exit code. ``say`` takes the lines meant for a person (stderr)."""
+    say = say or (lambda text: print(f"vhdtool: {text}", file=sys.stderr, flush=True))
+    if b.resume and not b.report:
+        raise BadManifest(None, "--resume needs --report FILE", "give the report of the batch to resume")
+    if not b.images and not b.manifests:
+        raise BadManifest(None, "no images", "give IMAGE, GLOB or --manifest FILE")
+    jobs, warnings = manifest.collect(b.images, b.manifests)
+    for w in warnings:
+        say(f"batch: {w}")
+    shard = sharding.choose(b.shard, b.shards, env)
+    if shard:
+        mine = shard.select(jobs)
+        say(f"batch: shard {shard} ({shard.source}): {len(mine)} of {len(jobs)} images")
+        jobs = mine
+    skipped = 0
+    if b.resume:
+        loaded = read_reports([b.report], missing_ok=True)
+        for line in loaded.skipped_lines:
+            say(f"batch: warning: skipped {line}")
+        last = latest(loaded.records)
+        todo = [j for j in jobs if last.get((b.options.command, j.key), {}).get("outcome") != OK]
+        skipped = len(jobs) - len(todo)
+        if skipped:
+            say(f"batch: --resume: {skipped} image{'s' * (skipped != 1)} already done, per {b.report}")
+        jobs = todo
+    size = min(b.jobs or cores(), max(1, len(jobs)))
+    writer = ReportWriter(b.report or "-")
+    progress = Progress(b.options.command, len(jobs), skipped, say)
+    done: list[dict] = []
+    signals = {"count": 0}
+
+    def on_signal(number, _frame):
+        signals["count"] += 1
+        name = signal.Signals(number).name
+        if signals["count"] == 1:
+            progress.say(f"batch: {name}: stopping; the images in hand finish and are recorded "
+                         f"(again to kill them: each is left as it was or fully written)")
+        else:
+            progress.say(f"batch: {name} again: killing the workers")
+
+    def on_done(job, ok, payload, started, seconds):
+        rec = record(b.options.command, job, OK if ok else FAILED, started, seconds, shard,
+                     result=payload if ok else None, error=None if ok else payload)
+        writer.write(rec)
+        done.append(rec)
+        progress.finished(job, rec)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.monotonic()
+    try:
+        pool = Pool(b.options, size, b.timeout, progress.worker_line, now)
+        not_run = pool.run(jobs, progress.started, on_done,
+                           stopping=lambda: signals["count"] > 0 or (b.fail_fast and progress.failed > 0),
+                           killing=lambda: signals["count"] > 1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        progress.close()
+        writer.close()
+    wall = time.monotonic() - started
+    doc = summarize(Loaded(records=done)).to_dict()
+    rate = f", {len(done) / wall:.2f} images/s" if wall > 0 and done else ""
+    title = (f"batch {b.options.command}{f' shard {shard}' if shard else ''} in {wall:.1f} s with {size} "
+             f"worker{'s' * (size != 1)}{rate}")
+    say(render_summary(doc, title))
+    extra = []
+    if skipped:
+        extra.append(f"{skipped} skipped (done before)")
+    if not_run:
+        extra.append(f"{len(not_run)} not run")
+    if extra:
+        say("batch: " + ", ".join(extra))
+    if signals["count"]:
+        return EXIT_INTERRUPTED
+    if doc["outcomes"][FAILED] or not_run:
+        return EXIT_SOME_FAILED
+    return 0
+
+
+class Progress:
+    """A tqdm bar on a terminal (done / failed / skipped, the images in hand, rate, time left); lines otherwise."""
+
+    def __init__(self, command: str, total: int, skipped: int, say: Callable[[str], None]):
+        self.total, self.skipped, self._say = total, skipped, say
+        self.ok = self.failed = 0
+        self.current: list[str] = []
+        self.bar = None
+        if total and sys.stderr.isatty() and not os.environ.get("CI"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="image", desc=f"batch {command}", file=sys.stderr, dynamic_ncols=True,
+                            leave=True)
+            self._postfix()
+
+    def say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"vhdtool: {text}", file=sys.stderr)
+        else:
+            self._say(text)
+
+    def worker_line(self, line: str) -> None:
+        self.say(f"worker: {line[9:] if line.startswith('vhdtool: ') else line}")
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            names = ", ".join(os.path.basename(c) for c in self.current)
+            self.bar.set_postfix_str(f"ok {self.ok}, failed {self.failed}, skipped {self.skipped}"
+                                     + (f" | {names[:60]}" if names else ""), refresh=True)
+
+    def started(self, job) -> None:
+        self.current.append(job.image)
+        self._postfix()
+
+    def finished(self, job, rec: dict) -> None:
+        if job.image in self.current:
+            self.current.remove(job.image)
+        if rec["outcome"] == OK:
+            self.ok += 1
+        else:
+            self.failed += 1
+        n = self.ok + self.failed
+        if self.bar is not None:
+            if rec["outcome"] != OK:
+                self.bar.write(f"vhdtool: batch: failed {job.image}: {one_line(rec)}", file=sys.stderr)
+            self.bar.update(1)
+            self._postfix()
+        else:
+            self._say(f"batch: [{n}/{self.total}] {rec['outcome']} {job.image} ({rec['seconds']:.2f} s): "
+                      f"{one_line(rec)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

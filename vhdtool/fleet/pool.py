@@ -1,0 +1,229 @@
+"""Worker processes for a batch: one image each at a time, a time limit per image, a crash costs one image.
+
+The parent hands an image to an idle worker only when the worker has finished the
+last, so each image's time limit is its own. A worker that dies, or that is killed
+because its image ran past ``timeout``, fails that image (WorkerDied,
+ImageTimedOut) and is replaced; every other image goes on. Killing a worker in the
+middle of a write is a crash the write path is built for (DESIGN.md: one log
+sequence per operation; a VHD is replaced by a rename), so the image is left as it
+was or fully written.
+
+``stopping()`` (a signal, --fail-fast) stops handing out images: those in hand
+finish. ``killing()`` (a second signal) kills the workers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vhdtool.errors import ImageTimedOut, WorkerDied
+from vhdtool.fleet.manifest import Job
+from vhdtool.fleet.work import Options
+
+TICK = 0.2  # seconds between looks at the clock and the stop flags when nothing happens
+MAX_ANSWER = 64 * 1024 * 1024
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    job: tuple[int, Job] | None = None
+    started: float = 0.0
+    started_wall: str = ""
+    answered: int = 0
+    err_open: bool = True
+
+
+# on_done(job, ok, result or error dict, started (wall clock, ISO), seconds)
+Done = Callable[[Job, bool, dict, str, float], None]
+
+
+class Pool:
+    def __init__(self, options: Options, size: int, timeout: float | None, on_stderr: Callable[[str], None],
+                 now_iso: Callable[[], str]):
+        self.options = options
+        self.size = max(1, size)
+        self.timeout = timeout if timeout and timeout > 0 else None
+        self.on_stderr = on_stderr
+        self.now_iso = now_iso
+        self.workers: list[_Worker] = []
+
+    def _start(self) -> _Worker:
+        env = dict(os.environ)
+        env.pop("COLUMNS", None)
+        proc = subprocess.Popen([sys.executable, "-m", "vhdtool.fleet.worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True, env=env)
+        w = _Worker(proc)
+        self._send(w, {"options": self.options.to_dict(), "parent": os.getpid()})
+        self.workers.append(w)
+        return w
+
+    def _send(self, w: _Worker, msg: dict) -> None:
+        w.proc.stdin.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
+        w.proc.stdin.flush()
+
+    def _remove(self, w: _Worker, kill: bool) -> int | None:
+        if kill and w.proc.poll() is None:
+            w.proc.kill()
+        for f in (w.proc.stdin, w.proc.stdout, w.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            code = w.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            code = w.proc.wait()
+        self.workers.remove(w)
+        return code
+
+    def run(self, jobs: list[Job], on_start: Callable[[Job], None], on_done: Done, stopping: Callable[[], bool],
+            killing: Callable[[], bool]) -> list[Job]:
+        """Run every job; return those never started (a stop came first)."""
+        queue = deque(enumerate(jobs))
+        try:
+            while True:
+                if not stopping():
+                    while queue:
+                        idle = next((w for w in self.workers if w.job is None), None)
+                        if idle is None:
+                            if len(self.workers) >= min(self.size, len(jobs)):
+                                break
+                            try:
+                                idle = self._start()
+                            except OSError as e:
+                                n, job = queue.popleft()
+                                on_done(job, False, {"code": WorkerDied.exit_code, "message": WorkerDied(
+                                    job.image, f"no worker process could be started ({e.strerror})").message},
+                                    self.now_iso(), 0.0)
+                                continue
+                        n, job = queue.popleft()
+                        idle.job, idle.started, idle.started_wall = (n, job), time.monotonic(), self.now_iso()
+                        on_start(job)
+                        try:
+                            self._send(idle, {"id": n, "job": job.to_dict()})
+                        except OSError:
+                            pass  # it died; its EOF below fails the image
+                busy = [w for w in self.workers if w.job is not None]
+                if not busy:
+                    break
+                if killing():
+                    for w in busy:
+                        self._remove(w, kill=True)
+                    break
+                self._wait(busy, on_done)
+        finally:
+            for w in list(self.workers):
+                self._remove(w, kill=w.job is not None)
+        return [job for _, job in queue]
+
+    def _wait(self, busy: list[_Worker], on_done: Done) -> None:
+        now = time.monotonic()
+        wait = TICK
+        if self.timeout:
+            wait = min(wait, max(0.0, min(w.started + self.timeout for w in busy) - now))
+        fds = {}
+        for w in self.workers:
+            if w.proc.stdout and not w.proc.stdout.closed:
+                fds[w.proc.stdout.fileno()] = (w, "out")
+                if w.err_open:
+                    fds[w.proc.stderr.fileno()] = (w, "err")
+        try:
+            ready, _, _ = select.select(list(fds), [], [], wait)
+        except InterruptedError:
+            ready = []
+        for fd in ready:
+            w, which = fds[fd]
+            if w not in self.workers:
+                continue
+            data = os.read(fd, 1 << 16)
+            if which == "err":
+                if data:
+                    w.err += data
+                    self._stderr_lines(w, final=False)
+                else:
+                    w.err_open = False
+                continue
+            if not data:
+                self._died(w, on_done)
+                continue
+            w.out += data
+            if len(w.out) > MAX_ANSWER:
+                self._failed(w, on_done, WorkerDied(w.job[1].image if w.job else None, "the worker's answer is too long"))
+                continue
+            while b"\n" in w.out and w.job is not None:
+                line, _, rest = w.out.partition(b"\n")
+                w.out = bytearray(rest)
+                self._answer(w, line, on_done)
+        if self.timeout:
+            now = time.monotonic()
+            for w in list(self.workers):
+                if w.job is not None and now - w.started > self.timeout:
+                    self._failed(w, on_done, ImageTimedOut(
+                        w.job[1].image, f"not done after {self.timeout:g} s (--timeout); its worker was killed"))
+
+    def _answer(self, w: _Worker, line: bytes, on_done: Done) -> None:
+        n, job = w.job
+        try:
+            msg = json.loads(line)
+            ok, payload = bool(msg["ok"]), (msg["result"] if msg["ok"] else msg["error"])
+            if msg["id"] != n:
+                raise ValueError("answer to another image")
+        except (ValueError, KeyError, TypeError):
+            self._failed(w, on_done, WorkerDied(job.image, "the worker sent a malformed answer"))
+            return
+        w.job = None
+        w.answered += 1
+        on_done(job, ok, payload, w.started_wall, time.monotonic() - w.started)
+
+    def _stderr_lines(self, w: _Worker, final: bool) -> None:
+        while b"\n" in w.err:
+            line, _, rest = w.err.partition(b"\n")
+            w.err = bytearray(rest)
+            self.on_stderr(line.decode("utf-8", "replace"))
+        if final and w.err:
+            self.on_stderr(w.err.decode("utf-8", "replace"))
+            w.err.clear()
+
+    def _died(self, w: _Worker, on_done: Done) -> None:
+        job = w.job
+        try:  # what it said on the way out
+            rest = w.proc.stderr.read()
+            if rest:
+                w.err += rest
+        except OSError:
+            pass
+        self._stderr_lines(w, final=True)
+        code = self._remove(w, kill=True)
+        if job is not None:
+            if code is not None and code < 0:
+                try:
+                    how = f"signal {-code}, {signal.Signals(-code).name}"
+                except ValueError:
+                    how = f"signal {-code}"
+            else:
+                how = f"exit status {code}"
+            on_done(job[1], False, _doc(WorkerDied(job[1].image, f"its worker died ({how}) while working on it")),
+                    w.started_wall, time.monotonic() - w.started)
+
+    def _failed(self, w: _Worker, on_done: Done, error) -> None:
+        job = w.job
+        self._remove(w, kill=True)
+        if job is not None:
+            on_done(job[1], False, _doc(error), w.started_wall, time.monotonic() - w.started)
+
+
+def _doc(error) -> dict:
+    return {"code": error.exit_code, "message": error.message}

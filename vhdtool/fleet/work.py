@@ -1,0 +1,96 @@
+"""One image of a batch: the command's own work, returning the document its ``--json`` prints.
+
+Runs in a worker process. What is costly to set up and the same for many images
+(the matrix, the cab catalog of a source, which verifies every cab in it) is made
+once per worker and kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vhdtool.errors import UnknownKey
+
+COMMANDS = ("inspect", "plan", "stage", "status", "services")
+WRITES = ("stage", "services")  # the commands that take a per-image output
+
+
+@dataclass
+class Options:
+    """A batch's own options of its command (the per-image manifest columns override host and cabs)."""
+
+    command: str
+    host: str | None = None
+    cabs: tuple[str, ...] = ()
+    revision: str | None = None
+    dry_run: bool = False
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, "host": self.host, "cabs": list(self.cabs), "revision": self.revision,
+                "dry_run": self.dry_run, "enable": list(self.enable), "disable": list(self.disable)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Options:
+        return cls(d["command"], d.get("host"), tuple(d.get("cabs") or ()), d.get("revision"), bool(d.get("dry_run")),
+                   tuple(d.get("enable") or ()), tuple(d.get("disable") or ()))
+
+
+@dataclass
+class Worker:
+    options: Options
+    _matrix: object = None
+    _catalogs: dict = field(default_factory=dict)
+
+    def matrix(self):
+        if self._matrix is None:
+            from vhdtool.plan.matrix import load_matrix
+
+            self._matrix = load_matrix(self.options.revision)
+        return self._matrix
+
+    def catalog(self, cabs: tuple[str, ...]):
+        if cabs not in self._catalogs:
+            from vhdtool.plan.sources import load_sources
+
+            self._catalogs[cabs] = load_sources(cabs)
+        return self._catalogs[cabs]
+
+    def host_key(self, job) -> str | None:
+        host = job.host or self.options.host
+        if not host:
+            raise UnknownKey(job.image, "no host for this image", "give --host, or a host column in the manifest")
+        return None if host.strip().lower() == "auto" else self.matrix().resolve_host(host)
+
+    def run(self, job) -> dict:
+        o = self.options
+        output = job.output if o.command in WRITES else None
+        if o.command == "inspect":
+            from vhdtool.guest.discover import inspect
+
+            return inspect(job.image).to_dict()
+        if o.command == "status":
+            from vhdtool.stage.status import status
+
+            return status(job.image).to_dict()
+        if o.command == "plan":
+            from vhdtool.guest.discover import inspect
+            from vhdtool.plan.decide import plan_for_host
+
+            host = self.host_key(job)
+            return plan_for_host(inspect(job.image), host, self.catalog(job.cabs or o.cabs), self.matrix()).to_dict()
+        if o.command == "stage":
+            from vhdtool.stage.session import stage
+
+            host = self.host_key(job)
+            return stage(job.image, host, self.catalog(job.cabs or o.cabs), self.matrix(), dry_run=o.dry_run,
+                         output=output).to_dict()
+        if o.command == "services":
+            from vhdtool.editor.services import DISABLED, MANUAL, list_services, set_services
+
+            wanted = [(n, MANUAL) for n in o.enable] + [(n, DISABLED) for n in o.disable]
+            if not wanted:
+                return list_services(job.image)
+            return set_services(job.image, wanted, dry_run=o.dry_run, output=output).to_dict()
+        raise ValueError(f"unknown command {o.command!r}")

@@ -1,0 +1,98 @@
+"""A batch's worker process: ``python -m vhdtool.fleet.worker``, one image at a time, JSON lines on pipes.
+
+The parent writes a first line ``{"options": {...}, "parent": PID}``, then one line
+per image ``{"id": N, "job": {...}}``; the worker answers each with one line
+``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok": false, "error":
+{"code", "message"}}`` and exits when its input ends.
+
+The worker ignores SIGINT and SIGTERM: a Ctrl-C reaches the whole process group,
+and the parent alone decides whether an image being written finishes (it does, on
+the first signal) or is killed (on the second; the transaction makes a kill safe).
+It dies with its parent (PR_SET_PDEATHSIG), so a batch killed outright leaves no
+worker writing on behind it for a resumed batch to collide with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import traceback
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _error(e: BaseException) -> dict:
+    from vhdtool.errors import EXIT_INTERNAL_ERROR, VhdtoolError
+
+    if isinstance(e, VhdtoolError):
+        return {"code": e.exit_code, "message": e.message}
+    detail = str(e).splitlines()[0] if str(e) else ""
+    return {"code": EXIT_INTERNAL_ERROR,
+            "message": f"internal error: {type(e).__name__}: {detail} (set VHDTOOL_DEBUG=1 for a traceback and report it)"}
+
+
+def _fault(spec: str, key: str) -> None:
+    """The tests' way to make a worker crash or hang on the image whose key contains TEXT.
+
+    A real crash (SIGSEGV, from the kernel's point of view) and a real hang (the
+    process sleeps until the parent kills it); the tests check the batch's answer to
+    each. The timeout test of real work uses a short --timeout instead.
+    """
+    kind, _, text = spec.partition(":")
+    if text and text in key:
+        if kind == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif kind == "hang":
+            while True:
+                signal.pause()
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Answers go on a descriptor of their own; anything else printed goes to stderr.
+    answers = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    first = requests.readline()
+    if not first:
+        return 0
+    hello = json.loads(first)
+    _die_with_parent(int(hello["parent"]))
+
+    from vhdtool.fleet.manifest import Job
+    from vhdtool.fleet.work import Options, Worker
+
+    worker = Worker(Options.from_dict(hello["options"]))
+    fault = os.environ.get("VHDTOOL_TEST_FAULT", "")  # tests only: "crash:TEXT" or "hang:TEXT" (see _fault)
+    for line in requests:
+        msg = json.loads(line)
+        d = msg["job"]
+        job = Job(d["key"], d["image"], d.get("host"), d.get("output"), tuple(d.get("cabs") or ()))
+        if fault:
+            _fault(fault, job.key)
+        try:
+            answer = {"id": msg["id"], "ok": True, "result": worker.run(job)}
+        except Exception as e:  # noqa: BLE001 - one image's failure, whatever it is, is that image's record
+            if os.environ.get("VHDTOOL_DEBUG"):
+                traceback.print_exc()
+            answer = {"id": msg["id"], "ok": False, "error": _error(e)}
+        answers.write((json.dumps(answer, separators=(",", ":")) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
