@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install vhdtool on Debian/Ubuntu: system packages (apt), then the package and its
-# test tools into ./.venv. Safe to run again. Also unpacks the demo image.
+# test tools into ./.venv. Safe to run again. Also unpacks the demo image, afresh each time
+# (the README's first command stages into it).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,8 +35,6 @@ fi
 for xz in demo/*.vhdx.xz; do
   [ -e "$xz" ] || continue
   out="${xz%.xz}"
-  if [ ! -e "$out" ] || [ "$xz" -nt "$out" ]; then
-    xz -dkc "$xz" > "$out.tmp" && mv "$out.tmp" "$out"
-  fi
+  xz -dkc "$xz" > "$out.tmp" && mv "$out.tmp" "$out"
 done
 echo "vhdtool installed: .venv/bin/vhdtool" >&2
