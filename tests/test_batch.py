@@ -521,3 +521,41 @@ def test_kubernetes_example_runs_each_index(fleet_src, tmp_path):
     assert len(reports) == spec["completions"]
     keys = [r["key"] for p in reports for r in records(p)]
     assert sorted(keys) == sorted(f"images/{p.name}" for p in images.iterdir())
+
+
+def test_fail_fast_starts_nothing_after_the_first_failure(fleet_src, tmp_path):
+    images, _ = fleet_src
+    report = tmp_path / "r.jsonl"
+    res = vhdtool("batch", "inspect", images / "damaged.vhdx", images / "win7-x86.vhdx", images / "ubuntu-ext4.vhdx",
+                  "--jobs", "1", "--fail-fast", "--report", report)
+    assert res.returncode == SOME_FAILED and "2 not run" in res.stderr, res.stderr
+    assert [(stem(r["image"]), r["outcome"]) for r in records(report)] == [("damaged", "failed")]
+
+
+def test_a_second_signal_kills_the_workers_and_each_image_is_old_or_new(fleet, tmp_path):
+    work, iso = fleet
+    report = tmp_path / "report.jsonl"
+    proc = start(*stage_args(work, iso, report))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (report.exists() and records(report)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "SIGINT again: killing the workers" in err, err
+    for image in sorted(work.iterdir()):
+        if stem(image) in FAILING:
+            continue
+        copy = tmp_path / image.name
+        shutil.copyfile(image, copy)
+        if copy.suffix == ".vhdx":  # a write cut short leaves a log that the next open replays
+            subprocess.run(["qemu-img", "check", "-r", "all", str(copy)], check=True, capture_output=True)
+        container_ok(copy)
+        copy.unlink()
+        if stem(image) in STAGED:
+            state = json.loads(vhdtool("status", "--json", image).stdout)["state"]
+            assert state in ("none", "pending"), (image, state)
+    res = vhdtool(*stage_args(work, iso, report, "--resume"))
+    assert res.returncode == SOME_FAILED
+    judge_serviced_once(work, tmp_path)

@@ -91,10 +91,23 @@ class Pool:
 
     def run(self, jobs: list[Job], on_start: Callable[[Job], None], on_done: Done, stopping: Callable[[], bool],
             killing: Callable[[], bool]) -> list[Job]:
-        """Run every job; return those never started (a stop came first)."""
+        """Run every job; return those never started (a stop came first).
+
+        A worker that finishes gets its next image before the finished one's record is
+        written (the record's fsync would otherwise idle it); after a failure the record
+        comes first, so that --fail-fast starts nothing more.
+        """
         queue = deque(enumerate(jobs))
+        finished: list[tuple] = []
+
+        def deliver() -> None:
+            while finished:
+                on_done(*finished.pop(0))
+
         try:
             while True:
+                if any(not ok for _, ok, *_ in finished):
+                    deliver()
                 if not stopping():
                     while queue:
                         idle = next((w for w in self.workers if w.job is None), None)
@@ -116,6 +129,7 @@ class Pool:
                             self._send(idle, {"id": n, "job": job.to_dict()})
                         except OSError:
                             pass  # it died; its EOF below fails the image
+                deliver()
                 busy = [w for w in self.workers if w.job is not None]
                 if not busy:
                     break
@@ -123,7 +137,7 @@ class Pool:
                     for w in busy:
                         self._remove(w, kill=True)
                     break
-                self._wait(busy, on_done)
+                self._wait(busy, lambda *args: finished.append(args))
         finally:
             for w in list(self.workers):
                 self._remove(w, kill=w.job is not None)
@@ -135,15 +149,15 @@ class Pool:
         if self.timeout:
             wait = min(wait, max(0.0, min(w.started + self.timeout for w in busy) - now))
         fds = {}
+        poller = select.poll()
         for w in self.workers:
             if w.proc.stdout and not w.proc.stdout.closed:
                 fds[w.proc.stdout.fileno()] = (w, "out")
                 if w.err_open:
                     fds[w.proc.stderr.fileno()] = (w, "err")
-        try:
-            ready, _, _ = select.select(list(fds), [], [], wait)
-        except InterruptedError:
-            ready = []
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(wait * 1000)]
         for fd in ready:
             w, which = fds[fd]
             if w not in self.workers:
