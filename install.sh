@@ -17,6 +17,9 @@ PACKAGES=(
   qemu-utils gcab genisoimage osslsigncode openssl e2fsprogs fdisk gdisk dosfstools xz-utils bzip2
   xfsprogs lvm2 strace
   wine wine64 gcc-mingw-w64-x86-64
+  # The fleet test runs a batch as a Slurm job array on a private one-node cluster
+  # (tests/slurm.py starts its own munged, slurmctld and slurmd; the system ones are not used).
+  slurm-wlm munge
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -559,3 +559,37 @@ def test_a_second_signal_kills_the_workers_and_each_image_is_old_or_new(fleet, t
     res = vhdtool(*stage_args(work, iso, report, "--resume"))
     assert res.returncode == SOME_FAILED
     judge_serviced_once(work, tmp_path)
+
+
+def test_a_slurm_job_array_stages_the_fleet_each_image_once(fleet, tmp_path):
+    """deploy/slurm/vhdtool-batch.sbatch as a 4-task array on a one-node Slurm the test starts itself."""
+    from slurm import slurm_cluster
+
+    work, iso = fleet
+    manifest = tmp_path / "images.csv"
+    manifest.write_text("image\n" + "".join(f"{p}\n" for p in sorted(work.iterdir())))
+    reports = tmp_path / "reports"
+    with slurm_cluster(tmp_path / "slurm") as cluster:
+        job = cluster.sbatch(
+            ROOT / "deploy/slurm/vhdtool-batch.sbatch", "--cpus-per-task=1", f"--output={tmp_path}/%x-%A_%a.out",
+            cwd=tmp_path,
+            env_extra={"MANIFEST": str(manifest), "REPORTS": str(reports),
+                       "VHDTOOL": f"{sys.executable} -m vhdtool.cli.main", "PYTHONPATH": str(ROOT),
+                       "VHDTOOL_ARGS": f"--host win8 --cabs {iso}"})
+        results = cluster.wait(job, timeout=240)
+    assert sorted(results) == [0, 1, 2, 3]
+    recs = [r for p in sorted(reports.glob("*.jsonl")) for r in records(p)]
+    assert len(list(reports.glob("*.jsonl"))) == 4
+    # Every image once, by exactly one task, each task on its own shard.
+    assert sorted(r["key"] for r in recs) == sorted(str(p) for p in work.iterdir())
+    assert {r["shard"] for r in recs} == {"1/4", "2/4", "3/4", "4/4"}
+    for task, r in results.items():
+        out = (tmp_path / f"vhdtool-batch-{job}_{task}.out").read_text()
+        assert f"SLURM_ARRAY_TASK_ID={task} of 4" in out
+        shard_failed = any(x["outcome"] == "failed" for x in recs if x["shard"] == f"{task + 1}/4")
+        assert (r.state, r.exit_code) == (("FAILED", 21) if shard_failed else ("COMPLETED", 0)), out
+    assert sorted((stem(x["image"]), x["exit_code"]) for x in recs if x["outcome"] == "failed") == sorted(FAILING.items())
+    res = vhdtool("report", *sorted(reports.glob("*.jsonl")), "--json")
+    doc = json.loads(res.stdout)
+    assert doc["images"] == 16 and doc["outcomes"] == {"ok": 14, "failed": 2} and not doc["duplicates"]
+    judge_serviced_once(work, tmp_path)
