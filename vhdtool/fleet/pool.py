@@ -213,11 +213,13 @@ class Pool:
 
     def _died(self, w: _Worker, on_done: Done) -> None:
         job = w.job
-        try:  # what it said on the way out
-            rest = w.proc.stderr.read()
+        try:  # what it said on the way out (not waiting: a process it left behind may hold the pipe)
+            fd = w.proc.stderr.fileno()
+            os.set_blocking(fd, False)
+            rest = os.read(fd, 1 << 16)
             if rest:
                 w.err += rest
-        except OSError:
+        except (OSError, ValueError):
             pass
         self._stderr_lines(w, final=True)
         code = self._remove(w, kill=True)
