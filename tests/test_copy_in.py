@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, held_by_qemu
+from conftest import ROOT, assert_one_line_error, held_by_qemu, run_cli
 from fixtures import build as fb
 from judges.volumes import extract_partition, ntfs_tree, ntfscat, partition_table, raw_image
 
@@ -411,3 +411,18 @@ def test_copy_in_through_a_differencing_child(cli, tmp_path):
     part = extract_partition(raw, 2, tmp_path / "chain.p2")
     assert ntfscat(part, "/Windows/Temp/child/diff.bin") == local.read_bytes()
     subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)
+
+
+def test_a_missing_libntfs3g_names_its_package(tmp_path, monkeypatch):
+    from vhdtool.filesystem import ntfs3g
+
+    image = tmp_path / "disk.vhdx"
+    shutil.copyfile(fb.build("ws2008r2-x64"), image)
+    before = image.read_bytes()
+    monkeypatch.setattr(ntfs3g, "SONAME", "libntfs-3g-not-installed.so.89")
+    monkeypatch.setattr(ntfs3g, "_library", None, raising=False)
+    local = tmp_path / "hello.txt"
+    local.write_text("hi")
+    code, out, err = run_cli("copy-in", str(image), str(local), "C:\\Windows\\Temp")
+    assert code == 14 and "ntfs-3g" in err and str(image) in err, err
+    assert image.read_bytes() == before

@@ -118,9 +118,9 @@ def test_shipped_sbatch_script_runs_as_an_array(cluster: SlurmCluster, tmp_path)
     assert sorted(results) == [0, 1, 2, 3]  # the script's own --array=0-3
     for task, r in results.items():
         out = (tmp_path / f"vhdtool-batch-{job}_{task}.out").read_text()
-        rec = json.loads((reports / f"report-{job}-{task}.jsonl").read_text())
+        rec = json.loads((reports / f"report-{task}-of-4.jsonl").read_text())
         assert rec["argv"] == ["batch", "stage", "--manifest", str(manifest),
-                               "--report", str(reports / f"report-{job}-{task}.jsonl"),
+                               "--report", str(reports / f"report-{task}-of-4.jsonl"), "--resume",
                                "--jobs", "1", "--host", "win8", "--cabs", "/share/vmguest.iso"]
         assert rec["env"]["SLURM_ARRAY_TASK_ID"] == str(task)
         assert rec["env"]["SLURM_ARRAY_TASK_COUNT"] == "4"
@@ -147,7 +147,7 @@ def test_sbatch_script_outside_slurm(tmp_path):
                VHDTOOL_COMMAND="inspect")
     p = subprocess.run(["bash", str(SBATCH_SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
-    rec = json.loads((tmp_path / "r" / "report-local-0.jsonl").read_text())
+    rec = json.loads((tmp_path / "r" / "report-0-of-1.jsonl").read_text())
     assert rec["argv"][:2] == ["batch", "inspect"] and rec["argv"][-2:] == ["--jobs", "1"]
 
 

@@ -291,3 +291,50 @@ def test_a_newer_cab_replaces_a_pending_older_one(cli, sources, tmp_path):
     assert setup["CmdLine"] == (REG_SZ, f'cmd.exe /c "C:\\Windows\\vhdtool\\{WIN81_IC}-x64\\install.cmd"')
     code, out, err = cli("status", "--json", image)
     assert json.loads(out)["staged"][-1]["id"] == f"{WIN81_IC}-x64"
+
+
+def test_an_older_cab_never_replaces_a_pending_newer_one(cli, sources, tmp_path):
+    image = work_copy("ws2008r2-x64", tmp_path)
+    code, first, err = stage_json(cli, image, "--host", "win8.1", "--cabs", sources["iso81"])
+    assert code == 0 and first["id"] == f"{WIN81_IC}-x64", err
+    before = digest(image)
+    result = cli("stage", image, "--host", "win8", "--cabs", sources["iso"])
+    assert_one_line_error(*result, image)
+    assert result[0] == 20 and f"a newer integration services package ({WIN81_IC}-x64)" in result[2]
+    assert digest(image) == before
+    setup = setup_values(volume(image, tmp_path, 2), tmp_path)
+    assert setup["CmdLine"] == (REG_SZ, f'cmd.exe /c "C:\\Windows\\vhdtool\\{WIN81_IC}-x64\\install.cmd"')
+
+
+def test_output_copy_is_made_and_named_when_there_is_nothing_to_stage(cli, sources, tmp_path):
+    image = work_copy("ubuntu-ext4", tmp_path)
+    out = tmp_path / "golden.vhdx"
+    code, doc, err = stage_json(cli, image, "--host", "win8", "--cabs", sources["iso"], "--output", out)
+    assert code == 0 and doc["action"] == "none" and doc["output"] == str(out), (doc, err)
+    assert doc["image"] == str(image)  # not the temporary copy it inspected
+    assert out.exists() and digest(out) == digest(image)
+
+
+def test_a_rerun_after_a_crash_retires_the_pending_log(sources, tmp_path):
+    """Killed after its log was written: the re-run has nothing to stage, and still leaves a clean file."""
+    original = work_copy("ws2008r2-x64", tmp_path)
+    victim = tmp_path / "victim.vhdx"
+    for k in range(1, 12):
+        shutil.copyfile(original, victim)
+        assert run_stage(victim, sources["iso"], inject=f"fsync:signal=KILL:when={k}").returncode != 0
+        check = subprocess.run(["qemu-img", "check", str(victim)], capture_output=True, text=True)
+        if check.returncode != 0 and "-r all" in check.stderr:  # QEMU: a log to replay first
+            status = json.loads(subprocess.run(
+                [sys.executable, "-m", "vhdtool.cli.main", "status", "--json", str(victim)], capture_output=True,
+                text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout)
+            if status["state"] == "pending":  # the new state is in the log: nothing left to stage
+                break
+    else:
+        pytest.fail("no kill point left a pending log holding the staged state")
+    res = run_stage(victim, sources["iso"])
+    assert res.returncode == 0 and "already staged" in res.stdout, res.stdout + res.stderr
+    check = subprocess.run(["qemu-img", "check", str(victim)], capture_output=True, text=True)
+    assert check.returncode == 0 and "No errors were found" in check.stdout, check.stderr
+    again = tmp_path / "again.vhdx"
+    shutil.copyfile(victim, again)
+    assert run_stage(again, sources["iso"]).returncode == 0 and digest(again) == digest(victim)  # now writes nothing

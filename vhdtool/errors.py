@@ -100,7 +100,7 @@ class MissingParent(VhdtoolError):
 
 class NoPartitionTable(VhdtoolError):
     exit_code = 7
-    hint = "the disk has no MBR or GPT partition table"
+    hint = "give the VM's partitioned system disk, not a bare filesystem image"
 
 
 class UnsupportedLayout(VhdtoolError):

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from vhdtool.cabinet.format import CabLayout
-from vhdtool.errors import CabError, NativeError
+from vhdtool.errors import CabError, MissingLibrary, NativeError
 from vhdtool.native import Refusal, load_library, run_isolated
 from vhdtool.units import MiB
 
@@ -181,6 +181,8 @@ def _open_library(label: str) -> Library:
     try:
         lib = load_library(SONAME, "libmspack", PACKAGE, label)
         libc = load_library(LIBC_SONAME, "the C library", "libc6", label)
+    except MissingLibrary:
+        raise  # its own code (14): install the package it names
     except NativeError as e:
         raise CabError(label, e.problem, hint=e.hint) from None
     lib.mspack_sys_selftest_internal.argtypes = [ctypes.c_int]

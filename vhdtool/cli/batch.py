@@ -43,7 +43,7 @@ TIMEOUT = typer.Option(3600.0, "--timeout", metavar="SECONDS",
 HOST = typer.Option(None, "--host", metavar="HOST", help=HOST_HELP + " A manifest's host column overrides it.")
 CABS = typer.Option([], "--cabs", metavar="PATH", show_default=False,
                     help="A folder, a .cab or vmguest.iso; repeatable. A manifest's cabs column overrides it.")
-REVISION = typer.Option(None, "--matrix-revision", metavar="REV", help="Matrix revision (default: the newest).")
+REVISION = typer.Option(None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default).")
 DRY_RUN = typer.Option(False, "--dry-run", help="Show what would change; write nothing.")
 
 

@@ -14,7 +14,7 @@ def matrix(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows."),
     revision: Optional[str] = typer.Option(
-        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the newest)."
+        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default)."
     ),
 ) -> None:
     """Show how each guest gets its integration services on each host."""

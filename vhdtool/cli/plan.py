@@ -25,7 +25,7 @@ def plan(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
     revision: Optional[str] = typer.Option(
-        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the newest)."
+        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default)."
     ),
 ) -> None:
     """Decide how each IMAGE's guest gets integration services on HOST.

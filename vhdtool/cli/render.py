@@ -80,7 +80,7 @@ def render_matrix(matrix: Matrix, hosts: list[str]) -> str:
     for key in hosts:
         host = matrix.host(key)
         lines.append("")
-        lines.append(f"host {key}: {host.name}" + (f" ({host.note})" if host.note else ""))
+        lines.append(f"host {key}: {host.name}" + (f"; {host.note}" if host.note else ""))
         for r in matrix.table(key):
             sp = f"SP{r.min_service_pack}+" if r.min_service_pack else ""
             de = "Data Exchange (*)" if r.requires_data_exchange else ""
@@ -93,8 +93,9 @@ def render_matrix(matrix: Matrix, hosts: list[str]) -> str:
 
 def render_plan(plan: Plan) -> str:
     lines = [plan.image]
-    lines.append(f"  guest      {plan.guest_key or '?'} {plan.arch or ''}, integration services {plan.guest_ic_version or 'unknown'}")
-    lines.append(f"  host       {plan.host} (matrix revision '{plan.matrix_revision}')")
+    guest = " ".join(x for x in (plan.guest_key or "?", plan.arch) if x)
+    lines.append(f"  guest      {guest}, integration services {plan.guest_ic_version or 'unknown'}")
+    lines.append(f"  host       {plan.host or 'any'} (matrix revision '{plan.matrix_revision}')")
     lines.append(f"  method     {plan.method}")
     lines.append(f"  action     {plan.action}")
     if plan.cab:

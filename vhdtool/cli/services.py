@@ -20,7 +20,7 @@ def services(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
     output: Optional[Path] = typer.Option(None, "--output", metavar="NEW",
                                           help="Write a changed copy to NEW; the image is not opened for writing."),
-    as_json: bool = typer.Option(False, "--json", help="Print the change set and the services as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: the services, or with --enable/--disable the change set."),
 ) -> None:
     """List the integration services of a guest; set how they start."""
     from vhdtool.cli.render import render_edit, render_services

@@ -24,7 +24,7 @@ def stage(
                                           help="Stage into a copy NEW (one image only); the image is not written."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
     revision: Optional[str] = typer.Option(
-        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the newest)."
+        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default)."
     ),
 ) -> None:
     """Stage each IMAGE's integration services to install at next boot."""
@@ -49,5 +49,5 @@ def status(
     from vhdtool.stage.status import SCHEMA
     from vhdtool.stage.status import status as read_status
 
-    for_each_image(images, as_json, SCHEMA, read_status, render_status, path_document)
+    for_each_image(images, as_json, SCHEMA, read_status, render_status, os.fspath)
 

@@ -81,6 +81,7 @@ import secrets
 import stat
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vhdtool.container.filecopy import copy_file, unchanged_failure
@@ -430,7 +431,8 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def commit(
-    disk: VhdDisk, changes: list[Extent], file: WritableFile | None = None, *, reflink: bool = True
+    disk: VhdDisk, changes: list[Extent], file: WritableFile | None = None, *, reflink: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CommitResult | None:
     """Commit ``changes`` to the VHD ``disk`` was opened from, through a copy renamed over it.
 
@@ -441,6 +443,7 @@ def commit(
     opened, so that nothing changed the file since it was read), which the caller
     keeps and closes; after the commit it holds the old file, no longer the image.
     Without it the image is locked here. ``reflink=False`` forces the sparse copy (tests).
+    ``progress(done, total)`` follows the copy (by position, holes included) and then the writes.
     """
     try:
         planned = os.fstat(disk.image._fd)  # the file the plan is read from, as it is now
@@ -488,8 +491,10 @@ def commit(
         if not _same(os.fstat(src), locked):
             raise ImageInUse(path, "the image file was replaced while vhdtool was reading it", "run the command again")
         temp_path, temp_fd = _create_temp(folder, prefix, path)
+        total = locked.st_size + sum(len(data) for _offset, data in plan.writes)
         copied = copy_file(src, temp_fd, locked.st_size, path, reflink=reflink,
-                           why="changing a VHD needs a copy of its data beside it")
+                           why="changing a VHD needs a copy of its data beside it",
+                           progress=(lambda at: progress(at, total)) if progress is not None else None)
 
         try:
             # Step 4: the plan, into the copy. Every write checked (WritableFile).
@@ -499,6 +504,8 @@ def commit(
                 out.truncate(plan.new_size)
             for offset, data in plan.writes:
                 out.pwrite(offset, data)
+                if progress is not None:
+                    progress(locked.st_size + out.bytes_written, total)
 
             # Step 5: the image's owner and mode, and the copy on stable storage before a name points at it.
             _give_owner_and_mode(temp_fd, locked, path)

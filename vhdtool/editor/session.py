@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -221,6 +220,14 @@ class EditSession:
         self._volumes[partition] = (part, fs)
         return part, fs
 
+    def _guest_path(self, path: str, partition: int | None) -> str:
+        try:
+            return guest_path(path, self._drive(partition))
+        except UnsupportedLayout as e:
+            if e.path is not None:
+                raise
+            raise UnsupportedLayout(self.path, e.problem, e.hint) from None
+
     def _drive(self, partition: int | None) -> str | None:
         w = self.inspection.guest.windows
         return w.drive_letter if partition is None and w is not None else None
@@ -232,7 +239,7 @@ class EditSession:
             with open(data, "rb") as f:
                 data = f.read()
         part, fs = self._volume(partition)
-        target = guest_path(path, self._drive(partition))
+        target = self._guest_path(path, partition)
         if target == "/":
             raise UnsupportedLayout(self.path, f"{path} names the root folder, not a file", "give a file path")
         action = "add"
@@ -249,7 +256,7 @@ class EditSession:
 
     def mkdir(self, path: str, partition: int | None = None) -> FileChange | None:
         part, fs = self._volume(partition)
-        target = guest_path(path, self._drive(partition))
+        target = self._guest_path(path, partition)
         if fs.exists(target):
             if not fs.is_dir(target):
                 raise UnsupportedLayout(self.path, f"{path} is a file in the guest", "give a folder path")
@@ -297,7 +304,7 @@ class EditSession:
     def file_content(self, path: str, partition: int | None = None) -> bytes | None:
         """A file of the guest as it stands in this session (pending changes not yet applied), or None."""
         _part, fs = self._volume(partition)
-        target = guest_path(path, self._drive(partition))
+        target = self._guest_path(path, partition)
         if not fs.exists(target) or fs.is_dir(target):
             return None
         return fs.read(target, fs.size(target))
@@ -343,10 +350,17 @@ class EditSession:
             self._ops[part.index] = queued + self._ops.get(part.index, [])
 
     def _run_operations(self) -> None:
+        from vhdtool.progress import phase, size_text
+
         self._run_hive_edits()
         for index, ops in self._ops.items():
             part = next(p for p in self.inspection.partitions if p.index == index)
-            ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}")
+            # libntfs-3g works in the sandbox child, which can report nothing: the bar says what
+            # is being written and for how long.
+            amount = sum(len(op.data) for op in ops if isinstance(op, ntfs3g.WriteFile))
+            with phase(f"writing {size_text(amount)} to partition {index} (libntfs-3g)", amount) as progress:
+                ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}",
+                             tick=progress.tick)
         self._ops.clear()
 
     def commit(self) -> EditResult:
@@ -354,8 +368,15 @@ class EditSession:
         changes = self.overlay.changes()
         changed = sum(len(e.data) for e in changes)
         written, replayed, committed = 0, False, False
-        if changes and not self.dry_run:
-            result = commit_changes(self.disk, changes, self._lock, self.overlay.unreachable())
+        # A log a crash left pending is replayed into the file even when nothing else changes.
+        if (changes or self.disk.log_replayed) and not self.dry_run:
+            from vhdtool.progress import bar
+
+            # Its size is known once the container writer has planned it; the thread keeps the bar's
+            # time running through the flushes, which report nothing (no fork happens in a commit).
+            with bar(f"committing to {os.path.basename(self.output or self.path)}", None) as progress, \
+                    progress.ticking():
+                result = commit_changes(self.disk, changes, self._lock, self.overlay.unreachable(), progress=progress)
             if result is not None:
                 written, replayed, committed = result.bytes_written, result.log_replayed, True
         if self._tmp_output is not None and not self.dry_run:
@@ -389,28 +410,20 @@ class EditSession:
                 pass
 
 
-PROGRESS_FROM = 256 * 1024 * 1024  # copies smaller than this finish before a bar would help
-
-
 def copy_image(src: str, dst: str) -> None:
     """Copy the image ``src`` to ``dst`` (which exists, empty), sparse or as a reflink, with a
-    progress bar on a terminal for large images."""
+    progress bar on a terminal when it takes long (vhdtool.progress)."""
+    from vhdtool.progress import NO_PROGRESS, bar
+
     shutil.copymode(src, dst)
     with open(src, "rb") as fi, open(dst, "r+b") as fo:
         size = os.fstat(fi.fileno()).st_size
-        bar = None
-        if size >= PROGRESS_FROM and sys.stderr.isatty() and not os.environ.get("CI"):
-            from tqdm import tqdm
-
-            bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"copying {os.path.basename(src)}",
-                       leave=False)
-        try:
+        # The thread keeps the bar's time running through the flush, and through a long
+        # copy_file_range call; nothing forks during the copy.
+        with bar(f"copying {os.path.basename(src)}", size) as progress, progress.ticking():
             copy_file(fi.fileno(), fo.fileno(), size, src, why="--output needs a copy of the image's data",
-                      progress=(lambda at: bar.update(at - bar.n)) if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
-        try:
-            os.fsync(fo.fileno())
-        except OSError as e:
-            raise WriteFailed(dst, f"flushing the copy failed ({e.strerror})") from None
+                      progress=None if progress is NO_PROGRESS else progress)
+            try:
+                os.fsync(fo.fileno())
+            except OSError as e:
+                raise WriteFailed(dst, f"flushing the copy failed ({e.strerror})") from None

@@ -22,10 +22,11 @@ import ctypes
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhdtool.container.overlay import Extent, Overlay
-from vhdtool.errors import CorruptFilesystem, NativeError
+from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError
 from vhdtool.native import Refusal, load_library, run_isolated
 from vhdtool.units import MiB
 
@@ -93,6 +94,8 @@ class MakeDir:
 def _bind(label: str) -> ctypes.CDLL:
     try:
         lib = load_library(SONAME, "libntfs-3g", PACKAGE, label)
+    except MissingLibrary:
+        raise  # its own code (14): install the package it names
     except NativeError as e:
         raise CorruptFilesystem(label, e.problem, hint=e.hint) from None
     c = ctypes.c_void_p
@@ -341,9 +344,12 @@ def _decode(blob: bytes, start: int, end: int, sector: int, label: str) -> list[
     return out
 
 
-def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str) -> int:
+def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str,
+          tick: Callable[[], None] | None = None) -> int:
     """Run ``operations`` (WriteFile, MakeDir) with libntfs-3g on the volume at [start, start + size) of
-    ``overlay``; the sectors it changes go into ``overlay``. Returns how many bytes changed."""
+    ``overlay``; the sectors it changes go into ``overlay``. Returns how many bytes changed.
+
+    ``tick()`` is called now and then while libntfs-3g works in the sandbox child (see run_isolated)."""
     lib = _bind(label)
     keep = tuple(d.image._fd for d in overlay.base.chain() if getattr(d.image, "_fd", None) is not None)
 
@@ -363,7 +369,8 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
 
     try:
         head, payload = run_isolated(
-            job, label, library="libntfs-3g", subject=what, cap=MAX_ANSWER, timeout=CHILD_TIMEOUT, keep_fds=keep
+            job, label, library="libntfs-3g", subject=what, cap=MAX_ANSWER, timeout=CHILD_TIMEOUT, keep_fds=keep,
+            tick=tick,
         )
     except NativeError as e:
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None

@@ -72,7 +72,7 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
         jobs = mine
     skipped = 0
     if b.resume:
-        loaded = read_reports([b.report], missing_ok=True)
+        loaded = read_reports([b.report], missing_ok=True, strict=False)
         for line in loaded.skipped_lines:
             say(f"batch: warning: skipped {line}")
         last = latest(loaded.records)
@@ -126,6 +126,9 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
         extra.append(f"{skipped} skipped (done before)")
     if not_run:
         extra.append(f"{len(not_run)} not run")
+    if pool.killed:
+        extra.append(f"{len(pool.killed)} killed in hand, with no record (each is as it was or fully written; "
+                     f"--resume redoes them): {', '.join(j.image for j in pool.killed)}")
     if extra:
         say("batch: " + ", ".join(extra))
     if signals["count"]:

@@ -67,13 +67,22 @@ def dedupe(jobs: list[Job]) -> tuple[list[Job], list[str]]:
     seen_files: dict[tuple[int, int], Job] = {}
     out, warnings = [], []
     for job in jobs:
+        try:
+            st = os.stat(job.image)
+        except OSError:
+            st = None  # a missing image fails on its own, in its own record
         first = seen_keys.get(job.key)
-        if first is None:
+        if first is not None and st is not None and first.image != job.image:
             try:
-                st = os.stat(job.image)
-                first = seen_files.get((st.st_dev, st.st_ino))
+                same = os.path.samefile(first.image, job.image)
             except OSError:
-                st = None  # a missing image fails on its own, in its own record
+                same = False
+            if not same:
+                raise BadManifest(job.source, f"{job.image} and {first.image} ({first.source}) are two images written "
+                                              f"the same way, {job.key!r}: sharding and --resume could not tell them apart",
+                                  "name them by paths that differ (say, relative to one manifest's folder)")
+        if first is None and st is not None:
+            first = seen_files.get((st.st_dev, st.st_ino))
         if first is not None:
             warnings.append(f"{job.image} ({job.source}) is {first.image} ({first.source}) again; it runs once")
             continue

@@ -58,6 +58,7 @@ class Pool:
         self.on_stderr = on_stderr
         self.now_iso = now_iso
         self.workers: list[_Worker] = []
+        self.killed: list[Job] = []  # in hand when killing() came
 
     def _start(self) -> _Worker:
         env = dict(os.environ)
@@ -135,6 +136,7 @@ class Pool:
                     break
                 if killing():
                     for w in busy:
+                        self.killed.append(w.job[1])
                         self._remove(w, kill=True)
                     break
                 self._wait(busy, lambda *args: finished.append(args))

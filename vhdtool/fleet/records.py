@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,7 @@ SCHEMA = 1
 KIND = "vhdtool-batch"
 OK, FAILED = "ok", "failed"
 MAX_LINE = 64 * 1024 * 1024
+REPORT_HINT = "give --report a writable file on a disk with free space"
 
 
 def now() -> str:
@@ -57,6 +59,7 @@ class ReportWriter:
 
     def __init__(self, path: str):
         self.path = path
+        self.regular = False
         if path == "-":
             self.fd = os.dup(1)
             return
@@ -64,14 +67,18 @@ class ReportWriter:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise WriteFailed(path, f"the report cannot be opened for appending ({e.strerror})",
-                              "give --report a writable path") from None
+                              REPORT_HINT) from None
+        st = os.fstat(self.fd)
+        self.regular = stat.S_ISREG(st.st_mode)  # else a pipe or a device (/dev/null): no lock, no fsync
+        if not self.regular:
+            return
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self.fd)
             raise WriteFailed(path, "another batch is writing this report",
                               "wait for it, or give each batch its own --report") from None
-        size = os.fstat(self.fd).st_size
+        size = st.st_size
         if size:
             with open(path, "rb") as f:
                 f.seek(size - 1)
@@ -84,10 +91,10 @@ class ReportWriter:
             while view:
                 n = os.write(self.fd, view)
                 view = view[n:]
-            if self.path != "-":
+            if self.regular:
                 os.fsync(self.fd)
         except OSError as e:
-            raise WriteFailed(self.path, f"writing the report failed ({e.strerror})") from None
+            raise WriteFailed(self.path, f"writing the report failed ({e.strerror})", REPORT_HINT) from None
 
     def write(self, rec: dict) -> None:
         self._write((json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8"))
@@ -104,8 +111,11 @@ class Loaded:
     skipped_lines: list[str] = field(default_factory=list)  # "file:line: why"
 
 
-def read_reports(paths: Iterable[str], missing_ok: bool = False) -> Loaded:
-    """Every well-formed record of ``paths``, in file order; lines that are not records are listed, not fatal."""
+def read_reports(paths: Iterable[str], missing_ok: bool = False, strict: bool = True) -> Loaded:
+    """Every well-formed record of ``paths``, in file order; lines that are not records are listed, not fatal.
+
+    ``strict``: a file whose lines hold no record at all is not a report (BadReport).
+    """
     loaded = Loaded()
     for path in paths:
         try:
@@ -117,9 +127,11 @@ def read_reports(paths: Iterable[str], missing_ok: bool = False) -> Loaded:
         except OSError as e:
             raise BadReport(path, f"cannot be read ({e.strerror})") from None
         with f:
+            found, lines = len(loaded.records), 0
             for n, raw in enumerate(_lines(f, path), 1):
                 if not raw.strip():
                     continue
+                lines += 1
                 why = None
                 try:
                     rec = json.loads(raw)
@@ -132,6 +144,8 @@ def read_reports(paths: Iterable[str], missing_ok: bool = False) -> Loaded:
                 else:
                     rec["_from"] = f"{path}:{n}"
                     loaded.records.append(rec)
+            if strict and lines and len(loaded.records) == found:
+                raise BadReport(path, f"none of its {lines} lines is a batch record")
     return loaded
 
 
@@ -199,7 +213,14 @@ def facets(rec: dict) -> dict[str, str | None]:
     if isinstance(res.get("method"), str):
         method = res["method"]
         if rec["command"] == "stage":
-            method += " (staged)" if res.get("staged") else f" ({res.get('action')})"
+            changes = res.get("changes") if isinstance(res.get("changes"), dict) else {}
+            written = bool(changes.get("files") or changes.get("registry"))
+            if res.get("action") != "stage":
+                method += f" ({res.get('action')})"
+            elif res.get("dry_run") and written:
+                method += " (would stage)"
+            else:
+                method += " (staged)" if written else " (already staged)"
     elif isinstance(res.get("state"), str):
         method = f"status {res['state']}"
     elif isinstance(res.get("changes"), dict):

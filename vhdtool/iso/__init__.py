@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vhdtool.errors import IsoError, translating
+from vhdtool.units import MiB
 
 MAX_ENTRIES = 100_000
+READ_CHUNK = 8 * MiB  # a read that reports its progress reads this much at a time
+PROBE_CHUNK = 2 * MiB  # its first read, which tells whether it is slow enough to report
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,39 @@ class IsoImage:
             raise IsoError(self.path, "has no support folder: not an integration services disk (vmguest.iso)")
         return [(f, raw) for f, raw in entries if f.path.lower().startswith("/support/") and f.path.lower().endswith(".cab")]
 
-    def read(self, entry: IsoFile, raw_path: str, limit: int) -> bytes:
+    def read(self, entry: IsoFile, raw_path: str, limit: int,
+             progress: Callable[[int], bool | None] | None = None) -> bytes:
+        """The bytes of ``entry``; ``progress(done)`` is told how many have been read so far (see read_reporting)."""
         if entry.size > limit:
             raise IsoError(self.path, f"{entry.path} is larger than {limit} bytes")
         with translating(IsoError, self.path, f"cannot read {entry.path} (the image may be truncated)"):
             with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
-                data = fh.read(limit + 1)
+                data = fh.read(limit + 1) if progress is None else read_reporting(fh, limit + 1, progress)
         # pycdlib returns what is there: a short read means the image was cut.
         if len(data) != entry.size:
             raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {len(data)} are there")
         return data
+
+
+def read_reporting(fh, limit: int, progress: Callable[[int], bool | None]) -> bytes:
+    """Up to ``limit`` bytes of ``fh``, from where it stands to its end, in chunks, telling
+    ``progress(done)`` how far it got.
+
+    ``progress`` returning False says it will show nothing of this read (it is going fast):
+    the read then starts over with one call for all of it, which costs a re-read of the
+    first chunk but copies the data once, where joining chunks would copy it twice.
+    """
+    start = fh.tell()
+    chunks, done = [], 0
+    while done < limit:
+        want = min(PROBE_CHUNK if not chunks else READ_CHUNK, limit - done)
+        chunk = fh.read(want)
+        chunks.append(chunk)
+        done += len(chunk)
+        wanted = progress(done)
+        if len(chunk) < want:
+            break  # the end (or a cut file: the caller compares the length)
+        if wanted is False:
+            fh.seek(start)
+            return fh.read(limit)
+    return b"".join(chunks)

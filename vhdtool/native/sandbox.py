@@ -28,6 +28,7 @@ from collections.abc import Callable
 from vhdtool.errors import EXIT_INTERNAL_ERROR, NativeError
 from vhdtool.units import MiB
 DEFAULT_TIMEOUT = 10.0  # seconds
+TICK_INTERVAL = 0.25  # seconds between calls of a caller's ``tick`` while the child works
 CHILD_MEMORY = 1024 * MiB  # address space the child may add to what it inherits
 MAGIC = b"VNAT"
 
@@ -48,6 +49,7 @@ def run_isolated(
     timeout: float = DEFAULT_TIMEOUT,
     subject: str = "the input",
     keep_fds: tuple[int, ...] = (),
+    tick: Callable[[], None] | None = None,
 ) -> tuple[dict, bytes | None]:
     """Run ``job()`` in a forked child; its answer (head, payload), or a NativeError for whatever happened to it.
 
@@ -55,7 +57,9 @@ def run_isolated(
     raw. ``cap`` bounds what the parent will read. ``library`` and ``subject`` name
     the code and what it was given, for messages. ``keep_fds`` are descriptors the
     child keeps (a disk image it reads through); each must be open read-only, so
-    that the child cannot write to anything the parent will commit.
+    that the child cannot write to anything the parent will commit. ``tick()`` is
+    called about every ``TICK_INTERVAL`` seconds while the child has not answered (a
+    progress display; the child itself can draw nothing).
     """
     for fd in keep_fds:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
@@ -77,7 +81,7 @@ def run_isolated(
     reaped = False
     try:
         deadline = time.monotonic() + timeout
-        blob = _read_answer(read_fd, deadline, cap, label, library)
+        blob = _read_answer(read_fd, deadline, cap, label, library, tick)
         status = _wait(pid, deadline) if blob is not None else None
         reaped = status is not None
         if status is None:
@@ -103,7 +107,8 @@ def run_isolated(
             os.waitpid(pid, 0)
 
 
-def _read_answer(fd: int, deadline: float, cap: int, label: str | None, library: str) -> bytes | None:
+def _read_answer(fd: int, deadline: float, cap: int, label: str | None, library: str,
+                 tick: Callable[[], None] | None = None) -> bytes | None:
     """Everything the child writes until it exits; None if the deadline passes first."""
     chunks, size = [], 0
     poller = select.poll()
@@ -112,7 +117,10 @@ def _read_answer(fd: int, deadline: float, cap: int, label: str | None, library:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        if not poller.poll(max(1, int(left * 1000))):
+        wait = left if tick is None else min(left, TICK_INTERVAL)
+        if not poller.poll(max(1, int(wait * 1000))):
+            if tick is not None:
+                tick()
             continue
         chunk = os.read(fd, 1 << 20)
         if not chunk:

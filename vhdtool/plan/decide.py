@@ -9,7 +9,7 @@ chosen cab with its verified identity, and the reasons.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vhdtool.errors import UnknownKey
 from vhdtool.guest.inspection import Inspection
@@ -33,7 +33,7 @@ DISABLED = 4
 @dataclass(frozen=True)
 class Plan:
     image: str
-    host: str
+    host: str | None  # None: --host auto for a guest whose answer is the same on every host (Linux)
     matrix_revision: str
     guest_key: str | None
     arch: str | None
@@ -164,6 +164,11 @@ def plan_for_host(
 ) -> Plan:
     """``plan`` on ``host``, or on the host the guest last ran on when ``host`` is None (``--host auto``)."""
     matrix = matrix or load_matrix()
+    if host is None and inspection.guest.os == "linux":
+        # A Linux guest records no host, and needs none: its answer is the same on every host.
+        p = plan(inspection, matrix.hosts[-1].key, catalog, matrix)
+        return replace(p, host=None, reasons=p.reasons + (
+            "--host auto: a Linux guest records no host; the answer is the same on every host",))
     return plan(inspection, host if host is not None else host_of(inspection, matrix), catalog, matrix)
 
 

@@ -105,11 +105,28 @@ def _is_iso(path: Path) -> bool:
 
 def _read_file(path: Path) -> bytes:
     from vhdtool.cabinet.format import MAX_CAB_SIZE
+    from vhdtool.progress import NO_PROGRESS, bar
 
     size = path.stat().st_size
     if size > MAX_CAB_SIZE:
         raise CabSourceError(str(path), f"larger than {MAX_CAB_SIZE} bytes; not an integration services cab")
-    return path.read_bytes()
+    with bar(f"reading {path.name}", size) as progress:
+        if progress is NO_PROGRESS:
+            return path.read_bytes()
+        from vhdtool.iso import read_reporting
+
+        with open(path, "rb") as f:
+            return read_reporting(f, MAX_CAB_SIZE + 1, progress)
+
+
+def _read_iso_entry(iso, entry, raw: str) -> bytes:
+    """One cab out of an ISO, with a bar on a terminal when it is large (and slow)."""
+    from vhdtool.cabinet.format import MAX_CAB_SIZE
+    from vhdtool.progress import NO_PROGRESS, bar
+
+    # The cab's name alone: with the ISO's too, an 80-column terminal would have no room for the bar.
+    with bar(f"reading {entry.path.rsplit('/', 1)[-1]}", entry.size) as progress:
+        return iso.read(entry, raw, MAX_CAB_SIZE, progress=None if progress is NO_PROGRESS else progress)
 
 
 def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
@@ -143,7 +160,6 @@ def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
 
 
 def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
-    from vhdtool.cabinet.format import MAX_CAB_SIZE
     from vhdtool.iso import IsoImage
 
     out = []
@@ -153,7 +169,7 @@ def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
             if not IC_CAB_NAME.match(name):
                 notes.append(f"{path}:{entry.path}: not an integration services cab name; skipped")
                 continue
-            data = iso.read(entry, raw, MAX_CAB_SIZE)
+            data = _read_iso_entry(iso, entry, raw)
             out.append(describe(data, f"{path}:{entry.path}", source, name))
     if not out:
         notes.append(f"{source}: no integration services cabs under /support")
@@ -165,8 +181,6 @@ def cab_bytes(candidate: CabCandidate) -> bytes:
     """The bytes of a chosen cab, read again from its source and checked against the digest the plan verified."""
     import hashlib
 
-    from vhdtool.cabinet.format import MAX_CAB_SIZE
-
     source = Path(candidate.source)
     if source.is_file() and _is_iso(source):
         from vhdtool.iso import IsoImage
@@ -176,7 +190,7 @@ def cab_bytes(candidate: CabCandidate) -> bytes:
             match = [(f, raw) for f, raw in iso.support_cabs() if f.path == inner]
             if not match:
                 raise CabSourceError(candidate.source, f"{inner} is no longer in the image")
-            data = iso.read(match[0][0], match[0][1], MAX_CAB_SIZE)
+            data = _read_iso_entry(iso, match[0][0], match[0][1])
     else:
         data = _read_file(Path(candidate.path))
     if hashlib.sha256(data).hexdigest() != candidate.sha256:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vhdtool.container.overlay import CommitResult, Extent
@@ -81,6 +82,15 @@ class CommitPlan:
     @property
     def empty(self) -> bool:
         return not self.appended and not self.logged and not self.direct
+
+    @property
+    def write_size(self) -> int:
+        """Bytes ``VhdxCommit.run`` writes: three header updates, the new blocks' data, the direct
+        writes, the log sequence and the logged writes applied (a pending log replayed comes on top)."""
+        return (3 * HEADER_SIZE
+                + sum(len(data) for _offset, _length, pieces in self.appended for _within, data in pieces)
+                + sum(len(data) for _offset, data in self.direct)
+                + sequence_size(self.logged) + sum(w.length for w in self.logged))
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -277,10 +287,21 @@ def plan_commit(disk: VhdxDisk, changes: list[Extent], unreachable: list[tuple[i
 class VhdxCommit:
     """Runs steps 0-6 of the module docstring on one writable file."""
 
-    def __init__(self, disk: VhdxDisk, file: WritableFile):
+    def __init__(self, disk: VhdxDisk, file: WritableFile, progress: Callable[[int, int], None] | None = None,
+                 total: int = 0):
         self.disk = disk
         self.file = file
         self.header: VhdxHeader = disk.header
+        self.progress = progress  # progress(bytes written so far, bytes to write), after each write
+        self.total = total
+        self._first = file.bytes_written
+
+    def _pwrite(self, offset: int, data: bytes) -> None:
+        self.file.pwrite(offset, data)
+        if self.progress is not None:
+            done = self.file.bytes_written - self._first
+            self.total = max(self.total, done)
+            self.progress(done, self.total)
 
     # -- headers (2.2.2) ----------------------------------------------------------------
     def _update_header(self, **changes) -> None:
@@ -313,7 +334,7 @@ class VhdxCommit:
             ).ljust(HEADER_SIZE, b"\0")
         )
         raw[4:8] = checksum_zeroed(raw).to_bytes(4, "little")
-        self.file.pwrite(HEADER_OFFSETS[slot - 1], bytes(raw))
+        self._pwrite(HEADER_OFFSETS[slot - 1], bytes(raw))
         self.file.flush()
         self.header = new
 
@@ -329,7 +350,7 @@ class VhdxCommit:
             self.file.truncate(last)
         for entry in sequence:
             for d in entry.descriptors:
-                self.file.pwrite(d.file_offset, d.data if d.data is not None else bytes(d.length))
+                self._pwrite(d.file_offset, d.data if d.data is not None else bytes(d.length))
         self.file.flush()
         self._update_header(log_guid=ZERO_GUID)
         return True
@@ -346,9 +367,9 @@ class VhdxCommit:
             self.file.truncate(max(self.file.size, plan.end_of_file))
             for offset, _length, pieces in plan.appended:
                 for within, data in pieces:
-                    self.file.pwrite(offset + within, data)
+                    self._pwrite(offset + within, data)
             for offset, data in plan.direct:
-                self.file.pwrite(offset, data)
+                self._pwrite(offset, data)
             self.file.flush()
 
         # Step 3. Interrupted: entries under a LogGuid no header names, never replayed.
@@ -366,7 +387,7 @@ class VhdxCommit:
         sequence = build_sequence(
             plan.logged, log_guid, 1, flushed_file_offset=self.file.size, last_file_offset=self.file.size
         )
-        self.file.pwrite(log_offset, sequence)
+        self._pwrite(log_offset, sequence)
         self.file.flush()
 
         # Step 4. Interrupted: the header with the higher sequence number decides, and
@@ -375,7 +396,7 @@ class VhdxCommit:
 
         # Step 5. Interrupted: the log replays over whatever was half-applied.
         for w in plan.logged:
-            self.file.pwrite(w.file_offset, w.data if w.data is not None else bytes(w.length))
+            self._pwrite(w.file_offset, w.data if w.data is not None else bytes(w.length))
         self.file.flush()
 
         # Step 6. Interrupted: the log is replayed once more, to the same result.
@@ -384,26 +405,30 @@ class VhdxCommit:
 
 
 def commit(
-    disk: VhdxDisk, changes: list[Extent], file: WritableFile | None = None, unreachable: list[tuple[int, int]] = ()
+    disk: VhdxDisk, changes: list[Extent], file: WritableFile | None = None, unreachable: list[tuple[int, int]] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> CommitResult | None:
     """Commit ``changes`` to the file ``disk`` was opened from; None when there is nothing to change.
 
     ``disk`` must be the top of its chain (its parents are never written) and is
     stale afterwards: close it and open the file again to read the result. ``file``
     is the caller's locked handle of the same file, or None to open one here.
+    ``progress(done, total)`` is told the bytes written so far after each write.
     """
     plan = plan_commit(disk, changes, unreachable)
-    if plan.empty:
-        # Nothing to change is no write at all, not even the replay of a pending log.
-        return None
+    if plan.empty and disk.header.log_guid == ZERO_GUID:
+        return None  # nothing to change is no write at all
+    # Nothing to change but a log a crash left pending: it is replayed and retired (step 0), so
+    # that a re-run after a crash leaves the file as readers that do not replay (QEMU read-only)
+    # can open it.
     own = file is None
     if own:
         file = WritableFile(disk.path)
     before = (file.bytes_written, file.writes, file.flushes)
     try:
-        writer = VhdxCommit(disk, file)
+        writer = VhdxCommit(disk, file, progress, plan.write_size)
         replayed = writer.replay_pending_log()
-        moved = writer.run(plan)
+        moved = writer.run(plan) if not plan.empty else False
         return CommitResult(file.bytes_written - before[0], file.writes - before[1], file.flushes - before[2],
                             replayed, moved)
     finally:
