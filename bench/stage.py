@@ -1,87 +1,182 @@
 #!/usr/bin/env python3
 """Benchmark `vhdtool stage`: a 10 MB and a 100 MB integration services cab into a 127 GiB dynamic VHDX.
 
-The guest is built as bench/inspect.py builds its own (a ~70 MB SOFTWARE hive
+The guest is built as bench/inspect_time.py builds its own (a ~70 MB SOFTWARE hive
 made with hivexsh, the real Windows 10 SYSTEM hive, NTFS by mkntfs and ntfs-3g,
 qemu-img's dynamic VHDX), but says Windows Server 2008 R2 with integration
 services 6.1.7601.17514 and has C: in MountedDevices, so that a Windows 8 host's
-6.1 cab (made by gcab, with an update.mum and a stored random payload) is staged. Each run stages into a fresh sparse copy and prints the whole process's wall
+6.1 cab (made by gcab, with an update.mum and a stored random payload) is staged.
+Each run stages into a fresh sparse copy and prints the whole process's wall
 time and the bytes written to the image per byte of cab (write amplification);
-a second, identical run must write nothing. Where libguestfs is installed,
-virt-customize --upload and virt-win-reg --merge are timed on the same change.
+a second, identical run must write nothing. Where libguestfs is installed, the
+same change is made on another copy with virt-customize (the folder, the cab and
+a file of install.cmd's size) and virt-win-reg --merge (SetupType and CmdLine),
+and their wall times added up.
 
     python3 bench/stage.py [--runs N] [--cache DIR]
+
+(``bench/run.py`` runs this with the other benchmarks and prints one table.)
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This folder holds inspect.py, which would shadow the standard library's inspect.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 MiB = 1024 * 1024
+PRODUCT = ("Windows Server 2008 R2 Datacenter", "6.1", "7601", "x64")
+GUEST_IC = "6.1.7601.17514"
+CAB_VERSION = "6.2.9200.16384"  # what a Windows 8 host offers
+HOST = "win8"
 
 
 def bench_inspect():
-    spec = importlib.util.spec_from_file_location("bench_inspect", ROOT / "bench" / "inspect.py")
+    spec = importlib.util.spec_from_file_location("bench_inspect_time", ROOT / "bench" / "inspect_time.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def main() -> int:
+def sparse_copy(src: Path, dst: Path) -> None:
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
+
+
+def ensure_image(cache: Path) -> Path:
+    """The 127 GiB dynamic VHDX with the Server 2008 R2 guest (built once, cached)."""
+    bi = bench_inspect()
+    cache.mkdir(parents=True, exist_ok=True)
+    part = bi.build_partition(cache, PRODUCT, GUEST_IC, name="ws2008r2-ntfs.img", drive_c=True)
+    return bi.build_image(cache, "127GiB", bi.SIZES["127GiB"], part, prefix="ws2008r2")
+
+
+def make_cab(folder: Path, payload_bytes: int) -> Path:
+    """The 6.1 x64 integration services cab of a Windows 8 host, with ``payload_bytes`` of stored random data."""
     from fixtures.cabs import CabSpec, build_cab
 
+    return build_cab(CabSpec("6.1", "x64", CAB_VERSION), folder, payload_size=payload_bytes)
+
+
+def stage_cmd(image: Path, cabs: Path) -> list[str]:
+    return [sys.executable, "-I", "-m", "vhdtool.cli.main", "stage", "--json", str(image), "--host", HOST,
+            "--cabs", str(cabs)]
+
+
+def stage_once(image: Path, cabs: Path) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    res = subprocess.run(stage_cmd(image, cabs), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    doc = json.loads(res.stdout) if res.stdout.strip() else {}
+    if res.returncode != 0 or not doc.get("staged"):
+        raise RuntimeError(f"stage failed: {res.stderr.strip() or res.stdout[:400]}")
+    return wall, doc
+
+
+def guestfs_stage(image: Path, cab: Path, doc: dict, workdir: Path, timeout: float | None = None) -> float | None:
+    """The same change through libguestfs: virt-customize writes the folder, the cab and an install.cmd of
+    the same size, virt-win-reg --merge sets SYSTEM\\Setup's SetupType and CmdLine. Seconds of both
+    processes added up (None: not installed or failed)."""
+    if not (shutil.which("virt-customize") and shutil.which("virt-win-reg")):
+        return None
+    folder = "/Windows/vhdtool/" + doc["id"]
+    script_size = next(f["size"] for f in doc["files"] if f["path"].endswith("/install.cmd"))
+    script = workdir / "install.cmd"
+    line = b"rem the script vhdtool generates, here only its size\r\n"
+    script.write_bytes((line * (script_size // len(line) + 1))[:script_size])
+    command = doc["boot_hook"]["command"].replace("\\", "\\\\").replace('"', '\\"')
+    reg = workdir / "setup.reg"
+    reg.write_text("Windows Registry Editor Version 5.00\r\n\r\n[HKEY_LOCAL_MACHINE\\SYSTEM\\Setup]\r\n"
+                   f'"SetupType"=dword:00000002\r\n"CmdLine"="{command}"\r\n', encoding="utf-8")
+    cmds = [
+        ["virt-customize", "--format=vhdx", "-a", str(image), "--mkdir", folder,
+         "--upload", f"{cab}:{folder}", "--upload", f"{script}:{folder}"],
+        ["virt-win-reg", "--format=vhdx", "--merge", str(image), str(reg)],
+    ]
+    total = 0.0
+    for cmd in cmds:
+        t0 = time.perf_counter()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        total += time.perf_counter() - t0
+        if res.returncode != 0:
+            print(f"bench: {cmd[0]} failed: {res.stderr.strip()[-300:]}", file=sys.stderr)
+            return None
+    return total
+
+
+def measure(image: Path, cabs: Path, runs: int, workdir: Path, with_guestfs: bool = True,
+            guestfs_timeout: float | None = None) -> dict:
+    """``runs`` stages of the cab in ``cabs``, each into a fresh sparse copy of ``image`` and followed by the same
+    stage again (which must write nothing): median wall time, bytes written, and libguestfs's time."""
+    cab = next(cabs.glob("*.cab"))
+    walls, written, again_walls, again_written = [], [], [], []
+    work = workdir / "work-stage.vhdx"
+    doc = None
+    for _ in range(runs):
+        sparse_copy(image, work)
+        try:
+            wall, doc = stage_once(work, cabs)
+            again_wall, again = stage_once(work, cabs)
+        finally:
+            work.unlink(missing_ok=True)
+        walls.append(wall)
+        written.append(doc["bytes_written"])
+        again_walls.append(again_wall)
+        again_written.append(again["bytes_written"])
+    size = cab.stat().st_size
+    out = {"size": size, "walls": walls, "wall": statistics.median(walls), "written": statistics.median(written),
+           "again_wall": statistics.median(again_walls), "again_written": max(again_written)}
+    out["amplification"] = out["written"] / size
+    out["guestfs"] = None
+    if with_guestfs and shutil.which("virt-customize"):
+        sparse_copy(image, work)
+        try:
+            out["guestfs"] = guestfs_stage(work, cab, doc, workdir, guestfs_timeout)
+        finally:
+            work.unlink(missing_ok=True)
+    return out
+
+
+def guestfs_setup() -> tuple[bool, str]:
+    spec = importlib.util.spec_from_file_location("bench_guestfs", ROOT / "bench" / "guestfs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.setup()
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     args = ap.parse_args()
-    bi = bench_inspect()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    part = bi.build_partition(args.cache, ("Windows Server 2008 R2 Datacenter", "6.1", "7601", "x64"),
-                              "6.1.7601.17514", name="ws2008r2-ntfs.img", drive_c=True)
-    image = bi.build_image(args.cache, "127GiB", bi.SIZES["127GiB"], part, prefix="ws2008r2")
+    print("libguestfs:", guestfs_setup()[1])
+    image = ensure_image(args.cache)
     print(f"image: {image} ({image.stat().st_size / MiB:.0f} MiB file, 127 GiB virtual)")
     print(f"{'cab':>8} {'run':>4} {'wall s':>8} {'written MiB':>12} {'amplification':>14} {'again s':>8} {'again written':>14}")
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         tmp = Path(tmp)
         for size_mb in (10, 100):
             cabs = tmp / f"cabs-{size_mb}"
-            cab = build_cab(CabSpec("6.1", "x64", "6.2.9200.16384"), cabs, payload_size=size_mb * 1000 * 1000)
-            walls = []
-            for run in range(args.runs):
-                work = tmp / "work.vhdx"
-                subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(image), str(work)], check=True)
-                cmd = [sys.executable, "-I", "-m", "vhdtool.cli.main", "stage", "--json", str(work), "--host", "win8",
-                       "--cabs", str(cabs)]
-                t0 = time.perf_counter()
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                wall = time.perf_counter() - t0
-                if res.returncode != 0 or not json.loads(res.stdout)["staged"]:
-                    raise SystemExit(f"stage failed: {res.stderr.strip() or res.stdout[:400]}")
-                written = json.loads(res.stdout)["bytes_written"]
-                t0 = time.perf_counter()
-                again = json.loads(subprocess.run(cmd, capture_output=True, text=True).stdout)
-                again_wall = time.perf_counter() - t0
-                walls.append(wall)
-                print(f"{size_mb:>6}MB {run + 1:>4} {wall:>8.2f} {written / MiB:>12.1f} "
-                      f"{written / cab.stat().st_size:>14.3f} {again_wall:>8.2f} {again['bytes_written']:>14}")
-                work.unlink()
-            print(f"{'':>8} median wall {statistics.median(walls):.2f} s")
+            make_cab(cabs, size_mb * 1000 * 1000)
+            m = measure(image, cabs, args.runs, tmp)
+            for run, wall in enumerate(m["walls"]):
+                print(f"{size_mb:>6}MB {run + 1:>4} {wall:>8.2f}")
+            print(f"{size_mb:>6}MB {'med':>4} {m['wall']:>8.2f} {m['written'] / MiB:>12.1f} {m['amplification']:>14.3f} "
+                  f"{m['again_wall']:>8.2f} {m['again_written']:>14}")
+            if m["guestfs"] is not None:
+                print(f"{'':>8} virt-customize + virt-win-reg: {m['guestfs']:.2f} s")
     if not (shutil.which("virt-customize") and shutil.which("virt-win-reg")):
         print("virt-customize / virt-win-reg (libguestfs) are not installed: no comparison with them.")
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The least a dissect user would write to learn a Windows guest's product name, build and architecture.
 
-A yardstick for ``bench/inspect.py``: dissect.hypervisor opens the VHDX,
+A yardstick for ``bench/inspect_time.py``: dissect.hypervisor opens the VHDX,
 dissect.volume the partition table, dissect.ntfs the first partition,
 dissect.regf the SOFTWARE and SYSTEM hives. No checks, no other facts. Prints
 the three facts and the bytes it read from the image file.

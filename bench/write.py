@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark the write engine: `vhdtool copy-in` of a 10 MiB and a 100 MiB file into a 127 GiB dynamic VHDX.
 
-Uses the Windows guest bench/inspect.py builds (NTFS by mkntfs and ntfs-3g, a
+Uses the Windows guest bench/inspect_time.py builds (NTFS by mkntfs and ntfs-3g, a
 69.5 MiB SOFTWARE hive, the real Windows 10 SYSTEM hive, qemu-img's dynamic
 VHDX). Each run works on a fresh sparse copy of the image and prints the whole
 process's wall time, the bytes vhdtool wrote to the image file (its --json
@@ -10,6 +10,8 @@ copied, and the same for a second, identical run (which must write nothing).
 Where libguestfs is installed, virt-copy-in does the same copy on another copy.
 
     python3 bench/write.py [--runs N] [--cache DIR]
+
+(``bench/run.py`` runs this with the other benchmarks and prints one table.)
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
+GUEST_DIR = "C:\\Windows\\Temp"  # virt-copy-in copies into the same folder
 
 
 def bench_inspect():
-    spec = importlib.util.spec_from_file_location("bench_inspect", ROOT / "bench" / "inspect.py")
+    spec = importlib.util.spec_from_file_location("bench_inspect_time", ROOT / "bench" / "inspect_time.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,14 +44,101 @@ def sparse_copy(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
 
 
+def ensure_image(cache: Path) -> Path:
+    """The 127 GiB dynamic VHDX with the Windows Server 2012 R2 guest (built once, cached)."""
+    bi = bench_inspect()
+    cache.mkdir(parents=True, exist_ok=True)
+    part = bi.build_partition(cache)
+    return bi.build_image(cache, "127GiB", bi.SIZES["127GiB"], part)
+
+
 def copy_in(image: Path, local: Path) -> tuple[float, dict]:
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-I", "-m", "vhdtool.cli.main", "copy-in", "--json", str(image), str(local),
-                          "C:\\Windows\\Temp\\bench"], capture_output=True, text=True)
+                          GUEST_DIR], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
-        raise SystemExit(f"copy-in failed: {res.stderr.strip()}")
+        raise RuntimeError(f"copy-in failed: {res.stderr.strip()}")
     return wall, json.loads(res.stdout)
+
+
+def virt_copy_in(image: Path, local: Path, timeout: float | None = None) -> float | None:
+    """Seconds of ``virt-copy-in`` of the same file into the same folder (None: not installed or failed)."""
+    if not shutil.which("virt-copy-in"):
+        return None
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(["virt-copy-in", "--format=vhdx", "-a", str(image), str(local), "/Windows/Temp"],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        print(f"bench: virt-copy-in failed: {res.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return wall
+
+
+def measure(image: Path, local: Path, runs: int, workdir: Path, with_guestfs: bool = True,
+            guestfs_timeout: float | None = None) -> dict:
+    """``runs`` copy-ins of ``local``, each into a fresh sparse copy of ``image``, each followed by the same
+    copy again (which must write nothing); median wall time, bytes written, and virt-copy-in's time."""
+    size = local.stat().st_size
+    walls, written, again_walls, again_written = [], [], [], []
+    work = workdir / "work-copy-in.vhdx"
+    for _ in range(runs):
+        sparse_copy(image, work)
+        try:
+            before = work.stat().st_blocks * 512
+            wall, doc = copy_in(work, local)
+            again_wall, again = copy_in(work, local)
+            # The file may grow by whole new blocks; what it allocates cannot exceed what was written.
+            growth = work.stat().st_blocks * 512 - before
+            if growth > doc["bytes_written"] + 64 * 1024:
+                raise RuntimeError(f"copy-in: the file grew by {growth} bytes, {doc['bytes_written']} reported written")
+        finally:
+            work.unlink(missing_ok=True)
+        walls.append(wall)
+        written.append(doc["bytes_written"])
+        again_walls.append(again_wall)
+        again_written.append(again["bytes_written"])
+    out = {"size": size, "walls": walls, "wall": statistics.median(walls), "written": statistics.median(written),
+           "again_wall": statistics.median(again_walls), "again_written": max(again_written)}
+    out["amplification"] = out["written"] / size
+    out["virt_copy_in"] = None
+    if with_guestfs and shutil.which("virt-copy-in"):
+        sparse_copy(image, work)
+        try:
+            out["virt_copy_in"] = virt_copy_in(work, local, guestfs_timeout)
+        finally:
+            work.unlink(missing_ok=True)
+    return out
+
+
+def services(image: Path, workdir: Path) -> list[tuple[list[str], float, dict]]:
+    """``services --disable vmictimesync`` then ``--enable`` on a fresh copy: (args, wall, report) each."""
+    work = workdir / "work-services.vhdx"
+    sparse_copy(image, work)
+    out = []
+    try:
+        for args in (["--disable", "vmictimesync"], ["--enable", "vmictimesync"]):
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-I", "-m", "vhdtool.cli.main", "services", "--json", str(work), *args],
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if res.returncode != 0:
+                raise RuntimeError(f"services failed: {res.stderr.strip()}")
+            out.append((args, wall, json.loads(res.stdout)))
+    finally:
+        work.unlink(missing_ok=True)
+    return out
+
+
+def guestfs_setup() -> tuple[bool, str]:
+    spec = importlib.util.spec_from_file_location("bench_guestfs", ROOT / "bench" / "guestfs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.setup()
 
 
 def main() -> int:
@@ -56,10 +146,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     args = ap.parse_args()
-    bi = bench_inspect()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    part = bi.build_partition(args.cache)
-    image = bi.build_image(args.cache, "127GiB", bi.SIZES["127GiB"], part)
+    print("libguestfs:", guestfs_setup()[1])
+    image = ensure_image(args.cache)
     print(f"image: {image} ({image.stat().st_size / MiB:.0f} MiB file, 127 GiB virtual)")
     print(f"{'file':>8} {'run':>4} {'wall s':>8} {'written MiB':>12} {'ratio':>7} {'overhead MiB':>13} {'again s':>8} {'again written':>14}")
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
@@ -67,45 +155,17 @@ def main() -> int:
         for size_mib in (10, 100):
             local = tmp / f"payload-{size_mib}M.bin"
             local.write_bytes(os.urandom(size_mib * MiB))
-            walls = []
-            for run in range(args.runs):
-                work = tmp / "work.vhdx"
-                sparse_copy(image, work)
-                before = work.stat().st_blocks * 512
-                wall, doc = copy_in(work, local)
-                again_wall, again = copy_in(work, local)
-                written = doc["bytes_written"]
-                # The file may grow by whole new blocks; what it allocates cannot exceed what was written.
-                growth = work.stat().st_blocks * 512 - before
-                assert growth <= written + 64 * 1024, (growth, written)
-                walls.append(wall)
-                print(f"{size_mib:>6}Mi {run + 1:>4} {wall:>8.2f} {written / MiB:>12.1f} {written / local.stat().st_size:>7.3f} "
-                      f"{(written - local.stat().st_size) / MiB:>13.2f} {again_wall:>8.2f} {again['bytes_written']:>14}")
-                work.unlink()
-            print(f"{'':>8} median wall {statistics.median(walls):.2f} s")
-            if shutil.which("virt-copy-in"):
-                work = tmp / "work.vhdx"
-                sparse_copy(image, work)
-                t0 = time.perf_counter()
-                subprocess.run(["virt-copy-in", "-a", str(work), str(local), "/Windows/Temp"], check=True)
-                print(f"{'':>8} virt-copy-in: {time.perf_counter() - t0:.2f} s")
-                work.unlink()
+            m = measure(image, local, args.runs, tmp)
+            for run, wall in enumerate(m["walls"]):
+                print(f"{size_mib:>6}Mi {run + 1:>4} {wall:>8.2f}")
+            print(f"{size_mib:>6}Mi {'med':>4} {m['wall']:>8.2f} {m['written'] / MiB:>12.1f} {m['amplification']:>7.3f} "
+                  f"{(m['written'] - m['size']) / MiB:>13.2f} {m['again_wall']:>8.2f} {m['again_written']:>14}")
+            if m["virt_copy_in"] is not None:
+                print(f"{'':>8} virt-copy-in: {m['virt_copy_in']:.2f} s")
         # services: one REG_DWORD in the SYSTEM hive (the real Windows 10 one, 10 MiB), and back.
-        work = tmp / "work.vhdx"
-        sparse_copy(image, work)
-        for args in (["--disable", "vmictimesync"], ["--enable", "vmictimesync"]):
-            t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-I", "-m", "vhdtool.cli.main", "services", "--json", str(work), *args],
-                                 capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if res.returncode != 0:
-                raise SystemExit(f"services failed: {res.stderr.strip()}")
-            doc = json.loads(res.stdout)
-            print(f"services {' '.join(args)}: {wall:.2f} s, {doc['bytes_written'] / 1024:.0f} KiB written, "
+        for sargs, wall, doc in services(image, tmp):
+            print(f"services {' '.join(sargs)}: {wall:.2f} s, {doc['bytes_written'] / 1024:.0f} KiB written, "
                   f"{len(doc['changes']['registry'])} value(s) changed")
-        work.unlink()
-        if shutil.which("virt-win-reg"):
-            print("virt-win-reg --merge is installed but not compared here yet")
     if not shutil.which("virt-copy-in"):
         print("virt-copy-in (libguestfs) is not installed: no comparison with it.")
     return 0

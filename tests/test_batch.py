@@ -297,7 +297,7 @@ def test_a_worker_that_crashes_or_hangs_fails_that_image_only(fleet_src, tmp_pat
 def test_a_timeout_in_the_middle_of_a_write_leaves_the_image_old_or_new(fleet_src, tmp_path):
     images, iso = fleet_src
     seen = set()
-    for limit in (0.1, 0.2, 0.3, 0.4, 0.6):
+    for limit in (0.005, 0.02, 0.04, 0.07, 0.1, 0.15, 0.3):
         victim = tmp_path / "victim.vhdx"
         shutil.copyfile(images / "ws2008r2-x64-a.vhdx", victim)
         report = tmp_path / f"r{limit}.jsonl"
@@ -535,15 +535,18 @@ def test_fail_fast_starts_nothing_after_the_first_failure(fleet_src, tmp_path):
 def test_a_second_signal_kills_the_workers_and_each_image_is_old_or_new(fleet, tmp_path):
     work, iso = fleet
     report = tmp_path / "report.jsonl"
-    proc = start(*stage_args(work, iso, report))
+    # One worker hangs on an image (a test hook): the first signal waits for it, the second kills it.
+    proc = start(*stage_args(work, iso, report), env={"VHDTOOL_TEST_FAULT": "hang:ws2008r2-x64-c"})
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (report.exists() and records(report)):
+    while time.monotonic() < deadline and not (report.exists() and len(records(report)) >= 15):  # all but it
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still waiting for the image in hand
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "SIGINT again: killing the workers" in err, err
+    assert re.search(r"killed in hand, with no record .*ws2008r2-x64-c\.vhdx", err), err
     for image in sorted(work.iterdir()):
         if stem(image) in FAILING:
             continue

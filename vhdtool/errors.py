@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 # Codes that belong to no error type. Command-line usage errors exit with 2, as
 # click makes them; ImageNotFound shares that code.
+EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 70  # a bug: an exception no layer translated (sysexits EX_SOFTWARE)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 EXIT_SOME_FAILED = 21  # `batch`, `report`: the run went through, some images failed (each has its own code)

@@ -29,7 +29,7 @@ from vhdtool.fleet import manifest, shard as sharding
 from vhdtool.fleet.records import (FAILED, OK, Loaded, ReportWriter, latest, now, one_line, read_reports, record,
                                    render_summary, summarize)
 from vhdtool.fleet.pool import Pool
-from vhdtool.fleet.work import Options
+from vhdtool.fleet.work import Options, Worker
 
 DEFAULT_TIMEOUT = 3600.0
 
@@ -106,7 +106,9 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     try:
-        pool = Pool(b.options, size, b.timeout, progress.worker_line, now)
+        worker = Worker(b.options)
+        worker.warm()
+        pool = Pool(worker, size, b.timeout, progress.worker_line, now)
         not_run = pool.run(jobs, progress.started, on_done,
                            stopping=lambda: signals["count"] > 0 or (b.fail_fast and progress.failed > 0),
                            killing=lambda: signals["count"] > 1)
@@ -149,6 +151,7 @@ class Progress:
         if total and sys.stderr.isatty() and not os.environ.get("CI"):
             from tqdm import tqdm
 
+            tqdm.monitor_interval = 0  # no monitor thread: the workers are forked from this process
             self.bar = tqdm(total=total, unit="image", desc=f"batch {command}", file=sys.stderr, dynamic_ncols=True,
                             leave=True)
             self._postfix()

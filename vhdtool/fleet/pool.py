@@ -10,6 +10,12 @@ was or fully written.
 
 ``stopping()`` (a signal, --fail-fast) stops handing out images: those in hand
 finish. ``killing()`` (a second signal) kills the workers at once.
+
+Workers are forked from this process after it has imported the command's code and
+loaded what every image shares (the matrix, the cab catalog: vhdtool.fleet.work), so a
+worker starts in milliseconds instead of a new Python's tenth of a second, and the cabs
+of a source are read and verified once per batch, not once per worker. The child keeps
+only its three pipes (vhdtool.fleet.worker) and never returns into this code.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 
 from vhdtool.errors import ImageTimedOut, WorkerDied
 from vhdtool.fleet.manifest import Job
-from vhdtool.fleet.work import Options
+from vhdtool.fleet.work import Worker
 
 TICK = 0.2  # seconds between looks at the clock and the stop flags when nothing happens
 MAX_ANSWER = 64 * 1024 * 1024
@@ -35,7 +40,10 @@ MAX_ANSWER = 64 * 1024 * 1024
 
 @dataclass
 class _Worker:
-    proc: subprocess.Popen
+    pid: int
+    to_child: int  # its requests (the child's stdin)
+    from_child: int  # its answers (the child's stdout)
+    errors: int  # what it says on stderr
     out: bytearray = field(default_factory=bytearray)
     err: bytearray = field(default_factory=bytearray)
     job: tuple[int, Job] | None = None
@@ -43,6 +51,7 @@ class _Worker:
     started_wall: str = ""
     answered: int = 0
     err_open: bool = True
+    out_open: bool = True
 
 
 # on_done(job, ok, result or error dict, started (wall clock, ISO), seconds)
@@ -50,9 +59,9 @@ Done = Callable[[Job, bool, dict, str, float], None]
 
 
 class Pool:
-    def __init__(self, options: Options, size: int, timeout: float | None, on_stderr: Callable[[str], None],
+    def __init__(self, worker: Worker, size: int, timeout: float | None, on_stderr: Callable[[str], None],
                  now_iso: Callable[[], str]):
-        self.options = options
+        self.worker = worker  # warmed: the command's code imported, the shared inputs loaded
         self.size = max(1, size)
         self.timeout = timeout if timeout and timeout > 0 else None
         self.on_stderr = on_stderr
@@ -61,34 +70,51 @@ class Pool:
         self.killed: list[Job] = []  # in hand when killing() came
 
     def _start(self) -> _Worker:
-        env = dict(os.environ)
-        env.pop("COLUMNS", None)
-        proc = subprocess.Popen([sys.executable, "-m", "vhdtool.fleet.worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True, env=env)
-        w = _Worker(proc)
-        self._send(w, {"options": self.options.to_dict(), "parent": os.getpid()})
+        from vhdtool.fleet.worker import child
+
+        pipes = [os.pipe() for _ in range(3)]  # requests, answers, stderr
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            child(self.worker, pipes[0][0], pipes[1][1], pipes[2][1])  # never returns
+        for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
+            os.close(fd)
+        for fd in (pipes[0][1], pipes[1][0], pipes[2][0]):
+            os.set_inheritable(fd, False)
+        w = _Worker(pid, pipes[0][1], pipes[1][0], pipes[2][0])
         self.workers.append(w)
         return w
 
     def _send(self, w: _Worker, msg: dict) -> None:
-        w.proc.stdin.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
-        w.proc.stdin.flush()
+        data = memoryview((json.dumps(msg, separators=(",", ":")) + "\n").encode())
+        while data:
+            data = data[os.write(w.to_child, data):]
 
     def _remove(self, w: _Worker, kill: bool) -> int | None:
-        if kill and w.proc.poll() is None:
-            w.proc.kill()
-        for f in (w.proc.stdin, w.proc.stdout, w.proc.stderr):
+        """Close its pipes (a live worker then exits) or kill it; its exit status (negative: a signal)."""
+        if kill:
             try:
-                f.close()
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for fd in (w.to_child, w.from_child, w.errors):
+            try:
+                os.close(fd)
             except OSError:
                 pass
-        try:
-            code = w.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            w.proc.kill()
-            code = w.proc.wait()
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(w.pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(w.pid, signal.SIGKILL)
+                _, status = os.waitpid(w.pid, 0)
+                break
+            time.sleep(0.005)
         self.workers.remove(w)
-        return code
+        return os.waitstatus_to_exitcode(status)
 
     def run(self, jobs: list[Job], on_start: Callable[[Job], None], on_done: Done, stopping: Callable[[], bool],
             killing: Callable[[], bool]) -> list[Job]:
@@ -153,10 +179,10 @@ class Pool:
         fds = {}
         poller = select.poll()
         for w in self.workers:
-            if w.proc.stdout and not w.proc.stdout.closed:
-                fds[w.proc.stdout.fileno()] = (w, "out")
-                if w.err_open:
-                    fds[w.proc.stderr.fileno()] = (w, "err")
+            if w.out_open:
+                fds[w.from_child] = (w, "out")
+            if w.err_open:
+                fds[w.errors] = (w, "err")
         for fd in fds:
             poller.register(fd, select.POLLIN)
         ready = [fd for fd, _ in poller.poll(wait * 1000)]
@@ -216,13 +242,13 @@ class Pool:
     def _died(self, w: _Worker, on_done: Done) -> None:
         job = w.job
         try:  # what it said on the way out (not waiting: a process it left behind may hold the pipe)
-            fd = w.proc.stderr.fileno()
-            os.set_blocking(fd, False)
-            rest = os.read(fd, 1 << 16)
+            os.set_blocking(w.errors, False)
+            rest = os.read(w.errors, 1 << 16)
             if rest:
                 w.err += rest
-        except (OSError, ValueError):
+        except OSError:
             pass
+        w.out_open = False
         self._stderr_lines(w, final=True)
         code = self._remove(w, kill=True)
         if job is not None:

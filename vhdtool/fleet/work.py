@@ -57,6 +57,27 @@ class Worker:
             self._catalogs[cabs] = load_sources(cabs)
         return self._catalogs[cabs]
 
+    def warm(self) -> None:
+        """Import the command's code and load the batch-wide inputs, before the workers are forked from this one."""
+        o = self.options
+        if o.command == "inspect":
+            import vhdtool.guest.discover  # noqa: F401
+        elif o.command == "status":
+            import vhdtool.stage.status  # noqa: F401
+        elif o.command == "services":
+            import vhdtool.editor.services  # noqa: F401
+            import vhdtool.filesystem.ntfs3g  # noqa: F401
+        else:
+            import vhdtool.guest.discover  # noqa: F401
+            import vhdtool.plan.decide  # noqa: F401
+
+            self.matrix()
+            if o.cabs:
+                self.catalog(o.cabs)
+            if o.command == "stage":
+                import vhdtool.filesystem.ntfs3g  # noqa: F401
+                import vhdtool.stage.session  # noqa: F401
+
     def host_key(self, job) -> str | None:
         host = job.host or self.options.host
         if not host:

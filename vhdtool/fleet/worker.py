@@ -1,15 +1,17 @@
-"""A batch's worker process: ``python -m vhdtool.fleet.worker``, one image at a time, JSON lines on pipes.
+"""A batch's worker: a child forked by vhdtool.fleet.pool, one image at a time, JSON lines on pipes.
 
-The parent writes a first line ``{"options": {...}, "parent": PID}``, then one line
-per image ``{"id": N, "job": {...}}``; the worker answers each with one line
-``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok": false, "error":
-{"code", "message"}}`` and exits when its input ends.
+The parent writes one line per image ``{"id": N, "job": {...}}``; the worker answers
+each with one line ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok":
+false, "error": {"code", "message"}}`` and exits when its requests end.
 
-The worker ignores SIGINT and SIGTERM: a Ctrl-C reaches the whole process group,
-and the parent alone decides whether an image being written finishes (it does, on
-the first signal) or is killed (on the second; the transaction makes a kill safe).
-It dies with its parent (PR_SET_PDEATHSIG), so a batch killed outright leaves no
-worker writing on behind it for a resumed batch to collide with.
+The child keeps only its three pipes: every other descriptor of the parent (the
+report, the other workers' pipes) is closed, so that a worker's end of file is seen
+when the parent closes it. It ignores SIGINT and SIGTERM: a Ctrl-C reaches the whole
+process group, and the parent alone decides whether an image being written finishes
+(it does, on the first signal) or is killed (on the second; the transaction makes a
+kill safe). It dies with its parent (PR_SET_PDEATHSIG), so a batch killed outright
+leaves no worker writing on behind it for a resumed batch to collide with. It never
+returns into the parent's code: whatever happens, it ends in ``os._exit``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 import signal
 import sys
 import traceback
+
+from vhdtool.errors import EXIT_INTERNAL_ERROR, EXIT_OK
 
 PR_SET_PDEATHSIG = 1
 
@@ -35,7 +39,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _error(e: BaseException) -> dict:
-    from vhdtool.errors import EXIT_INTERNAL_ERROR, VhdtoolError
+    from vhdtool.errors import VhdtoolError
 
     if isinstance(e, VhdtoolError):
         return {"code": e.exit_code, "message": e.message}
@@ -60,24 +64,38 @@ def _fault(spec: str, key: str) -> None:
                 signal.pause()
 
 
-def main() -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Answers go on a descriptor of their own; anything else printed goes to stderr.
-    answers = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)
-    requests = sys.stdin.buffer
-    first = requests.readline()
-    if not first:
-        return 0
-    hello = json.loads(first)
-    _die_with_parent(int(hello["parent"]))
+def child(worker, requests: int, answers: int, errors: int) -> None:
+    """The forked worker's whole life; never returns."""
+    status = EXIT_INTERNAL_ERROR
+    try:
+        parent = os.getppid()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.dup2(requests, 0)
+        os.dup2(answers, 1)
+        os.dup2(errors, 2)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        _die_with_parent(parent)
+        serve(worker)
+        status = EXIT_OK
+    except BaseException:  # noqa: BLE001 - nothing may unwind into the parent's code
+        try:
+            traceback.print_exc()
+        finally:
+            status = EXIT_INTERNAL_ERROR
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
 
+
+def serve(worker) -> None:
     from vhdtool.fleet.manifest import Job
-    from vhdtool.fleet.work import Options, Worker
 
-    worker = Worker(Options.from_dict(hello["options"]))
     fault = os.environ.get("VHDTOOL_TEST_FAULT", "")  # tests only: "crash:TEXT" or "hang:TEXT" (see _fault)
+    requests = os.fdopen(0, "rb", buffering=1 << 16)
     for line in requests:
         msg = json.loads(line)
         d = msg["job"]
@@ -90,9 +108,6 @@ def main() -> int:
             if os.environ.get("VHDTOOL_DEBUG"):
                 traceback.print_exc()
             answer = {"id": msg["id"], "ok": False, "error": _error(e)}
-        answers.write((json.dumps(answer, separators=(",", ":")) + "\n").encode())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        data = memoryview((json.dumps(answer, separators=(",", ":")) + "\n").encode())
+        while data:
+            data = data[os.write(1, data):]

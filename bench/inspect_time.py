@@ -11,13 +11,16 @@ pass``, with ``bench/three_facts.py`` (the least a dissect user would write for
 product name, build and architecture), with in-process ``vhdtool.inspect()`` once
 warm, and with virt-inspector where libguestfs is installed.
 
-    python3 bench/inspect.py [--runs N] [--cache DIR]
+    python3 bench/inspect_time.py [--runs N] [--cache DIR]
+
+(``bench/run.py`` runs this with the other benchmarks and prints one table.)
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import shutil
@@ -86,14 +89,35 @@ def build_software(path: Path, product: tuple = PRODUCT, ic_version: str = "6.3.
 
 DISK_SIGNATURE = 0x12345678
 PARTITION_OFFSET = 1024 * 1024
+# What the cached partitions hold; a change here builds them anew. 2: System32\cmd.exe, which
+# libguestfs's inspection needs to call a folder a Windows system root (and reads its architecture from);
+# 3: Windows\Temp, where bench/write.py copies to (virt-copy-in wants the folder to exist).
+LAYOUT = 3
+
+
+def pe_stub(machine: int = 0x8664) -> bytes:
+    """A minimal PE32+ console executable header (no sections): what `file` calls an x86-64 Windows program."""
+    dos = bytearray(64)
+    dos[0:2] = b"MZ"
+    dos[0x3C:0x40] = (0x40).to_bytes(4, "little")
+    coff = b"PE\0\0" + machine.to_bytes(2, "little") + bytes(14) + (0xF0).to_bytes(2, "little") + (0x22).to_bytes(2, "little")
+    opt = bytearray(0xF0)
+    opt[0:2] = (0x20B).to_bytes(2, "little")        # PE32+
+    opt[32:36] = (0x1000).to_bytes(4, "little")     # SectionAlignment
+    opt[36:40] = (0x200).to_bytes(4, "little")      # FileAlignment
+    opt[68:70] = (3).to_bytes(2, "little")          # IMAGE_SUBSYSTEM_WINDOWS_CUI
+    opt[108:112] = (16).to_bytes(4, "little")       # NumberOfRvaAndSizes
+    return bytes(dos) + coff + bytes(opt)
 
 
 def build_partition(cache: Path, product: tuple = PRODUCT, ic_version: str = "6.3.9600.18692",
                     name: str = "windows-ntfs.img", drive_c: bool = False) -> Path:
     """The guest's NTFS volume; ``drive_c`` records it as C: in MountedDevices (MBR signature + offset)."""
-    part = cache / name
+    part = cache / name.replace(".img", f".v{LAYOUT}.img")
     if part.exists():
         return part
+    for stale in [cache / name, *cache.glob(name.replace(".img", ".v*.img"))]:
+        stale.unlink(missing_ok=True)  # an earlier layout's partition (3 GiB, sparse)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         tmp = Path(tmp)
         software = tmp / "SOFTWARE"
@@ -116,8 +140,10 @@ def build_partition(cache: Path, product: tuple = PRODUCT, ic_version: str = "6.
             config = mnt / "Windows" / "System32" / "config"
             config.mkdir(parents=True)
             (mnt / "Windows" / "System32" / "drivers").mkdir()
+            (mnt / "Windows" / "Temp").mkdir()
             shutil.copyfile(software, config / "SOFTWARE")
             shutil.copyfile(system, config / "SYSTEM")
+            (mnt / "Windows" / "System32" / "cmd.exe").write_bytes(pe_stub())
         finally:
             run("umount", mnt)
         img.replace(part)
@@ -167,26 +193,97 @@ def in_process_warm(image: Path, runs: int) -> float:
     return float(res.stdout)
 
 
+TOOLS = ("hivexsh", "mkntfs", "ntfs-3g", "sfdisk", "qemu-img")
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in TOOLS if not shutil.which(tool)]
+
+
+def ensure_images(cache: Path) -> tuple[Path, dict[str, Path]]:
+    """The guest's partition and its three VHDX images (built once, cached in ``cache``)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    part = build_partition(cache)
+    return part, {name: build_image(cache, name, size, part) for name, size in SIZES.items()}
+
+
+def software_hive_size(part: Path) -> int:
+    out = subprocess.run(["ntfsinfo", "-F", "/Windows/System32/config/SOFTWARE", str(part)],
+                         capture_output=True, text=True).stdout
+    sizes = [int(l.split()[-1].strip("()"), 16) for l in out.splitlines() if l.strip().lower().startswith("data size")]
+    return max(sizes, default=0)
+
+
+def vhdtool_inspect(image: Path, runs: int) -> dict:
+    """Median wall time of the whole ``vhdtool inspect --json --stats`` process, and what it read."""
+    cmd = [sys.executable, "-I", "-m", "vhdtool.cli.main", "inspect", "--json", "--stats", str(image)]
+    wall, res = time_command(cmd, runs)
+    if res.returncode != 0:
+        raise RuntimeError(f"vhdtool inspect {image.name} failed: {res.stderr.strip()}")
+    doc = json.loads(res.stdout)
+    if doc["guest"]["windows"]["product_name"] != PRODUCT[0]:
+        raise RuntimeError(f"vhdtool inspect {image.name}: unexpected guest {doc['guest']}")
+    stat_line = next(l for l in res.stderr.splitlines() if "stats:" in l)
+    return {"wall": wall, "bytes_read": int(stat_line.split(" read ")[1].split()[0]),
+            "reads": int(stat_line.split(" in ")[-1].split()[0])}
+
+
+def three_facts(image: Path, runs: int) -> dict:
+    """The three-fact dissect script's median wall time and the bytes it read."""
+    # -I everywhere: the script's folder is not put on sys.path, and each process starts alike.
+    wall, res = time_command([sys.executable, "-I", str(THREE_FACTS), str(image)], runs)
+    if res.returncode != 0:
+        raise RuntimeError(f"three_facts.py {image.name} failed: {res.stderr.strip()[-300:]}")
+    return {"wall": wall, "bytes_read": int(res.stdout.split()[-1])}
+
+
+def virt_inspector(image: Path, timeout: float | None = None) -> float | None:
+    """Seconds of one ``virt-inspector -a IMAGE`` (None: not installed or failed)."""
+    if not shutil.which("virt-inspector"):
+        return None
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(["virt-inspector", "--format=vhdx", "-a", str(image)], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    wall = time.perf_counter() - t0
+    if res.returncode != 0 or "<operatingsystem>" not in res.stdout:
+        print(f"bench: virt-inspector {image.name} found no guest: {res.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return wall
+
+
+def measure(image: Path, runs: int, with_three_facts: bool = True, with_warm: bool = True,
+            with_guestfs: bool = True, guestfs_timeout: float | None = None) -> dict:
+    """All that is measured on one image: vhdtool's process, and what it is compared with."""
+    out = {"image": image, "file_size": image.stat().st_size, "vhdtool": vhdtool_inspect(image, runs)}
+    out["three_facts"] = three_facts(image, runs) if with_three_facts else None
+    out["warm"] = in_process_warm(image, WARM_RUNS) if with_warm else None
+    out["virt_inspector"] = virt_inspector(image, guestfs_timeout) if with_guestfs else None
+    return out
+
+
+def guestfs_setup() -> tuple[bool, str]:
+    spec = importlib.util.spec_from_file_location("bench_guestfs", ROOT / "bench" / "guestfs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.setup()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     args = ap.parse_args()
-    for tool in ("hivexsh", "mkntfs", "ntfs-3g", "sfdisk", "qemu-img"):
-        if not shutil.which(tool):
-            print(f"bench: {tool} is not installed", file=sys.stderr)
-            return 2
-    args.cache.mkdir(parents=True, exist_ok=True)
+    for tool in missing_tools():
+        print(f"bench: {tool} is not installed", file=sys.stderr)
+        return 2
+    print("libguestfs:", guestfs_setup()[1])
     t0 = time.perf_counter()
-    part = build_partition(args.cache)
-    images = {name: build_image(args.cache, name, size, part) for name, size in SIZES.items()}
+    part, images = ensure_images(args.cache)
     print(f"images ready in {time.perf_counter() - t0:.1f} s (cached in {args.cache})")
-
-    software_size = subprocess.run(
-        ["ntfsinfo", "-F", "/Windows/System32/config/SOFTWARE", str(part)], capture_output=True, text=True
-    ).stdout
-    sizes = [int(l.split()[-1].strip("()"), 16) for l in software_size.splitlines() if l.strip().lower().startswith("data size")]
-    print(f"SOFTWARE hive: {max(sizes, default=0) / MiB:.1f} MiB")
+    print(f"SOFTWARE hive: {software_hive_size(part) / MiB:.1f} MiB")
     print()
     python_wall, _ = time_command([sys.executable, "-I", "-c", "pass"], args.runs)
     print(f"python -c pass: {python_wall:.3f} s (median of {args.runs})")
@@ -197,35 +294,20 @@ def main() -> int:
     )
     ok = True
     for name, image in images.items():
-        vhdtool = [sys.executable, "-I", "-m", "vhdtool.cli.main", "inspect", "--json", "--stats", str(image)]
-        wall, res = time_command(vhdtool, args.runs)
-        if res.returncode != 0:
-            print(f"{name}: vhdtool failed: {res.stderr.strip()}")
+        try:
+            m = measure(image, args.runs)
+        except RuntimeError as e:
+            print(f"{name}: {e}")
             ok = False
             continue
-        doc = json.loads(res.stdout)
-        assert doc["guest"]["windows"]["product_name"] == PRODUCT[0], doc
-        stat_line = next(l for l in res.stderr.splitlines() if "stats:" in l)
-        nbytes = int(stat_line.split(" read ")[1].split()[0])
-        nreads = int(stat_line.split(" in ")[-1].split()[0])
-        # -I everywhere: the script's folder (bench/, where this inspect.py would shadow the
-        # standard library's) is not put on sys.path, and each process starts alike.
-        bare_wall, bare = time_command([sys.executable, "-I", str(THREE_FACTS), str(image)], args.runs)
-        if bare.returncode != 0:
-            print(f"{name}: three_facts.py failed: {bare.stderr.strip()[-300:]}")
-            ok = False
-            continue
-        bare_bytes = int(bare.stdout.split()[-1])
-        warm = in_process_warm(image, WARM_RUNS)
+        v, bare = m["vhdtool"], m["three_facts"]
         vi = "-"
         if shutil.which("virt-inspector"):
-            vi_wall, vres = time_command(["virt-inspector", "-a", str(image)], 1)
-            vi = f"{vi_wall:.2f}" if vres.returncode == 0 else "failed"
-            if vres.returncode == 0:
-                vi += f" (x{vi_wall / wall:.0f})"
+            vi = "failed" if m["virt_inspector"] is None else f"{m['virt_inspector']:.2f} (x{m['virt_inspector'] / v['wall']:.0f})"
         print(
-            f"{name:<10} {image.stat().st_size / MiB:>9.1f} {wall:>10.3f} {nbytes / MiB:>9.2f} {nreads:>6} "
-            f"{bare_wall:>9.3f} {bare_bytes / MiB:>10.2f} {wall / bare_wall:>6.2f} {warm * 1000:>8.1f} {vi:>11}"
+            f"{name:<10} {m['file_size'] / MiB:>9.1f} {v['wall']:>10.3f} {v['bytes_read'] / MiB:>9.2f} {v['reads']:>6} "
+            f"{bare['wall']:>9.3f} {bare['bytes_read'] / MiB:>10.2f} {v['wall'] / bare['wall']:>6.2f} "
+            f"{m['warm'] * 1000:>8.1f} {vi:>11}"
         )
     print("\nratio: whole vhdtool process / three-fact dissect script; warm: in-process vhdtool.inspect(), "
           f"median of {WARM_RUNS} after one call")
