@@ -56,11 +56,6 @@ def _run(command: str, images, manifests, jobs, report, resume, shard, shards, f
     if shards is not None and shards < 1:
         raise typer.BadParameter("must be 1 or more", param_hint="--shards")
     o = Options(command, **options)
-    if command in ("plan", "stage") and (o.host or o.cabs):
-        # Check the batch-wide host and cab sources once, before any worker starts.
-        from vhdtool.cli.plan import plan_inputs
-
-        plan_inputs(o.host or "auto", list(o.cabs), o.revision)
     b = Batch(o, [os.fspath(i) for i in images or []], [os.fspath(m) for m in manifests], jobs,
               os.fspath(report) if report else None, resume, shard, shards, fail_fast, timeout)
     raise typer.Exit(run(b))

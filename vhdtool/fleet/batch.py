@@ -82,6 +82,10 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
             say(f"batch: --resume: {skipped} image{'s' * (skipped != 1)} already done, per {b.report}")
         jobs = todo
     size = min(b.jobs or cores(), max(1, len(jobs)))
+    # The batch-wide host and cab sources are checked (and loaded, for the workers to inherit)
+    # before the report is opened and before any worker starts.
+    worker = Worker(b.options)
+    worker.warm()
     writer = ReportWriter(b.report or "-")
     progress = Progress(b.options.command, len(jobs), skipped, say)
     done: list[dict] = []
@@ -106,8 +110,6 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     try:
-        worker = Worker(b.options)
-        worker.warm()
         pool = Pool(worker, size, b.timeout, progress.worker_line, now)
         not_run = pool.run(jobs, progress.started, on_done,
                            stopping=lambda: signals["count"] > 0 or (b.fail_fast and progress.failed > 0),

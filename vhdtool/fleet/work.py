@@ -71,6 +71,8 @@ class Worker:
             import vhdtool.guest.discover  # noqa: F401
             import vhdtool.plan.decide  # noqa: F401
 
+            if o.host and o.host.strip().lower() != "auto":
+                self.matrix().resolve_host(o.host)  # an unknown host fails the batch, not each image
             self.matrix()
             if o.cabs:
                 self.catalog(o.cabs)
