@@ -37,6 +37,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from benchlib import sparse_copy
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -128,7 +130,7 @@ def make_copies(fixture: Path, folder: Path, n: int) -> list[Path]:
     folder.mkdir(parents=True)
     paths = [folder / f"vm{i:04d}.vhdx" for i in range(n)]
     for p in paths:
-        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(fixture), str(p)], check=True)
+        sparse_copy(fixture, p)
     # The copies are the setup, not the work: written back now, so that the batch's own flushes
     # do not wait for their data (on ext4 with data=ordered a journal commit writes back every
     # dirty file in it, which made stage times vary by a third between runs).

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import guestfs_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "fixtures" / "real"
@@ -262,13 +263,6 @@ def measure(image: Path, runs: int, with_three_facts: bool = True, with_warm: bo
     out["warm"] = in_process_warm(image, WARM_RUNS) if with_warm else None
     out["virt_inspector"] = virt_inspector(image, guestfs_timeout) if with_guestfs else None
     return out
-
-
-def guestfs_setup() -> tuple[bool, str]:
-    spec = importlib.util.spec_from_file_location("bench_guestfs", ROOT / "bench" / "guestfs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.setup()
 
 
 def main() -> int:

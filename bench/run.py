@@ -40,7 +40,6 @@ root, sfdisk, qemu-img, gcab).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import shutil
@@ -50,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import load
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
@@ -58,14 +59,6 @@ MiB = 1024 * 1024
 GiB = 1024**3
 GUESTFS_TIMEOUT = 600.0  # seconds for one libguestfs command before it counts as failed
 HEADERS = ("area", "case", "size", "wall s", "MiB", "amp | img/s", "vs alternative", "notes")
-
-
-def load(name: str):
-    """A script beside this one, as a module (under a name that shadows nothing)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def human(n: float) -> str:

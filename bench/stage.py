@@ -21,7 +21,6 @@ and their wall times added up.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import guestfs_setup, load, sparse_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -41,20 +42,9 @@ CAB_VERSION = "6.2.9200.16384"  # what a Windows 8 host offers
 HOST = "win8"
 
 
-def bench_inspect():
-    spec = importlib.util.spec_from_file_location("bench_inspect_time", ROOT / "bench" / "inspect_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
-
-
 def ensure_image(cache: Path) -> Path:
     """The 127 GiB dynamic VHDX with the Server 2008 R2 guest (built once, cached)."""
-    bi = bench_inspect()
+    bi = load("inspect_time")
     cache.mkdir(parents=True, exist_ok=True)
     part = bi.build_partition(cache, PRODUCT, GUEST_IC, name="ws2008r2-ntfs.img", drive_c=True)
     return bi.build_image(cache, "127GiB", bi.SIZES["127GiB"], part, prefix="ws2008r2")
@@ -147,13 +137,6 @@ def measure(image: Path, cabs: Path, runs: int, workdir: Path, with_guestfs: boo
         finally:
             work.unlink(missing_ok=True)
     return out
-
-
-def guestfs_setup() -> tuple[bool, str]:
-    spec = importlib.util.spec_from_file_location("bench_guestfs", ROOT / "bench" / "guestfs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.setup()
 
 
 def main() -> int:

@@ -17,7 +17,6 @@ Where libguestfs is installed, virt-copy-in does the same copy on another copy.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -28,25 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import guestfs_setup, load, sparse_copy
+
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 GUEST_DIR = "C:\\Windows\\Temp"  # virt-copy-in copies into the same folder
 
 
-def bench_inspect():
-    spec = importlib.util.spec_from_file_location("bench_inspect_time", ROOT / "bench" / "inspect_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def sparse_copy(src: Path, dst: Path) -> None:
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
-
-
 def ensure_image(cache: Path) -> Path:
     """The 127 GiB dynamic VHDX with the Windows Server 2012 R2 guest (built once, cached)."""
-    bi = bench_inspect()
+    bi = load("inspect_time")
     cache.mkdir(parents=True, exist_ok=True)
     part = bi.build_partition(cache)
     return bi.build_image(cache, "127GiB", bi.SIZES["127GiB"], part)
@@ -132,13 +122,6 @@ def services(image: Path, workdir: Path) -> list[tuple[list[str], float, dict]]:
     finally:
         work.unlink(missing_ok=True)
     return out
-
-
-def guestfs_setup() -> tuple[bool, str]:
-    spec = importlib.util.spec_from_file_location("bench_guestfs", ROOT / "bench" / "guestfs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.setup()
 
 
 def main() -> int:

@@ -122,16 +122,16 @@ class Progress(NoProgress):
 
     def _show(self) -> None:
         """Make the tqdm bar and draw it, as if it had been there since the operation began."""
-        bar_class = _bar_class()
+        cls = bar_class()
         # A delay, however short, keeps tqdm from drawing the bar before its clock is set back.
         common = dict(desc=self.desc, file=sys.stderr, leave=False, dynamic_ncols=True, delay=1e-9)
         if self.counted:
             # smoothing=0: the rate is the average since the start; these operations write in
             # bursts (a 32 MiB block, then a flush), which a moving average turns into nonsense.
-            bar = bar_class(total=self.total, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0, **common)
+            bar = cls(total=self.total, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0, **common)
             bar.n = self.done
         else:
-            bar = bar_class(total=None, bar_format="{desc} [{elapsed}]", **common)
+            bar = cls(total=None, bar_format="{desc} [{elapsed}]", **common)
         # Elapsed time and rate count from when the operation began.
         bar.start_t = self._started_wall
         bar.refresh()
@@ -194,8 +194,9 @@ class Progress(NoProgress):
 _BAR_CLASS = None
 
 
-def _bar_class():
-    """tqdm, imported on the first bar actually shown, without its monitor thread (the sandbox forks)."""
+def bar_class():
+    """tqdm, imported on the first bar actually shown, without its monitor thread (the sandbox and
+    the batch's workers are forked from the process that draws it)."""
     global _BAR_CLASS
     if _BAR_CLASS is None:
         from tqdm import tqdm

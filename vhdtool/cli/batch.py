@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from vhdtool.cli.plan import HOST_HELP
+from vhdtool.cli.plan import CABS_HELP, HOST_HELP, REVISION
 
 batch_app = typer.Typer(
     no_args_is_help=True,
@@ -42,8 +42,7 @@ TIMEOUT = typer.Option(3600.0, "--timeout", metavar="SECONDS",
                        help="Kill an image's worker after this long and fail that image (0: no limit).")
 HOST = typer.Option(None, "--host", metavar="HOST", help=HOST_HELP + " A manifest's host column overrides it.")
 CABS = typer.Option([], "--cabs", metavar="PATH", show_default=False,
-                    help="A folder, a .cab or vmguest.iso; repeatable. A manifest's cabs column overrides it.")
-REVISION = typer.Option(None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default).")
+                    help=CABS_HELP + " A manifest's cabs column overrides it.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Show what would change; write nothing.")
 
 

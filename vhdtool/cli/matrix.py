@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
+from vhdtool.cli.plan import REVISION
+
 
 def matrix(
     host: Optional[str] = typer.Option(
         None, "--host", metavar="HOST", help="Only this host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows."),
-    revision: Optional[str] = typer.Option(
-        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default)."
-    ),
+    revision: Optional[str] = REVISION,
 ) -> None:
     """Show how each guest gets its integration services on each host."""
     from vhdtool.cli.render import render_matrix

@@ -24,9 +24,9 @@ def services(
 ) -> None:
     """List the integration services of a guest; set how they start."""
     from vhdtool.cli.render import render_edit, render_services
-    from vhdtool.editor.services import DISABLED, MANUAL, list_services, set_services
+    from vhdtool.editor.services import list_services, set_services, wanted_starts
 
-    wanted = [(n, MANUAL) for n in enable] + [(n, DISABLED) for n in disable]
+    wanted = wanted_starts(enable, disable)
     if not wanted:
         doc = list_services(image)
         if as_json:

@@ -8,24 +8,19 @@ from typing import List, Optional
 
 import typer
 
-from vhdtool.cli.images import for_each_image, path_document
-from vhdtool.cli.plan import HOST_HELP, plan_inputs
+from vhdtool.cli.images import for_each_image
+from vhdtool.cli.plan import CABS, HOST_HELP, REVISION, plan_inputs
 
 
 def stage(
     images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
     host: str = typer.Option(..., "--host", metavar="HOST", help=HOST_HELP),
-    cabs: List[Path] = typer.Option(
-        [], "--cabs", metavar="PATH", show_default=False,
-        help="A folder, a .cab or the host's vmguest.iso to take cabs from; repeatable.",
-    ),
+    cabs: List[Path] = CABS,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
     output: Optional[Path] = typer.Option(None, "--output", metavar="NEW",
                                           help="Stage into a copy NEW (one image only); the image is not written."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
-    revision: Optional[str] = typer.Option(
-        None, "--matrix-revision", metavar="REV", help="Revision of the source document (default: the one cabs/matrix.json names as its default)."
-    ),
+    revision: Optional[str] = REVISION,
 ) -> None:
     """Stage each IMAGE's integration services to install at next boot."""
     from vhdtool.cli.render import render_stage

@@ -12,6 +12,11 @@ MANUAL, DISABLED = 3, 4  # Start values: Windows ships the IC services as manual
 SCHEMA = 1
 
 
+def wanted_starts(enable: Iterable[str], disable: Iterable[str]) -> list[tuple[str, int]]:
+    """(service name, Start value) for ``--enable`` (manual start, as Windows ships them) and ``--disable``."""
+    return [(n, MANUAL) for n in enable] + [(n, DISABLED) for n in disable]
+
+
 def list_services(image: str | os.PathLike) -> dict:
     """``{schema, image, services: [{name, start, start_value}]}`` of a Windows guest."""
     from vhdtool.guest.discover import inspect

@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from vhdtool.errors import EXIT_INTERRUPTED, EXIT_SOME_FAILED, BadManifest
+from vhdtool.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, BadManifest
 from vhdtool.fleet import manifest, shard as sharding
 from vhdtool.fleet.records import (FAILED, OK, Loaded, ReportWriter, latest, now, one_line, read_reports, record,
                                    render_summary, summarize)
 from vhdtool.fleet.pool import Pool
 from vhdtool.fleet.work import Options, Worker
+from vhdtool.progress import bar_class, on_terminal
 
 DEFAULT_TIMEOUT = 3600.0
 
@@ -139,7 +140,7 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
         return EXIT_INTERRUPTED
     if doc["outcomes"][FAILED] or not_run:
         return EXIT_SOME_FAILED
-    return 0
+    return EXIT_OK
 
 
 class Progress:
@@ -150,12 +151,9 @@ class Progress:
         self.ok = self.failed = 0
         self.current: list[str] = []
         self.bar = None
-        if total and sys.stderr.isatty() and not os.environ.get("CI"):
-            from tqdm import tqdm
-
-            tqdm.monitor_interval = 0  # no monitor thread: the workers are forked from this process
-            self.bar = tqdm(total=total, unit="image", desc=f"batch {command}", file=sys.stderr, dynamic_ncols=True,
-                            leave=True)
+        if total and on_terminal():
+            self.bar = bar_class()(total=total, unit="image", desc=f"batch {command}", file=sys.stderr,
+                                   dynamic_ncols=True, leave=True)
             self._postfix()
 
     def say(self, text: str) -> None:

@@ -42,8 +42,13 @@ class Job:
     source: str = ""  # "argument" or "manifest.csv:12", for messages
 
     def to_dict(self) -> dict:
+        """What a worker is sent (vhdtool.fleet.worker); ``from_dict`` reads it back."""
         return {"key": self.key, "image": self.image, "host": self.host, "output": self.output,
                 "cabs": list(self.cabs)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Job:
+        return cls(d["key"], d["image"], d.get("host"), d.get("output"), tuple(d.get("cabs") or ()))
 
 
 def collect(arguments: list[str], manifests: list[str]) -> tuple[list[Job], list[str]]:

@@ -49,7 +49,6 @@ class _Worker:
     job: tuple[int, Job] | None = None
     started: float = 0.0
     started_wall: str = ""
-    answered: int = 0
     err_open: bool = True
     out_open: bool = True
 
@@ -145,8 +144,8 @@ class Pool:
                                 idle = self._start()
                             except OSError as e:
                                 n, job = queue.popleft()
-                                on_done(job, False, {"code": WorkerDied.exit_code, "message": WorkerDied(
-                                    job.image, f"no worker process could be started ({e.strerror})").message},
+                                on_done(job, False, _doc(WorkerDied(
+                                    job.image, f"no worker process could be started ({e.strerror})")),
                                     self.now_iso(), 0.0)
                                 continue
                         n, job = queue.popleft()
@@ -227,7 +226,6 @@ class Pool:
             self._failed(w, on_done, WorkerDied(job.image, "the worker sent a malformed answer"))
             return
         w.job = None
-        w.answered += 1
         on_done(job, ok, payload, w.started_wall, time.monotonic() - w.started)
 
     def _stderr_lines(self, w: _Worker, final: bool) -> None:

@@ -2,7 +2,8 @@
 
 Runs in a worker process. What is costly to set up and the same for many images
 (the matrix, the cab catalog of a source, which verifies every cab in it) is made
-once per worker and kept.
+once and kept: the batch-wide ones in the batch process before the workers are
+forked from it (``warm``), a manifest's own cab sources once per worker.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 
 from vhdtool.errors import UnknownKey
 
-COMMANDS = ("inspect", "plan", "stage", "status", "services")
 WRITES = ("stage", "services")  # the commands that take a per-image output
 
 
@@ -26,15 +26,6 @@ class Options:
     dry_run: bool = False
     enable: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"command": self.command, "host": self.host, "cabs": list(self.cabs), "revision": self.revision,
-                "dry_run": self.dry_run, "enable": list(self.enable), "disable": list(self.disable)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Options:
-        return cls(d["command"], d.get("host"), tuple(d.get("cabs") or ()), d.get("revision"), bool(d.get("dry_run")),
-                   tuple(d.get("enable") or ()), tuple(d.get("disable") or ()))
 
 
 @dataclass
@@ -110,9 +101,9 @@ class Worker:
             return stage(job.image, host, self.catalog(job.cabs or o.cabs), self.matrix(), dry_run=o.dry_run,
                          output=output).to_dict()
         if o.command == "services":
-            from vhdtool.editor.services import DISABLED, MANUAL, list_services, set_services
+            from vhdtool.editor.services import list_services, set_services, wanted_starts
 
-            wanted = [(n, MANUAL) for n in o.enable] + [(n, DISABLED) for n in o.disable]
+            wanted = wanted_starts(o.enable, o.disable)
             if not wanted:
                 return list_services(job.image)
             return set_services(job.image, wanted, dry_run=o.dry_run, output=output).to_dict()

@@ -98,8 +98,7 @@ def serve(worker) -> None:
     requests = os.fdopen(0, "rb", buffering=1 << 16)
     for line in requests:
         msg = json.loads(line)
-        d = msg["job"]
-        job = Job(d["key"], d["image"], d.get("host"), d.get("output"), tuple(d.get("cabs") or ()))
+        job = Job.from_dict(msg["job"])
         if fault:
             _fault(fault, job.key)
         try:

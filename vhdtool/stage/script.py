@@ -72,6 +72,20 @@ class StagedScript:
         return f'call "{self.folder}\\install.cmd" & {MARKER} {self.id}'
 
 
+CMDLINE_ID = re.compile(r"\\vhdtool\\([^\\\"]+)\\install\.cmd")
+
+
+def is_ours(cmdline: str) -> bool:
+    """Whether a SYSTEM\\Setup CmdLine is one vhdtool wrote (``StagedScript.cmdline``)."""
+    return cmdline.startswith('cmd.exe /c "') and "\\vhdtool\\" in cmdline
+
+
+def cmdline_id(cmdline: str) -> str | None:
+    """The staging id that a CmdLine written by ``StagedScript.cmdline`` runs, if it is one."""
+    m = CMDLINE_ID.search(cmdline)
+    return m.group(1) if m and ID_PATTERN.fullmatch(m.group(1)) else None
+
+
 def install_id(version: str, arch: str) -> str:
     value = f"{version}-{arch}"
     if not ID_PATTERN.fullmatch(value):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, replace
 
 from vhdtool.editor import EditResult, edit
@@ -13,7 +12,7 @@ from vhdtool.plan.decide import STAGE, Plan, plan_for_host
 from vhdtool.plan.matrix import Matrix
 from vhdtool.plan.sources import CabCatalog, cab_bytes
 from vhdtool.guest.versioninfo import version_tuple
-from vhdtool.stage.script import ID_PATTERN, StagedScript, install_id, installer_for, render
+from vhdtool.stage.script import StagedScript, cmdline_id, install_id, installer_for, is_ours, render
 
 SCHEMA = 1
 SETUP_KEY = "Setup"
@@ -68,12 +67,6 @@ def stage(image: str | os.PathLike, host: str | None, catalog: CabCatalog, matri
     return StageResult(plan, True, script.id, files, hook, ed.result)
 
 
-def _pending_id(cmdline: str) -> str | None:
-    """The staging id a vhdtool CmdLine runs (``...\\vhdtool\\<id>\\install.cmd``)."""
-    m = re.search(r"\\vhdtool\\([^\\\"]+)\\install\.cmd", cmdline)
-    return m.group(1) if m and ID_PATTERN.fullmatch(m.group(1)) else None
-
-
 def _stage_into(ed, image, plan: Plan):
     w = ed.inspection.guest.windows
     if not w.drive_letter:
@@ -89,10 +82,10 @@ def _stage_into(ed, image, plan: Plan):
     if script.hook == "setup-cmdline":
         setup_type = ed.read_value("SYSTEM", SETUP_KEY, "SetupType", 0)
         cmdline = ed.read_value("SYSTEM", SETUP_KEY, "CmdLine", "") or ""
-        ours = cmdline.startswith('cmd.exe /c "') and "\\vhdtool\\" in cmdline
+        ours = is_ours(cmdline)
         if (setup_type not in (0, None) or cmdline) and not ours:
             raise SetupPending(image, f"another setup command is pending (SetupType={setup_type}, CmdLine={cmdline!r})")
-        pending = _pending_id(cmdline) if ours else None
+        pending = cmdline_id(cmdline) if ours else None
         if pending and version_tuple(pending.split("-")[0]) > version_tuple(plan.cab.version):
             raise SetupPending(image, f"a newer integration services package ({pending}) is already staged to "
                                       f"install at next boot than the chosen {plan.cab.version}",
