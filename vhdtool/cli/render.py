@@ -39,6 +39,11 @@ def render_inspection(ins: Inspection) -> str:
             f"  part {p.index:<5} {p.table} {p.type:<12} at {_size(p.offset):>10}  {_size(p.size):>10}  {p.filesystem or '-'}"
         )
     g = ins.guest
+    if g.os is None:
+        ntfs = ", ".join(str(p.index) for p in ins.partitions if p.filesystem == "ntfs")
+        lines.append("  guest      no operating system (a data disk)")
+        if ntfs:
+            lines.append(f"  writable   NTFS on partition {ntfs}: copy-in --partition N writes there")
     if g.windows:
         w = g.windows
         sp = f" {w.service_pack}" if w.service_pack else ""

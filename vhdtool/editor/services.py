@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from vhdtool.editor import EditResult, edit
 from vhdtool.errors import UnsupportedLayout
+from vhdtool.guest.inspection import require_guest
 
 MANUAL, DISABLED = 3, 4  # Start values: Windows ships the IC services as manual (triggered) start
 SCHEMA = 1
@@ -42,6 +43,7 @@ def set_services(image: str | os.PathLike, wanted: Iterable[tuple[str, int]], dr
 
 
 def _services_of(image, inspection):
+    require_guest(inspection)
     ic = inspection.guest.integration_services
     if inspection.guest.os != "windows" or ic is None or inspection.guest.windows is None:
         raise UnsupportedLayout(image, "the guest is not Windows: it has no integration services to list",

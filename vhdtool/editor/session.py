@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vhdtool.container.chain import find_parent, open_image, open_one
 from vhdtool.container.commit import commit as commit_changes
@@ -25,8 +25,8 @@ from vhdtool.errors import (
     WriteFailed,
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
-from vhdtool.guest.discover import inspect_disk
-from vhdtool.guest.inspection import Inspection
+from vhdtool.guest.discover import survey_disk
+from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.volume import Partition, open_partition
 
 SCHEMA = 1
@@ -163,7 +163,12 @@ class EditSession:
             # is decided on the read-only view and the commit.
             self._lock = WritableFile(self.work_path)
         self.disk = open_image(self.work_path)
-        self.inspection = inspect_disk(self.disk)
+        # A disk without a guest is no refusal here: --partition N writes into any NTFS volume;
+        # what needs the guest refuses in _volume(None).
+        ins = survey_disk(self.disk)
+        # Refusals read from it (plan's, require_guest's) name the image asked about, not the
+        # temporary copy --output works in.
+        self.inspection = replace(ins, image=replace(ins.image, path=self.path))
         self.overlay = Overlay(self.disk)
 
     def _copy_for_output(self) -> None:
@@ -189,9 +194,9 @@ class EditSession:
     def _volume(self, partition: int | None) -> tuple[Partition, NtfsFilesystem]:
         ins = self.inspection
         if partition is None:
+            require_guest(ins, "give --partition N to write into one of its NTFS volumes (see `vhdtool inspect`)")
             if ins.guest.os != "windows" or ins.guest.windows is None:
-                kind = ins.guest.os or "no guest"
-                raise UnsupportedLayout(self.path, f"the guest is {kind}: vhdtool writes only Windows guests' NTFS volumes",
+                raise UnsupportedLayout(self.path, f"the guest is {ins.guest.os}: vhdtool writes only Windows guests' NTFS volumes",
                                         "give --partition N for an NTFS data volume")
             w = ins.guest.windows
             if w.hibernated:

@@ -3,7 +3,11 @@
 ``inspect(path)`` opens the image read-only and returns a frozen ``Inspection``
 (``vhdtool.guest.inspection``). The first NTFS volume holding a Windows system
 root is the Windows guest; failing that, the first Linux root filesystem, LVM
-logical volumes included.
+logical volumes included; failing that, there is no guest (a data disk), which
+is a report, not an error: the commands that need a guest refuse it themselves
+(``require_guest``). ``survey_disk`` is the walk; ``inspect_disk`` adds the one
+refusal an inspection cannot report past: no guest found, but a BitLocker volume
+it may be on.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from vhdtool.container import DiskStream, open_disk
-from vhdtool.errors import EncryptedVolume, NoGuestFound, VhdtoolError
+from vhdtool.errors import VhdtoolError
 from vhdtool.filesystem import NtfsFilesystem, open_linux_filesystem
-from vhdtool.guest.inspection import GuestInfo, ImageInfo, Inspection, IoStats
+from vhdtool.guest.inspection import GuestInfo, ImageInfo, Inspection, IoStats, require_guest
 from vhdtool.guest.linux import is_linux_root, linux_facts
 from vhdtool.guest.windows import WindowsGuest, find_config_dir
 from vhdtool.volume import Partition, list_partitions, mbr_disk_signature, open_partition, sniff_filesystem
@@ -62,7 +66,8 @@ def linux_candidates(
                     yield p.index, kind, lv.stream, lv.label
 
 
-def inspect_disk(disk: DiskStream) -> Inspection:
+def survey_disk(disk: DiskStream) -> Inspection:
+    """What the disk holds: its partitions, and the guest OS if there is one (``guest.os`` None if not)."""
     path = disk.path
     image, warnings = image_info(disk)
     partitions = list_partitions(disk, disk.logical_sector_size, path)
@@ -96,11 +101,16 @@ def inspect_disk(disk: DiskStream) -> Inspection:
                 guest = GuestInfo(os="linux", linux=linux_facts(fs, index))
                 break
 
-    if guest is None:
-        if encrypted:
-            raise EncryptedVolume(path, "the guest's volume is BitLocker-encrypted and cannot be read")
-        raise NoGuestFound(path, "no operating system found (no Windows system root, no Linux root filesystem)")
-    return Inspection(image=image, partitions=tuple(partitions), guest=guest, warnings=tuple(warnings))
+    return Inspection(image=image, partitions=tuple(partitions), guest=guest or GuestInfo(os=None),
+                      warnings=tuple(warnings))
+
+
+def inspect_disk(disk: DiskStream) -> Inspection:
+    """``survey_disk``, refused when no guest was found and a BitLocker volume may hide it."""
+    ins = survey_disk(disk)
+    if any(p.filesystem == "bitlocker" for p in ins.partitions):
+        require_guest(ins)  # raises EncryptedVolume when no guest was found
+    return ins
 
 
 def inspect(path: str | os.PathLike) -> Inspection:

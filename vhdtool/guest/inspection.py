@@ -1,18 +1,23 @@
 """What an inspection found, as frozen values, and the JSON schema ``vhdtool inspect --json`` prints.
 
 ``Inspection.to_dict()`` is that document (schema 1). The walk that fills these
-values in is ``vhdtool.guest.discover``.
+values in is ``vhdtool.guest.discover``. A disk without an operating system (a data
+disk) is an inspection too, with ``guest.os`` None; ``require_guest`` is the refusal
+of the commands that need a guest (plan, stage, services, status, writes without
+``--partition``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vhdtool.errors import EncryptedVolume, NoGuestFound
 from vhdtool.guest.linux import LinuxFacts
 from vhdtool.guest.windows import IntegrationServices, WindowsFacts
 from vhdtool.volume import Partition
 
 SCHEMA = 1
+NO_GUEST = "no operating system found (no Windows system root, no Linux root filesystem)"
 
 
 @dataclass(frozen=True)
@@ -74,3 +79,14 @@ class IoStats:
     bytes_read: int
     reads: int
 
+
+
+def require_guest(inspection: Inspection, hint: str | None = None) -> Inspection:
+    """``inspection`` when it found a guest; otherwise the refusal of a command that needs one."""
+    if inspection.guest.os is not None:
+        return inspection
+    path = inspection.image.path
+    if any(p.filesystem == "bitlocker" for p in inspection.partitions):
+        # The guest may well be on the volume that cannot be read.
+        raise EncryptedVolume(path, "the guest's volume is BitLocker-encrypted and cannot be read")
+    raise NoGuestFound(path, NO_GUEST, hint)

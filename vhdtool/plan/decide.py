@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from vhdtool.errors import UnknownKey
-from vhdtool.guest.inspection import Inspection
+from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.plan.guestkey import NEWER_THAN_MATRIX, identify
 from vhdtool.plan.matrix import Matrix, load_matrix
 from vhdtool.guest.versioninfo import version_tuple
@@ -163,6 +163,7 @@ def plan_for_host(
     inspection: Inspection, host: str | None, catalog: CabCatalog | None = None, matrix: Matrix | None = None
 ) -> Plan:
     """``plan`` on ``host``, or on the host the guest last ran on when ``host`` is None (``--host auto``)."""
+    require_guest(inspection)  # a data disk has nothing to plan for
     matrix = matrix or load_matrix()
     if host is None and inspection.guest.os == "linux":
         # A Linux guest records no host, and needs none: its answer is the same on every host.

@@ -16,6 +16,7 @@ from vhdtool.container import open_disk
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import NtfsFilesystem
 from vhdtool.guest.discover import inspect_disk
+from vhdtool.guest.inspection import require_guest
 from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.stage.script import ID_PATTERN, SUCCESS_CODES
 from vhdtool.volume import open_partition
@@ -90,7 +91,7 @@ def read_state(fs: NtfsFilesystem, staged_id: str) -> StagedState:
 def status(image: str | os.PathLike) -> Status:
     path = os.fspath(image)
     with open_disk(path) as disk:
-        ins = inspect_disk(disk)
+        ins = require_guest(inspect_disk(disk))  # a data disk: nothing is ever staged in it
         w = ins.guest.windows
         if ins.guest.os != "windows" or w is None:
             raise UnsupportedLayout(path, "the guest is not Windows: nothing is ever staged in it",
