@@ -119,7 +119,7 @@ def test_cli_one_bad_image_among_good(image, cli, tmp_path):
 
 @pytest.mark.parametrize(
     "name,error,code",
-    [("no-partition-table", NoPartitionTable, 7), ("no-windows", NoGuestFound, 9), ("bitlocker", EncryptedVolume, 8)],
+    [("no-partition-table", NoPartitionTable, 7), ("bitlocker", EncryptedVolume, 8)],
 )
 def test_images_without_a_readable_guest(name, error, code, image, cli):
     path = image(name)
@@ -127,6 +127,19 @@ def test_images_without_a_readable_guest(name, error, code, image, cli):
         inspect(path)
     c, out, err = cli("inspect", path)
     assert c == code
+    assert_one_line_error(c, out, err, path)
+
+
+def test_a_disk_without_an_operating_system_is_reported_not_refused(image, cli):
+    """no-windows is an empty NTFS volume (mkntfs): a data disk. inspect reports it; plan needs a guest."""
+    path = image("no-windows")
+    ins = inspect(path)
+    assert ins.guest.os is None and [p.filesystem for p in ins.partitions] == ["ntfs"]
+    c, out, err = cli("inspect", "--json", path)
+    assert c == 0, err
+    assert json.loads(out)["guest"] == {"os": None, "windows": None, "integration_services": None, "linux": None}
+    c, out, err = cli("plan", "--host", "win10", path)
+    assert c == NoGuestFound.exit_code == 9
     assert_one_line_error(c, out, err, path)
 
 
