@@ -22,7 +22,8 @@ import pytest
 import regf_judge as judge
 
 from vhdtool.errors import CorruptHive, MissingLibrary, UnsupportedLayout
-from vhdtool.registry import Hive, hivex, logreplay
+from vhdtool.registry import hivex, logreplay
+from vhdtool.registry.hive import Hive
 from vhdtool.registry.hivex import HiveEdit, RegValue, edit_hive
 from vhdtool.registry.logreplay import replay, retire_logs
 

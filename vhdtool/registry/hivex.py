@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 from vhdtool.errors import CorruptHive, MissingLibrary, NativeError, UnsupportedLayout
 from vhdtool.native import Refusal, load_library, run_isolated
-from vhdtool.registry import Hive
+from vhdtool.registry.hive import Hive
 from vhdtool.registry.cells import Damage
 from vhdtool.registry.logreplay import BASE_BLOCK, BOOT_HINT, BaseBlock, base_block_checksum, bins_problem
 from vhdtool.registry.records import (
