@@ -268,12 +268,12 @@ class EditSession:
 
     def set_value(self, hive: str, key: str, name: str, value, type: str | int) -> None:
         """Set value ``name`` of ``key`` in the system volume's ``hive`` (SYSTEM, SOFTWARE...), creating the key."""
-        from vhdtool.registry.hivex import HiveEdit
+        from vhdtool.registry.values import HiveEdit
 
         self._hive(hive).append(HiveEdit.set_value(key, name, value, type))
 
     def delete_value(self, hive: str, key: str, name: str) -> None:
-        from vhdtool.registry.hivex import HiveEdit
+        from vhdtool.registry.values import HiveEdit
 
         self._hive(hive).append(HiveEdit.delete_value(key, name))
 

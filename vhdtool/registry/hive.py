@@ -30,7 +30,7 @@ from vhdtool.errors import CorruptHive, translating
 from vhdtool.registry.cells import Damage, HiveCells
 from vhdtool.registry.keys import KeyTree
 from vhdtool.registry.logreplay import BASE_BLOCK, base_block_checksum
-from vhdtool.registry.records import KeyNode, decode_value
+from vhdtool.registry.records import DATA_INLINE, KeyNode, decode_value
 
 HIVE_SIGNATURE = b"regf"
 
@@ -47,6 +47,17 @@ class Key:
     @property
     def timestamp(self) -> datetime:
         return wintimestamp(self.last_written)
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    """A value as its record stores it: folded name, whether it is the default value, size field, type, raw data."""
+
+    folded: str
+    default: bool
+    size: int  # the data size field without its inline flag
+    type: int
+    data: bytes
 
 
 class Hive:
@@ -155,6 +166,27 @@ class Hive:
                 _not_an_ancestor(sub, lineage)
                 names.append(sub.name)
             return names
+
+    def stored_values(self, path: str) -> list[StoredValue]:
+        """The values of key ``path`` as their records store them, the first of each name only (the one
+        lookups find), in list order; none when the key is missing.
+
+        For the write path, which compares raw data and must tell the default value
+        (a name of length 0) from a value named "(Default)"."""
+        with self._reading(path):
+            found = self._open(path)
+            if found is None:
+                return []
+            tree = self._tree
+            stored, seen = [], set()
+            for vk in tree.value_keys(found[0]):
+                (name_length,) = struct.unpack_from("<H", self._cells.cell(vk.offset).read(4), 2)
+                name = (name_length == 0, vk.folded)
+                if name not in seen:
+                    seen.add(name)
+                    stored.append(StoredValue(vk.folded, name_length == 0, vk.data_length & ~DATA_INLINE,
+                                              vk.type, tree.value_data(vk)))
+            return stored
 
 
 def _not_an_ancestor(node: KeyNode, lineage: set[int]) -> None:
