@@ -98,7 +98,7 @@ def run(which: str, data: bytes, lookups, out) -> None:
         if which == "dissect":
             hive = DissectHive(io.BytesIO(data))
         else:
-            from vhdtool.registry import Hive
+            from vhdtool.registry.hive import Hive
 
             hive = Hive(io.BytesIO(data), "SOFTWARE")
         for method, *args in lookups:

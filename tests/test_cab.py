@@ -490,7 +490,6 @@ def test_a_lying_child_is_caught(real_cab, monkeypatch):
 
 
 def test_missing_library(real_cab, monkeypatch):
-    monkeypatch.setattr(libmspack, "_library", None)
     monkeypatch.setattr(libmspack, "SONAME", "libmspack-not-here.so.0")
     with pytest.raises(MissingLibrary) as e:  # its own exit code, 14, not a bad cab's
         list_members(real_cab, LABEL)
@@ -500,7 +499,6 @@ def test_missing_library(real_cab, monkeypatch):
 
 def test_header_checks_need_no_library(package_cab, monkeypatch):
     # A cab refused by the header checks never reaches libmspack (nor forks).
-    monkeypatch.setattr(libmspack, "_library", None)
     monkeypatch.setattr(libmspack, "SONAME", "libmspack-not-here.so.0")
     with pytest.raises(CabError) as e:
         list_members(package_cab[:30], LABEL)

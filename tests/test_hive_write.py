@@ -22,9 +22,11 @@ import pytest
 import regf_judge as judge
 
 from vhdtool.errors import CorruptHive, MissingLibrary, UnsupportedLayout
-from vhdtool.registry import Hive, hivex, logreplay
-from vhdtool.registry.hivex import HiveEdit, RegValue, edit_hive
+from vhdtool.registry import hivex, hivexchild, libhivex, logreplay
+from vhdtool.registry.hive import Hive
+from vhdtool.registry.hivex import edit_hive
 from vhdtool.registry.logreplay import replay, retire_logs
+from vhdtool.registry.values import HiveEdit, RegValue
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "fixtures" / "real"
@@ -35,7 +37,7 @@ needs_hivex_tools = pytest.mark.skipif(not HIVEX_TOOLS, reason="hivexsh/hivexget
 
 def _libhivex() -> bool:
     try:
-        ctypes.CDLL(hivex.SONAME)
+        ctypes.CDLL(libhivex.SONAME)
         return True
     except OSError:
         return False
@@ -648,8 +650,7 @@ def test_what_libhivex_refuses_is_a_corrupt_hive(win10):
 
 
 def test_a_missing_libhivex_names_its_package(win10, monkeypatch):
-    monkeypatch.setattr(hivex, "SONAME", "libhivex-not-installed.so.0")
-    monkeypatch.setattr(hivex, "_library", None)
+    monkeypatch.setattr(libhivex, "SONAME", "libhivex-not-installed.so.0")
     with pytest.raises(MissingLibrary, match="libhivex0") as e:
         edit_hive(win10, SYSTEM_EDITS[:1], "SYSTEM", "disk.vhdx")
     assert e.value.exit_code == 14
@@ -794,3 +795,21 @@ def test_a_checksum_windows_adjusted_is_accepted(win10):
     assert not logreplay.is_dirty(bytes(data))
     out = edit_hive(bytes(data), SYSTEM_EDITS[:1], "SYSTEM").data
     assert seqs(out)[2] and hive_of(out).value("ControlSet001\\Services\\vmicheartbeat", "Start") == 4
+
+
+def test_libhivex_is_given_the_raw_xor_as_checksum(win10):
+    """Only Windows' 1 and 0xFFFFFFFE (for a raw XOR of 0 and 0xFFFFFFFF) are replaced, by that raw XOR."""
+    for raw in (0, 1, 2, 0xFFFFFFFF, 0xFFFFFFFE, 0xFFFFFFFD, 0x12345678):
+        data = bytearray(win10[:8192])
+        struct.pack_into("<I", data, 200, 0)
+        xor = 0
+        for (word,) in struct.iter_unpack("<I", bytes(data[:508])):
+            xor ^= word
+        struct.pack_into("<I", data, 200, xor ^ raw)  # now the XOR of the first 508 bytes is ``raw``
+        windows = {0: 1, 0xFFFFFFFF: 0xFFFFFFFE}.get(raw, raw)
+        struct.pack_into("<I", data, 508, windows)
+        out = hivexchild.hivex_checksum(bytes(data))
+        assert struct.unpack_from("<I", out, 508)[0] == raw, hex(raw)
+        assert out[:508] == data[:508] and out[512:] == data[512:]
+        struct.pack_into("<I", data, 508, windows ^ 0x100)  # neither checksum: left for libhivex to refuse
+        assert hivexchild.hivex_checksum(bytes(data)) == data

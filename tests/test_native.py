@@ -15,7 +15,7 @@ import time
 import pytest
 
 from vhdtool.errors import MissingLibrary, NativeError
-from vhdtool.native import Refusal, load_library, run_isolated
+from vhdtool.native import Refusal, bind_library, load_libc, load_library, run_isolated
 
 LABEL = "input.bin"
 
@@ -128,3 +128,36 @@ def test_missing_library_names_the_package():
 
 def test_library_is_loaded_once():
     assert load_library("libc.so.6", "the C library", "libc6") is load_library("libc.so.6", "the C library", "libc6")
+
+
+def test_a_library_is_bound_once_and_a_failed_bind_is_tried_again():
+    calls = []
+
+    def bind(lib):
+        calls.append(lib)
+        if len(calls) == 1:
+            raise ValueError("a build this platform cannot use")
+        fn = lib.cos
+        fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_double]
+        return fn
+
+    with pytest.raises(ValueError):
+        bind_library("libm.so.6", "the math library", "libc6", LABEL, bind)
+    cos = bind_library("libm.so.6", "the math library", "libc6", LABEL, bind)
+    assert cos(0.0) == 1.0  # the typed entry point of the real library
+    assert bind_library("libm.so.6", "the math library", "libc6", LABEL, bind) is cos
+    assert len(calls) == 2 and calls[0] is calls[1] is load_library("libm.so.6", "the math library", "libc6")
+
+
+def test_a_missing_library_is_never_bound():
+    def bind(lib):
+        raise AssertionError("bound a library that is not there")
+
+    with pytest.raises(MissingLibrary) as e:
+        bind_library("libvhdtool-not-here.so.1", "libnothere", "libnothere0", LABEL, bind)
+    assert e.value.exit_code == 14 and "install the libnothere0 package" in e.value.message
+
+
+def test_libc_is_the_c_library():
+    assert load_libc() is load_library("libc.so.6", "the C library", "libc6")
+    assert load_libc().getpid() == os.getpid()

@@ -22,7 +22,7 @@ import registry_craft as rc
 from dissect.regf.regf import parse_value
 
 from vhdtool.errors import CorruptHive
-from vhdtool.registry import Hive
+from vhdtool.registry.hive import Hive
 from vhdtool.registry.cells import Damage
 from vhdtool.registry.records import decode_value
 

@@ -15,17 +15,15 @@ member list must still agree with the header the parent checked itself.
 from __future__ import annotations
 
 import ctypes
-import threading
 from dataclasses import dataclass
 
 from vhdtool.cabinet.format import CabLayout
 from vhdtool.errors import CabError, MissingLibrary, NativeError
-from vhdtool.native import Refusal, load_library, run_isolated
+from vhdtool.native import Refusal, bind_library, load_libc, run_isolated
 from vhdtool.units import MiB
 
 SONAME = "libmspack.so.0"
 PACKAGE = "libmspack0"
-LIBC_SONAME = "libc.so.6"
 
 CHILD_TIMEOUT = 10.0  # seconds; a real servicing cab decodes in well under one
 ANSWER_OVERHEAD = 32 * MiB  # the member list of 65535 files with 255-byte names fits in it
@@ -164,27 +162,18 @@ class Library:
     copy: ctypes._CFuncPtr
 
 
-_library: Library | None = None
-_library_lock = threading.Lock()
-
-
 def load(label: str) -> Library:
     """libmspack, opened on first use (inspect and plan never need it)."""
-    global _library
-    with _library_lock:
-        if _library is None:
-            _library = _open_library(label)
-        return _library
-
-
-def _open_library(label: str) -> Library:
     try:
-        lib = load_library(SONAME, "libmspack", PACKAGE, label)
-        libc = load_library(LIBC_SONAME, "the C library", "libc6", label)
+        return bind_library(SONAME, "libmspack", PACKAGE, label, lambda lib: _bind(lib, label))
     except MissingLibrary:
         raise  # its own code (14): install the package it names
     except NativeError as e:
         raise CabError(label, e.problem, hint=e.hint) from None
+
+
+def _bind(lib: ctypes.CDLL, label: str) -> Library:
+    libc = load_libc(label)
     lib.mspack_sys_selftest_internal.argtypes = [ctypes.c_int]
     lib.mspack_sys_selftest_internal.restype = ctypes.c_int
     if lib.mspack_sys_selftest_internal(ctypes.sizeof(off_t)) != MSPACK_ERR_OK:

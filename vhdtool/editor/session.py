@@ -273,12 +273,12 @@ class EditSession:
 
     def set_value(self, hive: str, key: str, name: str, value, type: str | int) -> None:
         """Set value ``name`` of ``key`` in the system volume's ``hive`` (SYSTEM, SOFTWARE...), creating the key."""
-        from vhdtool.registry import HiveEdit
+        from vhdtool.registry.values import HiveEdit
 
         self._hive(hive).append(HiveEdit.set_value(key, name, value, type))
 
     def delete_value(self, hive: str, key: str, name: str) -> None:
-        from vhdtool.registry import HiveEdit
+        from vhdtool.registry.values import HiveEdit
 
         self._hive(hive).append(HiveEdit.delete_value(key, name))
 
@@ -298,7 +298,8 @@ class EditSession:
         """A value of the system volume's ``hive`` as Windows would see it at boot (its logs replayed)."""
         import io
 
-        from vhdtool.registry import Hive, replay
+        from vhdtool.registry.hive import Hive
+        from vhdtool.registry.logreplay import replay
 
         hive = hive.upper()
         _part, fs = self._volume(None)
@@ -330,7 +331,8 @@ class EditSession:
         """Each edited hive read from NTFS, brought up to date from its logs if dirty, edited by
         libhivex, made so Windows will not replay its old logs over the change, and queued to
         be written back before the volume's other operations."""
-        from vhdtool.registry import edit_hive, replay, retire_logs
+        from vhdtool.registry.hivex import edit_hive
+        from vhdtool.registry.logreplay import replay, retire_logs
 
         if not self._hive_edits:
             return

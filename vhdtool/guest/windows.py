@@ -18,7 +18,7 @@ from uuid import UUID
 from vhdtool.errors import CorruptHive
 from vhdtool.filesystem.ntfs import NtfsFilesystem
 from vhdtool.guest.versioninfo import file_version, version_tuple
-from vhdtool.registry import Hive
+from vhdtool.registry.hive import Hive
 from vhdtool.units import MiB
 from vhdtool.volume import Partition
 
