@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from vhdtool.cli.plan import CABS_HELP, HOST_HELP, REVISION
+from vhdtool.cli.options import (CABS_HELP, DRY_RUN, HOST_HELP, REVISION, cabs_option, disable_option, enable_option,
+                                 host_option, json_option)
 
 batch_app = typer.Typer(
     no_args_is_help=True,
@@ -23,7 +24,7 @@ succeeded, 21 when some failed, 130 when stopped by Ctrl-C or SIGTERM (the image
 in hand finish first).""",
 )
 
-IMAGES = typer.Argument(None, metavar="[IMAGE|GLOB]...", show_default=False,
+IMAGE_GLOBS = typer.Argument(None, metavar="[IMAGE|GLOB]...", show_default=False,
                         help="VHDX or VHD files, or quoted patterns such as 'vms/**/*.vhdx'")
 MANIFEST = typer.Option([], "--manifest", "-m", metavar="FILE", show_default=False,
                         help="CSV or JSON lines: image[,host,output,cabs] per row; repeatable.")
@@ -40,10 +41,8 @@ SHARDS = typer.Option(None, "--shards", metavar="N", show_default=False,
 FAIL_FAST = typer.Option(False, "--fail-fast", help="Start no new image after the first failure.")
 TIMEOUT = typer.Option(3600.0, "--timeout", metavar="SECONDS",
                        help="Kill an image's worker after this long and fail that image (0: no limit).")
-HOST = typer.Option(None, "--host", metavar="HOST", help=HOST_HELP + " A manifest's host column overrides it.")
-CABS = typer.Option([], "--cabs", metavar="PATH", show_default=False,
-                    help=CABS_HELP + " A manifest's cabs column overrides it.")
-DRY_RUN = typer.Option(False, "--dry-run", help="Show what would change; write nothing.")
+BATCH_HOST = host_option(None, HOST_HELP + " A manifest's host column overrides it.")
+BATCH_CABS = cabs_option(CABS_HELP + " A manifest's cabs column overrides it.")
 
 
 def _run(command: str, images, manifests, jobs, report, resume, shard, shards, fail_fast, timeout, **options) -> None:
@@ -61,7 +60,7 @@ def _run(command: str, images, manifests, jobs, report, resume, shard, shards, f
 
 
 @batch_app.command("inspect")
-def batch_inspect(images: Optional[List[Path]] = IMAGES, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
+def batch_inspect(images: Optional[List[Path]] = IMAGE_GLOBS, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
                   report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
                   shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
     """Inspect every image."""
@@ -69,7 +68,7 @@ def batch_inspect(images: Optional[List[Path]] = IMAGES, manifest: List[Path] = 
 
 
 @batch_app.command("status")
-def batch_status(images: Optional[List[Path]] = IMAGES, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
+def batch_status(images: Optional[List[Path]] = IMAGE_GLOBS, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
                  report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
                  shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
     """Read back whether what was staged in every image installed."""
@@ -77,21 +76,22 @@ def batch_status(images: Optional[List[Path]] = IMAGES, manifest: List[Path] = M
 
 
 @batch_app.command("plan")
-def batch_plan(images: Optional[List[Path]] = IMAGES, host: Optional[str] = HOST, cabs: List[Path] = CABS,
-               revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
-               report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
-               shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+def batch_plan(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] = BATCH_HOST,
+               cabs: List[Path] = BATCH_CABS, revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST,
+               jobs: int = JOBS, report: Optional[Path] = REPORT, resume: bool = RESUME,
+               shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST,
+               timeout: float = TIMEOUT) -> None:
     """Plan every image's integration services."""
     _run("plan", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
          host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision)
 
 
 @batch_app.command("stage")
-def batch_stage(images: Optional[List[Path]] = IMAGES, host: Optional[str] = HOST, cabs: List[Path] = CABS,
-                dry_run: bool = DRY_RUN, revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST,
-                jobs: int = JOBS, report: Optional[Path] = REPORT, resume: bool = RESUME,
-                shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST,
-                timeout: float = TIMEOUT) -> None:
+def batch_stage(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] = BATCH_HOST,
+                cabs: List[Path] = BATCH_CABS, dry_run: bool = DRY_RUN, revision: Optional[str] = REVISION,
+                manifest: List[Path] = MANIFEST, jobs: int = JOBS, report: Optional[Path] = REPORT,
+                resume: bool = RESUME, shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS,
+                fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
     """Stage every image's integration services for next boot.
 
     A manifest's output column writes a changed copy there instead of the image.
@@ -101,11 +101,9 @@ def batch_stage(images: Optional[List[Path]] = IMAGES, host: Optional[str] = HOS
 
 
 @batch_app.command("services")
-def batch_services(images: Optional[List[Path]] = IMAGES,
-                   enable: List[str] = typer.Option([], "--enable", metavar="NAME", show_default=False,
-                                                    help="Set service NAME to manual start; repeatable."),
-                   disable: List[str] = typer.Option([], "--disable", metavar="NAME", show_default=False,
-                                                     help="Set service NAME to disabled; repeatable."),
+def batch_services(images: Optional[List[Path]] = IMAGE_GLOBS,
+                   enable: List[str] = enable_option("Set service NAME to manual start; repeatable."),
+                   disable: List[str] = disable_option("Set service NAME to disabled; repeatable."),
                    dry_run: bool = DRY_RUN, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
                    report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
                    shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
@@ -117,7 +115,7 @@ def batch_services(images: Optional[List[Path]] = IMAGES,
 def report(
     files: List[Path] = typer.Argument(..., metavar="FILE...", show_default=False,
                                        help="Reports written by `vhdtool batch --report` (of several shards too)"),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+    as_json: bool = json_option("Print the summary as one JSON document."),
 ) -> None:
     """Merge batch reports into one summary.
 

@@ -2,55 +2,55 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from vhdtool.cli.images import fail_line
-
-EPILOG = (
-    "GUESTDIR is a folder of the guest's system volume (C:\\Windows\\Temp or /Windows/Temp), created as "
-    "needed; an existing file of the same name is replaced. With --partition N it is a folder of that "
-    "NTFS volume instead, so data disks without an operating system work too."
-)
+from vhdtool.cli.images import for_each_image
+from vhdtool.cli.options import DRY_RUN, IMAGE, OUTPUT, json_option
 
 
 def copy_in(
-    image: Path = typer.Argument(..., metavar="IMAGE", show_default=False, help="VHDX or VHD file"),
+    image: Path = IMAGE,
     paths: List[str] = typer.Argument(..., metavar="LOCAL... GUESTDIR", show_default=False,
                                       help="local files, then the guest folder"),
     partition: Optional[int] = typer.Option(None, "--partition", metavar="N", help="Write into NTFS partition N."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
-    output: Optional[Path] = typer.Option(None, "--output", metavar="NEW",
-                                          help="Write a changed copy to NEW; the image is not opened for writing."),
-    as_json: bool = typer.Option(False, "--json", help="Print the change set as JSON."),
+    dry_run: bool = DRY_RUN,
+    output: Optional[Path] = OUTPUT,
+    as_json: bool = json_option("Print the change set as JSON."),
 ) -> None:
-    """Copy local files into a folder of an offline guest."""
+    r"""Copy local files into a folder of an offline guest.
+
+    GUESTDIR is a folder of the guest's system volume (C:\Windows\Temp or /Windows/Temp), created as
+    needed; an existing file of the same name is replaced. With --partition N it is a folder of that
+    NTFS volume instead, so data disks without an operating system work too.
+    """
     from vhdtool.cli.render import render_edit
     from vhdtool.editor import edit
+    from vhdtool.editor.session import SCHEMA
     from vhdtool.errors import ImageNotFound
 
     if len(paths) < 2:
         raise typer.BadParameter("give at least one local file and the guest folder", param_hint="LOCAL... GUESTDIR")
     *locals_, guest_dir = paths
-    for local in locals_:
-        if not os.path.isfile(local):
-            raise ImageNotFound(local, "no such local file", "give files to copy, then the guest folder")
     base = guest_dir.replace("\\", "/").rstrip("/")
-    with edit(image, dry_run=dry_run, output=output) as ed:
-        ed.mkdir(guest_dir, partition=partition)
+
+    def work(image: Path):
         for local in locals_:
-            ed.write_file(f"{base}/{os.path.basename(local)}", Path(local), partition=partition)
-    result = ed.result
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        typer.echo(render_edit(result))
-    if not result.files and not result.registry:
-        fail_line(f"{image}: nothing to change; the guest already has these files")
+            if not os.path.isfile(local):
+                raise ImageNotFound(local, "no such local file", "give files to copy, then the guest folder")
+        with edit(image, dry_run=dry_run, output=output) as ed:
+            ed.mkdir(guest_dir, partition=partition)
+            for local in locals_:
+                ed.write_file(f"{base}/{os.path.basename(local)}", Path(local), partition=partition)
+        return ed.result
+
+    for_each_image([image], as_json, SCHEMA, work, render_edit, os.fspath, note=_unchanged)
 
 
-copy_in.__doc__ = copy_in.__doc__ + "\n\n    " + EPILOG
+def _unchanged(image: Path, result) -> str | None:
+    if result.files or result.registry:
+        return None
+    return f"{image}: nothing to change; the guest already has these files"

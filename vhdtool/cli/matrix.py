@@ -7,14 +7,12 @@ from typing import Optional
 
 import typer
 
-from vhdtool.cli.plan import REVISION
+from vhdtool.cli.options import REVISION, host_option, json_option
 
 
 def matrix(
-    host: Optional[str] = typer.Option(
-        None, "--host", metavar="HOST", help="Only this host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of rows."),
+    host: Optional[str] = host_option(None, "Only this host: win8, win8.1, win10 or an alias (2012, 2012r2, 2016...)."),
+    as_json: bool = json_option("Print a JSON list of rows."),
     revision: Optional[str] = REVISION,
 ) -> None:
     """Show how each guest gets its integration services on each host."""

@@ -6,26 +6,15 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-import typer
-
 from vhdtool.cli.images import for_each_image
-
-HOST_HELP = (
-    "The Hyper-V host: win8, win8.1, win10, an alias (2012, 2012r2, 2016...), "
-    "or auto for the host each guest last ran on."
-)
-CABS_HELP = "A folder, a .cab or the host's vmguest.iso to take cabs from; repeatable."
-# The options plan, stage, matrix and batch share, defined once.
-CABS = typer.Option([], "--cabs", metavar="PATH", show_default=False, help=CABS_HELP)
-REVISION = typer.Option(None, "--matrix-revision", metavar="REV",
-                        help="Revision of the source document (default: the one cabs/matrix.json names as its default).")
+from vhdtool.cli.options import CABS, HOST, IMAGES, JSON_PER_IMAGE, REVISION
 
 
 def plan(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
-    host: str = typer.Option(..., "--host", metavar="HOST", help=HOST_HELP),
+    images: List[Path] = IMAGES,
+    host: str = HOST,
     cabs: List[Path] = CABS,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+    as_json: bool = JSON_PER_IMAGE,
     revision: Optional[str] = REVISION,
 ) -> None:
     """Decide how each IMAGE's guest gets integration services on HOST.

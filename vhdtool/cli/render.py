@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vhdtool.editor import EditResult
+    from vhdtool.editor import ChangeSet
     from vhdtool.guest.inspection import Inspection
     from vhdtool.plan.decide import Plan
     from vhdtool.plan.matrix import Matrix
@@ -113,7 +113,7 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def render_edit(result: EditResult) -> str:
+def render_edit(result: ChangeSet) -> str:
     where = result.output or result.image
     verb = "would change" if result.dry_run else ("changed" if result.committed else "unchanged")
     lines = [f"{where}: {verb}" + (f" (a copy of {result.image})" if result.output else "")]

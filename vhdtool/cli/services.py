@@ -2,42 +2,34 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
-import typer
-
-from vhdtool.cli.images import fail_line
+from vhdtool.cli.images import for_each_image
+from vhdtool.cli.options import DRY_RUN, IMAGE, OUTPUT, disable_option, enable_option, json_option
 
 
 def services(
-    image: Path = typer.Argument(..., metavar="IMAGE", show_default=False, help="VHDX or VHD file"),
-    enable: List[str] = typer.Option([], "--enable", metavar="NAME", show_default=False,
-                                     help="Set service NAME to manual start, as Windows ships it; repeatable."),
-    disable: List[str] = typer.Option([], "--disable", metavar="NAME", show_default=False,
-                                      help="Set service NAME to disabled (Start=4); repeatable."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
-    output: Optional[Path] = typer.Option(None, "--output", metavar="NEW",
-                                          help="Write a changed copy to NEW; the image is not opened for writing."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON: the services, or with --enable/--disable the change set."),
+    image: Path = IMAGE,
+    enable: List[str] = enable_option("Set service NAME to manual start, as Windows ships it; repeatable."),
+    disable: List[str] = disable_option("Set service NAME to disabled (Start=4); repeatable."),
+    dry_run: bool = DRY_RUN,
+    output: Optional[Path] = OUTPUT,
+    as_json: bool = json_option("Print JSON: the services, or with --enable/--disable the change set."),
 ) -> None:
     """List the integration services of a guest; set how they start."""
     from vhdtool.cli.render import render_edit, render_services
-    from vhdtool.editor.services import list_services, set_services, wanted_starts
+    from vhdtool.editor.services import SCHEMA as LIST_SCHEMA, list_services, set_services, wanted_starts
+    from vhdtool.editor.session import SCHEMA as EDIT_SCHEMA
 
     wanted = wanted_starts(enable, disable)
     if not wanted:
-        doc = list_services(image)
-        if as_json:
-            typer.echo(json.dumps(doc, indent=2))
-        else:
-            typer.echo(render_services(doc))
-        return
-    result = set_services(image, wanted, dry_run=dry_run, output=output)
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        for_each_image([image], as_json, LIST_SCHEMA, list_services, render_services, os.fspath)
     else:
-        typer.echo(render_edit(result))
-    if not result.registry:
-        fail_line(f"{image}: nothing to change; the services already start that way")
+        for_each_image([image], as_json, EDIT_SCHEMA, lambda i: set_services(i, wanted, dry_run=dry_run, output=output),
+                       render_edit, os.fspath, note=_unchanged)
+
+
+def _unchanged(image: Path, result) -> str | None:
+    return None if result.registry else f"{image}: nothing to change; the services already start that way"

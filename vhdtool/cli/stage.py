@@ -9,17 +9,17 @@ from typing import List, Optional
 import typer
 
 from vhdtool.cli.images import for_each_image
-from vhdtool.cli.plan import CABS, HOST_HELP, REVISION, plan_inputs
+from vhdtool.cli.options import CABS, DRY_RUN, HOST, IMAGES, JSON_PER_IMAGE, REVISION, output_option
+from vhdtool.cli.plan import plan_inputs
 
 
 def stage(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
-    host: str = typer.Option(..., "--host", metavar="HOST", help=HOST_HELP),
+    images: List[Path] = IMAGES,
+    host: str = HOST,
     cabs: List[Path] = CABS,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would change; write nothing."),
-    output: Optional[Path] = typer.Option(None, "--output", metavar="NEW",
-                                          help="Stage into a copy NEW (one image only); the image is not written."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+    dry_run: bool = DRY_RUN,
+    output: Optional[Path] = output_option("Stage into a copy NEW (one image only); the image is not written."),
+    as_json: bool = JSON_PER_IMAGE,
     revision: Optional[str] = REVISION,
 ) -> None:
     """Stage each IMAGE's integration services to install at next boot."""
@@ -36,8 +36,8 @@ def stage(
 
 
 def status(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+    images: List[Path] = IMAGES,
+    as_json: bool = JSON_PER_IMAGE,
 ) -> None:
     """Report whether what was staged in each IMAGE installed at boot."""
     from vhdtool.cli.render import render_status

@@ -22,9 +22,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vhdtool.editor.session import EditSession, EditResult, FileChange, RegistryChange
+from vhdtool.editor.session import ChangeSet, EditSession, FileChange, RegistryChange
 
-__all__ = ["EditResult", "EditSession", "FileChange", "RegistryChange", "edit"]
+__all__ = ["ChangeSet", "EditSession", "FileChange", "RegistryChange", "edit"]
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from vhdtool.editor import EditResult, edit
+from vhdtool.editor import ChangeSet, edit
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.guest.inspection import require_guest
 
@@ -27,7 +27,7 @@ def list_services(image: str | os.PathLike) -> dict:
 
 
 def set_services(image: str | os.PathLike, wanted: Iterable[tuple[str, int]], dry_run: bool = False,
-                 output: str | os.PathLike | None = None) -> EditResult:
+                 output: str | os.PathLike | None = None) -> ChangeSet:
     """Set each (service name, Start value) of ``wanted`` in the current control set, in one commit."""
     with edit(image, dry_run=dry_run, output=output) as ed:
         ic = _services_of(image, ed.inspection)

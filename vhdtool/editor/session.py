@@ -64,7 +64,7 @@ class RegistryChange:
 
 
 @dataclass(frozen=True)
-class EditResult:
+class ChangeSet:
     image: str
     output: str | None
     dry_run: bool
@@ -146,7 +146,7 @@ class EditSession:
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
         self._registry: list[RegistryChange] = []
-        self.result: EditResult | None = None
+        self.result: ChangeSet | None = None
 
     # -- opening, and the refusals that need no guest ----------------------------------------
     def open(self) -> None:
@@ -370,7 +370,7 @@ class EditSession:
                              tick=progress.tick)
         self._ops.clear()
 
-    def commit(self) -> EditResult:
+    def commit(self) -> ChangeSet:
         self._run_operations()
         changes = self.overlay.changes()
         changed = sum(len(e.data) for e in changes)
@@ -390,7 +390,7 @@ class EditSession:
             os.replace(self._tmp_output, self.output)
             self._tmp_output = None
             committed = True
-        self.result = EditResult(
+        self.result = ChangeSet(
             image=self.path,
             output=self.output,
             dry_run=self.dry_run,

@@ -5,7 +5,10 @@
   array environments), so that N machines split a fleet with no coordinator of ours.
 - ``records``: the report, one JSON line per image, flushed as each finishes; reading
   reports back (``--resume``, ``vhdtool report``) and summarising them.
-- ``work`` and ``worker``: what a worker process does with one image.
-- ``pool``: the worker processes, a per-image time limit, and the stop on a signal.
+- ``work``: the batch's command on one image (``ImageCommand``), set up once and inherited
+  by every worker process.
+- ``worker``: the life of one worker process, forked from the batch: requests in, answers out.
+- ``pool``: the worker processes (the parent's ``_WorkerHandle`` on each), a per-image time
+  limit, and the stop on a signal.
 - ``batch``: all of it together.
 """

@@ -17,6 +17,7 @@ their workers, which leaves each of them as it was or fully written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ from vhdtool.fleet import manifest, shard as sharding
 from vhdtool.fleet.records import (FAILED, OK, Loaded, ReportWriter, latest, now, one_line, read_reports, record,
                                    render_summary, summarize)
 from vhdtool.fleet.pool import Pool
-from vhdtool.fleet.work import Options, Worker
+from vhdtool.fleet.work import ImageCommand, Options
 from vhdtool.progress import bar_class, on_terminal
 
 DEFAULT_TIMEOUT = 3600.0
@@ -58,11 +59,39 @@ def cores() -> int:
 
 def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None] | None = None) -> int:
     """Run the batch; its exit code. ``say`` takes the lines meant for a person (stderr)."""
-    say = say or (lambda text: print(f"vhdtool: {text}", file=sys.stderr, flush=True))
+    say = say or _say_on_stderr
+    _check(b)
+    chosen = _choose(b, env, say)
+    # The batch-wide host and cab sources are checked (and loaded, for the workers to inherit)
+    # before the report is opened and before any worker starts.
+    command = ImageCommand(b.options)
+    command.warm()
+    ran = _run_workers(b, command, chosen, say)
+    return _summarize(b, chosen, ran, say)
+
+
+def _say_on_stderr(text: str) -> None:
+    print(f"vhdtool: {text}", file=sys.stderr, flush=True)
+
+
+def _check(b: Batch) -> None:
     if b.resume and not b.report:
         raise BadManifest(None, "--resume needs --report FILE", "give the report of the batch to resume")
     if not b.images and not b.manifests:
         raise BadManifest(None, "no images", "give IMAGE, GLOB or --manifest FILE")
+
+
+@dataclass
+class _Chosen:
+    """The images this run works on, and how they were chosen."""
+
+    jobs: list[manifest.Job]
+    shard: sharding.Shard | None
+    skipped: int  # done before, per the report (--resume)
+
+
+def _choose(b: Batch, env: Mapping[str, str], say: Callable[[str], None]) -> _Chosen:
+    """The images (each once), then this machine's shard of them, then with --resume those not done yet."""
     jobs, warnings = manifest.collect(b.images, b.manifests)
     for w in warnings:
         say(f"batch: {w}")
@@ -71,79 +100,109 @@ def run(b: Batch, env: Mapping[str, str] = os.environ, say: Callable[[str], None
         mine = shard.select(jobs)
         say(f"batch: shard {shard} ({shard.source}): {len(mine)} of {len(jobs)} images")
         jobs = mine
-    skipped = 0
-    if b.resume:
-        loaded = read_reports([b.report], missing_ok=True, strict=False)
-        for line in loaded.skipped_lines:
-            say(f"batch: warning: skipped {line}")
-        last = latest(loaded.records)
-        todo = [j for j in jobs if last.get((b.options.command, j.key), {}).get("outcome") != OK]
-        skipped = len(jobs) - len(todo)
-        if skipped:
-            say(f"batch: --resume: {skipped} image{'s' * (skipped != 1)} already done, per {b.report}")
-        jobs = todo
-    size = min(b.jobs or cores(), max(1, len(jobs)))
-    # The batch-wide host and cab sources are checked (and loaded, for the workers to inherit)
-    # before the report is opened and before any worker starts.
-    worker = Worker(b.options)
-    worker.warm()
-    writer = ReportWriter(b.report or "-")
-    progress = Progress(b.options.command, len(jobs), skipped, say)
+    if not b.resume:
+        return _Chosen(jobs, shard, 0)
+    loaded = read_reports([b.report], missing_ok=True, strict=False)
+    for line in loaded.skipped_lines:
+        say(f"batch: warning: skipped {line}")
+    last = latest(loaded.records)
+    todo = [j for j in jobs if last.get((b.options.command, j.key), {}).get("outcome") != OK]
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        say(f"batch: --resume: {skipped} image{'s' * (skipped != 1)} already done, per {b.report}")
+    return _Chosen(todo, shard, skipped)
+
+
+@dataclass
+class _Ran:
+    """What the worker processes did."""
+
+    size: int  # worker processes
+    done: list[dict]  # the records written, in the order the images finished
+    not_run: list[manifest.Job]  # never started: a stop came first
+    killed: list[manifest.Job]  # in hand when a second signal came: no record
+    interrupted: bool  # by SIGINT or SIGTERM
+    wall: float  # seconds
+
+
+def _run_workers(b: Batch, command: ImageCommand, chosen: _Chosen, say: Callable[[str], None]) -> _Ran:
+    """The pool over the chosen images; each finished image's record appended to the report as it comes."""
+    size = min(b.jobs or cores(), max(1, len(chosen.jobs)))
     done: list[dict] = []
-    signals = {"count": 0}
+    with contextlib.ExitStack() as stack:  # closed in reverse: signals restored, then the bar, then the report
+        writer = ReportWriter(b.report or "-")
+        stack.callback(writer.close)
+        progress = BatchProgress(b.options.command, len(chosen.jobs), chosen.skipped, say)
+        stack.callback(progress.close)
+        signals = stack.enter_context(_Signals(progress.say))
 
-    def on_signal(number, _frame):
-        signals["count"] += 1
-        name = signal.Signals(number).name
-        if signals["count"] == 1:
-            progress.say(f"batch: {name}: stopping; the images in hand finish and are recorded "
-                         f"(again to kill them: each is left as it was or fully written)")
-        else:
-            progress.say(f"batch: {name} again: killing the workers")
+        def on_done(job, ok, payload, started, seconds):
+            rec = record(b.options.command, job, OK if ok else FAILED, started, seconds, chosen.shard,
+                         result=payload if ok else None, error=None if ok else payload)
+            writer.write(rec)
+            done.append(rec)
+            progress.finished(job, rec)
 
-    def on_done(job, ok, payload, started, seconds):
-        rec = record(b.options.command, job, OK if ok else FAILED, started, seconds, shard,
-                     result=payload if ok else None, error=None if ok else payload)
-        writer.write(rec)
-        done.append(rec)
-        progress.finished(job, rec)
+        started = time.monotonic()
+        pool = Pool(command, size, b.timeout, progress.worker_line, now)
+        not_run = pool.run(chosen.jobs, progress.started, on_done,
+                           stopping=lambda: signals.count > 0 or (b.fail_fast and progress.failed > 0),
+                           killing=lambda: signals.count > 1)
+    return _Ran(size, done, not_run, pool.killed, signals.count > 0, time.monotonic() - started)
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    started = time.monotonic()
-    try:
-        pool = Pool(worker, size, b.timeout, progress.worker_line, now)
-        not_run = pool.run(jobs, progress.started, on_done,
-                           stopping=lambda: signals["count"] > 0 or (b.fail_fast and progress.failed > 0),
-                           killing=lambda: signals["count"] > 1)
-    finally:
-        for s, h in old.items():
+
+class _Signals:
+    """SIGINT and SIGTERM while the workers run, counted: the first stops handing out images, the second kills."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.count = 0
+        self._say = say
+        self._old: dict = {}
+
+    def __enter__(self) -> _Signals:
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
             signal.signal(s, h)
-        progress.close()
-        writer.close()
-    wall = time.monotonic() - started
-    doc = summarize(Loaded(records=done)).to_dict()
-    rate = f", {len(done) / wall:.2f} images/s" if wall > 0 and done else ""
-    title = (f"batch {b.options.command}{f' shard {shard}' if shard else ''} in {wall:.1f} s with {size} "
+
+    def _on_signal(self, number, _frame) -> None:
+        self.count += 1
+        name = signal.Signals(number).name
+        if self.count == 1:
+            self._say(f"batch: {name}: stopping; the images in hand finish and are recorded "
+                      f"(again to kill them: each is left as it was or fully written)")
+        else:
+            self._say(f"batch: {name} again: killing the workers")
+
+
+def _summarize(b: Batch, chosen: _Chosen, ran: _Ran, say: Callable[[str], None]) -> int:
+    """Say the summary of this run and what it left undone; the batch's exit code."""
+    doc = summarize(Loaded(records=ran.done)).to_dict()
+    shard, size = chosen.shard, ran.size
+    rate = f", {len(ran.done) / ran.wall:.2f} images/s" if ran.wall > 0 and ran.done else ""
+    title = (f"batch {b.options.command}{f' shard {shard}' if shard else ''} in {ran.wall:.1f} s with {size} "
              f"worker{'s' * (size != 1)}{rate}")
     say(render_summary(doc, title))
     extra = []
-    if skipped:
-        extra.append(f"{skipped} skipped (done before)")
-    if not_run:
-        extra.append(f"{len(not_run)} not run")
-    if pool.killed:
-        extra.append(f"{len(pool.killed)} killed in hand, with no record (each is as it was or fully written; "
-                     f"--resume redoes them): {', '.join(j.image for j in pool.killed)}")
+    if chosen.skipped:
+        extra.append(f"{chosen.skipped} skipped (done before)")
+    if ran.not_run:
+        extra.append(f"{len(ran.not_run)} not run")
+    if ran.killed:
+        extra.append(f"{len(ran.killed)} killed in hand, with no record (each is as it was or fully written; "
+                     f"--resume redoes them): {', '.join(j.image for j in ran.killed)}")
     if extra:
         say("batch: " + ", ".join(extra))
-    if signals["count"]:
+    if ran.interrupted:
         return EXIT_INTERRUPTED
-    if doc["outcomes"][FAILED] or not_run:
+    if doc["outcomes"][FAILED] or ran.not_run:
         return EXIT_SOME_FAILED
     return EXIT_OK
 
 
-class Progress:
+class BatchProgress:
     """A tqdm bar on a terminal (done / failed / skipped, the images in hand, rate, time left); lines otherwise."""
 
     def __init__(self, command: str, total: int, skipped: int, say: Callable[[str], None]):

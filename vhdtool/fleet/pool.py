@@ -32,14 +32,16 @@ from dataclasses import dataclass, field
 
 from vhdtool.errors import ImageTimedOut, WorkerDied
 from vhdtool.fleet.manifest import Job
-from vhdtool.fleet.work import Worker
+from vhdtool.fleet.work import ImageCommand
 
 TICK = 0.2  # seconds between looks at the clock and the stop flags when nothing happens
 MAX_ANSWER = 64 * 1024 * 1024
 
 
 @dataclass
-class _Worker:
+class _WorkerHandle:
+    """The parent's handle on one forked worker process: its pid, its pipes, the image in hand."""
+
     pid: int
     to_child: int  # its requests (the child's stdin)
     from_child: int  # its answers (the child's stdout)
@@ -58,17 +60,17 @@ Done = Callable[[Job, bool, dict, str, float], None]
 
 
 class Pool:
-    def __init__(self, worker: Worker, size: int, timeout: float | None, on_stderr: Callable[[str], None],
+    def __init__(self, command: ImageCommand, size: int, timeout: float | None, on_stderr: Callable[[str], None],
                  now_iso: Callable[[], str]):
-        self.worker = worker  # warmed: the command's code imported, the shared inputs loaded
+        self.command = command  # warmed: its code imported, the shared inputs loaded
         self.size = max(1, size)
         self.timeout = timeout if timeout and timeout > 0 else None
         self.on_stderr = on_stderr
         self.now_iso = now_iso
-        self.workers: list[_Worker] = []
+        self.workers: list[_WorkerHandle] = []
         self.killed: list[Job] = []  # in hand when killing() came
 
-    def _start(self) -> _Worker:
+    def _start(self) -> _WorkerHandle:
         from vhdtool.fleet.worker import child
 
         pipes = [os.pipe() for _ in range(3)]  # requests, answers, stderr
@@ -76,21 +78,21 @@ class Pool:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            child(self.worker, pipes[0][0], pipes[1][1], pipes[2][1])  # never returns
+            child(self.command, pipes[0][0], pipes[1][1], pipes[2][1])  # never returns
         for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
             os.close(fd)
         for fd in (pipes[0][1], pipes[1][0], pipes[2][0]):
             os.set_inheritable(fd, False)
-        w = _Worker(pid, pipes[0][1], pipes[1][0], pipes[2][0])
+        w = _WorkerHandle(pid, pipes[0][1], pipes[1][0], pipes[2][0])
         self.workers.append(w)
         return w
 
-    def _send(self, w: _Worker, msg: dict) -> None:
+    def _send(self, w: _WorkerHandle, msg: dict) -> None:
         data = memoryview((json.dumps(msg, separators=(",", ":")) + "\n").encode())
         while data:
             data = data[os.write(w.to_child, data):]
 
-    def _remove(self, w: _Worker, kill: bool) -> int | None:
+    def _remove(self, w: _WorkerHandle, kill: bool) -> int | None:
         """Close its pipes (a live worker then exits) or kill it; its exit status (negative: a signal)."""
         if kill:
             try:
@@ -170,7 +172,7 @@ class Pool:
                 self._remove(w, kill=w.job is not None)
         return [job for _, job in queue]
 
-    def _wait(self, busy: list[_Worker], on_done: Done) -> None:
+    def _wait(self, busy: list[_WorkerHandle], on_done: Done) -> None:
         now = time.monotonic()
         wait = TICK
         if self.timeout:
@@ -215,7 +217,7 @@ class Pool:
                     self._failed(w, on_done, ImageTimedOut(
                         w.job[1].image, f"not done after {self.timeout:g} s (--timeout); its worker was killed"))
 
-    def _answer(self, w: _Worker, line: bytes, on_done: Done) -> None:
+    def _answer(self, w: _WorkerHandle, line: bytes, on_done: Done) -> None:
         n, job = w.job
         try:
             msg = json.loads(line)
@@ -228,7 +230,7 @@ class Pool:
         w.job = None
         on_done(job, ok, payload, w.started_wall, time.monotonic() - w.started)
 
-    def _stderr_lines(self, w: _Worker, final: bool) -> None:
+    def _stderr_lines(self, w: _WorkerHandle, final: bool) -> None:
         while b"\n" in w.err:
             line, _, rest = w.err.partition(b"\n")
             w.err = bytearray(rest)
@@ -237,7 +239,7 @@ class Pool:
             self.on_stderr(w.err.decode("utf-8", "replace"))
             w.err.clear()
 
-    def _died(self, w: _Worker, on_done: Done) -> None:
+    def _died(self, w: _WorkerHandle, on_done: Done) -> None:
         job = w.job
         try:  # what it said on the way out (not waiting: a process it left behind may hold the pipe)
             os.set_blocking(w.errors, False)
@@ -260,7 +262,7 @@ class Pool:
             on_done(job[1], False, _doc(WorkerDied(job[1].image, f"its worker died ({how}) while working on it")),
                     w.started_wall, time.monotonic() - w.started)
 
-    def _failed(self, w: _Worker, on_done: Done, error) -> None:
+    def _failed(self, w: _WorkerHandle, on_done: Done, error) -> None:
         job = w.job
         self._remove(w, kill=True)
         if job is not None:

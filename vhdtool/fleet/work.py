@@ -29,7 +29,10 @@ class Options:
 
 
 @dataclass
-class Worker:
+class ImageCommand:
+    """The batch's command, run on one image at a time (``run``): made and warmed in the batch process,
+    then inherited by every worker process forked from it."""
+
     options: Options
     _matrix: object = None
     _catalogs: dict = field(default_factory=dict)

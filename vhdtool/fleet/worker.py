@@ -64,7 +64,7 @@ def _fault(spec: str, key: str) -> None:
                 signal.pause()
 
 
-def child(worker, requests: int, answers: int, errors: int) -> None:
+def child(command, requests: int, answers: int, errors: int) -> None:
     """The forked worker's whole life; never returns."""
     status = EXIT_INTERNAL_ERROR
     try:
@@ -77,7 +77,7 @@ def child(worker, requests: int, answers: int, errors: int) -> None:
         os.dup2(errors, 2)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         _die_with_parent(parent)
-        serve(worker)
+        serve(command)
         status = EXIT_OK
     except BaseException:  # noqa: BLE001 - nothing may unwind into the parent's code
         try:
@@ -91,7 +91,7 @@ def child(worker, requests: int, answers: int, errors: int) -> None:
             os._exit(status)
 
 
-def serve(worker) -> None:
+def serve(command) -> None:
     from vhdtool.fleet.manifest import Job
 
     fault = os.environ.get("VHDTOOL_TEST_FAULT", "")  # tests only: "crash:TEXT" or "hang:TEXT" (see _fault)
@@ -102,7 +102,7 @@ def serve(worker) -> None:
         if fault:
             _fault(fault, job.key)
         try:
-            answer = {"id": msg["id"], "ok": True, "result": worker.run(job)}
+            answer = {"id": msg["id"], "ok": True, "result": command.run(job)}
         except Exception as e:  # noqa: BLE001 - one image's failure, whatever it is, is that image's record
             if os.environ.get("VHDTOOL_DEBUG"):
                 traceback.print_exc()

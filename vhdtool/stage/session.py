@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass, replace
 
-from vhdtool.editor import EditResult, edit
+from vhdtool.editor import ChangeSet, edit
 from vhdtool.errors import SetupPending, UnsupportedLayout
 from vhdtool.plan.decide import STAGE, Plan, plan_for_host
 from vhdtool.plan.matrix import Matrix
@@ -26,7 +26,7 @@ class StageResult:
     id: str | None
     files: tuple[dict, ...]
     boot_hook: dict | None
-    edit: EditResult | None
+    edit: ChangeSet | None
 
     @property
     def changed(self) -> bool:
