@@ -7,12 +7,13 @@ from typing import List
 
 import typer
 
+from vhdtool.cli import options
 from vhdtool.cli.images import for_each_image, path_document
 
 
 def inspect(
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", show_default=False, help="VHDX or VHD files"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document per image (a list for several)."),
+    images: List[Path] = options.IMAGES,
+    as_json: bool = options.JSON_PER_IMAGE,
     stats: bool = typer.Option(False, "--stats", help="Say on stderr how much of each image file was read."),
 ) -> None:
     """Report each IMAGE's guest OS, integration services and disks."""
