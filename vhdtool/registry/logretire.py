@@ -1,4 +1,4 @@
-"""After vhdtool has written a primary: the base block that keeps Windows from ever applying the old log entries over it.
+"""After vhdtool has written a primary: the base block that keeps Windows from applying old log entries over it.
 
 Windows applies entries only to a dirty primary, only from the primary's
 secondary sequence number on and only in an unbroken run (spec: "Format of
