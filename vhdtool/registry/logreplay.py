@@ -137,7 +137,7 @@ def _entry_at(log: bytes, name: str, offset: int, sequence: int) -> Entry | None
                      f"{name} entry {sequence} at offset {offset} {why}")
 
     if size < ENTRY_HEAD_SIZE or size % SECTOR or size > len(log) - offset:
-        return problem(f"has a size of {size} bytes, which the log does not hold")
+        return problem(f"gives a size of {size} bytes, not a whole entry inside the log")
     if bins_size == 0 or bins_size % PAGE:
         return problem(f"gives a hive bins data size of {bins_size}, not a multiple of {PAGE}")
     refs_end = ENTRY_HEAD_SIZE + count * PAGE_REF.size
@@ -223,7 +223,7 @@ def _runs(logs: list[_NewLog], first: int) -> list[tuple[_NewLog, list[Entry]]]:
 def _nothing_to_apply(logs: list[_NewLog], first: int) -> str:
     held = ", ".join(f"{log.name} {log.entries[0].sequence}-{log.entries[-1].sequence}"
                      for log in logs if log.entries) or "none"
-    return (f"no log entry is numbered {first} (the primary's secondary sequence number) or above "
+    return (f"no log entry is numbered {first} or above, where the primary's sequence continues "
             f"(entries found: {held}), so the logs do not hold the primary's last write")
 
 
