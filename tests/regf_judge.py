@@ -1,10 +1,14 @@
 """A test-side judge of registry log replay, written from the regf specification and sharing no code with vhdtool.
 
 ``judge_replay`` replays new-format (HvLE) logs onto a dirty primary whose base block
-is valid, as Windows does: entries whose Marvin32 hashes check, in an unbroken run of
-sequence numbers from the primary's secondary sequence number, the log with the
-earlier entries first. Marvin32 is the fixture builder's (fixtures/build/hives.py),
-checked in the tests against the hashes Windows wrote in NewDirtyHive1's logs.
+is valid, as the specification's notes on log entries (4-11), its section "Multiple
+transaction log files" and the note "Missing log entries for a dirty primary file"
+describe: entries numbered from the primary's secondary sequence number on (the first
+may be numbered above it, after a partial reconcile), the log whose entries start
+first, then the other one, while the numbers stay contiguous and the Marvin32 hashes
+and hive bins data sizes check. Marvin32 is the fixture builder's
+(fixtures/build/hives.py), checked in the tests against the hashes Windows wrote in
+NewDirtyHive1's logs.
 
 An entry claiming more hive bins than the primary and both logs hold is refused
 (None), where Windows would grow the file: no real entry does that.
@@ -38,29 +42,35 @@ def _u32(b: bytes, at: int) -> int:
 
 
 def _log_entries(log: bytes) -> tuple[int, list[dict]] | None:
-    """(base block sequence, entries in a run from it) of a valid new-format log, or None."""
+    """(base block sequence, entries) of a valid new-format log, or None.
+
+    The entries are the run numbered on from the log's base block; the run ends where no
+    "HvLE" header of the next number is. A header of the next number whose fields do not
+    fit is kept as a bad entry ("bad": True) and ends the run: recovery stops there.
+    """
     if len(log) < 512 or log[:4] != b"regf" or _u32(log, 28) != 6:
         return None
     if xor_checksum(log[:512]) != _u32(log, 508) or _u32(log, 4) != _u32(log, 8):
         return None
     first = _u32(log, 4)
-    entries = []
+    entries: list[dict] = []
     at = 512
-    while at + 40 <= len(log) and log[at:at + 4] == b"HvLE":
+    while at + 40 <= len(log) and log[at:at + 4] == b"HvLE" and _u32(log, at + 12) == first + len(entries):
         size, flags, seq, bins, npages = (_u32(log, at + 4 * k) for k in range(1, 6))
-        if size < 40 or size % 512 or at + size > len(log) or bins == 0 or bins % 4096:
+        entry = {"seq": seq, "flags": flags, "bins": bins, "npages": npages, "bad": True}
+        entries.append(entry)
+        # Spec note 8: a wrong hive bins data size stops recovery; so does an entry the file cannot hold.
+        if size < 40 or size % 512 or at + size > len(log) or bins == 0 or bins % 4096 or 40 + 8 * npages > size:
             break
-        if seq != first + len(entries):
-            break
-        entry = log[at:at + size]
-        if 40 + 8 * npages > size:
-            break
-        refs = [struct.unpack_from("<II", entry, 40 + 8 * i) for i in range(npages)]
+        raw = log[at:at + size]
+        refs = [struct.unpack_from("<II", raw, 40 + 8 * i) for i in range(npages)]
         if any(o % 4096 or s == 0 or s % 4096 or o + s > bins for o, s in refs):
             break
         if 40 + 8 * npages + sum(s for _, s in refs) > size:
             break
-        entries.append({"seq": seq, "flags": flags, "bins": bins, "refs": refs, "raw": entry, "npages": npages})
+        entry.update(raw=raw, refs=refs, bad=False)
+        if seq == 0xFFFFFFFF:
+            break
         at += size
     return first, entries
 
@@ -71,47 +81,55 @@ def _hashes_ok(entry: dict) -> bool:
     return marvin32(raw[:32]) == h2 and marvin32(raw[40:]) == h1
 
 
+def _chain(logs: list[list[dict]], secondary: int) -> list[dict]:
+    """The entries recovery walks, in order (notes 5-7; "Missing log entries for a dirty primary file").
+
+    Entries numbered below the secondary sequence number are already in the primary. Of
+    the rest, the log whose entries start lowest goes first (LOG1 on a tie); after its
+    last entry the other log follows from the next number on. The walk itself stops at
+    the first gap or bad entry.
+    """
+    subsequent = [[e for e in entries if e["seq"] >= secondary] for entries in logs]
+    order = sorted((entries[0]["seq"], i) for i, entries in enumerate(subsequent) if entries)
+    chain: list[dict] = []
+    for _start, i in order:
+        after = chain[-1]["seq"] if chain else -1
+        chain += [e for e in subsequent[i] if e["seq"] > after]
+    return chain
+
+
 def judge_replay(primary: bytes, log1: bytes | None, log2: bytes | None) -> tuple[bytes, list[int]] | None:
     """(recovered hive, sequence numbers applied), or None when nothing can be applied."""
     assert primary[:4] == b"regf" and xor_checksum(primary[:512]) == _u32(primary, 508)
-    want = _u32(primary, 8)
-    logs = [x for x in (_log_entries(log1 or b""), _log_entries(log2 or b"")) if x is not None]
-    logs.sort(key=lambda x: x[0])
+    logs = []
+    for log in (log1, log2):
+        parsed = _log_entries(log or b"")
+        if parsed is not None:
+            logs.append(parsed[1])
+    chain = _chain(logs, _u32(primary, 8))
     hive = bytearray(primary)
     room = len(primary) + len(log1 or b"") + len(log2 or b"")  # an entry claiming more is refused
     done: list[int] = []
-    last = None
-    for _first, entries in logs:
-        if done and (not entries or entries[0]["seq"] != want):
-            break
-        if not done and want not in [e["seq"] for e in entries]:
-            continue
-        for e in entries:
-            if not _hashes_ok(e):
-                break
-            if e["seq"] < want and not done:
-                continue
-            if e["seq"] != want:
-                break
-            end = 4096 + e["bins"]
-            if end > room:
-                return None
-            if len(hive) < end:
-                hive += bytes(end - len(hive))
-            pos = 40 + 8 * e["npages"]
-            for o, s in e["refs"]:
-                hive[4096 + o:4096 + o + s] = e["raw"][pos:pos + s]
-                pos += s
-            done.append(e["seq"])
-            last = e
-            want += 1
-    if last is None:
+    for e in chain:
+        if done and e["seq"] != done[-1] + 1:
+            break  # note 7: N not followed by N + 1
+        if e["bad"] or not _hashes_ok(e):
+            break  # note 8
+        if 4096 + e["bins"] > room:
+            return None
+        hive.extend(bytes(max(0, 4096 + e["bins"] - len(hive))))  # note 9
+        pos = 40 + 8 * e["npages"]
+        for o, s in e["refs"]:
+            hive[4096 + o:4096 + o + s] = e["raw"][pos:pos + s]
+            pos += s
+        done.append(e["seq"])
+        last = e
+    if not done:
         return None
-    seq = last["seq"] + 1
+    seq = done[-1] + 1
     struct.pack_into("<II", hive, 4, seq, seq)
     struct.pack_into("<I", hive, 40, last["bins"])
-    flags = _u32(hive, 144)
-    struct.pack_into("<I", hive, 144, (flags & ~1) | (last["flags"] & 1))
+    struct.pack_into("<I", hive, 144, last["flags"])  # note 11
     struct.pack_into("<I", hive, 508, xor_checksum(bytes(hive[:512])))
     return bytes(hive), done
 

@@ -190,7 +190,8 @@ def _damage_cases(ndh):
         "LOG2 cut after its base block": ((l1, l2[:512]), [2]),
         "LOG1 cut inside its entry": ((l1[:4096], l2), None),
         "LOG2 base block damaged": ((l1, _flip(l2, 200)), [2]),
-        "LOG1 missing": ((None, l2), None),
+        # LOG2 alone starts above the secondary number (2): applied, as after a partial reconcile.
+        "LOG1 missing": ((None, l2), [3, 4, 5]),
     }
 
 
@@ -376,12 +377,15 @@ def test_replay_fuzz(ndh):
 
 
 def test_marvin32_matches_windows_entries(ndh):
+    checked = []
     for log in (ndh["log1"], ndh["log2"]):
         for at in _entry_offsets(log):
             size = struct.unpack_from("<I", log, at + 4)[0]
             h1, h2 = struct.unpack_from("<QQ", log, at + 24)
             assert logreplay.marvin32(log[at + 40:at + size]) == h1
             assert logreplay.marvin32(log[at:at + 32]) == h2
+            checked.append(struct.unpack_from("<I", log, at + 12)[0])
+    assert checked == [2, 3, 4, 5]  # every entry Windows wrote in NewDirtyHive1's logs was hashed
     rng = random.Random(7)
     for n in range(40):
         data = rng.randbytes(n)
@@ -409,7 +413,7 @@ def _stale_log(base: bytes, seq: int, count: int) -> bytes:
 def test_retired_logs_are_never_replayed_over_the_change(ndh):
     """After vhdtool's write Windows logs entry S and stops: the stale log must not be applied (regf_judge judges)."""
     clean = ndh["windows"]  # sequence 6/6
-    stale = _stale_log(clean, 6, 2)  # entries 6 and 7, valid, never applied
+    stale = _stale_log(clean, 6, 3)  # entries 6, 7 and 8, valid, never applied
     changed = bytearray(clean)  # what an edit leaves (libhivex: sequence + 1)
     struct.pack_into("<II", changed, 4, 7, 7)
     changed[4096 + 200] ^= 0xFF  # stands for the change itself
@@ -426,17 +430,17 @@ def test_retired_logs_are_never_replayed_over_the_change(ndh):
         struct.pack_into("<I", dirty, 508, judge.xor_checksum(bytes(dirty[:512])))
         return bytes(dirty), log
 
-    # Without retiring, the stale entry 7 would be applied over the change.
+    # Without retiring, Windows' entry 7 would be continued by the stale entry 8, over the change.
     dirty, fresh = windows_writes_and_stops(bytes(changed))
     replayed, applied = judge.judge_replay(dirty, fresh, stale)
-    assert b"OLD!" in replayed[4096:8192]
-    # Retired: sequence 8, above every number in the logs; only Windows' own entry is applied.
+    assert b"OLD!" in replayed[4096:8192] and applied == [7, 8]
+    # Retired: sequence 9, above every number in the logs; only Windows' own entry is applied.
     retired = retire_logs(bytes(changed), None, stale, "TEST")
-    assert seqs(retired) == (8, 8, True)
+    assert seqs(retired) == (9, 9, True)
     assert retired[4096:] == bytes(changed[4096:]) and retired[12:508] == bytes(changed[12:508])
     dirty, fresh = windows_writes_and_stops(retired)
     replayed, applied = judge.judge_replay(dirty, fresh, stale)
-    assert applied == [8] and b"NEW!" in replayed[4096:8192] and b"OLD!" not in replayed[4096:8192]
+    assert applied == [9] and b"NEW!" in replayed[4096:8192] and b"OLD!" not in replayed[4096:8192]
     assert replay(dirty, fresh, stale, "TEST").data == replayed
 
 

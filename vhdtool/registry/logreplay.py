@@ -1,8 +1,9 @@
-"""Bring a dirty hive up to date from its .LOG1/.LOG2 as Windows does at boot, and retire the logs afterwards.
+"""Bring a dirty hive up to date from its .LOG1/.LOG2 as Windows does at boot (new-format logs here, old in dirtlog.py).
 
 Facts from Maxim Suhanov's "Windows registry file format specification"
 ("Format of transaction log files", "Dirty state of a hive", "Multiple
-transaction log files"); the code is ours.
+transaction log files") and his note "Missing log entries for a dirty primary
+file"; the code is ours.
 
 Dirty
     A primary is dirty when its base block checksum is wrong or its primary and
@@ -12,115 +13,74 @@ Dirty
 New format (Windows 8.1 / Server 2012 R2 and later; log base block file type 6)
     A log is its 512-byte base block (a copy of the primary's, checksum valid,
     equal sequence numbers) followed by HvLE entries from offset 512, back to back
-    in 512-byte units. An entry counts only when its Marvin32 hashes both check
-    (hash-2 over its first 32 bytes, hash-1 over the rest), its hive bins data size
-    is a non-zero multiple of 4096, its page references stay inside that size and
-    inside the entry, and its sequence number is one more than the entry before
-    it (the first one: the log base block's sequence number). A log's entries end at
-    the first one that does not count.
+    in 512-byte units, numbered one more each from the log base block's sequence
+    number. The log's run ends at the first place that holds no header of the next
+    number (remnants of older entries follow a run). A header of the next number
+    whose size, hive bins data size (a non-zero multiple of 4096) or page
+    references do not fit, or whose Marvin32 hashes fail (hash-2 over its first 32
+    bytes, hash-1 over the rest), is a bad entry: recovery stops there (note 8).
 
-    Recovery continues from the primary's secondary sequence number N: the log with
-    the earlier entries (lower base block sequence number; LOG1 on a tie) is used
-    first, from its entry N on (entries before N are already in the primary), then
-    the other log, whose first entry must be the next number; recovery stops at the
-    first gap or bad entry. Each entry's pages are written at 4096 + offset and the
-    file grows to its hive bins data size. The recovered base block is the primary's
-    with both sequence numbers = last entry + 1 (what Windows 10 wrote for
-    NewDirtyHive1: entries 2..5 -> 6), the hive bins data size and flag bit 0 of
-    the last entry, and a fresh checksum. A primary whose base block is invalid
-    takes the base block of the log with the latest entries (file type set back to
-    0) and only that log's entries, as Windows does.
-
-Old format (Windows Vista to 8; file type 1, or 2 before XP)
-    A log is a base block of one sector (clustering factor x 512 bytes), "DIRT"
-    and a bitmap of hive bins data size / 512 bits at the second sector, then one
-    512-byte page per set bit from the next sector on; page i goes to 4096 + 512 i.
-    A log applies when its base block is valid and its Last written timestamp is
-    the primary's (the first hive bin's timestamp when the primary's base block is
-    invalid); LOG1 is tried before LOG2. No hash protects these pages: the file
-    must hold every page the bitmap announces. The recovered base block takes the
-    log's hive bins data size and the primary's sequence number 1 (the write that
-    was interrupted) for both. This path is tested on logs written from the
-    specification (tests/regf_judge.py), not on logs Windows made.
+    The rule, from the primary's secondary sequence number N (notes 4-7 and the
+    note on missing log entries): an entry numbered below N is already in the
+    primary and is skipped, unchecked. Since Windows 8.1 a partial reconcile can
+    write a primary without updating its base block, and after two log rotations
+    the first entry left to apply is numbered above N (UsrClass-gap: primary N =
+    255, LOG1 287-290, LOG2 291-300). So recovery starts in the log whose entries
+    numbered N or above start first (LOG1 on a tie, whatever the files' order
+    otherwise), applies them in order, then continues into the other log from the
+    next number, as long as the numbers stay contiguous. It stops at the first gap,
+    bad hash or bad size; what was applied before stays applied. Applying a log
+    merely because it is LOG1 would bring back older data over a partially
+    reconciled primary: an inconsistent hive. Each entry's pages are written at
+    4096 + offset and the file grows to its hive bins data size (note 9). The
+    recovered base block is the primary's with both sequence numbers = last entry
+    + 1 (what Windows 10 wrote for NewDirtyHive1: entries 2..5 -> 6), the hive bins
+    data size and the Flags of the last entry (note 11), and a fresh checksum. A
+    primary whose base block is invalid takes the base block of the log with the
+    latest entries (file type set back to 0) and only that log's entries, as
+    Windows does.
 
 Either way the hive bins are then checked: from offset 4096 to the hive bins data
 size they must be a chain of 'hbin' headers whose offsets match their place and
 whose sizes are non-zero multiples of 4096. Windows would replace a bad bin with
-an empty one; vhdtool refuses instead, as it refuses whatever it cannot replay
-exactly: a dirty primary with no usable entry (no log, wrong hashes, no entry
-continuing from the primary's sequence number) or whose logs are cut short.
-Every such case is ``CorruptHive`` with a one-line message telling the user to
-boot the guest once so that Windows replays its own logs.
+an empty one; vhdtool refuses instead. vhdtool refuses what Windows could not
+recover either: a dirty primary with no log, no entry numbered N or above, a
+first entry to apply that is bad, or a damaged base block and no log to rebuild
+it from. Every such case is ``CorruptHive`` with a one-line message saying why
+and telling the user to boot the guest once so that Windows replays its own logs.
 
 Bounds: every offset, size and count read from a log is checked against the log
 and the entry holding it before it is used; the recovered file is at most as
-large as the primary and both logs together; the work is linear in their size.
+large as the primary and both logs together; the work is linear in their size
+(hashes are computed only over entries that are applied).
 
-Retiring the logs (``retire_logs``)
-    After vhdtool has written the primary, stale log entries must never be applied
-    over the change. Windows applies entries only to a dirty primary, only from the
-    primary's secondary sequence number on and only in an unbroken run; it makes a
-    primary dirty only after it has written fresh log entries numbered from that
-    primary's own sequence number. So vhdtool writes the primary clean (equal
-    sequence numbers, Windows' checksum) with a sequence number greater than every
-    sequence number found anywhere in either log: both base blocks and any "HvLE"
-    header at any 512-byte boundary, hashes valid or not (a later run of Windows
-    that writes fewer bytes than a stale entry could line up the next stale header
-    behind its own). Every stale entry is then older than the primary and is never
-    "subsequent"; an entry Windows writes later starts a run the stale ones cannot
-    continue. The log files themselves are left as they are: a clean primary and
-    logs holding older, already applied entries is the state Windows itself leaves
-    after every write of the primary, so it is the state Windows has been tested
-    on most, and it costs no write to the log files. (Emptying the logs would also
-    be safe, as install images ship them empty, but needs the file system layer to
-    rewrite files that need no change.) For old-format logs, which are matched by
-    timestamp rather than by sequence number, the primary's Last written timestamp
-    is also moved past every log's, so no stale log matches it either. If no
-    sequence number is left above the logs' (only a hostile log gets near 2^32),
-    the hive is refused.
+After a write, ``retire_logs`` (logretire.py) makes sure the old entries are never
+applied over the change.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vhdtool.errors import CorruptHive
+from vhdtool.registry.dirtlog import replay_old
+# BASE_BLOCK, BOOT_HINT, BaseBlock, base_block_checksum, bins_problem, is_dirty, Replayed, retire_logs and
+# log_sequences are imported from here by the rest of vhdtool: this module is the registry's replay API.
+from vhdtool.registry.hivefile import (BASE_BLOCK, BOOT_HINT, FILE_TYPE_NEW_LOG, FILE_TYPE_PRIMARY,  # noqa: F401
+                                       LOG_BASE_BLOCK, MAX_SEQUENCE, PAGE, SECTOR, Applied, BaseBlock, Replayed,
+                                       base_block_checksum, bins_problem, check_bins, grow, is_dirty, refusal)
+from vhdtool.registry.logretire import log_sequences, retire_logs  # noqa: F401
 
-BASE_BLOCK = 4096  # the primary's base block; hive bins start here
-LOG_BASE_BLOCK = 512  # what a log keeps of it (one 512-byte sector as of Windows 8)
-SECTOR = 512
-PAGE = 4096  # Windows logs and grows hive bins data in 4 KiB pages
 ENTRY_HEADER = struct.Struct("<4sIIIII")  # signature, size, flags, sequence, hive bins data size, page count
 ENTRY_HEAD_SIZE = 40  # the header above plus hash-1 and hash-2
 PAGE_REF = struct.Struct("<II")  # offset in hive bins data, size
-HBIN_HEADER = struct.Struct("<4sII")  # signature, offset, size
-
-FILE_TYPE_PRIMARY = 0
-FILE_TYPES_OLD_LOG = (1, 2)  # 2 up to Windows 2000
-FILE_TYPE_NEW_LOG = 6
-MAX_SEQUENCE = 0xFFFFFFFF
-MAX_CLUSTERING = 8  # 4096-byte sectors; Windows supports no larger
-FLAG_KTM_LOCKED = 0x1  # the one base block flag a log entry carries
 
 # Marvin32 seed of registry log entries (spec: bytes 82 EF 4D 88 7A 4E 55 C5).
 MARVIN_SEED = 0x82EF4D887A4E55C5
 _M32 = 0xFFFFFFFF
-
-BOOT_HINT = "boot the guest once and shut it down cleanly, so that Windows replays its registry logs, then try again"
-
-
-# -- checksums -----------------------------------------------------------------------
-
-def base_block_checksum(block: bytes | bytearray) -> int:
-    """XOR of the first 127 dwords; Windows never stores 0 or 0xFFFFFFFF (they become 1 and 0xFFFFFFFE)."""
-    value = 0
-    for (word,) in struct.iter_unpack("<I", bytes(block[:508])):
-        value ^= word
-    if value == 0xFFFFFFFF:
-        return 0xFFFFFFFE
-    return value or 1
 
 
 def marvin32(data: bytes | memoryview, seed: int = MARVIN_SEED) -> int:
@@ -141,50 +101,11 @@ def marvin32(data: bytes | memoryview, seed: int = MARVIN_SEED) -> int:
     return (s1 << 32) | s0
 
 
-# -- base blocks ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BaseBlock:
-    """The fields of a primary's or a log's base block that recovery reads."""
-
-    seq1: int
-    seq2: int
-    timestamp: int
-    file_type: int
-    bins_size: int
-    clustering: int
-    flags: int
-    checksum_ok: bool
-
-    @classmethod
-    def parse(cls, block: bytes) -> BaseBlock | None:
-        """None unless ``block`` starts with a 'regf' base block (its first 512 bytes at least)."""
-        if len(block) < LOG_BASE_BLOCK or block[:4] != b"regf":
-            return None
-        seq1, seq2, timestamp = struct.unpack_from("<IIQ", block, 4)
-        (file_type,) = struct.unpack_from("<I", block, 28)
-        bins_size, clustering = struct.unpack_from("<II", block, 40)
-        (flags,) = struct.unpack_from("<I", block, 144)
-        (stored,) = struct.unpack_from("<I", block, 508)
-        return cls(seq1, seq2, timestamp, file_type, bins_size, clustering, flags,
-                   base_block_checksum(block) == stored)
-
-    @property
-    def valid_log(self) -> bool:
-        return self.checksum_ok and self.seq1 == self.seq2
-
-
-def is_dirty(primary: bytes) -> bool:
-    """True when the primary's base block needs recovery: bad checksum, no signature, or sequence numbers differ."""
-    base = BaseBlock.parse(primary[:BASE_BLOCK])
-    return base is None or not base.checksum_ok or base.seq1 != base.seq2
-
-
 # -- new-format log entries ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class Entry:
-    """One HvLE entry whose header and sizes check (hashes are checked when it is applied)."""
+    """One HvLE entry of a log's run; ``problem`` says why it is bad when its header or sizes do not fit."""
 
     log: str
     offset: int  # in the log file
@@ -195,33 +116,41 @@ class Entry:
     pages: tuple[tuple[int, int, int], ...]  # (offset in hive bins data, size, offset of the data in the log)
     hash1: int
     hash2: int
+    problem: str | None = None
 
     def hashes_check(self, log: bytes) -> bool:
         view = memoryview(log)[self.offset : self.offset + self.size]
         return marvin32(view[:32]) == self.hash2 and marvin32(view[ENTRY_HEAD_SIZE:]) == self.hash1
 
 
-def _entry_at(log: bytes, name: str, offset: int) -> Entry | None:
-    """The entry at ``offset`` if its header, size, hive bins data size and page references are sound."""
+def _entry_at(log: bytes, name: str, offset: int, sequence: int) -> Entry | None:
+    """The entry numbered ``sequence`` at ``offset``; None when no such header is there (the run ends)."""
     if offset + ENTRY_HEAD_SIZE > len(log):
         return None
-    sig, size, flags, sequence, bins_size, count = ENTRY_HEADER.unpack_from(log, offset)
-    if sig != b"HvLE" or size < ENTRY_HEAD_SIZE or size % SECTOR or size > len(log) - offset:
-        return None
-    if bins_size == 0 or bins_size % PAGE:
+    sig, size, flags, found, bins_size, count = ENTRY_HEADER.unpack_from(log, offset)
+    if sig != b"HvLE" or found != sequence:
         return None
     hash1, hash2 = struct.unpack_from("<QQ", log, offset + 24)
+
+    def problem(why: str) -> Entry:
+        return Entry(name, offset, size, flags, sequence, bins_size, (), hash1, hash2,
+                     f"{name} entry {sequence} at offset {offset} {why}")
+
+    if size < ENTRY_HEAD_SIZE or size % SECTOR or size > len(log) - offset:
+        return problem(f"gives a size of {size} bytes, not a whole entry inside the log")
+    if bins_size == 0 or bins_size % PAGE:
+        return problem(f"gives a hive bins data size of {bins_size}, not a multiple of {PAGE}")
     refs_end = ENTRY_HEAD_SIZE + count * PAGE_REF.size
     if refs_end > size:
-        return None
+        return problem(f"lists {count} pages, more than it holds")
     pages = []
     data = offset + refs_end
     for i in range(count):
         page_offset, page_size = PAGE_REF.unpack_from(log, offset + ENTRY_HEAD_SIZE + i * PAGE_REF.size)
         if page_size == 0 or page_offset % PAGE or page_size % PAGE or page_offset + page_size > bins_size:
-            return None
+            return problem(f"has a page ({page_size} bytes at {page_offset}) outside its hive bins data")
         if data + page_size > offset + size:
-            return None
+            return problem("has pages beyond its end")
         pages.append((page_offset, page_size, data))
         data += page_size
     return Entry(name, offset, size, flags, sequence, bins_size, tuple(pages), hash1, hash2)
@@ -232,7 +161,7 @@ class _NewLog:
     name: str
     data: bytes
     base: BaseBlock
-    entries: list[Entry]  # a run of consecutive sequence numbers from the base block's, hashes not yet checked
+    entries: list[Entry]  # the run from the base block's number; only the last may have a problem
 
 
 def _new_log(name: str, data: bytes | None) -> _NewLog | None:
@@ -243,43 +172,17 @@ def _new_log(name: str, data: bytes | None) -> _NewLog | None:
         return None
     entries: list[Entry] = []
     offset = LOG_BASE_BLOCK
-    expected = base.seq1
+    sequence = base.seq1
     while True:
-        entry = _entry_at(data, name, offset)
-        if entry is None or entry.sequence != expected:
+        entry = _entry_at(data, name, offset, sequence)
+        if entry is None:
             break
         entries.append(entry)
+        if entry.problem is not None or sequence == MAX_SEQUENCE:
+            break  # nothing past a bad entry counts; no number follows the last one
         offset += entry.size
-        expected = (expected + 1) & MAX_SEQUENCE
-        if expected == 0:
-            break
+        sequence += 1
     return _NewLog(name, data, base, entries)
-
-
-# -- results -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Applied:
-    """One log record applied: the log's name and the entry's sequence number (old format: None)."""
-
-    log: str
-    sequence: int | None
-    offset: int
-    pages: int
-
-
-@dataclass(frozen=True)
-class Replayed:
-    """A primary brought up to date, or the primary itself when it was clean."""
-
-    data: bytes
-    applied: tuple[Applied, ...]
-    log_format: str | None  # "new" (HvLE), "old" (DIRT) or None when nothing was replayed
-    sequence: int  # both sequence numbers of the result's base block
-
-    @property
-    def replayed(self) -> bool:
-        return bool(self.applied)
 
 
 # -- replay ----------------------------------------------------------------------------------
@@ -304,219 +207,78 @@ def replay(primary: bytes, log1: bytes | None, log2: bytes | None, name: str,
     new_logs = [log for log in (_new_log(n, d) for n, d in logs.items()) if log is not None]
     if new_logs:
         return _replay_new(primary, base if primary_ok else None, new_logs, limit, name, image_path, state)
-    old = _replay_old(primary, base if primary_ok else None, logs, limit, name, image_path, state)
+    old = replay_old(primary, base if primary_ok else None, logs, limit, name, image_path, state)
     if old is not None:
         return old
-    raise _refuse(name, image_path, state, "no log holds entries to replay")
+    raise refusal(name, image_path, state, "no log holds entries to replay")
 
 
-def _refuse(name: str, image_path, state: str, why: str) -> CorruptHive:
-    return CorruptHive(image_path, f"{name} hive is dirty ({state}) and its logs cannot bring it up to date: {why}",
-                       hint=BOOT_HINT)
+def _runs(logs: list[_NewLog], first: int) -> list[tuple[_NewLog, list[Entry]]]:
+    """Each log's entries numbered ``first`` or above, the run that starts first in front (LOG1 on a tie)."""
+    runs = [(log, [e for e in log.entries if e.sequence >= first]) for log in logs]
+    runs = [(log, entries) for log, entries in runs if entries]
+    return sorted(runs, key=lambda run: run[1][0].sequence)  # stable: LOG1 stays first on a tie
+
+
+def _nothing_to_apply(logs: list[_NewLog], first: int) -> str:
+    held = ", ".join(f"{log.name} {log.entries[0].sequence}-{log.entries[-1].sequence}"
+                     for log in logs if log.entries) or "none"
+    return (f"no log entry is numbered {first} or above, where the primary's sequence continues "
+            f"(entries found: {held}), so the logs do not hold the primary's last write")
 
 
 def _replay_new(primary: bytes, base: BaseBlock | None, logs: list[_NewLog], limit: int, name: str,
                 image_path, state: str) -> Replayed:
-    # Earlier entries first: by the sequence number each log started at (LOG1 first on a tie).
-    ordered = sorted(logs, key=lambda log: log.base.seq1)
+    out = bytearray(primary)
     if base is None:
         # No trustworthy base block: the log with the latest entries gives it, and only its entries apply.
-        source = ordered[-1]
-        block = bytearray(primary[:BASE_BLOCK])
-        block[:LOG_BASE_BLOCK] = source.data[:LOG_BASE_BLOCK]
-        struct.pack_into("<I", block, 28, FILE_TYPE_PRIMARY)
-        ordered = [source]
-        expected = source.base.seq1
+        source = max(logs, key=lambda log: log.base.seq1)
+        out[:LOG_BASE_BLOCK] = source.data[:LOG_BASE_BLOCK]
+        struct.pack_into("<I", out, 28, FILE_TYPE_PRIMARY)
+        logs, first = [source], source.base.seq1
     else:
-        block = bytearray(primary[:BASE_BLOCK])
-        expected = base.seq2
-    out = bytearray(primary)
-    out[:BASE_BLOCK] = block
+        first = base.seq2
+    runs = _runs(logs, first)
+    if not runs:
+        raise refusal(name, image_path, state, _nothing_to_apply(logs, first))
     applied: list[Applied] = []
-    last: Entry | None = None
-    why = f"no log holds an entry numbered {expected}, where the primary's sequence continues"
-    for log in ordered:
-        if applied:
-            # The next log must continue exactly where the last one stopped.
-            if not log.entries or log.entries[0].sequence != expected:
-                break
-        elif not any(e.sequence == expected for e in log.entries):
-            continue
-        for entry in log.entries:
-            if not entry.hashes_check(log.data):
-                if not applied:
-                    why = (f"the entry numbered {entry.sequence} at offset {entry.offset} of {log.name} "
-                           f"fails its hash check")
-                break
-            if entry.sequence < expected and not applied:
-                continue  # already in the primary
-            if entry.sequence != expected:
-                break
-            if BASE_BLOCK + entry.bins_size > limit:
-                raise _refuse(name, image_path, state,
-                              f"{log.name} entry {entry.sequence} claims {entry.bins_size} bytes of hive bins, "
-                              f"more than the hive and its logs hold")
-            end = BASE_BLOCK + entry.bins_size
-            if len(out) < end:
-                out.extend(bytes(end - len(out)))
-            for page_offset, page_size, at in entry.pages:
-                out[BASE_BLOCK + page_offset : BASE_BLOCK + page_offset + page_size] = log.data[at : at + page_size]
-            applied.append(Applied(log.name, entry.sequence, entry.offset, len(entry.pages)))
-            last = entry
-            expected = (expected + 1) & MAX_SEQUENCE
-    if last is None:
-        raise _refuse(name, image_path, state, why)
+    for log, entry in _subsequent(runs):
+        problem = entry.problem
+        if problem is None and not entry.hashes_check(log.data):
+            problem = f"{log.name} entry {entry.sequence} at offset {entry.offset} fails its hash check"
+        if problem is not None:
+            if not applied:
+                raise refusal(name, image_path, state, f"the first entry to apply is bad: {problem}")
+            break  # a bad entry: nothing after it is applied, in this log or the other
+        if BASE_BLOCK + entry.bins_size > limit:
+            raise refusal(name, image_path, state,
+                          f"{log.name} entry {entry.sequence} claims {entry.bins_size} bytes of hive bins, "
+                          f"more than the hive and its logs hold")
+        _apply_entry(out, entry, log.data)
+        applied.append(Applied(log.name, entry.sequence, entry.offset, len(entry.pages)))
+        last = entry  # the first entry yielded is always applied or refused, so ``last`` is set below
     sequence = (last.sequence + 1) & MAX_SEQUENCE
     struct.pack_into("<II", out, 4, sequence, sequence)
     struct.pack_into("<I", out, 40, last.bins_size)
-    (flags,) = struct.unpack_from("<I", out, 144)
-    struct.pack_into("<I", out, 144, (flags & ~FLAG_KTM_LOCKED) | (last.flags & FLAG_KTM_LOCKED))
+    struct.pack_into("<I", out, 144, last.flags)
     struct.pack_into("<I", out, 508, base_block_checksum(out))
-    _check_bins(out, last.bins_size, name, image_path, state)
+    check_bins(out, last.bins_size, name, image_path, state)
     return Replayed(bytes(out), tuple(applied), "new", sequence)
 
 
-def _replay_old(primary: bytes, base: BaseBlock | None, logs: dict[str, bytes], limit: int, name: str,
-                image_path, state: str) -> Replayed | None:
-    """Old-format (DIRT) recovery from the first applicable log; None when no log is old-format and valid."""
-    if base is not None:
-        timestamp = base.timestamp
-    elif primary[BASE_BLOCK : BASE_BLOCK + 4] == b"hbin":
-        (timestamp,) = struct.unpack_from("<Q", primary, BASE_BLOCK + 20)
-    else:
-        timestamp = None
-    found_any = False
-    for log_name, data in logs.items():
-        log_base = BaseBlock.parse(data[:LOG_BASE_BLOCK]) if data else None
-        if log_base is None or not log_base.valid_log or log_base.file_type not in FILE_TYPES_OLD_LOG:
-            continue
-        found_any = True
-        if timestamp is None or log_base.timestamp != timestamp:
-            continue
-        return _apply_old(primary, base, log_name, data, log_base, limit, name, image_path, state)
-    if found_any:
-        raise _refuse(name, image_path, state, "no log was written for the primary's last write (timestamps differ)")
-    return None
+def _subsequent(runs: list[tuple[_NewLog, list[Entry]]]) -> Iterator[tuple[_NewLog, Entry]]:
+    """The entries to apply, in order: the first run, then the other log's from the next number on, no gap."""
+    expected = runs[0][1][0].sequence
+    for log, entries in runs:
+        entries = [e for e in entries if e.sequence >= expected]  # the other log may repeat numbers applied
+        if not entries or entries[0].sequence != expected:
+            return  # a gap: recovery stops after the last entry applied
+        for entry in entries:  # a log's run has no gap
+            yield log, entry
+            expected = entry.sequence + 1
 
 
-def _apply_old(primary: bytes, base: BaseBlock | None, log_name: str, log: bytes, log_base: BaseBlock,
-               limit: int, name: str, image_path, state: str) -> Replayed:
-    bins_size = log_base.bins_size
-    clustering = log_base.clustering
-    if not 1 <= clustering <= MAX_CLUSTERING:
-        raise _refuse(name, image_path, state, f"{log_name} gives a clustering factor of {clustering}")
-    sector = SECTOR * clustering
-    if bins_size == 0 or bins_size % PAGE or BASE_BLOCK + bins_size > limit:
-        raise _refuse(name, image_path, state, f"{log_name} gives a hive bins data size of {bins_size}")
-    if log[sector : sector + 4] != b"DIRT":
-        raise _refuse(name, image_path, state, f"{log_name} has no dirty vector ('DIRT') at offset {sector}")
-    bits = bins_size // SECTOR
-    bitmap_start = sector + 4
-    bitmap = log[bitmap_start : bitmap_start + bits // 8]
-    if len(bitmap) != bits // 8:
-        raise _refuse(name, image_path, state, f"{log_name} ends inside its dirty vector")
-    pages_start = -(-(bitmap_start + len(bitmap)) // sector) * sector
-    dirty = [i for i in range(bits) if bitmap[i >> 3] >> (i & 7) & 1]
-    if pages_start + len(dirty) * SECTOR > len(log):
-        raise _refuse(name, image_path, state,
-                      f"{log_name} announces {len(dirty)} dirty pages and holds "
-                      f"{max(0, len(log) - pages_start) // SECTOR}")
-    out = bytearray(primary)
-    if base is None:
-        out[:LOG_BASE_BLOCK] = log[:LOG_BASE_BLOCK]
-        struct.pack_into("<I", out, 28, FILE_TYPE_PRIMARY)
-        sequence = log_base.seq1
-    else:
-        sequence = base.seq1
-    end = BASE_BLOCK + bins_size
-    if len(out) < end:
-        out.extend(bytes(end - len(out)))
-    at = pages_start
-    for i in dirty:
-        out[BASE_BLOCK + i * SECTOR : BASE_BLOCK + (i + 1) * SECTOR] = log[at : at + SECTOR]
-        at += SECTOR
-    struct.pack_into("<II", out, 4, sequence, sequence)
-    struct.pack_into("<I", out, 40, bins_size)
-    struct.pack_into("<I", out, 508, base_block_checksum(out))
-    _check_bins(out, bins_size, name, image_path, state)
-    return Replayed(bytes(out), (Applied(log_name, None, sector, len(dirty)),), "old", sequence)
-
-
-def bins_problem(hive: bytes | bytearray, bins_size: int) -> str | None:
-    """What is wrong with the chain of hive bins from 4096 to 4096 + ``bins_size``, or None."""
-    if bins_size % PAGE or BASE_BLOCK + bins_size > len(hive):
-        return f"hive bins data size {bins_size} does not fit the file"
-    offset = 0
-    while offset < bins_size:
-        sig, stored, size = HBIN_HEADER.unpack_from(hive, BASE_BLOCK + offset)
-        if sig != b"hbin" or stored != offset or size == 0 or size % PAGE or offset + size > bins_size:
-            return f"the hive bin at offset {offset:#x} is not valid"
-        offset += size
-    return None
-
-
-def _check_bins(out: bytearray, bins_size: int, name: str, image_path, state: str) -> None:
-    """The hive bins data after recovery must be a chain of well-formed hive bins."""
-    problem = bins_problem(out, bins_size)
-    if problem:
-        raise _refuse(name, image_path, state, f"after replay {problem}")
-
-
-# -- after a write -----------------------------------------------------------------------
-
-def log_sequences(log: bytes | None) -> list[int]:
-    """Every sequence number a log shows: its base block's and any 'HvLE' header's at a 512-byte boundary."""
-    if not log:
-        return []
-    found = []
-    base = BaseBlock.parse(log[:LOG_BASE_BLOCK])
-    if base is not None:
-        found += [base.seq1, base.seq2]
-    at = log.find(b"HvLE", LOG_BASE_BLOCK)
-    while at >= 0:
-        if at % SECTOR == 0 and at + 16 <= len(log):
-            found.append(struct.unpack_from("<I", log, at + 12)[0])
-            at = log.find(b"HvLE", at + SECTOR)
-        else:
-            at = log.find(b"HvLE", at + 1)
-    return found
-
-
-def retire_logs(primary: bytes, log1: bytes | None, log2: bytes | None, name: str,
-                image_path: str | os.PathLike | None = None) -> bytes:
-    """The primary to write after a change, so that Windows never applies the old log entries over it.
-
-    Call it on the changed hive (after ``replay`` and the edit), with the log files as
-    they are on disk; write its result as the primary and leave the logs as they
-    are (see the module docstring for why). Returns the base block made clean:
-    both sequence numbers above every one the logs show (and the primary's own),
-    the Last written timestamp past every old-format log's, Windows' checksum.
-    """
-    base = BaseBlock.parse(primary[:BASE_BLOCK])
-    if len(primary) < BASE_BLOCK or base is None:
-        raise CorruptHive(image_path, f"{name} hive has no 'regf' base block")
-    if not base.checksum_ok or base.seq1 != base.seq2:
-        # Making a dirty primary clean would throw away what its logs hold: replay them first.
-        raise _refuse(name, image_path, f"sequence numbers {base.seq1} and {base.seq2}",
-                      "they must be replayed before the hive is written")
-    in_logs = log_sequences(log1) + log_sequences(log2)
-    if base.seq1 == base.seq2 and all(seq < base.seq1 for seq in in_logs):
-        sequence = base.seq1  # already above every log entry: keep it
-    else:
-        highest = max([base.seq1, base.seq2, *in_logs])
-        if highest >= MAX_SEQUENCE:
-            raise CorruptHive(image_path, f"{name} hive's logs use up every sequence number (up to {highest:#x})",
-                              hint=BOOT_HINT)
-        sequence = highest + 1
-    out = bytearray(primary)
-    struct.pack_into("<II", out, 4, sequence, sequence)
-    old_stamps = []
-    for log in (log1, log2):
-        log_base = BaseBlock.parse(log[:LOG_BASE_BLOCK]) if log else None
-        if log_base is not None and log_base.file_type in FILE_TYPES_OLD_LOG:
-            old_stamps.append(log_base.timestamp)
-    if base.timestamp in old_stamps:
-        struct.pack_into("<Q", out, 12, min(max(old_stamps + [base.timestamp]) + 1, 2**63 - 1))
-    struct.pack_into("<I", out, 28, FILE_TYPE_PRIMARY)
-    struct.pack_into("<I", out, 508, base_block_checksum(out))
-    return bytes(out)
+def _apply_entry(out: bytearray, entry: Entry, log: bytes) -> None:
+    grow(out, entry.bins_size)
+    for page_offset, page_size, at in entry.pages:
+        out[BASE_BLOCK + page_offset : BASE_BLOCK + page_offset + page_size] = log[at : at + page_size]
