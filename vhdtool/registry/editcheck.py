@@ -16,7 +16,7 @@ import struct
 from vhdtool.errors import CorruptHive
 from vhdtool.registry.editplan import EditPlan, read_values, windows_order
 from vhdtool.registry.hive import Hive
-from vhdtool.registry.logreplay import BASE_BLOCK, base_block_checksum, bins_problem
+from vhdtool.registry.hivefile import BASE_BLOCK, base_block_checksum, bins_problem
 from vhdtool.registry.records import fold
 from vhdtool.units import MiB
 

@@ -29,7 +29,7 @@ from dissect.util.ts import wintimestamp
 from vhdtool.errors import CorruptHive, translating
 from vhdtool.registry.cells import Damage, HiveCells
 from vhdtool.registry.keys import KeyTree
-from vhdtool.registry.logreplay import BASE_BLOCK, base_block_checksum
+from vhdtool.registry.hivefile import BASE_BLOCK, base_block_checksum
 from vhdtool.registry.records import DATA_INLINE, KeyNode, decode_value
 
 HIVE_SIGNATURE = b"regf"

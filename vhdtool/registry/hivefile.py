@@ -28,11 +28,17 @@ MAX_SEQUENCE = 0xFFFFFFFF
 BOOT_HINT = "boot the guest once and shut it down cleanly, so that Windows replays its registry logs, then try again"
 
 
-def base_block_checksum(block: bytes | bytearray) -> int:
-    """XOR of the first 127 dwords; Windows never stores 0 or 0xFFFFFFFF (they become 1 and 0xFFFFFFFE)."""
+def base_block_xor(block: bytes | bytearray) -> int:
+    """The raw XOR of a base block's first 127 dwords (what libhivex stores and checks)."""
     value = 0
     for (word,) in struct.iter_unpack("<I", bytes(block[:508])):
         value ^= word
+    return value
+
+
+def base_block_checksum(block: bytes | bytearray) -> int:
+    """The checksum Windows stores: the raw XOR, except that 0 becomes 1 and 0xFFFFFFFF becomes 0xFFFFFFFE."""
+    value = base_block_xor(block)
     if value == 0xFFFFFFFF:
         return 0xFFFFFFFE
     return value or 1

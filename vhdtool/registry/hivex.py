@@ -42,7 +42,7 @@ from vhdtool.registry.editplan import plan_edits
 from vhdtool.registry.hive import Hive
 from vhdtool.registry.hivexchild import apply_here
 from vhdtool.registry.libhivex import Library, load
-from vhdtool.registry.logreplay import BASE_BLOCK, BOOT_HINT, BaseBlock
+from vhdtool.registry.hivefile import BASE_BLOCK, BOOT_HINT, BaseBlock
 from vhdtool.registry.values import EditResult, HiveEdit
 from vhdtool.units import MiB
 

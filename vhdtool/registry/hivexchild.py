@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from vhdtool.native import Refusal
 from vhdtool.registry.editplan import value_key
 from vhdtool.registry.libhivex import HIVEX_OPEN_WRITE, HiveSetValue, Library
-from vhdtool.registry.logreplay import base_block_checksum
+from vhdtool.registry.hivefile import base_block_checksum, base_block_xor
 from vhdtool.registry.records import fold
 from vhdtool.units import MiB
 
@@ -150,14 +150,9 @@ def hivex_checksum(data: bytes) -> bytes:
     Windows stores 1 when that XOR is 0 and 0xFFFFFFFE when it is 0xFFFFFFFF
     (``base_block_checksum``); libhivex calls those bad checksums."""
     (stored,) = struct.unpack_from("<I", data, 508)
-    if stored not in (1, 0xFFFFFFFE) or stored != base_block_checksum(data):
-        return data  # the raw XOR already, or not Windows' checksum either (libhivex judges that)
-    # The raw XOR is now ``stored`` or ``stored ^ 1``. Flipping bit 1 of the first dword flips bit 1
-    # of the XOR, which takes both candidates off 0 and 0xFFFFFFFF, where base_block_checksum is
-    # the raw XOR itself; so one more checksum tells them apart.
-    probe = bytearray(data[:508])
-    probe[0] ^= 2
-    raw = base_block_checksum(probe) ^ 2
+    if stored != base_block_checksum(data):
+        return data  # not Windows' checksum: libhivex judges it
+    raw = base_block_xor(data)
     if raw == stored:
         return data
     return data[:508] + struct.pack("<I", raw) + data[512:]
