@@ -310,6 +310,12 @@ class EditSession:
             return None
         return fs.read(target, fs.size(target))
 
+    def listdir(self, path: str, partition: int | None = None) -> list[str]:
+        """The names in a folder of the guest as it stands on disk (pending changes not applied); [] for none."""
+        _part, fs = self._volume(partition)
+        target = self._guest_path(path, partition)
+        return fs.listdir(target) if fs.is_dir(target) else []
+
     def _hive(self, hive: str) -> list:
         name = hive.upper()
         if name not in HIVES:
