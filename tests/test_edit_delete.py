@@ -180,3 +180,19 @@ def test_deleted_then_written_and_written_then_deleted_keep_their_order(seeded, 
     assert ntfsls(part, "/Data/sub") == ["b.txt", "deeper"] and ntfsls(part, "/Data/sub/deeper") == []
     assert ntfscat(part, "/Data/sub/b.txt") == TREE["/Data/sub/b.txt"]
     unchanged_but(before, ntfs_tree(part), {"/Data/sub/deeper/c.bin"})
+
+
+def test_names_compare_without_case_when_writing_too(seeded, tmp_path):
+    """libntfs-3g looks names up as Windows does: no second folder beside one that differs in case only."""
+    import vhdtool
+
+    image, before, _part = copy_of(seeded, tmp_path)
+    root = [n for n in before if n.count("/") == 1]
+    with vhdtool.edit(image) as ed:
+        assert ed.write_file("/DATA/SUB/new.txt", b"new").action == "add"
+        assert ed.write_file("/windows/temp/x.txt", b"x").action == "add"
+    part = volume(image, tmp_path)
+    judged_sound(image, part)
+    assert [n for n in ntfs_tree(part) if n.count("/") == 1] == root
+    assert ntfsls(part, "/Data/sub") == ["b.txt", "deeper", "new.txt"]
+    assert ntfscat(part, "/Windows/Temp/x.txt") == b"x"

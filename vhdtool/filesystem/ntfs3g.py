@@ -2,11 +2,10 @@
 
 No mount, no FUSE, no root: libntfs-3g is given a ``struct ntfs_device`` whose
 operations are Python callbacks over one partition of the overlay
-(vhdtool.filesystem.ntfsdevice). It runs in the
-native sandbox's forked child, which keeps only read-only descriptors of the
-image; what libntfs-3g writes lands in the child's copy of the overlay, and the
-child answers with the sectors that changed, which the parent puts into its own
-overlay. A crash of the C library loses nothing but the child.
+(vhdtool.filesystem.ntfsdevice). It runs in the native sandbox's forked child,
+which keeps only read-only descriptors of the image; what libntfs-3g writes lands
+in the child's copy of the overlay, and the child answers with the sectors that
+changed, which the parent puts into its own overlay. A crash of the C library loses nothing but the child.
 
 The volume is mounted with NTFS_MNT_FORENSIC: libntfs-3g then neither resets
 $LogFile nor sets the dirty bit on mount, so a volume whose $LogFile is clean
@@ -50,6 +49,7 @@ MAX_ANSWER = 2048 * MiB
 FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
 FILE_NAME_DOS = 2  # layout.h FILE_NAME_TYPE_FLAGS: the 8.3 twin of a Win32 name, deleted with it
 MREF_MASK = (1 << 48) - 1  # an MFT reference is 48 bits of record number, 16 of sequence number
+DOTS = (".".encode("utf-16-le"), "..".encode("utf-16-le"))  # the entries ntfs_readdir makes up
 MAX_DELETED = 1_000_000  # entries under one deleted folder: a cycle in a corrupt index must end
 FILLDIR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, s64,
                            ctypes.c_uint64, ctypes.c_uint)  # dir.h ntfs_filldir_t
@@ -264,7 +264,7 @@ class _Volume:
         def fill(_dirent, name, length, name_type, _pos, mref, _dt_type):
             try:
                 text = ctypes.string_at(name, length * 2)
-                if name_type != FILE_NAME_DOS and text not in (".".encode("utf-16-le"), "..".encode("utf-16-le")):
+                if name_type != FILE_NAME_DOS and text not in DOTS:
                     found.append((text, mref & MREF_MASK))
                 return 0
             except Exception:  # noqa: BLE001 - never raise into C
