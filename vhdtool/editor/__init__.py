@@ -2,7 +2,8 @@
 
 ``with vhdtool.edit(path) as ed:`` opens the image read-only, inspects it through
 that handle, and collects what the caller asks for (``write_file``, ``mkdir``,
-and, through the hive layer, registry values). When the block ends normally the
+``delete``, and, through the hive layer, registry values), in order: a path deleted
+and then written is written anew, one written and then deleted is gone. When the block ends normally the
 operations run against an overlay over the virtual disk (libntfs-3g and libhivex
 in the native sandbox write only into it), and the overlay's changes are
 committed once, crash-atomically (vhdtool.container.commit). When the block

@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from vhdtool.container.chain import find_parent, open_image, open_one
 from vhdtool.container.commit import commit as commit_changes
@@ -14,6 +14,7 @@ from vhdtool.container.filecopy import copy_file
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
+from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
 from vhdtool.errors import (
     EncryptedVolume,
     GuestNotClean,
@@ -29,63 +30,15 @@ from vhdtool.guest.discover import survey_disk
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.volume import Partition, open_partition
 
-SCHEMA = 1
 CONFIG_DIR = "/Windows/System32/config"
 HIVES = ("SYSTEM", "SOFTWARE", "SAM", "SECURITY", "DEFAULT")
 IMAGE_SUFFIXES = (".vhdx", ".avhdx", ".vhd", ".avhd")
 MAX_SIBLINGS = 4096  # differencing disks looked at in the image's folder
 LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "lvm2")
 
-
-@dataclass(frozen=True)
-class FileChange:
-    path: str
-    action: str  # "add" | "replace" | "mkdir"
-    size: int | None
-    sha256: str | None
-    partition: int
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "action": self.action, "size": self.size, "sha256": self.sha256,
-                "partition": self.partition}
-
-
-@dataclass(frozen=True)
-class RegistryChange:
-    hive: str
-    key: str
-    name: str
-    type: str
-    old: object
-    new: object
-
-    def to_dict(self) -> dict:
-        return {"hive": self.hive, "key": self.key, "name": self.name, "type": self.type, "old": self.old, "new": self.new}
-
-
-@dataclass(frozen=True)
-class ChangeSet:
-    image: str
-    output: str | None
-    dry_run: bool
-    committed: bool
-    files: tuple[FileChange, ...]
-    registry: tuple[RegistryChange, ...]
-    bytes_written: int
-    log_replayed: bool
-    changed_bytes: int  # of the virtual disk
-
-    def to_dict(self) -> dict:
-        return {
-            "schema": SCHEMA,
-            "image": self.image,
-            "output": self.output,
-            "dry_run": self.dry_run,
-            "committed": self.committed,
-            "changes": {"files": [f.to_dict() for f in self.files], "registry": [r.to_dict() for r in self.registry]},
-            "bytes_written": self.bytes_written,
-            "log_replayed": self.log_replayed,
-        }
+# The root folder's metadata files (records 0-11 of the MFT), never deleted.
+NTFS_METADATA = ("$mft", "$mftmirr", "$logfile", "$volume", "$attrdef", "$bitmap", "$boot", "$badclus", "$secure",
+                 "$upcase", "$extend")
 
 
 def guest_path(path: str, drive_letter: str | None = None) -> str:
@@ -100,6 +53,17 @@ def guest_path(path: str, drive_letter: str | None = None) -> str:
     if any(x in (".", "..") for x in parts):
         raise UnsupportedLayout(None, f"{path}: '.' and '..' are not allowed in guest paths", "give an absolute path")
     return "/" + "/".join(parts)
+
+
+def protected(target: str) -> bool:
+    """Whether deleting the volume path ``target`` would take the root, NTFS metadata or a registry hive
+    (SYSTEM, its .LOG1/.LOG2, and the folders that hold them) with it. NTFS names compare without case."""
+    parts = target.casefold().split("/")[1:]
+    config = CONFIG_DIR.casefold().split("/")[1:]
+    if target == "/" or parts[0] in NTFS_METADATA or parts == config[: len(parts)]:
+        return True
+    return parts[:-1] == config and any(parts[-1] == h.casefold() or parts[-1].startswith(h.casefold() + ".")
+                                        for h in HIVES)
 
 
 def dependent_children(image: str) -> list[str]:
@@ -247,13 +211,14 @@ class EditSession:
         target = self._guest_path(path, partition)
         if target == "/":
             raise UnsupportedLayout(self.path, f"{path} names the root folder, not a file", "give a file path")
-        action = "add"
-        if fs.exists(target):
-            if fs.is_dir(target):
-                raise UnsupportedLayout(self.path, f"{path} is a folder in the guest", "give a file path")
-            if fs.size(target) == len(data) and fs.read(target, len(data) + 1) == data:
-                return None
-            action = "replace"
+        state = self._state(part.index, fs, target)
+        if state == "dir":
+            raise UnsupportedLayout(self.path, f"{path} is a folder in the guest", "give a file path")
+        action = "add" if state is None else "replace"
+        # Already there, byte for byte, and untouched by this session: no change.
+        if state == "file" and not self._pending(part.index, target) and fs.size(target) == len(data) \
+                and fs.read(target, len(data) + 1) == data:
+            return None
         self._ops.setdefault(part.index, []).append(ntfs3g.WriteFile(target, bytes(data)))
         change = FileChange(target, action, len(data), hashlib.sha256(data).hexdigest(), part.index)
         self._files.append(change)
@@ -262,14 +227,52 @@ class EditSession:
     def mkdir(self, path: str, partition: int | None = None) -> FileChange | None:
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
-        if fs.exists(target):
-            if not fs.is_dir(target):
-                raise UnsupportedLayout(self.path, f"{path} is a file in the guest", "give a folder path")
+        state = self._state(part.index, fs, target)
+        if state == "file":
+            raise UnsupportedLayout(self.path, f"{path} is a file in the guest", "give a folder path")
+        if state == "dir":
             return None
         self._ops.setdefault(part.index, []).append(ntfs3g.MakeDir(target))
         change = FileChange(target, "mkdir", None, None, part.index)
         self._files.append(change)
         return change
+
+    def delete(self, path: str, partition: int | None = None) -> FileChange | None:
+        """Delete the file or folder (with everything under it) at guest ``path``; None when it is not there.
+
+        The root folder, the registry hives (and the folders that hold them) are refused."""
+        part, fs = self._volume(partition)
+        target = self._guest_path(path, partition)
+        if protected(target):
+            raise UnsupportedLayout(self.path, f"{path} is the volume's root, a registry hive or a folder holding "
+                                               "one, or an NTFS metadata file: vhdtool never deletes it",
+                                    "give a path of a file or folder that Windows can do without")
+        if self._state(part.index, fs, target) is None:
+            return None
+        self._ops.setdefault(part.index, []).append(ntfs3g.Delete(target))
+        change = FileChange(target, "delete", None, None, part.index)
+        self._files.append(change)
+        return change
+
+    def _pending(self, index: int, target: str) -> list:
+        """This session's operations on partition ``index`` that touch ``target``, its parents or what is under it."""
+        t = target.casefold()
+        return [op for op in self._ops.get(index, []) if
+                op.path.casefold() == t or t.startswith(op.path.casefold() + "/") or op.path.casefold().startswith(t + "/")]
+
+    def _state(self, index: int, fs: NtfsFilesystem, target: str) -> str | None:
+        """"file", "dir" or None (absent) for ``target`` as this session's operations so far leave it."""
+        state = ("dir" if fs.is_dir(target) else "file") if fs.exists(target) else None
+        t = target.casefold()
+        for op in self._pending(index, target):
+            p = op.path.casefold()
+            if isinstance(op, ntfs3g.Delete):
+                state = None if p == t or t.startswith(p + "/") else state
+            elif p != t:
+                state = "dir" if p.startswith(t + "/") else state  # a write or mkdir below makes its parents
+            else:
+                state = "dir" if isinstance(op, ntfs3g.MakeDir) else "file"
+        return state
 
     def set_value(self, hive: str, key: str, name: str, value, type: str | int) -> None:
         """Set value ``name`` of ``key`` in the system volume's ``hive`` (SYSTEM, SOFTWARE...), creating the key."""
@@ -314,6 +317,12 @@ class EditSession:
         if not fs.exists(target) or fs.is_dir(target):
             return None
         return fs.read(target, fs.size(target))
+
+    def listdir(self, path: str, partition: int | None = None) -> list[str]:
+        """The names in a folder of the guest as it stands on disk (pending changes not applied); [] for none."""
+        _part, fs = self._volume(partition)
+        target = self._guest_path(path, partition)
+        return fs.listdir(target) if fs.is_dir(target) else []
 
     def _hive(self, hive: str) -> list:
         name = hive.upper()

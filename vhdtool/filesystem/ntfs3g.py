@@ -1,24 +1,25 @@
 """NTFS writes through libntfs-3g (ctypes), on a device whose reads and writes go to an overlay, in the sandbox.
 
 No mount, no FUSE, no root: libntfs-3g is given a ``struct ntfs_device`` whose
-operations (device.h: open, close, seek, read, write, pread, pwrite, sync, stat,
-ioctl) are Python callbacks over one partition of the overlay. It runs in the
-native sandbox's forked child, which keeps only read-only descriptors of the
-image; what libntfs-3g writes lands in the child's copy of the overlay, and the
-child answers with the sectors that changed, which the parent puts into its own
-overlay. A crash of the C library loses nothing but the child.
+operations are Python callbacks over one partition of the overlay
+(vhdtool.filesystem.ntfsdevice). It runs in the native sandbox's forked child,
+which keeps only read-only descriptors of the image; what libntfs-3g writes lands
+in the child's copy of the overlay, and the child answers with the sectors that
+changed, which the parent puts into its own overlay. A crash of the C library loses nothing but the child.
 
 The volume is mounted with NTFS_MNT_FORENSIC: libntfs-3g then neither resets
 $LogFile nor sets the dirty bit on mount, so a volume whose $LogFile is clean
 stays so, and only the structures an operation touches change. It still refuses
 a volume whose $LogFile is not clean or that is hibernated (volume.c). New files
 and folders get the security id libntfs-3g derives from their parent folder's
-inheritable ACEs (ntfs_inherited_id), as Windows would give them.
+inheritable ACEs (ntfs_inherited_id), as Windows would give them. Names are
+looked up without regard to case, as Windows looks them up.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import struct
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from vhdtool.container.overlay import Extent, Overlay
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError
+from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
 from vhdtool.native import Refusal, load_library, run_isolated
 from vhdtool.units import MiB
 
@@ -35,8 +37,6 @@ PACKAGE = "libntfs-3g89"
 CHILD_TIMEOUT = 120.0
 NTFS_MNT_FORENSIC = 0x04000000
 AT_DATA = 0x80
-ND_OPEN = 1 << 0
-BLKGETSIZE64 = 0x80081272
 S_IFREG, S_IFDIR = stat.S_IFREG, stat.S_IFDIR
 EXTENT_HEAD = struct.Struct("<QQ")
 # MS-DTYP 2.4.6 SECURITY_DESCRIPTOR (self-relative) and 2.4.5 ACL headers, 2.4.4.1 ACE flags.
@@ -46,28 +46,13 @@ SE_DACL_PRESENT = 0x0004
 SE_DACL_AUTO_INHERITED = 0x0400
 INHERITED_ACE = 0x10
 MAX_ANSWER = 2048 * MiB
-
-s64 = ctypes.c_int64
-OPEN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
-CLOSE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-SEEK = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, s64, ctypes.c_int)
-READ = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64)
-WRITE = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64)
-PREAD = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64, s64)
-PWRITE = ctypes.CFUNCTYPE(s64, ctypes.c_void_p, ctypes.c_void_p, s64, s64)
-SYNC = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
-STAT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-IOCTL = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p)
-
-
-class DeviceOperations(ctypes.Structure):  # struct ntfs_device_operations
-    _fields_ = [("open", OPEN), ("close", CLOSE), ("seek", SEEK), ("read", READ), ("write", WRITE),
-                ("pread", PREAD), ("pwrite", PWRITE), ("sync", SYNC), ("stat", STAT), ("ioctl", IOCTL)]
-
-
-class Device(ctypes.Structure):  # struct ntfs_device
-    _fields_ = [("d_ops", ctypes.c_void_p), ("d_state", ctypes.c_ulong), ("d_name", ctypes.c_char_p),
-                ("d_private", ctypes.c_void_p), ("d_heads", ctypes.c_int), ("d_sectors_per_track", ctypes.c_int)]
+FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
+FILE_NAME_DOS = 2  # layout.h FILE_NAME_TYPE_FLAGS: the 8.3 twin of a Win32 name, deleted with it
+MREF_MASK = (1 << 48) - 1  # an MFT reference is 48 bits of record number, 16 of sequence number
+DOTS = (".".encode("utf-16-le"), "..".encode("utf-16-le"))  # the entries ntfs_readdir makes up
+MAX_DELETED = 1_000_000  # entries under one deleted folder: a cycle in a corrupt index must end
+FILLDIR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, s64,
+                           ctypes.c_uint64, ctypes.c_uint)  # dir.h ntfs_filldir_t
 
 
 class SecurityContext(ctypes.Structure):  # struct SECURITY_CONTEXT (security.h), no user mapping
@@ -91,6 +76,13 @@ class MakeDir:
     path: str
 
 
+@dataclass(frozen=True)
+class Delete:
+    """Delete the file or folder ``path``, a folder with everything under it; a missing path is no change."""
+
+    path: str
+
+
 def _bind(label: str) -> ctypes.CDLL:
     try:
         lib = load_library(SONAME, "libntfs-3g", PACKAGE, label)
@@ -104,6 +96,7 @@ def _bind(label: str) -> ctypes.CDLL:
         ("ntfs_device_free", ctypes.c_int, [c]),
         ("ntfs_device_mount", c, [c, ctypes.c_ulong]),
         ("ntfs_umount", ctypes.c_int, [c, ctypes.c_int]),
+        ("ntfs_set_ignore_case", None, [c]),
         ("ntfs_open_secure", ctypes.c_int, [c]),
         ("ntfs_close_secure", ctypes.c_int, [c]),
         ("ntfs_pathname_to_inode", c, [c, c, ctypes.c_char_p]),
@@ -115,6 +108,9 @@ def _bind(label: str) -> ctypes.CDLL:
         ("ntfs_attr_close", None, [c]),
         ("ntfs_attr_truncate", ctypes.c_int, [c, s64]),
         ("ntfs_attr_pwrite", s64, [c, s64, s64, c]),
+        ("ntfs_inode_open", c, [c, ctypes.c_uint64]),
+        ("ntfs_readdir", ctypes.c_int, [c, ctypes.POINTER(s64), c, FILLDIR]),
+        ("ntfs_delete", ctypes.c_int, [c, ctypes.c_char_p, c, c, ctypes.c_char_p, ctypes.c_uint8]),
         ("ntfs_get_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t]),
         ("ntfs_set_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t, ctypes.c_int]),
     ):
@@ -124,85 +120,10 @@ def _bind(label: str) -> ctypes.CDLL:
     return lib
 
 
-class _OverlayDevice:
-    """The callbacks of one ntfs_device: byte ``pos`` of the volume is ``start + pos`` of the overlay."""
-
-    def __init__(self, overlay: Overlay, start: int, size: int):
-        self.overlay = overlay
-        self.start = start
-        self.size = size
-        self.pos = 0
-        self.ops = DeviceOperations(
-            OPEN(self._open), CLOSE(self._close), SEEK(self._seek), READ(self._read), WRITE(self._write),
-            PREAD(self._pread), PWRITE(self._pwrite), SYNC(lambda _dev: 0), STAT(self._stat), IOCTL(self._ioctl),
-        )
-
-    # Every callback returns a failure value instead of raising into C.
-    def _open(self, dev, _flags):
-        Device.from_address(dev).d_state |= ND_OPEN
-        return 0
-
-    def _close(self, dev):
-        Device.from_address(dev).d_state &= ~ND_OPEN
-        return 0
-
-    def _seek(self, _dev, offset, whence):
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}.get(whence)
-        if base is None or base + offset < 0:
-            return -1
-        self.pos = base + offset
-        return self.pos
-
-    def _pread(self, _dev, buf, count, offset):
-        try:
-            if count < 0 or offset < 0:
-                return -1
-            n = max(0, min(count, self.size - offset))
-            data = self.overlay.read_at(self.start + offset, n) if n else b""
-            ctypes.memmove(buf, data, len(data))
-            return len(data)
-        except Exception:  # noqa: BLE001 - never raise into C
-            return -1
-
-    def _pwrite(self, _dev, buf, count, offset):
-        try:
-            if count < 0 or offset < 0 or offset + count > self.size:
-                return -1
-            self.overlay.write_at(self.start + offset, ctypes.string_at(buf, count))
-            return count
-        except Exception:  # noqa: BLE001
-            return -1
-
-    def _read(self, dev, buf, count):
-        n = self._pread(dev, buf, count, self.pos)
-        if n > 0:
-            self.pos += n
-        return n
-
-    def _write(self, dev, buf, count):
-        n = self._pwrite(dev, buf, count, self.pos)
-        if n > 0:
-            self.pos += n
-        return n
-
-    def _stat(self, _dev, buf):
-        # struct stat on LP64 Linux: st_mode at 24, st_size at 48.
-        ctypes.memset(buf, 0, 144)
-        struct.pack_into("<I", (ctypes.c_char * 144).from_address(buf), 24, S_IFREG | 0o600)
-        struct.pack_into("<q", (ctypes.c_char * 144).from_address(buf), 48, self.size)
-        return 0
-
-    def _ioctl(self, _dev, request, argp):
-        if request == BLKGETSIZE64 and argp:
-            ctypes.c_uint64.from_address(argp).value = self.size
-            return 0
-        return -1
-
-
 class _Volume:
     """One mounted volume in the child, and the few operations vhdtool needs of it."""
 
-    def __init__(self, lib: ctypes.CDLL, device: _OverlayDevice):
+    def __init__(self, lib: ctypes.CDLL, device: OverlayDevice):
         self.lib = lib
         self.device = device
         self.dev = lib.ntfs_device_alloc(b"vhdtool", 0, ctypes.addressof(device.ops), None)
@@ -213,6 +134,9 @@ class _Volume:
             err = ctypes.get_errno()
             lib.ntfs_device_free(self.dev)
             raise Refusal(f"libntfs-3g cannot open the volume for writing ({os.strerror(err) if err else 'refused'})")
+        # Names compare as Windows compares them (the volume's $UpCase): C:\windows\temp is C:\Windows\Temp,
+        # never a second folder beside it. libntfs-3g mounts case-sensitive, as POSIX would.
+        lib.ntfs_set_ignore_case(self.vol)
         lib.ntfs_open_secure(self.vol)
         self.cache = ctypes.c_void_p(None)
         self.scx = SecurityContext(vol=self.vol)
@@ -325,6 +249,83 @@ class _Volume:
             self.lib.ntfs_inode_close(ni)
 
 
+    # -- deleting: ntfs_delete (dir.c) unlinks one name, and frees the record and its clusters with the
+    # last name; it refuses a folder that is not empty, so a tree goes deepest first.
+    def _record(self, ni) -> int:
+        return ctypes.c_uint64.from_address(ni).value  # struct ntfs_inode starts with u64 mft_no
+
+    def _entries(self, record: int) -> list[tuple[bytes, int]] | None:
+        """(UTF-16LE name, record) of each entry of folder ``record``, 8.3 twins left out; None for a file."""
+        ni = self.lib.ntfs_inode_open(self.vol, record)
+        if not ni:
+            raise Refusal(f"libntfs-3g cannot open MFT record {record}")
+        found: list[tuple[bytes, int]] = []
+
+        def fill(_dirent, name, length, name_type, _pos, mref, _dt_type):
+            try:
+                text = ctypes.string_at(name, length * 2)
+                if name_type != FILE_NAME_DOS and text not in DOTS:
+                    found.append((text, mref & MREF_MASK))
+                return 0
+            except Exception:  # noqa: BLE001 - never raise into C
+                return -1
+
+        try:
+            if self.lib.ntfs_readdir(ni, ctypes.byref(s64(0)), None, FILLDIR(fill)) != 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOTDIR:
+                    return None
+                raise Refusal(f"libntfs-3g cannot list MFT record {record} ({os.strerror(err) if err else 'failed'})")
+        finally:
+            self.lib.ntfs_inode_close(ni)
+        return found
+
+    def _unlink(self, parent: int, name: bytes, record: int, path: str) -> None:
+        ni = self.lib.ntfs_inode_open(self.vol, record)
+        dir_ni = self.lib.ntfs_inode_open(self.vol, parent) if ni else None
+        if not ni or not dir_ni:
+            if ni:
+                self.lib.ntfs_inode_close(ni)
+            raise Refusal(f"libntfs-3g cannot open the records of {path}")
+        # ntfs_delete closes both inodes, whatever it returns. No path: the inode cache then
+        # forgets every path it holds for this record, whatever case it was looked up in.
+        if self.lib.ntfs_delete(self.vol, None, ni, dir_ni, name, len(name) // 2) != 0:
+            raise Refusal(f"libntfs-3g could not delete {path} ({os.strerror(ctypes.get_errno())})")
+
+    def delete(self, path: str) -> None:
+        parent_path, _, name = path.rstrip("/").rpartition("/")
+        ni = self.inode(path)
+        if not ni:
+            return  # nothing there: no change
+        record = self._record(ni)
+        self.lib.ntfs_inode_close(ni)
+        dir_ni = self.inode(parent_path)
+        if not dir_ni:
+            raise Refusal(f"libntfs-3g cannot open the folder of {path}")
+        parent = self._record(dir_ni)
+        self.lib.ntfs_inode_close(dir_ni)
+        if not name or record < FILE_FIRST_USER or parent == record:
+            raise Refusal(f"{path} is part of the volume's own structures: it is never deleted")
+        uname = name.encode("utf-16-le")
+        if len(uname) // 2 > 255:
+            raise Refusal(f"'{name}' is not a valid NTFS file name")
+        # Post-order walk without recursion: an entry is deleted after everything under it.
+        stack, seen = [(parent, uname, record, path, False)], 0
+        while stack:
+            parent, uname, record, where, expanded = stack.pop()
+            if expanded:
+                self._unlink(parent, uname, record, where)
+                continue
+            entries = self._entries(record)
+            stack.append((parent, uname, record, where, True))
+            for child_name, child in entries or ():
+                seen += 1
+                if child < FILE_FIRST_USER or child == record or seen > MAX_DELETED:
+                    raise Refusal(f"the folder {where} holds an entry that cannot be one (MFT record {child})")
+                stack.append((record, child_name, child, f"{where}/{child_name.decode('utf-16-le', 'replace')}",
+                              False))
+
+
 def _encode(extents: list[Extent]) -> bytes:
     return b"".join(EXTENT_HEAD.pack(e.offset, len(e.data)) + e.data for e in extents)
 
@@ -346,7 +347,7 @@ def _decode(blob: bytes, start: int, end: int, sector: int, label: str) -> list[
 
 def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str,
           tick: Callable[[], None] | None = None) -> int:
-    """Run ``operations`` (WriteFile, MakeDir) with libntfs-3g on the volume at [start, start + size) of
+    """Run ``operations`` (WriteFile, MakeDir, Delete), in order, with libntfs-3g on the volume at [start, start + size) of
     ``overlay``; the sectors it changes go into ``overlay``. Returns how many bytes changed.
 
     ``tick()`` is called now and then while libntfs-3g works in the sandbox child (see run_isolated)."""
@@ -354,12 +355,14 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
     keep = tuple(d.image._fd for d in overlay.base.chain() if getattr(d.image, "_fd", None) is not None)
 
     def job() -> dict:
-        device = _OverlayDevice(overlay, start, size)
+        device = OverlayDevice(overlay, start, size)
         before = {e.offset: e.data for e in overlay.changes()}
         volume = _Volume(lib, device)
         for op in operations:
             if isinstance(op, MakeDir):
                 volume.mkdir(op.path)
+            elif isinstance(op, Delete):
+                volume.delete(op.path)
             else:
                 volume.write_file(op.path, op.data)
         volume.unmount()  # ntfs_umount frees the device too

@@ -12,7 +12,17 @@ from vhdtool.plan.decide import STAGE, Plan, plan_for_host
 from vhdtool.plan.matrix import Matrix
 from vhdtool.plan.sources import CabCatalog, cab_bytes
 from vhdtool.guest.versioninfo import version_tuple
-from vhdtool.stage.script import StagedScript, cmdline_id, install_id, installer_for, is_ours, render
+from vhdtool.stage.script import (
+    ID_PATTERN,
+    MARKER,
+    StagedScript,
+    cmdline_id,
+    install_id,
+    installer_for,
+    is_ours,
+    render,
+)
+from vhdtool.stage.status import STAGING_ROOT
 
 SCHEMA = 1
 SETUP_KEY = "Setup"
@@ -79,36 +89,70 @@ def _stage_into(ed, image, plan: Plan):
         system_root=f"{w.drive_letter}:\\Windows",
         hook="setupcomplete" if w.generalized else "setup-cmdline",
     )
-    if script.hook == "setup-cmdline":
-        setup_type = ed.read_value("SYSTEM", SETUP_KEY, "SetupType", 0)
-        cmdline = ed.read_value("SYSTEM", SETUP_KEY, "CmdLine", "") or ""
-        ours = is_ours(cmdline)
-        if (setup_type not in (0, None) or cmdline) and not ours:
-            raise SetupPending(image, f"another setup command is pending (SetupType={setup_type}, CmdLine={cmdline!r})")
-        pending = cmdline_id(cmdline) if ours else None
-        if pending and version_tuple(pending.split("-")[0]) > version_tuple(plan.cab.version):
-            raise SetupPending(image, f"a newer integration services package ({pending}) is already staged to "
-                                      f"install at next boot than the chosen {plan.cab.version}",
-                               "boot the guest once, or stage from the newer cab source")
+    _refuse_a_pending_newer(ed, image, plan, script)
+    replaced = _replaced(ed, script)
     cab = cab_bytes(plan.cab)
     text = render(script)
     folder = script.guest_folder
+    # The new files first: they take clusters free now, not the ones the deletes free (those stay
+    # readable by the old state until the commit, so data written there would go through the log).
     ed.mkdir(folder)
     ed.write_file(f"{folder}/{script.cab_name}", cab)
     ed.write_file(f"{folder}/install.cmd", text)
+    for old in replaced:
+        ed.delete(f"{STAGING_ROOT}/{old}")
     if script.hook == "setup-cmdline":
         ed.set_value("SYSTEM", SETUP_KEY, "SetupType", 2, "REG_DWORD")
         ed.set_value("SYSTEM", SETUP_KEY, "CmdLine", script.cmdline, "REG_SZ")
         hook = {"kind": "setup-cmdline", "command": script.cmdline}
     else:
         existing = ed.file_content(SETUP_COMPLETE) or b""
+        # The replaced packages' lines go, as each install.cmd would remove its own (findstr /v).
+        kept = b"".join(line for line in existing.splitlines(keepends=True)
+                        if not any(f"{MARKER} {old}".encode() in line for old in replaced))
         line = script.setupcomplete_line.encode("ascii")
-        if line not in existing:
-            joined = existing if not existing or existing.endswith(b"\n") else existing + b"\r\n"
-            ed.write_file(SETUP_COMPLETE, joined + line + b"\r\n")
+        if line not in kept:
+            kept = (kept if not kept or kept.endswith(b"\n") else kept + b"\r\n") + line + b"\r\n"
+        if kept != existing:
+            ed.write_file(SETUP_COMPLETE, kept)
         hook = {"kind": "setupcomplete", "command": script.setupcomplete_line}
     files = (
         {"path": f"{folder}/{script.cab_name}", "size": len(cab), "sha256": hashlib.sha256(cab).hexdigest()},
         {"path": f"{folder}/install.cmd", "size": len(text), "sha256": hashlib.sha256(text).hexdigest()},
     )
     return script, files, hook
+
+
+def _hooked(ed, image, script: StagedScript) -> list[str]:
+    """The ids of ours that the guest's boot hook runs at next boot."""
+    if script.hook == "setup-cmdline":
+        setup_type = ed.read_value("SYSTEM", SETUP_KEY, "SetupType", 0)
+        cmdline = ed.read_value("SYSTEM", SETUP_KEY, "CmdLine", "") or ""
+        if (setup_type not in (0, None) or cmdline) and not is_ours(cmdline):
+            raise SetupPending(image, f"another setup command is pending (SetupType={setup_type}, CmdLine={cmdline!r})")
+        found = cmdline_id(cmdline)
+        return [found] if found else []
+    text = (ed.file_content(SETUP_COMPLETE) or b"").decode("latin-1")
+    marked = [line.split(MARKER, 1)[1].strip() for line in text.splitlines() if MARKER in line]
+    return [i for i in marked if ID_PATTERN.fullmatch(i)]
+
+
+def _refuse_a_pending_newer(ed, image, plan: Plan, script: StagedScript) -> None:
+    for pending in _hooked(ed, image, script):
+        if version_tuple(pending.split("-")[0]) > version_tuple(plan.cab.version):
+            raise SetupPending(image, f"a newer integration services package ({pending}) is already staged to "
+                                      f"install at next boot than the chosen {plan.cab.version}",
+                               "boot the guest once, or stage from the newer cab source")
+
+
+def _replaced(ed, script: StagedScript) -> list[str]:
+    """Our staged folders that the new one replaces: no newer than it, and never run to the end.
+
+    A folder with result.txt is history (installed, or failed after its last attempt) and is
+    kept for `status`; one without never finished, and the hook now runs the new one instead.
+    """
+    new = version_tuple(script.id.split("-")[0])
+    return [name for name in ed.listdir(STAGING_ROOT)
+            if ID_PATTERN.fullmatch(name) and name.casefold() != script.id.casefold()
+            and version_tuple(name.split("-")[0]) <= new
+            and ed.file_content(f"{STAGING_ROOT}/{name}/result.txt") is None]

@@ -3,7 +3,9 @@
 For each staged id under %SystemRoot%\\vhdtool: ``pending`` (staged, never run),
 ``running`` (it started: attempts.txt, but no result.txt), ``installed`` (result.txt
 with exit code 0 or 3010) or ``failed`` (any other exit code, with the last lines of
-install.log). ``none`` when nothing was ever staged.
+install.log). ``none`` when nothing was ever staged. A staging that a newer one replaced
+before it finished is gone (stage deletes it in the same commit); one that finished
+(result.txt) stays listed, as history.
 """
 
 from __future__ import annotations
