@@ -23,7 +23,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vhdtool.editor.session import ChangeSet, EditSession, FileChange, RegistryChange
+from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
+from vhdtool.editor.session import EditSession
 
 __all__ = ["ChangeSet", "EditSession", "FileChange", "RegistryChange", "edit"]
 
