@@ -136,12 +136,12 @@ class PagedTable:
 
     PAGE = 4096
 
-    def __init__(self, image: ImageFile, offset: int, count: int, fmt: str, what: str):
+    def __init__(self, image: ImageFile, offset: int, count: int, entry: struct.Struct, what: str):
         self.image = image
         self.offset = offset
         self.count = count
         self.what = what
-        self._entry = struct.Struct(fmt)
+        self._entry = entry
         self._per_page = self.PAGE // self._entry.size
         self._pages: dict[int, bytes] = {}
 
