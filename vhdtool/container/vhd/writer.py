@@ -318,7 +318,11 @@ class VhdCommit:
         return _failed(self.path, f"writing the changed copy failed: {e.problem}")
 
     def replace_image(self) -> None:
-        """Step 6, the commit point: before it every reader sees the old image, after it the new one."""
+        """Step 6, the commit point: before it every reader sees the old image, after it the new, complete one.
+
+        Stopped after it, the name holds the new image (on stable storage since step 5), and a
+        process that had the old file open goes on reading the old content (its inode is never written).
+        """
         try:
             if not _same(os.stat(self.target), self.locked):
                 raise self._replaced("changing")
