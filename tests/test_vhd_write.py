@@ -11,7 +11,7 @@ block placement, zeros behind clear bitmap bits).
 
 qemu's vpc driver ignores a differencing disk's parent (it reads what the child
 holds, zeros elsewhere) and libvhdi misreads sector bitmap bytes that are not all
-ones or all zeros (see vhdtool/container/vhd.py), so differencing disks are judged
+ones or all zeros (see vhdtool/container/vhd/reader.py), so differencing disks are judged
 by the specification reader, by qemu's view of the child alone (which must be
 the old view with exactly the committed sectors changed), and by libvhdi where
 the changes cover whole bitmap bytes.
@@ -49,7 +49,7 @@ from test_container import pyvhdi_bytes
 from vhdtool import open_disk
 from vhdtool.container.commit import commit as commit_any
 from vhdtool.container.overlay import Overlay
-from vhdtool.container.vhdwriter import commit, plan_commit
+from vhdtool.container.vhd.writer import commit, plan_commit
 from vhdtool.errors import CorruptImage, ImageInUse, UnsupportedImage, VhdtoolError, WriteFailed
 
 MiB = 1024 * 1024
@@ -292,16 +292,18 @@ def test_commit_random_writes(kind, tmp_path, real):
 
 
 def test_commit_through_the_format_dispatch(tmp_path):
-    import vhdtool.container.commit as dispatch
-
-    if "container.vhdwriter import" not in Path(dispatch.__file__).read_text():
-        pytest.skip("vhdtool/container/commit.py does not hand VHDs to vhdwriter yet")
+    """vhdtool.container.commit hands a VHD to the VHD writer: the image is replaced by its changed copy."""
     old, path, _ = make("dynamic", tmp_path)
+    ino = path.stat().st_ino
     writes = [(5 * MiB, b"\x42" * 4096)]
     with open_disk(path) as disk:
         overlay = Overlay(disk)
         overlay.write_at(*writes[0])
-        assert commit_any(disk, overlay.changes()) is not None
+        result = commit_any(disk, overlay.changes())
+    # Only the VHD writer renames a copy over the image (a new inode), flushing the copy and then its folder;
+    # the VHDX writer writes in place, through its log.
+    assert result is not None and result.flushes == 2
+    assert path.stat().st_ino != ino and temps(tmp_path) == []
     judge(path, apply(old, writes))
 
 
@@ -317,7 +319,7 @@ def test_commit_with_the_callers_lock(tmp_path):
             overlay = Overlay(disk)
             overlay.write_at(*writes[0])
             assert commit(disk, overlay.changes(), lock) is not None
-        assert lock._fd is not None  # still the caller's to close
+        assert not lock.closed  # still the caller's to close
     finally:
         lock.close()
     judge(path, apply(old, writes))

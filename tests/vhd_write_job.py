@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
         return 0
     from vhdtool import open_disk
     from vhdtool.container.overlay import Overlay
-    from vhdtool.container.vhdwriter import commit
+    from vhdtool.container.vhd.writer import commit
     from vhdtool.errors import VhdtoolError
 
     try:

@@ -2,7 +2,7 @@
 
 VHDX is written in place through its log (vhdtool.container.vhdx.writer); VHD,
 which has no log, is written into a copy that replaces the original only when
-complete (vhdtool.container.vhdwriter). Either way the result is all of the
+complete (vhdtool.container.vhd.writer). Either way the result is all of the
 changes or none of them.
 """
 
@@ -36,7 +36,7 @@ def commit(
         from vhdtool.container.vhdx.writer import commit as commit_vhdx
 
         return commit_vhdx(disk, changes, file, unreachable, progress=progress)
-    from vhdtool.container.vhdwriter import commit as commit_vhd
+    from vhdtool.container.vhd.writer import commit as commit_vhd
 
     # A VHD is written into a copy renamed over it: every change lands at once, so there
     # is nothing to gain from writing unreachable clusters first.

@@ -60,6 +60,16 @@ class ImageFile:
     def closed(self) -> bool:
         return self._fd is None
 
+    def fileno(self) -> int:
+        """The open descriptor (a sandboxed child that reads the image keeps it open)."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def stat(self) -> os.stat_result:
+        """The open file as it is now, whatever its path names since."""
+        return os.fstat(self.fileno())
+
     def raw_pread(self, offset: int, length: int) -> bytes:
         """Bytes of the file itself, ignoring the overlay; short at end of file."""
         if offset < 0 or length < 0:
@@ -126,12 +136,12 @@ class PagedTable:
 
     PAGE = 4096
 
-    def __init__(self, image: ImageFile, offset: int, count: int, fmt: str, what: str):
+    def __init__(self, image: ImageFile, offset: int, count: int, entry: struct.Struct, what: str):
         self.image = image
         self.offset = offset
         self.count = count
         self.what = what
-        self._entry = struct.Struct(fmt)
+        self._entry = entry
         self._per_page = self.PAGE // self._entry.size
         self._pages: dict[int, bytes] = {}
 

@@ -97,6 +97,16 @@ class WritableFile:
             raise WriteFailed(self.path, f"flush failed ({e.strerror}); the image may need the log replayed") from None
         self.flushes += 1
 
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def stat(self) -> os.stat_result:
+        """The locked file as it is now, whatever its path names since."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return os.fstat(self._fd)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -352,7 +352,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
 
     ``tick()`` is called now and then while libntfs-3g works in the sandbox child (see run_isolated)."""
     lib = _bind(label)
-    keep = tuple(d.image._fd for d in overlay.base.chain() if getattr(d.image, "_fd", None) is not None)
+    keep = tuple(d.image.fileno() for d in overlay.base.chain() if d.image is not None and not d.image.closed)
 
     def job() -> dict:
         device = OverlayDevice(overlay, start, size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vhdtool.container.imagefile import ImageFile, PagedTable
-from vhdtool.container.vhdx.structs import SECTORS_PER_BITMAP_BLOCK
+from vhdtool.container.vhdx.structs import BAT_ENTRY, SECTORS_PER_BITMAP_BLOCK
 from vhdtool.units import MiB
 
 STATE_MASK = 0x7  # 2.5.1: State is bits 0-2
@@ -59,7 +59,7 @@ def encode_entry(state: int, file_offset: int) -> int:
 class Bat:
     def __init__(self, image: ImageFile, offset: int, geometry: BatGeometry):
         self.geometry = geometry
-        self._table = PagedTable(image, offset, geometry.entries, "<Q", "BAT")
+        self._table = PagedTable(image, offset, geometry.entries, BAT_ENTRY, "BAT")
 
     def __getitem__(self, index: int) -> tuple[int, int]:
         return decode_entry(self._table[index])

@@ -25,6 +25,7 @@ from vhdtool.container.vhdx.header import (
 )
 from vhdtool.container.vhdx.log import replay_into_overlay
 from vhdtool.container.vhdx.structs import (
+    BAT_ENTRY,
     CREATOR_SIZE,
     FILE_IDENTIFIER_SIGNATURE,
     HEADER_OFFSETS,
@@ -123,7 +124,7 @@ class VhdxDisk(DiskStream):
 
         self.geometry = BatGeometry.of(m.size, m.block_size, m.logical_sector_size, m.has_parent)
         # 2.5: the BAT region holds at least one entry per possible block.
-        if self.geometry.entries * 8 > self.bat_region.length:
+        if self.geometry.entries * BAT_ENTRY.size > self.bat_region.length:
             raise self._corrupt(
                 f"BAT region ({self.bat_region.length} bytes) is too small for {self.geometry.entries} entries"
             )

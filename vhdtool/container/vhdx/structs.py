@@ -175,9 +175,9 @@ PARENT_LOCATOR_HEADER = Layout("16s2xH", ParentLocatorHeader)
 PARENT_LOCATOR_ENTRY = Layout("IIHH", ParentLocatorEntry)
 LOG_ENTRY_HEADER = Layout("4sIIIQII16sQQ", LogEntryHeader)
 LOG_DESCRIPTOR = Layout("4sIQQQ", LogDescriptor)
-BAT_ENTRY = struct.Struct("<Q")
+BAT_ENTRY = struct.Struct("<Q")  # 2.5: one 64-bit entry per payload or sector bitmap block
 
 assert HEADER.size == 80 and REGION_TABLE_HEADER.size == 16 and REGION_TABLE_ENTRY.size == 32
 assert METADATA_TABLE_HEADER.size == 32 and METADATA_TABLE_ENTRY.size == 32
 assert PARENT_LOCATOR_HEADER.size == 20 and PARENT_LOCATOR_ENTRY.size == 12
-assert LOG_ENTRY_HEADER.size == 64 and LOG_DESCRIPTOR.size == 32
+assert LOG_ENTRY_HEADER.size == 64 and LOG_DESCRIPTOR.size == 32 and BAT_ENTRY.size == 8

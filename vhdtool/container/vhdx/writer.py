@@ -45,6 +45,7 @@ from vhdtool.container.vhdx.log import pending_sequence
 from vhdtool.container.vhdx.logwriter import LoggedWrite, build_sequence, sequence_size
 from vhdtool.container.vhdx.reader import VhdxDisk
 from vhdtool.container.vhdx.structs import (
+    BAT_ENTRY,
     HEADER,
     HEADER_SECTION_SIZE,
     HEADER_OFFSETS,
@@ -63,9 +64,8 @@ from vhdtool.container.writefile import WritableFile
 from vhdtool.errors import CorruptImage, UnsupportedImage
 from vhdtool.units import MiB
 
-BAT_ENTRY_SIZE = 8
-FULL_BAT_CHECK = 16 * MiB
-ALLOCATED = (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)  # BATs up to this size are checked whole for blocks that share file space
+FULL_BAT_CHECK = 16 * MiB  # BATs up to this size are checked whole for blocks that share file space
+ALLOCATED = (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)
 
 
 @dataclass
@@ -219,7 +219,7 @@ class _Planner:
         if h.log_length:
             spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
         owners: dict[int, tuple[int, int]] = {}  # file offset -> (BAT index, length) of allocated blocks
-        if self.geometry.entries * BAT_ENTRY_SIZE <= FULL_BAT_CHECK:
+        if self.geometry.entries * BAT_ENTRY.size <= FULL_BAT_CHECK:
             for i in range(self.geometry.entries):
                 state, offset = d.bat[i]
                 is_bitmap = (i + 1) % (self.geometry.chunk_ratio + 1) == 0
@@ -242,8 +242,7 @@ class _Planner:
         self.check_targets()
         bat_base = self.disk.bat_region.file_offset
         for index, raw in self.bat.items():
-            at = bat_base + index * BAT_ENTRY_SIZE
-            self._write_in_place(at, raw.to_bytes(BAT_ENTRY_SIZE, "little"))
+            self._write_in_place(bat_base + index * BAT_ENTRY.size, BAT_ENTRY.pack(raw))
         for chunk, (offset, bitmap) in self.new_bitmaps.items():
             self.plan.appended.append((offset, MiB, [(0, bytes(bitmap))]))
         self.plan.appended.sort()

@@ -1,4 +1,4 @@
-"""Legacy VHD (Virtual Hard Disk Image Format Specification, 2006) through pyvhdi.
+"""Legacy VHD (Virtual Hard Disk Image Format Specification, 2006): the virtual disk as a stream, through pyvhdi.
 
 libvhdi reads fixed and dynamic VHDs. The virtual size is the footer's Current
 Size (what Hyper-V presents), parsed here, not a CHS-derived figure; the footer
@@ -15,19 +15,30 @@ then the data) is small enough to read directly.
 from __future__ import annotations
 
 import os
-import struct
 
 from vhdtool.container.bitmap import bitmap_span, present_runs
 from vhdtool.container.imagefile import ImageFile, PagedTable
 from vhdtool.container.stream import DiskStream
+from vhdtool.container.vhd.structs import (
+    BAT_ENTRY,
+    DISK_DIFFERENCING,
+    DISK_DYNAMIC,
+    DISK_FIXED,
+    FOOTER_COOKIE,
+    FOOTER_SIZE,
+    HEADER_COOKIE,
+    HEADER_SIZE,
+    SECTOR,
+    SHORT_FOOTER_SIZE,
+    UNALLOCATED,
+    Footer,
+    bitmap_size,
+    block_table_problem,
+    footer_checksum,
+    parse_dynamic_header,
+    parse_footer,
+)
 from vhdtool.errors import CorruptImage, NotADiskImage, UnsupportedImage, first_line
-from vhdtool.units import MiB
-
-FOOTER_COOKIE = b"conectix"
-SECTOR = 512
-UNALLOCATED = 0xFFFFFFFF
-FOOTER_SIZE = 512
-DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING = 2, 3, 4
 
 
 def _footer_at(image: ImageFile, offset: int) -> bytes | None:
@@ -37,15 +48,18 @@ def _footer_at(image: ImageFile, offset: int) -> bytes | None:
     return data if data[:8] == FOOTER_COOKIE else None
 
 
+def end_footer(image: ImageFile) -> tuple[int, bytes] | None:
+    """(offset, 512 bytes) of the footer at the end of the file, a 511-byte one padded with a zero; None if none."""
+    for length in (FOOTER_SIZE, SHORT_FOOTER_SIZE):
+        at = image.file_size - length
+        data = _footer_at(image, at)
+        if data is not None:
+            return at, data.ljust(FOOTER_SIZE, b"\0")
+    return None
+
+
 def looks_like_vhd(image: ImageFile) -> bool:
-    size = image.file_size
-    return bool(
-        _footer_at(image, size - FOOTER_SIZE) or _footer_at(image, size - 511) or image.raw_pread(0, 8) == FOOTER_COOKIE
-    )
-
-
-def footer_checksum(footer: bytes) -> int:
-    return ~(sum(footer[:64]) + sum(footer[68:])) & 0xFFFFFFFF
+    return end_footer(image) is not None or image.raw_pread(0, 8) == FOOTER_COOKIE
 
 
 class VhdDisk(DiskStream):
@@ -61,14 +75,14 @@ class VhdDisk(DiskStream):
         self._vhdi = None
         try:
             footer = self._read_footer()
-            (self.size,) = struct.unpack_from(">Q", footer, 48)
-            (self.disk_type,) = struct.unpack_from(">I", footer, 60)
-            self.unique_id = footer[68:84]
+            self.size = footer.current_size
+            self.disk_type = footer.disk_type
+            self.unique_id = footer.unique_id
             if self.disk_type not in (DISK_FIXED, DISK_DYNAMIC, DISK_DIFFERENCING):
                 raise UnsupportedImage(self.path, f"unknown VHD disk type {self.disk_type}")
-            if self.size == 0 or self.size % 512:
+            if self.size == 0 or self.size % SECTOR:
                 raise CorruptImage(self.path, f"VHD current size {self.size} is not a whole number of sectors")
-            if self.disk_type == DISK_FIXED and self.image.file_size < self.size + 511:
+            if self.disk_type == DISK_FIXED and self.image.file_size < self.size + SHORT_FOOTER_SIZE:
                 raise CorruptImage(self.path, "truncated: the fixed VHD is shorter than its size")
             if self.disk_type != DISK_FIXED:
                 self._read_dynamic_header(footer)
@@ -82,36 +96,36 @@ class VhdDisk(DiskStream):
             self._close_backing()
             raise
 
-    def _read_footer(self) -> bytes:
-        img = self.image
-        footer = _footer_at(img, img.file_size - FOOTER_SIZE) or _footer_at(img, img.file_size - 511)
-        if footer is None:
+    def _read_footer(self) -> Footer:
+        found = end_footer(self.image)
+        if found is not None:
+            footer = found[1]
+        else:
             # A dynamic disk keeps a copy of the footer at offset 0.
-            footer = _footer_at(img, 0)
+            footer = _footer_at(self.image, 0)
             if footer is None:
                 raise NotADiskImage(self.path, "not a VHD (no footer)")
             self.warnings.append("the VHD footer at the end of the file is missing; using its copy at offset 0")
-        footer = footer.ljust(FOOTER_SIZE, b"\0")
-        (checksum,) = struct.unpack_from(">I", footer, 64)
-        if footer_checksum(footer) != checksum:
+            footer = footer.ljust(FOOTER_SIZE, b"\0")
+        parsed = parse_footer(footer)
+        if footer_checksum(footer) != parsed.checksum:
             raise CorruptImage(self.path, "VHD footer checksum mismatch")
-        return footer
+        return parsed
 
-    def _read_dynamic_header(self, footer: bytes) -> None:
-        (data_offset,) = struct.unpack_from(">Q", footer, 16)
-        header = self.image.raw_pread(data_offset, 1024)
-        if len(header) != 1024 or header[:8] != b"cxsparse":
+    def _read_dynamic_header(self, footer: Footer) -> None:
+        raw = self.image.raw_pread(footer.data_offset, HEADER_SIZE)
+        if len(raw) != HEADER_SIZE or raw[:8] != HEADER_COOKIE:
             raise CorruptImage(self.path, "truncated or damaged VHD dynamic disk header")
-        table_offset, _version, entries, block_size = struct.unpack_from(">QIII", header, 16)
-        if block_size < 512 or block_size & (block_size - 1) or block_size > 256 * MiB:
-            raise CorruptImage(self.path, f"VHD block size {block_size} is not allowed")
-        if entries * block_size < self.size:
-            raise CorruptImage(self.path, "VHD block table is too small for the disk size")
-        if table_offset + 4 * entries > self.image.file_size:
+        header = parse_dynamic_header(raw)
+        problem = block_table_problem(header, self.size)
+        if problem:
+            raise CorruptImage(self.path, problem)
+        entries = header.max_table_entries
+        if header.table_offset + BAT_ENTRY.size * entries > self.image.file_size:
             raise CorruptImage(self.path, "truncated: the VHD block table lies beyond the end of the file")
-        self.block_size = block_size
-        self._table = PagedTable(self.image, table_offset, entries, ">I", "VHD block table")
-        self._bitmap_size = -(-(block_size // SECTOR // 8) // SECTOR) * SECTOR
+        self.block_size = header.block_size
+        self._table = PagedTable(self.image, header.table_offset, entries, BAT_ENTRY, "VHD block table")
+        self._bitmap_size = bitmap_size(header.block_size)
 
     def _block_sector(self, block: int) -> int | None:
         """File sector where ``block`` starts (its bitmap), or None when not allocated."""
@@ -128,12 +142,17 @@ class VhdDisk(DiskStream):
         named = self._vhdi.get_parent_filename()
         return [(named, True)] if named else []
 
+    @property
+    def identifier(self) -> str:
+        """This disk's identifier (the footer's Unique Id) as libvhdi gives it, which a child's header names."""
+        return str(self._vhdi.get_identifier())
+
     def attach_parent(self, parent: DiskStream) -> None:
         """Check the parent is a VHD with the unique id this disk was made from (footer Unique Id), and use it."""
         if not isinstance(parent, VhdDisk):
             raise UnsupportedImage(self.path, f"parent {parent.path} is not a VHD")
         want = self._vhdi.get_parent_identifier()
-        if want and str(want).lower() != str(parent._vhdi.get_identifier()).lower():
+        if want and str(want).lower() != parent.identifier.lower():
             raise CorruptImage(
                 self.path, f"parent {parent.path} is not the disk this one was made from (identifier mismatch)"
             )
