@@ -29,7 +29,7 @@ def copy_in(
     """
     from vhdtool.cli.render import render_edit
     from vhdtool.editor import edit
-    from vhdtool.editor.session import SCHEMA
+    from vhdtool.editor.changes import SCHEMA
     from vhdtool.errors import ImageNotFound
 
     if len(paths) < 2:

@@ -21,7 +21,7 @@ def services(
     """List the integration services of a guest; set how they start."""
     from vhdtool.cli.render import render_edit, render_services
     from vhdtool.editor.services import SCHEMA as LIST_SCHEMA, list_services, set_services, wanted_starts
-    from vhdtool.editor.session import SCHEMA as EDIT_SCHEMA
+    from vhdtool.editor.changes import SCHEMA as EDIT_SCHEMA
 
     wanted = wanted_starts(enable, disable)
     if not wanted:
