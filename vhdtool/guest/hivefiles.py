@@ -59,8 +59,8 @@ def read_hive_files(fs: Filesystem, path: str, name: str,
     sizes = {shown: fs.size(file) for shown, file in files.items()}
     for shown, size in sizes.items():
         if size > MAX_HIVE_FILE:
-            raise CorruptHive(image_path, f"{shown} is {size} bytes, more than the {MAX_HIVE_FILE // MiB} MiB "
-                                          "vhdtool reads of a hive file")
+            raise CorruptHive(image_path, f"{shown} is {size} bytes, more than vhdtool reads of a hive file "
+                                          f"({MAX_HIVE_FILE} bytes)")
     data = {shown: fs.read(files[shown], size) for shown, size in sizes.items()}
     logs = [data[f"{name}.{ext}"] if ext else None for ext in names]
     return HiveFiles(data[name], logs[0], logs[1], names)
