@@ -198,7 +198,8 @@ class WindowsGuest:
             self.warnings.append(f"{name} hive base block checksum does not match")
         if not hive.dirty and hive.checksum_ok:
             return hive, HiveState(False, logs)
-        # Only a dirty hive pays for reading its primary and logs whole.
+        # Dirty as the registry layer counts it (a wrong checksum too), and only a dirty hive pays
+        # for reading its primary and logs whole.
         state = (f"sequence {hive.sequence[0]} != {hive.sequence[1]}" if hive.dirty
                  else "its base block checksum does not match")
         try:
@@ -211,13 +212,13 @@ class WindowsGuest:
                 f"{name} hive is dirty ({state}); its logs cannot be replayed ({why}): "
                 "values are read from the primary file, and stage will refuse to write it"
             )
-            return hive, HiveState(hive.dirty, logs, replay_problem=why)
+            return hive, HiveState(True, logs, replay_problem=why)
         used = list(dict.fromkeys(files.log_name(a.log) for a in current.applied))
         self.warnings.append(
             f"{name} hive is dirty ({state}); read as Windows will see it after replaying "
             f"{len(current.applied)} log {'entry' if len(current.applied) == 1 else 'entries'} from {', '.join(used)}"
         )
-        return replayed, HiveState(hive.dirty, logs, True, len(current.applied))
+        return replayed, HiveState(True, logs, True, len(current.applied))
 
     # -- facts --------------------------------------------------------------------
     def control_set(self) -> int | None:
