@@ -58,7 +58,7 @@ def system_index(name: str) -> int:
 
 
 def take_apart(image: Path, name: str, tmp: Path) -> tuple[Path, dict[int, Path], Path]:
-    """(raw disk, every NTFS volume by index, the system volume's hives and logs) taken out with qemu-img and ntfscat."""
+    """(raw disk, every NTFS volume by index, the system volume's hives and logs), taken out with qemu-img, ntfscat."""
     tmp.mkdir(parents=True, exist_ok=True)
     raw = raw_image(image, tmp / "disk.raw")
     volumes = {i: extract_partition(raw, i, tmp / f"part{i}.img")
