@@ -21,7 +21,11 @@ from vhdtool import inspect, open_disk
 from vhdtool.errors import EncryptedVolume, NoGuestFound, NoPartitionTable
 
 pytestmark = pytest.mark.fixtures
-GUESTS = sorted(n for n, f in fb.FIXTURES.items() if "guest" in f.facts)
+# ws2012-gaphive's recorded facts are its primary file's, but its SYSTEM logs change two service
+# Start values, and inspect reads what Windows sees after replaying them: test_dirty_read.py judges
+# it against a test-side replay. (ws2008r2-dirtyhive's log changes no recorded fact: it stays here.)
+READ_AFTER_REPLAY = {"ws2012-gaphive"}
+GUESTS = sorted(n for n, f in fb.FIXTURES.items() if "guest" in f.facts and n not in READ_AFTER_REPLAY)
 ALL = sorted(fb.FIXTURES)
 
 
@@ -50,6 +54,16 @@ def test_inspect_reports_the_facts_the_fixture_was_built_with(name, image):
     doc = inspect(image(name)).to_dict()
     assert doc["schema"] == 1
     assert_facts(fb.FIXTURES[name].facts, doc)
+
+
+def test_facts_read_after_replay_differ_from_the_recorded_ones_only_where_the_logs_write(image):
+    """Why ws2012-gaphive is judged elsewhere: exactly the two services its logs change differ."""
+    doc = inspect(image("ws2012-gaphive")).to_dict()
+    recorded = fb.FIXTURES["ws2012-gaphive"].facts
+    assert_facts(recorded["guest"]["windows"], doc["guest"]["windows"])
+    read = {s["name"]: s["start_value"] for s in doc["guest"]["integration_services"]["services"]}
+    built = {s["name"]: s["start_value"] for s in recorded["guest"]["integration_services"]["services"]}
+    assert {n for n in built if read[n] != built[n]} == {"vmickvpexchange", "vmictimesync"}
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -27,6 +27,7 @@ from vhdtool.errors import (
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import survey_disk
+from vhdtool.guest.hivefiles import read_hive_files
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.volume import Partition, open_partition
 
@@ -290,12 +291,8 @@ class EditSession:
         path = f"{CONFIG_DIR}/{name}"
         if not fs.exists(path):
             raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
-        primary = fs.read(path, fs.size(path))
-        logs = [fs.read(f"{path}.{ext}", fs.size(f"{path}.{ext}")) if fs.exists(f"{path}.{ext}") else None
-                for ext in ("LOG1", "LOG2")]
-        if logs == [None, None] and fs.exists(f"{path}.LOG"):
-            logs[0] = fs.read(f"{path}.LOG", fs.size(f"{path}.LOG"))
-        return primary, logs[0], logs[1]
+        files = read_hive_files(fs, path, name, self.path)
+        return files.primary, files.log1, files.log2
 
     def read_value(self, hive: str, key: str, name: str, default=None):
         """A value of the system volume's ``hive`` as Windows would see it at boot (its logs replayed)."""

@@ -10,6 +10,7 @@ packages, then vmbus.sys's file version.
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from uuid import UUID
 
 from vhdtool.errors import CorruptHive
 from vhdtool.filesystem.ntfs import NtfsFilesystem
+from vhdtool.guest.hivefiles import log_files, read_hive_files
 from vhdtool.guest.versioninfo import file_version, version_tuple
 from vhdtool.registry.hive import Hive
+from vhdtool.registry.logreplay import replay
 from vhdtool.units import MiB
 from vhdtool.volume import Partition
 
@@ -56,11 +59,17 @@ GENERALIZED_STATE = 7
 
 @dataclass(frozen=True)
 class HiveState:
+    """A hive's state on disk, and whether its facts were read after replaying its logs (as Windows will at boot)."""
+
     dirty: bool
     logs: tuple[str, ...]
+    replayed: bool = False
+    entries_applied: int = 0
+    replay_problem: str | None = None  # why a dirty hive was read from its primary file instead
 
     def to_dict(self) -> dict:
-        return {"dirty": self.dirty, "logs": list(self.logs)}
+        return {"dirty": self.dirty, "logs": list(self.logs), "replayed": self.replayed,
+                "entries_applied": self.entries_applied, "replay_problem": self.replay_problem}
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,12 @@ def _str(value) -> str | None:
     return None
 
 
+def _replay_problem(problem: str) -> str:
+    """Why replay refused, without the refusal's "<NAME> hive is dirty (...) and its logs cannot ...:" lead."""
+    lead = "its logs cannot bring it up to date: "
+    return problem.split(lead, 1)[1] if lead in problem else problem
+
+
 class WindowsGuest:
     """Reads the facts of one Windows installation; each fact read once."""
 
@@ -178,17 +193,32 @@ class WindowsGuest:
     def _open_hive(self, name: str) -> tuple[Hive, HiveState]:
         path = f"{CONFIG_DIR}/{name}"
         hive = Hive(self.fs.open(path), name, self.image_path)
-        logs = tuple(
-            f"{name}.{ext}" for ext in ("LOG", "LOG1", "LOG2") if self.fs.exists(f"{CONFIG_DIR}/{name}.{ext}")
-        )
-        if hive.dirty:
-            self.warnings.append(
-                f"{name} hive is dirty (sequence {hive.sequence[0]} != {hive.sequence[1]}); "
-                f"its logs ({', '.join(logs) or 'none found'}) hold changes not in the primary file"
-            )
+        logs = tuple(f"{name}.{ext}" for ext in log_files(self.fs, path))
         if not hive.checksum_ok:
             self.warnings.append(f"{name} hive base block checksum does not match")
-        return hive, HiveState(hive.dirty, logs)
+        if not hive.dirty and hive.checksum_ok:
+            return hive, HiveState(False, logs)
+        # Dirty as the registry layer counts it (a wrong checksum too), and only a dirty hive pays
+        # for reading its primary and logs whole.
+        state = (f"sequence {hive.sequence[0]} != {hive.sequence[1]}" if hive.dirty
+                 else "its base block checksum does not match")
+        try:
+            files = read_hive_files(self.fs, path, name, self.image_path)
+            current = replay(files.primary, files.log1, files.log2, name, self.image_path)
+            replayed = Hive(io.BytesIO(current.data), name, self.image_path)
+        except CorruptHive as e:
+            why = _replay_problem(e.problem)
+            self.warnings.append(
+                f"{name} hive is dirty ({state}); its logs cannot be replayed ({why}): "
+                "values are read from the primary file, and stage will refuse to write it"
+            )
+            return hive, HiveState(True, logs, replay_problem=why)
+        used = list(dict.fromkeys(files.log_name(a.log) for a in current.applied))
+        self.warnings.append(
+            f"{name} hive is dirty ({state}); read as Windows will see it after replaying "
+            f"{len(current.applied)} log {'entry' if len(current.applied) == 1 else 'entries'} from {', '.join(used)}"
+        )
+        return replayed, HiveState(True, logs, True, len(current.applied))
 
     # -- facts --------------------------------------------------------------------
     def control_set(self) -> int | None:

@@ -80,8 +80,7 @@ def plan(
     def done(method: str, action: str, cab: CabCandidate | None = None) -> Plan:
         if action == STAGE:
             notes.extend(f"stage would refuse this image: {why}" for why in write_refusals(inspection))
-            for name in dirty_hives(inspection):
-                notes.append(f"the {name} hive is dirty: stage replays its logs first, and stops if they cannot be")
+        notes.extend(dirty_hive_notes(inspection, staging=action == STAGE))
         return Plan(
             image=inspection.image.path,
             host=host,
@@ -185,12 +184,29 @@ def write_refusals(inspection: Inspection) -> list[str]:
         out.append("its system volume was not shut down cleanly")
     if not w.drive_letter:
         out.append("MountedDevices names no drive letter for its system volume")
+    for name, state in w.hives:
+        if state.dirty and not state.replayed:
+            out.append(f"the {name} hive is dirty and its logs cannot be replayed ({state.replay_problem}); "
+                       "boot the guest once so that Windows recovers it")
     return out
 
 
-def dirty_hives(inspection: Inspection) -> list[str]:
+def dirty_hive_notes(inspection: Inspection, staging: bool) -> list[str]:
+    """What a dirty hive means for this plan: read as Windows will see it, or read stale from its primary file."""
     w = inspection.guest.windows
-    return [name for name, state in w.hives if state.dirty] if w is not None else []
+    notes = []
+    for name, state in w.hives if w is not None else ():
+        if not state.dirty:
+            continue
+        if state.replayed:
+            entries = f"{state.entries_applied} log {'entry' if state.entries_applied == 1 else 'entries'}"
+            lead = "stage replays its logs first, and" if staging else "Windows replays its logs at boot, and"
+            notes.append(f"the {name} hive is dirty: {lead} this plan read it that way ({entries} replayed)")
+        else:
+            # stage's refusal itself is in write_refusals; this says what the plan's answer rests on.
+            notes.append(f"the {name} hive is dirty and its logs cannot be replayed: this plan read the "
+                         "primary file's values, which may be older than what Windows will see at boot")
+    return notes
 
 
 def _data_exchange_state(inspection: Inspection) -> str | None:
