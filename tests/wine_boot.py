@@ -15,6 +15,17 @@ programs built from tests/stubs/ with mingw-w64:
 Wine loads its builtin programs in place of files of the same name in system32 unless told
 otherwise, so the prefix's DllOverrides mark these as native.
 
+One wineserver serves the prefix for the whole session, and the registry the boots read and write
+lives in its memory (it writes system.reg back only now and then). Were that server to go away, the
+next ``wine`` would silently start a new one (Debian's wrapper gives it -p0: it exits with its last
+client, so every later call would start yet another), which reloads system.reg as last saved and
+runs wineboot again: values set seconds before are gone, keys come back, and a call racing the
+change fails without a word (``reg query`` exits 1 having printed one empty line). So
+``WinePrefix.wine`` checks before and after every call that the server it started is still the
+one running, and says so when it is not, instead of letting a boot read a reverted registry.
+Wine's own error channel stays on (``WINEDEBUG=-all,err+all``) so that what Wine had to say
+about a failure is in the message.
+
 A boot is modelled as Windows runs the hooks: ``Guest.boot`` starts CmdLine only when
 SetupType is 1 or 2 at boot start and CmdLine is not empty (both read with reg.exe), and with
 ``kb939857=True`` sets SetupType to 0 before starting it, as KB939857 says setup does;
@@ -92,10 +103,13 @@ class WinePrefix:
     def __init__(self, root: Path):
         self.root = root
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("WINE", "WAYLAND"))}
-        self.env.update(WINEPREFIX=str(root), WINEARCH="win64", WINEDEBUG="-all", DISPLAY="",
+        # err+all: Wine's own error lines (a server it had to start, a boot that timed out) reach
+        # stderr and so the failure message; fixme and warn lines stay off.
+        self.env.update(WINEPREFIX=str(root), WINEARCH="win64", WINEDEBUG="-all,err+all", DISPLAY="",
                         # no Mono or Gecko prompts, no menu entries: none of them is needed here
                         WINEDLLOVERRIDES="mscoree,mshtml=;winemenubuilder.exe=d")
         self.version = ""
+        self.server_pid: int | None = None  # the persistent wineserver this session started
         self.findstr = ""
         self.created_seconds = 0.0
 
@@ -123,6 +137,9 @@ class WinePrefix:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         if server.returncode:
             raise WineUnusable(f"{self.version}: wineserver -p exited {server.returncode}")
+        self.server_pid = self._running_server()
+        if self.server_pid is None:
+            raise WineUnusable(f"{self.version}: wineserver -p exited 0 but no server runs for {self.root}")
         log = self.root / "wineboot.log"
         with open(log, "wb") as out:
             boot = subprocess.run(["wineboot", "-i"], env=self.env, stdin=subprocess.DEVNULL, stdout=out,
@@ -163,12 +180,40 @@ class WinePrefix:
         subprocess.run(["wineserver", "-k"], env=self.env, capture_output=True, timeout=60)
         subprocess.run(["wineserver", "-w"], env=self.env, capture_output=True, timeout=60)
 
+    def _running_server(self) -> int | None:
+        """The pid of the wineserver serving this prefix, found by its environment, or None."""
+        marker = f"WINEPREFIX={self.root}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (b"wineserver" in (entry / "cmdline").read_bytes().split(b"\0")[0]
+                        and marker in (entry / "environ").read_bytes().split(b"\0")):
+                    return int(entry.name)
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+        return None
+
+    def check_server(self, when: str) -> None:
+        """Fail, saying why, when the session's wineserver is no longer the one serving the prefix."""
+        if self.server_pid is None:
+            return  # still booting: _boot records it
+        running = self._running_server()
+        if running != self.server_pid:
+            now = f"wineserver {running} runs instead" if running else "no wineserver runs for it"
+            raise AssertionError(f"{when}: the prefix's persistent wineserver (pid {self.server_pid}) is gone and {now}; "
+                                 "something outside this test killed it. Wine starts a new server that reloads the "
+                                 "registry as last saved, so what the boots wrote since is lost: the results would "
+                                 "be meaningless.")
+
     def wine(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """`wine ARGS...`. Wine joins the arguments into one command line, quoting those with spaces
         and escaping their quotes with backslashes, as the C runtime expects: right for reg.exe and
         the stubs, not for cmd.exe, which is why every batch line goes in a file first."""
+        self.check_server(f"before wine {' '.join(args)}")
         proc = subprocess.run(["wine", *args], env=self.env, capture_output=True, text=True, errors="replace",
                               timeout=timeout, cwd=self.root)
+        self.check_server(f"wine {' '.join(args)} exited {proc.returncode} ({proc.stdout!r}, {proc.stderr!r})")
         if check and proc.returncode:
             raise AssertionError(f"wine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
