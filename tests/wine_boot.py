@@ -15,6 +15,17 @@ programs built from tests/stubs/ with mingw-w64:
 Wine loads its builtin programs in place of files of the same name in system32 unless told
 otherwise, so the prefix's DllOverrides mark these as native.
 
+Every Wine process runs with address space randomisation off (``setarch -R``, inherited by the
+processes Wine starts from it). Debian's wine64 8.0 ships no wine64-preloader, the program that
+reserves the fixed ranges Windows programs expect before anything else is mapped; the loader
+wine64 is a non-PIE executable at 0x7d000000 and, with randomisation on, its brk heap starts up to
+32 MiB above it and can reach the shared user data page at 0x7ffe0000. Then the process dies
+starting ("err:virtual:virtual_alloc_first_teb wine: failed to map the shared user data:
+c0000018"): a reg.exe exits 1 having printed nothing (its message was hidden by WINEDEBUG=-all),
+a stub installer started by install.cmd is "not recognized" (9009). It happened about once in a
+few thousand process starts, so about once per full run of the boot tests. Without randomisation
+the heap starts right after the loader and never gets there.
+
 One wineserver serves the prefix for the whole session, and the registry the boots read and write
 lives in its memory (it writes system.reg back only now and then). Were that server to go away, the
 next ``wine`` would silently start a new one (Debian's wrapper gives it -p0: it exits with its last
@@ -49,8 +60,8 @@ STUBS = Path(__file__).resolve().parent / "stubs"
 SETUP_KEY = "HKLM\\SYSTEM\\Setup"
 TOOLS = "C:\\vhdtool-test"  # run_setup.exe, probes, the running copy of SetupComplete.cmd
 SYSTEM32 = "C:\\Windows\\System32"
-# By full path: given a bare "reg", wine goes through start.exe and ShellExecuteEx, which now and
-# then fails ("ShellExecuteEx failed: Internal error.") when another Wine prefix is busy.
+# By full path: given a bare "reg", wine goes through start.exe and ShellExecuteEx, one more process
+# start that could fail ("ShellExecuteEx failed: Internal error.").
 CMD = SYSTEM32 + "\\cmd.exe"
 REG = SYSTEM32 + "\\reg.exe"
 STUB_CALLS = SYSTEM32 + "\\vhdtool-stub-calls.txt"
@@ -58,7 +69,9 @@ STUB_EXIT = SYSTEM32 + "\\vhdtool-stub-exitcode.txt"
 SETUP_COMPLETE = "C:\\Windows\\Setup\\Scripts\\SetupComplete.cmd"
 CAB_BYTES = b"MSCF\0\0\0\0" + bytes(range(256)) * 4  # a dummy cab: the stubs never open it
 NATIVE = ("dism.exe", "pkgmgr.exe")
-TOOLCHAIN = ("wine", "wineboot", "wineserver", "x86_64-w64-mingw32-gcc")
+TOOLCHAIN = ("wine", "wineboot", "wineserver", "x86_64-w64-mingw32-gcc", "setarch")
+# Prefix of every Wine command: no address space randomisation (see the module docstring).
+NO_ASLR = ("setarch", "-R")
 
 
 class WineUnusable(RuntimeError):
@@ -128,12 +141,12 @@ class WinePrefix:
 
     def _boot(self) -> None:
         self.root.mkdir(parents=True)
-        self.version = subprocess.run(["wine", "--version"], env=self.env, capture_output=True, text=True,
+        self.version = subprocess.run([*NO_ASLR, "wine", "--version"], env=self.env, capture_output=True, text=True,
                                       timeout=60).stdout.strip()
         # One wineserver for the whole session, kept running between calls (-p): each wine call
         # then takes about 0.1 s instead of starting a server and Wine's services anew. It goes
         # into the background holding whatever it was given as stdout, hence no pipes.
-        server = subprocess.run(["wineserver", "-p"], env=self.env, stdin=subprocess.DEVNULL,
+        server = subprocess.run([*NO_ASLR, "wineserver", "-p"], env=self.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         if server.returncode:
             raise WineUnusable(f"{self.version}: wineserver -p exited {server.returncode}")
@@ -142,7 +155,7 @@ class WinePrefix:
             raise WineUnusable(f"{self.version}: wineserver -p exited 0 but no server runs for {self.root}")
         log = self.root / "wineboot.log"
         with open(log, "wb") as out:
-            boot = subprocess.run(["wineboot", "-i"], env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+            boot = subprocess.run([*NO_ASLR, "wineboot", "-i"], env=self.env, stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, timeout=600)
         probe = self.wine(CMD, "/c", "exit", "7", check=False)
         if boot.returncode or probe.returncode != 7:
@@ -211,7 +224,7 @@ class WinePrefix:
         and escaping their quotes with backslashes, as the C runtime expects: right for reg.exe and
         the stubs, not for cmd.exe, which is why every batch line goes in a file first."""
         self.check_server(f"before wine {' '.join(args)}")
-        proc = subprocess.run(["wine", *args], env=self.env, capture_output=True, text=True, errors="replace",
+        proc = subprocess.run([*NO_ASLR, "wine", *args], env=self.env, capture_output=True, text=True, errors="replace",
                               timeout=timeout, cwd=self.root)
         self.check_server(f"wine {' '.join(args)} exited {proc.returncode} ({proc.stdout!r}, {proc.stderr!r})")
         if check and proc.returncode:
