@@ -5,6 +5,7 @@ import contextlib
 import gzip
 import io
 import lzma
+import os
 import shutil
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -97,3 +98,42 @@ def assert_one_line_error(code: int, out: str, err: str, path) -> None:
     assert str(path) in lines[0], err
     assert lines[0].startswith("vhdtool: ")
     assert "Traceback" not in err and "Traceback" not in out
+
+
+# -- the long sweeps: full behind the `slow` marker, a reduced one by default ------------------------
+#
+# A crash sweep kills the writer at every write and flush system call and at many random times; a
+# fuzzer runs thousands of cases. Each such test is parametrised with SWEEPS: "reduced" runs by
+# default and still reaches every crash path (the first, middle and last call of each kind, a few
+# random kills, a tenth of the fuzz cases); "full" is marked slow and runs with `-m slow` or
+# VHDTOOL_SLOW=1. The default run deselects slow tests (pytest_configure below) so that it stays
+# within CI's 15 minutes on 2 cores.
+
+REDUCED, FULL = "reduced", "full"
+SWEEPS = [REDUCED, pytest.param(FULL, marks=pytest.mark.slow)]
+REDUCED_RANDOM_KILLS = 3
+
+
+def sweep_points(points: list[tuple], sweep: str) -> list[tuple]:
+    """Kill points (syscall name, call number, ...) for a sweep: all of them for the full one; for the
+    reduced one the first, middle and last call of each syscall, in the order given."""
+    if sweep == FULL:
+        return list(points)
+    by_name: dict = {}
+    for point in points:
+        by_name.setdefault(point[0], []).append(point)
+    keep = {p for calls in by_name.values() for p in (calls[0], calls[len(calls) // 2], calls[-1])}
+    return [p for p in points if p in keep]
+
+
+def sweep_count(full: int, sweep: str, reduced: int = REDUCED_RANDOM_KILLS) -> int:
+    """How many random kills (or fuzz cases) a sweep makes: ``full`` or at most ``reduced``."""
+    return full if sweep == FULL else min(full, reduced)
+
+
+def pytest_configure(config):
+    # Slow tests are deselected unless asked for: `-m slow` (or any -m), VHDTOOL_SLOW=1, or a test
+    # named by node id (tests/x.py::test_y[full]).
+    explicit = any("::" in str(arg) for arg in config.args)
+    if not config.option.markexpr and not os.environ.get("VHDTOOL_SLOW") and not explicit:
+        config.option.markexpr = "not slow"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_one_line_error, held_by_qemu, run_cli
+from conftest import SWEEPS, sweep_count, sweep_points
 from fixtures import build as fb
 from judges.volumes import extract_partition, ntfs_tree, ntfscat, partition_table, raw_image
 
@@ -220,7 +221,8 @@ def run_copy_in(image: Path, local: Path, inject: str | None = None, count: Path
 RANDOM_KILLS = int(os.environ.get("VHDTOOL_RANDOM_KILLS", "30"))
 
 
-def test_kill_copy_in_at_every_write_and_flush(tmp_path):
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_copy_in_at_every_write_and_flush(sweep, tmp_path):
     original = work_copy("ws2008r2-x64", tmp_path)
     local = tmp_path / "payload.bin"
     local.write_bytes(os.urandom(1_500_000))
@@ -242,7 +244,9 @@ def test_kill_copy_in_at_every_write_and_flush(tmp_path):
     victim = tmp_path / "victim.vhdx"
     rnd = __import__("random").Random(7)
     # Every write and flush, then random times spread over the whole run (the commit is its last part).
-    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.5, 1.0) * duration) for _ in range(RANDOM_KILLS)]
+    points = sweep_points(points, sweep)
+    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.5, 1.0) * duration)
+                                                for _ in range(sweep_count(RANDOM_KILLS, sweep))]
     for how, point in kills:
         shutil.copyfile(original, victim)
         if how == "syscall":
@@ -272,7 +276,7 @@ def test_kill_copy_in_at_every_write_and_flush(tmp_path):
         subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)
         part.unlink()
     assert outcomes["old"] and outcomes["new"], outcomes
-    print(f"\ncopy-in: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
+    print(f"\ncopy-in: {len(points)} syscall kill points {counts}, {len(kills) - len(points)} random kills, outcomes {outcomes}")
 
 
 def test_new_files_and_folders_inherit_the_parents_acl_as_windows_does(cli, tmp_path):

@@ -5,7 +5,8 @@ file table, CFDATA headers, CFDATA payloads with their checksum zeroed so the
 decoders see the damage, truncation) of three cabinets: libmspack's real
 MSZIP/LZX/Quantum cab, a gcab MSZIP package and a stored cab with every
 reserved area in use. Only CabError may escape. VHDTOOL_CAB_FUZZ_EXAMPLES sets
-the number of cases (default 10000).
+the number of cases of the full sweep (default 10000, marked slow); the default
+run makes a tenth of them.
 
 The second half rebuilds, from what libmspack's test/cabd_test.c and
 test/test_files/cabd/ say each file breaks, an equivalent cabinet byte by
@@ -24,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import SWEEPS, sweep_count
 from test_cab import PACKAGE_MUM, REAL, build_cab, gcab, payload_bytes, stored_folder
 from vhdtool.cabinet import CabError, extract_member, libmspack, list_members, read_package
 
@@ -153,8 +155,9 @@ def cases(draw, bases):
     return apply(data, edits), op, member
 
 
-def test_fuzz_cab(bases):
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_fuzz_cab(bases, sweep):
+    @settings(max_examples=sweep_count(EXAMPLES, sweep, EXAMPLES // 10), derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases(bases))
     def run(case):

@@ -2,7 +2,8 @@
 
 Mutations hit one structure at a time and, half of the time, reseal the CRCs so
 the damage reaches the parsers behind the checksums. Only vhdtool's typed errors
-may escape. VHDTOOL_FUZZ_EXAMPLES sets the number of cases (default 10000).
+may escape. VHDTOOL_FUZZ_EXAMPLES sets the number of cases of the full sweep (default 10000, marked
+slow); the default run makes a tenth of them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vhdx_craft as vc
+from conftest import SWEEPS, sweep_count
 from vhdtool import open_disk
 from vhdtool.errors import VhdtoolError
 
@@ -86,22 +88,31 @@ def reseal(buf: bytearray) -> None:
 mutation = st.tuples(st.integers(0, 1 << 16), st.sampled_from([0x00, 0xFF, 0x01, 0x80, 0x7F]) | st.integers(0, 255))
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    derandomize=True,
-)
-@given(
-    base=st.sampled_from(["log", "diff"]),
-    target=st.sampled_from(["header1", "header2", "region1", "region2", "metadata_table", "metadata_items", "bat", "log"]),
-    mutations=st.lists(mutation, min_size=1, max_size=6),
-    wide=st.booleans(),
-    resealed=st.booleans(),
-    truncate=st.integers(0, 3),
-    cut=st.integers(0, 12 * MiB),
-)
-def test_fuzz_vhdx_structures(bases, base, target, mutations, wide, resealed, truncate, cut):
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_fuzz_vhdx_structures(bases, sweep):
+    @settings(
+        max_examples=sweep_count(EXAMPLES, sweep, EXAMPLES // 10),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        derandomize=True,
+    )
+    @given(
+        base=st.sampled_from(["log", "diff"]),
+        target=st.sampled_from(["header1", "header2", "region1", "region2", "metadata_table", "metadata_items", "bat",
+                                "log"]),
+        mutations=st.lists(mutation, min_size=1, max_size=6),
+        wide=st.booleans(),
+        resealed=st.booleans(),
+        truncate=st.integers(0, 3),
+        cut=st.integers(0, 12 * MiB),
+    )
+    def run(base, target, mutations, wide, resealed, truncate, cut):
+        fuzz_case(bases, base, target, mutations, wide, resealed, truncate, cut)
+
+    run()
+
+
+def fuzz_case(bases, base, target, mutations, wide, resealed, truncate, cut):
     path, original, spans = bases[base]
     start, length = spans[target]
     buf = bytearray(original)

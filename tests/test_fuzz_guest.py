@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vhdx_craft as vc
+from conftest import SWEEPS, sweep_count
 from fixtures import build as fb
 from vhdtool import inspect, open_disk
 from vhdtool.errors import VhdtoolError
@@ -48,13 +49,21 @@ def target(tmp_path_factory):
     return path, data, spots, file_offset
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(
-    spot=st.sampled_from(["mbr", "boot", "mft", "SYSTEM", "SOFTWARE"]),
-    mutations=st.lists(st.tuples(st.integers(0, 256 * 1024 - 1), st.integers(0, 255)), min_size=1, max_size=12),
-)
-def test_damaged_guest_gives_typed_errors_only(target, spot, mutations):
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_damaged_guest_gives_typed_errors_only(target, sweep):
+    @settings(max_examples=sweep_count(EXAMPLES, sweep, EXAMPLES // 10), deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(
+        spot=st.sampled_from(["mbr", "boot", "mft", "SYSTEM", "SOFTWARE"]),
+        mutations=st.lists(st.tuples(st.integers(0, 256 * 1024 - 1), st.integers(0, 255)), min_size=1, max_size=12),
+    )
+    def run(spot, mutations):
+        damage_and_inspect(target, spot, mutations)
+
+    run()
+
+
+def damage_and_inspect(target, spot, mutations):
     path, data, spots, file_offset = target
     fd = os.open(path, os.O_RDWR)
     touched = []

@@ -4,7 +4,8 @@ Each case damages one structure of an image (a dynamic VHDX with a pending log,
 or a differencing child), resealing the checksums half of the time, then commits
 a small change through it. The writer must either refuse with a typed error,
 leaving the file byte-identical, or commit a change that reads back as written.
-VHDTOOL_WRITE_FUZZ_EXAMPLES sets the number of cases (default 300).
+VHDTOOL_WRITE_FUZZ_EXAMPLES sets the number of cases of the full sweep (default 300, marked slow);
+the default run makes a tenth of them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import os
 import random
 import subprocess
 
+import pytest
+
+from conftest import SWEEPS, sweep_count
 from test_fuzz_container import bases, reseal  # noqa: F401  (the fixture and the resealer)
 from vhdtool import open_disk
 from vhdtool.container.commit import commit
@@ -34,11 +38,13 @@ def qemu_opens(image: bytes, path) -> bool:
         path.unlink()
 
 
-def test_fuzz_writer_inputs(bases, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_fuzz_writer_inputs(bases, sweep, tmp_path):  # noqa: F811
     rnd = random.Random(2026)
     outcomes = {"refused": 0, "written": 0}
     victim = tmp_path / "victim.vhdx"
-    for case in range(EXAMPLES):
+    examples = sweep_count(EXAMPLES, sweep, EXAMPLES // 10)
+    for case in range(examples):
         base = rnd.choice(["log", "diff"])
         path, original, spans = bases[base]
         start, length = spans[rnd.choice(TARGETS)]
@@ -78,4 +84,4 @@ def test_fuzz_writer_inputs(bases, tmp_path):  # noqa: F811
                 outcomes["qemu-judged"] = outcomes.get("qemu-judged", 0) + 1
     victim.unlink(missing_ok=True)
     assert outcomes["refused"] and outcomes["written"], outcomes
-    print(f"\nwriter fuzz: {EXAMPLES} cases, {outcomes}")
+    print(f"\nwriter fuzz: {examples} cases, {outcomes}")

@@ -1,9 +1,10 @@
 """The package as a whole: every subpackage listed in pyproject.toml, the data installs, imports point
-downward with no cycle, and exit codes live in vhdtool/errors.py alone."""
+down the layers, and exit codes live in vhdtool/errors.py alone. (Import cycles, module and
+function sizes: tests/test_structure.py.)"""
 
 from __future__ import annotations
 
-import ast
+import fnmatch
 import importlib.resources
 import json
 import re
@@ -13,8 +14,12 @@ import sys
 import pytest
 
 from conftest import ROOT
+from test_structure import import_graph
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10: the test extra brings tomli, the same parser
+    import tomli as tomllib
 
 PACKAGE = ROOT / "vhdtool"
 
@@ -27,72 +32,18 @@ def test_every_subpackage_is_listed():
 
 
 def test_matrix_is_package_data():
-    json.loads(importlib.resources.files("vhdtool.cabs").joinpath("matrix.json").read_text())
-
-
-def module_name(path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def vhdtool_imports() -> dict[str, set[str]]:
-    """Module -> the vhdtool modules it imports (at any depth of its code: lazy imports count too)."""
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-                for a in node.names:
-                    # "from vhdtool.x import y" imports the module vhdtool.x.y when there is one.
-                    targets.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
-        graph[name] = {t for t in targets if t in modules and t != name}
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            # A package importing its own submodules (to re-export them) is how packages work,
-            # and a submodule importing its parent package's siblings is not a loop through it.
-            if nxt.startswith(node + "."):
-                continue
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (found := visit(node)):
-            return found
-    return None
-
-
-def test_the_cycle_finder_finds_a_cycle():
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b"}, "b": set(), "p": {"p.x"}, "p.x": {"a"}}) is None
-
-
-def test_no_import_cycle_inside_vhdtool():
-    graph = vhdtool_imports()
-    assert "vhdtool.container.chain" in graph and graph["vhdtool.guest.discover"]
-    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    """cabs/ installs as vhdtool.cabs with every data file vhdtool loads from it, and what the installed
+    package reads is the repository's matrix."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"]["vhdtool.cabs"] == "cabs"
+    patterns = config["package-data"]["vhdtool.cabs"]
+    data = sorted(p.name for p in (ROOT / "cabs").iterdir() if p.is_file() and p.suffix != ".py")
+    assert data == ["matrix.json"] and all(any(fnmatch.fnmatch(n, pat) for pat in patterns) for n in data), patterns
+    installed = importlib.resources.files("vhdtool.cabs").joinpath("matrix.json").read_bytes()
+    assert installed == (ROOT / "cabs" / "matrix.json").read_bytes()
+    matrix = json.loads(installed)
+    assert sorted(matrix["hosts"]) == ["win10", "win8", "win8.1"]
+    assert matrix["default_revision"] in matrix["revisions"]
 
 
 LAYERS = ["units", "errors", "native", "container", "volume", "filesystem", "registry", "guest", "editor",
@@ -100,8 +51,8 @@ LAYERS = ["units", "errors", "native", "container", "volume", "filesystem", "reg
 
 
 def test_imports_point_down_the_layers():
-    # DESIGN.md: each layer imports only the layers below it. cabinet and iso are sources
-    # for plan; they sit above guest only for ordering's sake and import neither guest nor plan.
+    # docs/ARCHITECTURE.md, "Layers": each layer imports only the layers below it. cabinet and iso
+    # are sources for plan; they sit above guest only for ordering's sake and import neither.
     rank = {name: i for i, name in enumerate(LAYERS)}
 
     def layer(module: str) -> str | None:
@@ -109,7 +60,7 @@ def test_imports_point_down_the_layers():
         return parts[1] if len(parts) > 1 and parts[1] in rank else None
 
     upward = []
-    for module, targets in vhdtool_imports().items():
+    for module, targets in import_graph().items():
         here = layer(module)
         for t in targets:
             there = layer(t)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_one_line_error
+from conftest import SWEEPS, sweep_count, sweep_points
 from fixtures import build as fb
 from fixtures.cabs import CabSpec, build_cab, build_iso
 from judges.hives import hive_typed_values
@@ -221,7 +222,8 @@ def run_stage(image: Path, cabs: Path, inject: str | None = None, count: Path | 
 RANDOM_KILLS = int(os.environ.get("VHDTOOL_RANDOM_KILLS", "30"))
 
 
-def test_kill_stage_at_every_write_and_flush(sources, tmp_path):
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_stage_at_every_write_and_flush(sources, sweep, tmp_path):
     original = work_copy("ws2008r2-x64", tmp_path)
     probe = tmp_path / "probe.vhdx"
     shutil.copyfile(original, probe)
@@ -237,7 +239,9 @@ def test_kill_stage_at_every_write_and_flush(sources, tmp_path):
     old_tree = ntfs_tree(volume(original, tmp_path, 2))
     new_tree = ntfs_tree(volume(probe, tmp_path, 2))
     rnd = __import__("random").Random(3)
-    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.5, 1.0) * duration) for _ in range(RANDOM_KILLS)]
+    points = sweep_points(points, sweep)
+    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.5, 1.0) * duration)
+                                                for _ in range(sweep_count(RANDOM_KILLS, sweep))]
     outcomes = {"old": 0, "new": 0}
     victim = tmp_path / "victim.vhdx"
     for how, point in kills:
@@ -266,7 +270,7 @@ def test_kill_stage_at_every_write_and_flush(sources, tmp_path):
             (how, point)
         outcomes["new"] += 1
     assert outcomes["old"] and outcomes["new"], outcomes
-    print(f"\nstage: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
+    print(f"\nstage: {len(points)} syscall kill points {counts}, {len(kills) - len(points)} random kills, outcomes {outcomes}")
 
 
 def test_server_2008_sp2_gets_pkgmgr(cli, sources, tmp_path):

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from conftest import held_by_qemu
+from conftest import SWEEPS, sweep_count, sweep_points
 
 import vhd_craft
 import vhdx_craft as vc
@@ -635,8 +636,9 @@ def test_kill_points_lie_inside_the_commit(tmp_path):
     assert inside["fsync"] == 2 and inside["pwrite64"] >= 3
 
 
+@pytest.mark.parametrize("sweep", SWEEPS)
 @pytest.mark.parametrize("kind", ["fixed", "dynamic", "real-dynamic", "differencing"])
-def test_kill_at_every_syscall_and_at_random_times(kind, tmp_path, real):
+def test_kill_at_every_syscall_and_at_random_times(kind, sweep, tmp_path, real):
     old, original, parent = make(kind, tmp_path, real, name="orig.vhd")
     seed = sum(map(ord, kind))
     writes = job_writes(seed, len(old))
@@ -653,6 +655,7 @@ def test_kill_at_every_syscall_and_at_random_times(kind, tmp_path, real):
     assert ours(probe) == new and temps(tmp_path) == []
     points = [(name, n) for name, (before, total) in counts.items() for n in range(before + 1, total + 1)]
     assert len(points) >= 15, counts
+    points = sweep_points(points, sweep)
     with open_disk(original) as d:
         assert plan_commit(d, changes_of(original, writes)).new_blocks or kind == "fixed"
 
@@ -699,7 +702,7 @@ def test_kill_at_every_syscall_and_at_random_times(kind, tmp_path, real):
     proc.wait()
     proc.stdout.close()
     rnd = random.Random(seed)
-    delays = [rnd.uniform(0, 1.3 * commit_time) for _ in range(RANDOM_KILLS)]
+    delays = [rnd.uniform(0, 1.3 * commit_time) for _ in range(sweep_count(RANDOM_KILLS, sweep))]
 
     def at_random(i: int, delay: float) -> None:
         victim = tmp_path / f"random-{i}.vhd"
@@ -721,7 +724,7 @@ def test_kill_at_every_syscall_and_at_random_times(kind, tmp_path, real):
             job.result()
     assert outcomes["old"] and outcomes["new"], outcomes
     inside = {k: b - a for k, (a, b) in counts.items() if b > a}
-    print(f"\n{kind}: {len(points)} syscall kill points {inside}, {RANDOM_KILLS} random kills "
+    print(f"\n{kind}: {len(points)} syscall kill points {inside}, {len(delays)} random kills "
           f"(commit {commit_time * 1000:.0f} ms), outcomes {outcomes}, {time.monotonic() - t0:.1f}s")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import vhdx_craft as vc
-from conftest import held_by_qemu
+from conftest import SWEEPS, held_by_qemu, sweep_count, sweep_points
 from test_container import pyvhdi_bytes
 from vhdtool import open_disk
 from vhdtool.container.overlay import Overlay
@@ -256,8 +256,9 @@ def job_env() -> dict:
 RANDOM_KILLS = int(os.environ.get("VHDTOOL_RANDOM_KILLS", "31"))
 
 
+@pytest.mark.parametrize("sweep", SWEEPS)
 @pytest.mark.parametrize("kind", ["dynamic-1M", "dynamic-32M", "fixed-log-grows", "differencing"])
-def test_kill_at_every_write_and_flush(kind, tmp_path):
+def test_kill_at_every_write_and_flush(kind, sweep, tmp_path):
     old, original, parent = make_kind(kind, tmp_path)
     seed = sum(map(ord, kind))
     listing = subprocess.run([sys.executable, str(CRASH_SCRIPT), "--list", str(seed)], capture_output=True, text=True,
@@ -269,6 +270,8 @@ def test_kill_at_every_write_and_flush(kind, tmp_path):
     assert ours(probe) == new
     points = [(name, n) for name, total in counts.items() for n in range(1, total + 1)]
     assert len(points) >= 20, counts
+    points = sweep_points(points, sweep)
+    random_kills = sweep_count(RANDOM_KILLS, sweep)
     outcomes = {"old": 0, "new": 0}
 
     def judge_killed(victim: Path, why) -> None:
@@ -299,7 +302,7 @@ def test_kill_at_every_write_and_flush(kind, tmp_path):
     rnd = random.Random(seed)
     import time
 
-    for i in range(RANDOM_KILLS):
+    for i in range(random_kills):
         shutil.copyfile(original, victim)
         proc = subprocess.Popen([sys.executable, str(CRASH_SCRIPT), str(victim), str(seed)], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, env=job_env())
@@ -309,7 +312,7 @@ def test_kill_at_every_write_and_flush(kind, tmp_path):
         proc.wait()
         judge_killed(victim, ("random", i))
     assert outcomes["old"] and outcomes["new"], outcomes
-    print(f"\n{kind}: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
+    print(f"\n{kind}: {len(points)} syscall kill points {counts}, {random_kills} random kills, outcomes {outcomes}")
 
 
 @pytest.mark.parametrize("syscall,errno_name", [("fsync", "EIO"), ("pwrite64", "ENOSPC")])

@@ -15,6 +15,28 @@ programs built from tests/stubs/ with mingw-w64:
 Wine loads its builtin programs in place of files of the same name in system32 unless told
 otherwise, so the prefix's DllOverrides mark these as native.
 
+Every Wine process runs with address space randomisation off (``setarch -R``, inherited by the
+processes Wine starts from it). Debian's wine64 8.0 ships no wine64-preloader, the program that
+reserves the fixed ranges Windows programs expect before anything else is mapped; the loader
+wine64 is a non-PIE executable at 0x7d000000 and, with randomisation on, its brk heap starts up to
+32 MiB above it and can reach the shared user data page at 0x7ffe0000. Then the process dies
+starting ("err:virtual:virtual_alloc_first_teb wine: failed to map the shared user data:
+c0000018"): a reg.exe exits 1 having printed nothing (its message was hidden by WINEDEBUG=-all),
+a stub installer started by install.cmd is "not recognized" (9009). It happened about once in a
+few thousand process starts, so about once per full run of the boot tests. Without randomisation
+the heap starts right after the loader and never gets there.
+
+One wineserver serves the prefix for the whole session, and the registry the boots read and write
+lives in its memory (it writes system.reg back only now and then). Were that server to go away, the
+next ``wine`` would silently start a new one (Debian's wrapper gives it -p0: it exits with its last
+client, so every later call would start yet another), which reloads system.reg as last saved and
+runs wineboot again: values set seconds before are gone, keys come back, and a call racing the
+change fails without a word (``reg query`` exits 1 having printed one empty line). So
+``WinePrefix.wine`` checks before and after every call that the server it started is still the
+one running, and says so when it is not, instead of letting a boot read a reverted registry.
+Wine's own error channel stays on (``WINEDEBUG=-all,err+all``) so that what Wine had to say
+about a failure is in the message.
+
 A boot is modelled as Windows runs the hooks: ``Guest.boot`` starts CmdLine only when
 SetupType is 1 or 2 at boot start and CmdLine is not empty (both read with reg.exe), and with
 ``kb939857=True`` sets SetupType to 0 before starting it, as KB939857 says setup does;
@@ -38,8 +60,8 @@ STUBS = Path(__file__).resolve().parent / "stubs"
 SETUP_KEY = "HKLM\\SYSTEM\\Setup"
 TOOLS = "C:\\vhdtool-test"  # run_setup.exe, probes, the running copy of SetupComplete.cmd
 SYSTEM32 = "C:\\Windows\\System32"
-# By full path: given a bare "reg", wine goes through start.exe and ShellExecuteEx, which now and
-# then fails ("ShellExecuteEx failed: Internal error.") when another Wine prefix is busy.
+# By full path: given a bare "reg", wine goes through start.exe and ShellExecuteEx, one more process
+# start that could fail ("ShellExecuteEx failed: Internal error.").
 CMD = SYSTEM32 + "\\cmd.exe"
 REG = SYSTEM32 + "\\reg.exe"
 STUB_CALLS = SYSTEM32 + "\\vhdtool-stub-calls.txt"
@@ -47,7 +69,9 @@ STUB_EXIT = SYSTEM32 + "\\vhdtool-stub-exitcode.txt"
 SETUP_COMPLETE = "C:\\Windows\\Setup\\Scripts\\SetupComplete.cmd"
 CAB_BYTES = b"MSCF\0\0\0\0" + bytes(range(256)) * 4  # a dummy cab: the stubs never open it
 NATIVE = ("dism.exe", "pkgmgr.exe")
-TOOLCHAIN = ("wine", "wineboot", "wineserver", "x86_64-w64-mingw32-gcc")
+TOOLCHAIN = ("wine", "wineboot", "wineserver", "x86_64-w64-mingw32-gcc", "setarch")
+# Prefix of every Wine command: no address space randomisation (see the module docstring).
+NO_ASLR = ("setarch", "-R")
 
 
 class WineUnusable(RuntimeError):
@@ -92,10 +116,13 @@ class WinePrefix:
     def __init__(self, root: Path):
         self.root = root
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("WINE", "WAYLAND"))}
-        self.env.update(WINEPREFIX=str(root), WINEARCH="win64", WINEDEBUG="-all", DISPLAY="",
+        # err+all: Wine's own error lines (a server it had to start, a boot that timed out) reach
+        # stderr and so the failure message; fixme and warn lines stay off.
+        self.env.update(WINEPREFIX=str(root), WINEARCH="win64", WINEDEBUG="-all,err+all", DISPLAY="",
                         # no Mono or Gecko prompts, no menu entries: none of them is needed here
                         WINEDLLOVERRIDES="mscoree,mshtml=;winemenubuilder.exe=d")
         self.version = ""
+        self.server_pid: int | None = None  # the persistent wineserver this session started
         self.findstr = ""
         self.created_seconds = 0.0
 
@@ -114,18 +141,21 @@ class WinePrefix:
 
     def _boot(self) -> None:
         self.root.mkdir(parents=True)
-        self.version = subprocess.run(["wine", "--version"], env=self.env, capture_output=True, text=True,
+        self.version = subprocess.run([*NO_ASLR, "wine", "--version"], env=self.env, capture_output=True, text=True,
                                       timeout=60).stdout.strip()
         # One wineserver for the whole session, kept running between calls (-p): each wine call
         # then takes about 0.1 s instead of starting a server and Wine's services anew. It goes
         # into the background holding whatever it was given as stdout, hence no pipes.
-        server = subprocess.run(["wineserver", "-p"], env=self.env, stdin=subprocess.DEVNULL,
+        server = subprocess.run([*NO_ASLR, "wineserver", "-p"], env=self.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         if server.returncode:
             raise WineUnusable(f"{self.version}: wineserver -p exited {server.returncode}")
+        self.server_pid = self._running_server()
+        if self.server_pid is None:
+            raise WineUnusable(f"{self.version}: wineserver -p exited 0 but no server runs for {self.root}")
         log = self.root / "wineboot.log"
         with open(log, "wb") as out:
-            boot = subprocess.run(["wineboot", "-i"], env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+            boot = subprocess.run([*NO_ASLR, "wineboot", "-i"], env=self.env, stdin=subprocess.DEVNULL, stdout=out,
                                   stderr=subprocess.STDOUT, timeout=600)
         probe = self.wine(CMD, "/c", "exit", "7", check=False)
         if boot.returncode or probe.returncode != 7:
@@ -163,12 +193,40 @@ class WinePrefix:
         subprocess.run(["wineserver", "-k"], env=self.env, capture_output=True, timeout=60)
         subprocess.run(["wineserver", "-w"], env=self.env, capture_output=True, timeout=60)
 
+    def _running_server(self) -> int | None:
+        """The pid of the wineserver serving this prefix, found by its environment, or None."""
+        marker = f"WINEPREFIX={self.root}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (b"wineserver" in (entry / "cmdline").read_bytes().split(b"\0")[0]
+                        and marker in (entry / "environ").read_bytes().split(b"\0")):
+                    return int(entry.name)
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+        return None
+
+    def check_server(self, when: str) -> None:
+        """Fail, saying why, when the session's wineserver is no longer the one serving the prefix."""
+        if self.server_pid is None:
+            return  # still booting: _boot records it
+        running = self._running_server()
+        if running != self.server_pid:
+            now = f"wineserver {running} runs instead" if running else "no wineserver runs for it"
+            raise AssertionError(f"{when}: the prefix's persistent wineserver (pid {self.server_pid}) is gone and {now}; "
+                                 "something outside this test killed it. Wine starts a new server that reloads the "
+                                 "registry as last saved, so what the boots wrote since is lost: the results would "
+                                 "be meaningless.")
+
     def wine(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """`wine ARGS...`. Wine joins the arguments into one command line, quoting those with spaces
         and escaping their quotes with backslashes, as the C runtime expects: right for reg.exe and
         the stubs, not for cmd.exe, which is why every batch line goes in a file first."""
-        proc = subprocess.run(["wine", *args], env=self.env, capture_output=True, text=True, errors="replace",
+        self.check_server(f"before wine {' '.join(args)}")
+        proc = subprocess.run([*NO_ASLR, "wine", *args], env=self.env, capture_output=True, text=True, errors="replace",
                               timeout=timeout, cwd=self.root)
+        self.check_server(f"wine {' '.join(args)} exited {proc.returncode} ({proc.stdout!r}, {proc.stderr!r})")
         if check and proc.returncode:
             raise AssertionError(f"wine {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
