@@ -4,7 +4,7 @@ The parent hands an image to an idle worker only when the worker has finished th
 last, so each image's time limit is its own. A worker that dies, or that is killed
 because its image ran past ``timeout``, fails that image (WorkerDied,
 ImageTimedOut) and is replaced; every other image goes on. Killing a worker in the
-middle of a write is a crash the write path is built for (DESIGN.md: one log
+middle of a write is a crash the write path is built for (docs/ARCHITECTURE.md, "Write ordering": one log
 sequence per operation; a VHD is replaced by a rename), so the image is left as it
 was or fully written.
 

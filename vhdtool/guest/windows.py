@@ -1,6 +1,6 @@
 """Windows guest facts from the system volume and its SOFTWARE and SYSTEM hives.
 
-Sources, per DESIGN.md "Guest facts": SOFTWARE ``Microsoft\\Windows NT\\CurrentVersion``
+Sources, per docs/ARCHITECTURE.md "Guest facts": SOFTWARE ``Microsoft\\Windows NT\\CurrentVersion``
 (CurrentMajor/MinorVersionNumber on NT 10, where CurrentVersion stays "6.3");
 SYSTEM ``Select\\Current`` for the control set (never assumed to be 001);
 ``MountedDevices`` for the drive letter; ``Setup`` and SysprepStatus for
