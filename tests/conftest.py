@@ -72,6 +72,23 @@ def held_by_qemu(path, fmt: str):
         holder.wait()
 
 
+def digest(path: Path) -> str:
+    """sha256 of a whole file: how tests show an image byte-identical."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def work_copy(name: str, tmp: Path) -> Path:
+    """A copy in ``tmp`` of fixture image ``name`` (built or taken from the cache), for a test to write."""
+    from fixtures import build as fb
+
+    src = Path(fb.build(name))
+    dst = tmp / src.name
+    shutil.copyfile(src, dst)
+    return dst
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run the vhdtool CLI in process; returns (exit code, stdout, stderr)."""
     from vhdtool.cli.main import main

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
+from conftest import digest, work_copy
 from fixtures import build as fb
 from fixtures.cabs import CabSpec, build_cab, build_iso
 from judges.hives import hive_typed_values
@@ -42,15 +42,8 @@ REG_SZ, REG_DWORD = 1, 4
 KB_ID = "6.3.9600.18080-x64"  # the KB3071740 cab made for NT 6.2 x64 below
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def work_copy(name: str, tmp: Path) -> Path:
-    src = Path(fb.build(name))
-    dst = tmp / src.name
-    shutil.copyfile(src, dst)
-    return dst
 
 
 def system_index(name: str) -> int:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from fixtures import build as fb
 from judges.tools import sh
-from judges.volumes import extract_partition, ntfs_tree, ntfscat, raw_image
+from judges.volumes import mft_record as record_of
+from judges.volumes import ntfs_names as ntfsls
+from judges.volumes import ntfs_tree, ntfscat, partition_volume, record_in_use
 
 pytestmark = pytest.mark.fixtures
 IMAGE, PART = "ws2008r2-x64", 2
@@ -34,26 +35,12 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def volume(image: Path, tmp: Path) -> Path:
-    raw = raw_image(image, tmp / f"{image.name}.{time.monotonic_ns()}.raw")
-    part = extract_partition(raw, PART, tmp / f"{raw.name}.p{PART}")
-    raw.unlink()
-    return part
 
 
-def ntfsls(part: Path, folder: str) -> list[str]:
-    out = sh("ntfsls", "-f", "-a", part, "-p", folder).stdout.decode()
-    return sorted(n for n in out.splitlines() if n not in (".", ".."))
 
 
-def record_of(part: Path, path: str) -> int:
-    out = sh("ntfsinfo", "-f", "-F", path, part).stdout.decode()
-    return int(out.split("Dumping Inode ", 1)[1].split()[0])
 
 
-def record_in_use(part: Path, record: int) -> bool:
-    res = sh("ntfsinfo", "-f", "-i", record, part, check=False)
-    return res.returncode == 0 and b"Dumping Inode" in res.stdout  # a free record: "Error loading node", exit 0
 
 
 def judged_sound(image: Path, part: Path) -> None:
@@ -74,7 +61,7 @@ def seeded(tmp_path_factory):
     with vhdtool.edit(image) as ed:
         for path, data in TREE.items():
             ed.write_file(path, data)
-    part = volume(image, tmp)
+    part = partition_volume(image, tmp, PART)
     for path, data in TREE.items():
         assert ntfscat(part, path) == data
     return image, part
@@ -102,7 +89,7 @@ def test_delete_a_file(seeded, tmp_path):
     assert ed.result.committed and ed.result.bytes_written > 0
     assert ed.result.to_dict()["changes"]["files"] == [{"path": "/data/A.TXT", "action": "delete", "size": None,
                                                        "sha256": None, "partition": PART}]
-    part = volume(image, tmp_path)
+    part = partition_volume(image, tmp_path, PART)
     judged_sound(image, part)
     assert ntfsls(part, "/Data") == ["keep.txt", "sub"]
     assert not record_in_use(part, record)
@@ -118,7 +105,7 @@ def test_delete_a_nested_folder_with_everything_under_it(seeded, tmp_path):
                                                 "/Data/sub/b.txt")]
     with vhdtool.edit(image) as ed:
         assert ed.delete("C:\\Data\\sub").action == "delete"
-    part = volume(image, tmp_path)
+    part = partition_volume(image, tmp_path, PART)
     judged_sound(image, part)
     assert ntfsls(part, "/Data") == ["a.txt", "keep.txt"]
     assert not any(record_in_use(part, r) for r in records)
@@ -174,7 +161,7 @@ def test_deleted_then_written_and_written_then_deleted_keep_their_order(seeded, 
     assert [(f.path, f.action) for f in ed.result.files] == [
         ("/Data/sub", "delete"), ("/Data/sub/b.txt", "add"), ("/Data/sub/deeper", "mkdir"),
         ("/Data/new/x.txt", "add"), ("/Data/new", "delete")]
-    part = volume(image, tmp_path)
+    part = partition_volume(image, tmp_path, PART)
     judged_sound(image, part)
     assert ntfsls(part, "/Data") == ["a.txt", "keep.txt", "sub"]
     assert ntfsls(part, "/Data/sub") == ["b.txt", "deeper"] and ntfsls(part, "/Data/sub/deeper") == []
@@ -191,7 +178,7 @@ def test_names_compare_without_case_when_writing_too(seeded, tmp_path):
     with vhdtool.edit(image) as ed:
         assert ed.write_file("/DATA/SUB/new.txt", b"new").action == "add"
         assert ed.write_file("/windows/temp/x.txt", b"x").action == "add"
-    part = volume(image, tmp_path)
+    part = partition_volume(image, tmp_path, PART)
     judged_sound(image, part)
     assert [n for n in ntfs_tree(part) if n.count("/") == 1] == root
     assert ntfsls(part, "/Data/sub") == ["b.txt", "deeper", "new.txt"]

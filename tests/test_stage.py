@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, digest, work_copy
 from conftest import SWEEPS, sweep_count, sweep_points
-from fixtures import build as fb
 from fixtures.cabs import CabSpec, build_cab, build_iso
 from judges.hives import hive_typed_values
-from judges.volumes import extract_partition, ntfs_tree, ntfscat, raw_image
+from judges.volumes import ntfs_tree, ntfscat
+from judges.volumes import partition_volume as volume
 from regf_judge import judge_replay
 
 pytestmark = pytest.mark.fixtures
@@ -33,15 +33,8 @@ WIN81_IC = "6.3.9600.16384"  # newer than what the Server 2012 fixture has (6.2.
 REG_SZ, REG_DWORD = 1, 4
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def work_copy(name: str, tmp: Path) -> Path:
-    src = Path(fb.build(name))
-    dst = tmp / src.name
-    shutil.copyfile(src, dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +51,6 @@ def sources(tmp_path_factory):
     return out
 
 
-def volume(image: Path, tmp: Path, number: int) -> Path:
-    raw = raw_image(image, tmp / f"{image.name}.{time.monotonic_ns()}.raw")
-    part = extract_partition(raw, number, tmp / f"{raw.name}.p{number}")
-    raw.unlink()
-    return part
 
 
 def setup_values(part: Path, tmp: Path) -> dict:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from fixtures import build as fb
+from conftest import ROOT, digest, work_copy
 from fixtures.cabs import CabSpec, build_iso
 from judges.hives import hive_typed_values
-from judges.tools import sh
-from judges.volumes import extract_partition, ntfs_tree, ntfscat, raw_image
+from judges.volumes import mft_record as record_of
+from judges.volumes import ntfs_names as ntfsls
+from judges.volumes import ntfs_tree, ntfscat, record_in_use
+from judges.volumes import partition_volume as volume
 
 pytestmark = pytest.mark.fixtures
 OLD_IC, NEW_IC, NEWER_IC = "6.2.9200.16384", "6.3.9600.16384", "6.3.9600.18000"
@@ -36,8 +37,6 @@ REG_SZ = 1
 RANDOM_KILLS = int(os.environ.get("VHDTOOL_RANDOM_KILLS", "30"))
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -48,32 +47,14 @@ def isos(tmp_path_factory):
             for v in (OLD_IC, NEW_IC, NEWER_IC)}
 
 
-def work_copy(name: str, tmp: Path) -> Path:
-    src = Path(fb.build(name))
-    dst = tmp / src.name
-    shutil.copyfile(src, dst)
-    return dst
 
 
-def volume(image: Path, tmp: Path, number: int) -> Path:
-    raw = raw_image(image, tmp / f"{image.name}.{time.monotonic_ns()}.raw")
-    part = extract_partition(raw, number, tmp / f"{raw.name}.p{number}")
-    raw.unlink()
-    return part
 
 
-def ntfsls(part: Path, folder: str) -> list[str]:
-    out = sh("ntfsls", "-f", "-a", part, "-p", folder).stdout.decode()
-    return sorted(n for n in out.splitlines() if n not in (".", ".."))
 
 
-def record_of(part: Path, path: str) -> int:
-    return int(sh("ntfsinfo", "-f", "-F", path, part).stdout.decode().split("Dumping Inode ", 1)[1].split()[0])
 
 
-def record_in_use(part: Path, record: int) -> bool:
-    res = sh("ntfsinfo", "-f", "-i", record, part, check=False)
-    return res.returncode == 0 and b"Dumping Inode" in res.stdout  # a free record: "Error loading node", exit 0
 
 
 def cmdline(part: Path, tmp: Path) -> str:

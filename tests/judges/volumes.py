@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from judges.tools import sh
@@ -40,6 +41,30 @@ def extract_partition(raw: Path, number: int, out: Path) -> Path:
             fo.write(chunk)
             left -= len(chunk)
     return out
+
+
+def partition_volume(image: Path, tmp: Path, number: int) -> Path:
+    """Partition ``number`` of ``image`` as a volume file in ``tmp`` (through a raw conversion by qemu-img)."""
+    raw = raw_image(image, tmp / f"{image.name}.{time.monotonic_ns()}.raw")
+    part = extract_partition(raw, number, tmp / f"{raw.name}.p{number}")
+    raw.unlink()
+    return part
+
+
+def ntfs_names(volume: Path, folder: str) -> list[str]:
+    """The names in a folder of an NTFS volume file, as ntfsls lists them (sorted, no . and ..)."""
+    out = sh("ntfsls", "-f", "-a", volume, "-p", folder).stdout.decode()
+    return sorted(n for n in out.splitlines() if n not in (".", ".."))
+
+
+def mft_record(volume: Path, path: str) -> int:
+    """The MFT record number of ``path``, as ntfsinfo gives it."""
+    return int(sh("ntfsinfo", "-f", "-F", path, volume).stdout.decode().split("Dumping Inode ", 1)[1].split()[0])
+
+
+def record_in_use(volume: Path, record: int) -> bool:
+    res = sh("ntfsinfo", "-f", "-i", record, volume, check=False)
+    return res.returncode == 0 and b"Dumping Inode" in res.stdout  # a free record: "Error loading node", exit 0
 
 
 def ntfscat(volume: Path, path: str) -> bytes:
