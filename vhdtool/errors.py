@@ -130,6 +130,14 @@ class CorruptHive(VhdtoolError):
     hint = "the registry hive is damaged"
 
 
+class UnreplayableHive(CorruptHive):
+    """A dirty hive whose logs cannot bring it up to date; ``why`` is the reason alone, for reports."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str, why: str, hint: str | None = None):
+        self.why = why
+        super().__init__(path, problem, hint)
+
+
 # -- writing (refusals come before anything is written) ---------------------------------
 
 class WriteFailed(VhdtoolError):

@@ -107,6 +107,7 @@ class EditSession:
         self.inspection: Inspection | None = None
         self._ops: dict[int, list] = {}  # partition index -> ntfs3g operations, in order
         self._hive_edits: dict[str, list] = {}  # hive name -> HiveEdits, in order
+        self._boot_hives: dict[str, tuple] = {}  # hive name -> (Replayed, HiveFiles), read once
         # Each volume is opened and checked once: the overlay changes only at the commit.
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
@@ -286,25 +287,29 @@ class EditSession:
 
         self._hive(hive).append(HiveEdit.delete_value(key, name))
 
-    def _hive_files(self, fs: NtfsFilesystem, name: str) -> tuple[bytes, bytes | None, bytes | None]:
-        """The hive's primary and its LOG1/LOG2 (or the single .LOG of NT 6.0 and older), as on the volume."""
-        path = f"{CONFIG_DIR}/{name}"
-        if not fs.exists(path):
-            raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
-        files = read_hive_files(fs, path, name, self.path)
-        return files.primary, files.log1, files.log2
+    def _boot_hive(self, name: str):
+        """The system volume's hive ``name`` as Windows will see it at boot (logs replayed), with its files.
+
+        Read and replayed once a session: the volume does not change before the commit."""
+        from vhdtool.registry.logreplay import replay
+
+        if name not in self._boot_hives:
+            _part, fs = self._volume(None)
+            path = f"{CONFIG_DIR}/{name}"
+            if not fs.exists(path):
+                raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
+            files = read_hive_files(fs, path, name, self.path)
+            self._boot_hives[name] = (replay(files.primary, files.log1, files.log2, name, self.path), files)
+        return self._boot_hives[name]
 
     def read_value(self, hive: str, key: str, name: str, default=None):
         """A value of the system volume's ``hive`` as Windows would see it at boot (its logs replayed)."""
         import io
 
         from vhdtool.registry.hive import Hive
-        from vhdtool.registry.logreplay import replay
 
         hive = hive.upper()
-        _part, fs = self._volume(None)
-        primary, log1, log2 = self._hive_files(fs, hive)
-        current = replay(primary, log1, log2, hive, self.path)
+        current, _files = self._boot_hive(hive)
         return Hive(io.BytesIO(current.data), hive, self.path).value(key, name, default)
 
     def file_content(self, path: str, partition: int | None = None) -> bytes | None:
@@ -338,16 +343,15 @@ class EditSession:
         libhivex, made so Windows will not replay its old logs over the change, and queued to
         be written back before the volume's other operations."""
         from vhdtool.registry.hivex import edit_hive
-        from vhdtool.registry.logreplay import replay, retire_logs
+        from vhdtool.registry.logreplay import retire_logs
 
         if not self._hive_edits:
             return
-        part, fs = self._volume(None)
+        part, _fs = self._volume(None)
         queued = []
         for name, edits in self._hive_edits.items():
             path = f"{CONFIG_DIR}/{name}"
-            primary, *logs = self._hive_files(fs, name)
-            current = replay(primary, logs[0], logs[1], name, self.path)
+            current, files = self._boot_hive(name)
             edited = edit_hive(current.data, edits, name, self.path)
             for outcome in edited.outcomes:
                 if outcome.changed:
@@ -357,7 +361,7 @@ class EditSession:
                     kind = (e.value or outcome.old).type_name if (e.value or outcome.old) else "-"
                     self._registry.append(RegistryChange(name, e.key, e.name, kind, old, new))
             if edited.changed:
-                queued.append(ntfs3g.WriteFile(path, retire_logs(edited.data, logs[0], logs[1], name, self.path)))
+                queued.append(ntfs3g.WriteFile(path, retire_logs(edited.data, files.log1, files.log2, name, self.path)))
         self._hive_edits.clear()
         if queued:
             self._ops[part.index] = queued + self._ops.get(part.index, [])

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from uuid import UUID
 
-from vhdtool.errors import CorruptHive
+from vhdtool.errors import CorruptHive, UnreplayableHive
 from vhdtool.filesystem.ntfs import NtfsFilesystem
 from vhdtool.guest.hivefiles import log_files, read_hive_files
 from vhdtool.guest.versioninfo import file_version, version_tuple
@@ -163,12 +163,6 @@ def _str(value) -> str | None:
     return None
 
 
-def _replay_problem(problem: str) -> str:
-    """Why replay refused, without the refusal's "<NAME> hive is dirty (...) and its logs cannot ...:" lead."""
-    lead = "its logs cannot bring it up to date: "
-    return problem.split(lead, 1)[1] if lead in problem else problem
-
-
 class WindowsGuest:
     """Reads the facts of one Windows installation; each fact read once."""
 
@@ -207,7 +201,7 @@ class WindowsGuest:
             current = replay(files.primary, files.log1, files.log2, name, self.image_path)
             replayed = Hive(io.BytesIO(current.data), name, self.image_path)
         except CorruptHive as e:
-            why = _replay_problem(e.problem)
+            why = e.why if isinstance(e, UnreplayableHive) else e.problem
             self.warnings.append(
                 f"{name} hive is dirty ({state}); its logs cannot be replayed ({why}): "
                 "values are read from the primary file, and stage will refuse to write it"

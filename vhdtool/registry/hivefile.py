@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from vhdtool.errors import CorruptHive
+from vhdtool.errors import UnreplayableHive
 
 BASE_BLOCK = 4096  # the primary's base block; hive bins start here
 LOG_BASE_BLOCK = 512  # what a log keeps of it (one 512-byte sector as of Windows 8)
@@ -105,10 +105,11 @@ class Replayed:
         return bool(self.applied)
 
 
-def refusal(name: str, image_path: str | os.PathLike | None, state: str, why: str) -> CorruptHive:
+def refusal(name: str, image_path: str | os.PathLike | None, state: str, why: str) -> UnreplayableHive:
     """The one-line refusal of a dirty hive whose logs cannot bring it up to date."""
-    return CorruptHive(image_path, f"{name} hive is dirty ({state}) and its logs cannot bring it up to date: {why}",
-                       hint=BOOT_HINT)
+    return UnreplayableHive(image_path,
+                            f"{name} hive is dirty ({state}) and its logs cannot bring it up to date: {why}",
+                            why, hint=BOOT_HINT)
 
 
 def grow(out: bytearray, bins_size: int) -> None:

@@ -232,7 +232,7 @@ def _replay_new(primary: bytes, base: BaseBlock | None, logs: list[_NewLog], lim
     out = bytearray(primary)
     if base is None:
         # No trustworthy base block: the log with the latest entries gives it, and only its entries apply.
-        source = max(logs, key=lambda log: log.base.seq1)
+        source = sorted(logs, key=lambda log: log.base.seq1)[-1]  # LOG2 on a tie, as before the gap rule
         out[:LOG_BASE_BLOCK] = source.data[:LOG_BASE_BLOCK]
         struct.pack_into("<I", out, 28, FILE_TYPE_PRIMARY)
         logs, first = [source], source.base.seq1
