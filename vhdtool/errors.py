@@ -165,6 +165,13 @@ class ImageHasChildren(VhdtoolError):
     hint = "merge or delete the differencing disks that depend on it, or write a copy with --output NEW"
 
 
+class VolumeFull(VhdtoolError):
+    """The guest volume has no room for what is to be written; found before anything is written."""
+
+    exit_code = 26
+    hint = "the image is unchanged; free space in the guest, copy less, or give a larger volume"
+
+
 class SetupPending(VhdtoolError):
     exit_code = 20
     hint = "boot the guest once so that Windows runs the pending setup command, or clear SYSTEM\\Setup CmdLine"

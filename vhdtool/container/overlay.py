@@ -7,13 +7,24 @@ logical sector at a time: a sector written back with the bytes it already held
 is no change, so an operation repeated on an image it already changed commits
 nothing. ``changes()`` is what a container writer (vhdtool.container.vhdx.writer,
 the VHD copy writer) turns into one transaction; a dry run just reports it.
+
+Large file contents are not held: ``write_source`` records that a range of the disk
+holds a range of a local file (vhdtool.container.source), and reads of it read that
+file. Every byte of the disk is then in exactly one place: a held page, else a
+source range, else the base disk. Source ranges cover whole pages (their unaligned
+ends go into pages), pages and source ranges never overlap, and a later write into a
+source range takes that page out of it. ``changes()`` reports source ranges as
+extents whose data is the SourceRange; they are not compared with the disk (the
+editor skips a file that is already there before it writes it).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from vhdtool.container.source import SourceRange
 from vhdtool.container.stream import DiskStream
 from vhdtool.units import KiB
 
@@ -22,10 +33,12 @@ PAGE = 64 * KiB  # held in memory per touched page, read from the disk on first 
 
 @dataclass(frozen=True)
 class Extent:
-    """A run of changed logical sectors: ``data`` goes at virtual-disk ``offset``."""
+    """A run of changed logical sectors: ``data`` goes at virtual-disk ``offset``.
+
+    ``data`` is bytes, or a SourceRange: the bytes of a local file, copied at commit."""
 
     offset: int
-    data: bytes
+    data: bytes | SourceRange
 
     @property
     def end(self) -> int:
@@ -56,6 +69,9 @@ class Overlay(DiskStream):
         self.logical_sector_size = base.logical_sector_size
         self.physical_sector_size = base.physical_sector_size
         self._pages: dict[int, bytearray] = {}
+        # Source ranges: their disk offsets (sorted, page-aligned, disjoint) and, by offset, the range.
+        self._source_at: list[int] = []
+        self._sources: dict[int, SourceRange] = {}
         # Virtual-disk ranges whose old content nothing in the old state can reach (clusters the
         # volume's old $Bitmap marks free): a writer may put new data there before its log.
         self._unreachable: list[tuple[int, int]] = []
@@ -93,9 +109,84 @@ class Overlay(DiskStream):
         buf = self._pages.get(page)
         if buf is None:
             start = page * PAGE
-            buf = bytearray(self.base.read_at(start, min(PAGE, self.size - start)))
+            end = min(start + PAGE, self.size)
+            buf = bytearray(self._read_lower(start, end - start))
+            self._cut_sources(start, end)  # the page holds these bytes from now on
             self._pages[page] = buf
         return buf
+
+    def write_source(self, offset: int, data: SourceRange) -> None:
+        """Say that ``data`` (a range of a local file) goes at virtual-disk ``offset``; nothing is read now
+        but the few bytes of its ends that do not fill a whole page."""
+        end = offset + len(data)
+        if offset < 0 or end > self.size:
+            raise ValueError(f"write of {len(data)} bytes at {offset} lies outside the {self.size}-byte disk")
+        lo = min(-(-offset // PAGE) * PAGE, end)
+        hi = max(end // PAGE * PAGE, lo)
+        if end == self.size:
+            hi = end  # the disk's last, short page
+        if lo > offset:
+            self.write_at(offset, bytes(data[: lo - offset]))
+        if hi < end:
+            self.write_at(hi, bytes(data[hi - offset :]))
+        if hi <= lo:
+            return
+        for page in range(lo // PAGE, -(-hi // PAGE)):
+            self._pages.pop(page, None)
+        self._cut_sources(lo, hi)
+        i = bisect.bisect_left(self._source_at, lo)
+        self._source_at.insert(i, lo)
+        self._sources[lo] = data[lo - offset : hi - offset]
+
+    def _cut_sources(self, lo: int, hi: int) -> None:
+        """Take [lo, hi) out of the source ranges (what is left of a range on either side stays)."""
+        i = bisect.bisect_right(self._source_at, lo) - 1
+        i = max(i, 0)
+        while i < len(self._source_at):
+            at = self._source_at[i]
+            if at >= hi:
+                break
+            rng = self._sources[at]
+            end = at + len(rng)
+            if end <= lo:
+                i += 1
+                continue
+            del self._source_at[i]
+            del self._sources[at]
+            if at < lo:
+                self._source_at.insert(i, at)
+                self._sources[at] = rng[: lo - at]
+                i += 1
+            if end > hi:
+                self._source_at.insert(i, hi)
+                self._sources[hi] = rng[hi - at :]
+                i += 1
+
+    def _read_lower(self, offset: int, length: int) -> bytes:
+        """What lies under the pages: the source ranges over the base disk."""
+        end = offset + length
+        if not self._source_at:
+            return self.base.read_at(offset, length)
+        out = bytearray()
+        pos = offset
+        i = max(bisect.bisect_right(self._source_at, offset) - 1, 0)
+        while pos < end:
+            at = self._source_at[i] if i < len(self._source_at) else None
+            if at is not None and at + len(self._sources[at]) <= pos:
+                i += 1
+                continue
+            if at is None or at >= end:
+                out += self.base.read_at(pos, end - pos)
+                break
+            if at > pos:
+                out += self.base.read_at(pos, at - pos)
+                pos = at
+            rng = self._sources[at]
+            n = min(end, at + len(rng)) - pos
+            out += bytes(rng[pos - at : pos - at + n])
+            pos += n
+            i += 1
+        return bytes(out)
 
     # -- reading (DiskStream) ------------------------------------------------------------
     def read_at(self, offset: int, length: int) -> bytes:
@@ -103,7 +194,7 @@ class Overlay(DiskStream):
         if offset >= end:
             return b""
         if not self._pages:
-            return self.base.read_at(offset, end - offset)
+            return self._read_lower(offset, end - offset)
         out = bytearray()
         pos = offset
         while pos < end:
@@ -117,19 +208,26 @@ class Overlay(DiskStream):
                 run_end = pos + n
                 while run_end < end and (run_end // PAGE) not in self._pages:
                     run_end = min(end, run_end + PAGE)
-                out += self.base.read_at(pos, run_end - pos)
+                out += self._read_lower(pos, run_end - pos)
                 n = run_end - pos
             pos += n
         return bytes(out)
 
     def _close_backing(self) -> None:
-        # The base disk belongs to whoever opened it.
+        # The base disk belongs to whoever opened it, the sources to whoever opened them.
         self._pages.clear()
+        self._source_at.clear()
+        self._sources.clear()
 
     # -- what changed ----------------------------------------------------------------------
     def changes(self) -> list[Extent]:
-        """Runs of logical sectors whose bytes differ from the base disk, in disk order."""
-        return list(self._changed_runs())
+        """Runs of logical sectors whose bytes differ from the base disk, and the source ranges, in disk order."""
+        found = list(self._changed_runs()) + [Extent(at, self._sources[at]) for at in self._source_at]
+        return sorted(found, key=lambda e: e.offset)
+
+    def source_extents(self) -> list[Extent]:
+        """The source ranges alone, in disk order."""
+        return [Extent(at, self._sources[at]) for at in self._source_at]
 
     def _changed_runs(self) -> Iterator[Extent]:
         sector = self.logical_sector_size
@@ -153,4 +251,4 @@ class Overlay(DiskStream):
 
     @property
     def touched(self) -> bool:
-        return bool(self._pages)
+        return bool(self._pages) or bool(self._source_at)

@@ -9,14 +9,17 @@ descriptors). A BSD flock is taken as well, for tools that use that instead.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import stat
 import struct
 
+from vhdtool.container.source import SourceRange, copy_range
 from vhdtool.errors import ImageInUse, ImageNotFound, ImageReadOnly, NotADiskImage, WriteFailed
 
+FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h: allocate without changing the file's size
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 # struct flock on LP64 Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
 FLOCK = struct.Struct("hh4xqqi4x")
@@ -59,8 +62,16 @@ class WritableFile:
                 raise ImageInUse(self.path, "another process has the image open (a running VM, qemu, another vhdtool)") from None
             raise WriteFailed(self.path, f"cannot lock it ({e.strerror})") from None
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        """All of ``data`` at ``offset``, or WriteFailed."""
+    def pwrite(self, offset: int, data: bytes | SourceRange) -> None:
+        """All of ``data`` at ``offset``, or WriteFailed; a SourceRange is copied from its file, never held."""
+        if isinstance(data, SourceRange):
+            try:
+                copy_range(self._fd, offset, data)
+            except OSError as e:
+                raise WriteFailed(self.path, f"copying {len(data)} bytes of {data.source.label} to offset {offset} "
+                                             f"failed ({e.strerror})") from None
+            self._wrote(offset, len(data))
+            return
         view = memoryview(data)
         pos = offset
         try:
@@ -72,9 +83,41 @@ class WritableFile:
                 pos += n
         except OSError as e:
             raise WriteFailed(self.path, f"write of {len(data)} bytes at offset {offset} failed ({e.strerror})") from None
-        self.bytes_written += len(data)
+        self._wrote(offset, len(data))
+
+    def _wrote(self, offset: int, length: int) -> None:
+        self.bytes_written += length
         self.writes += 1
-        self.size = max(self.size, offset + len(data))
+        self.size = max(self.size, offset + length)
+
+    def reserve(self, ranges: list[tuple[int, int]]) -> None:
+        """Allocate the file's blocks under each (offset, length) before anything is written there.
+
+        A full host filesystem is then found before the commit writes anything (WriteFailed; the file's
+        content is unchanged: fallocate only gives blocks to holes and to the space past the end, which the
+        file's size, put back, hides again). Filesystems without fallocate skip this: their writes still
+        fail cleanly, one step later."""
+        from vhdtool.native.library import load_libc
+
+        libc = load_libc(self.path)
+        fallocate = libc.fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        before = os.fstat(self._fd).st_size
+        for offset, length in sorted(ranges):
+            if length <= 0:
+                continue
+            if fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    return
+                try:
+                    os.ftruncate(self._fd, before)  # drops what KEEP_SIZE allocated past the end
+                except OSError:
+                    pass
+                raise WriteFailed(self.path, f"the disk holding it cannot give {length} bytes at offset {offset} "
+                                             f"({os.strerror(err)})",
+                                  "the image is unchanged; free space on the disk holding it, or write the change "
+                                  "to a copy elsewhere with --output NEW")
 
     def pread(self, offset: int, length: int) -> bytes:
         try:

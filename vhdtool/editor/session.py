@@ -12,6 +12,7 @@ from vhdtool.container.chain import find_parent, open_image, open_one
 from vhdtool.container.commit import commit as commit_changes
 from vhdtool.container.filecopy import copy_file
 from vhdtool.container.overlay import Overlay
+from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
 from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
@@ -23,12 +24,14 @@ from vhdtool.errors import (
     UnsupportedImage,
     UnsupportedLayout,
     VhdtoolError,
+    VolumeFull,
     WriteFailed,
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import survey_disk
 from vhdtool.guest.hivefiles import read_hive_files
 from vhdtool.guest.inspection import Inspection, require_guest
+from vhdtool.units import MiB
 from vhdtool.volume import Partition, open_partition
 
 CONFIG_DIR = "/Windows/System32/config"
@@ -111,6 +114,8 @@ class EditSession:
         # Each volume is opened and checked once: the overlay changes only at the commit.
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
+        self._sources: list[Source] = []  # local files being copied in, open until the session closes
+        self._free: dict[int, int] = {}  # partition index -> free clusters left for this session's writes
         self._registry: list[RegistryChange] = []
         self.result: ChangeSet | None = None
 
@@ -204,11 +209,17 @@ class EditSession:
         return w.drive_letter if partition is None and w is not None else None
 
     # -- operations -------------------------------------------------------------------------
-    def write_file(self, path: str, data: bytes | str | os.PathLike, partition: int | None = None) -> FileChange | None:
-        """Put ``data`` (bytes, or the content of a local file) at guest ``path``; None when it is already there."""
-        if not isinstance(data, (bytes, bytearray)):
-            with open(data, "rb") as f:
-                data = f.read()
+    def write_file(self, path: str, data: bytes | str | os.PathLike | Source, partition: int | None = None
+                   ) -> FileChange | None:
+        """Put ``data`` at guest ``path``; None when it is already there.
+
+        ``data``: bytes, a local file's path, or a Source (a byte range of a local file). A local
+        file is never read into memory: its bytes go from it to the image file at the commit
+        (vhdtool.container.source), and it must not change before then."""
+        if not isinstance(data, (bytes, bytearray, Source)):
+            data = Source(data)
+        if isinstance(data, Source):
+            self._sources.append(data)
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
         if target == "/":
@@ -218,13 +229,40 @@ class EditSession:
             raise UnsupportedLayout(self.path, f"{path} is a folder in the guest", "give a file path")
         action = "add" if state is None else "replace"
         # Already there, byte for byte, and untouched by this session: no change.
-        if state == "file" and not self._pending(part.index, target) and fs.size(target) == len(data) \
-                and fs.read(target, len(data) + 1) == data:
+        if state == "file" and not self._pending(part.index, target) and self._holds(fs, target, data):
             return None
-        self._ops.setdefault(part.index, []).append(ntfs3g.WriteFile(target, bytes(data)))
-        change = FileChange(target, action, len(data), hashlib.sha256(data).hexdigest(), part.index)
+        self._check_room(part.index, fs, target, state, len(data))
+        digest = data.sha256() if isinstance(data, Source) else hashlib.sha256(data).hexdigest()
+        self._ops.setdefault(part.index, []).append(
+            ntfs3g.WriteFile(target, data if isinstance(data, Source) else bytes(data)))
+        change = FileChange(target, action, len(data), digest, part.index)
         self._files.append(change)
         return change
+
+    @staticmethod
+    def _holds(fs: NtfsFilesystem, target: str, data: bytes | Source) -> bool:
+        """Whether the guest file ``target`` holds exactly ``data``, read a chunk at a time."""
+        if fs.size(target) != len(data):
+            return False
+        if not isinstance(data, Source):
+            return fs.read(target, len(data) + 1) == data
+        return data.same_bytes(fs.chunks(target, READ_CHUNK))
+
+    def _check_room(self, index: int, fs: NtfsFilesystem, target: str, state: str | None, size: int) -> None:
+        """VolumeFull, before anything is written, when the volume's free clusters cannot hold ``size``
+        more bytes on top of what this session already writes there (a replaced file's clusters count
+        as free: libntfs-3g frees them first)."""
+        cluster = fs.cluster_size()
+        need = -(-size // cluster)
+        if state == "file":
+            need -= -(-fs.size(target) // cluster)
+        free = self._free.get(index)
+        if free is None:
+            free = self._free[index] = fs.free_clusters()
+        if need > free:
+            raise VolumeFull(self.path, f"{target} needs {need * cluster // MiB + 1} MiB and the volume on partition "
+                                        f"{index} has {free * cluster // MiB} MiB free")
+        self._free[index] = free - max(need, 0)
 
     def mkdir(self, path: str, partition: int | None = None) -> FileChange | None:
         part, fs = self._volume(partition)
@@ -374,7 +412,7 @@ class EditSession:
             part = next(p for p in self.inspection.partitions if p.index == index)
             # libntfs-3g works in the sandbox child, which can report nothing: the bar says what
             # is being written and for how long.
-            amount = sum(len(op.data) for op in ops if isinstance(op, ntfs3g.WriteFile))
+            amount = sum(op.size for op in ops if isinstance(op, ntfs3g.WriteFile))
             with phase(f"writing {size_text(amount)} to partition {index} (libntfs-3g)", amount) as progress:
                 ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}",
                              tick=progress.tick)
@@ -414,6 +452,8 @@ class EditSession:
         return self.result
 
     def close(self) -> None:
+        for source in self._sources:
+            source.close()
         if self.overlay is not None:
             self.overlay.close()
         if self.disk is not None:

@@ -10,6 +10,7 @@ hibernated system.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from dissect.ntfs import NTFS
@@ -72,6 +73,24 @@ class NtfsFilesystem(Filesystem):
         with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
             record = self._get(path)
             return record.open().read(min(limit, record.size()))
+
+    def chunks(self, path: str, chunk: int) -> Iterator[bytes]:
+        """The content of the file ``path``, ``chunk`` bytes at a time."""
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            f = self._get(path).open()
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    return
+                yield data
+
+    def free_clusters(self) -> int:
+        """How many clusters the volume's $Bitmap marks free."""
+        with translate_errors(self.image_path, f"NTFS on {self.label}: $Bitmap"):
+            total = self.ntfs.boot_sector.NumberSectors * self.ntfs.sector_size // self.ntfs.cluster_size
+            bitmap = self._get("/$Bitmap").open().read(-(-total // 8))
+        used = int.from_bytes(bitmap, "little") & ((1 << total) - 1)
+        return max(0, total - used.bit_count())
 
     def cluster_size(self) -> int:
         with translate_errors(self.image_path, f"NTFS on {self.label}: boot sector"):

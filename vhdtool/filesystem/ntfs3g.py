@@ -27,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhdtool.container.overlay import Extent, Overlay
-from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError
+from vhdtool.container.source import Source, SourceRange
+from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, VolumeFull
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
-from vhdtool.native import Refusal, load_library, run_isolated
+from vhdtool.native import Refusal, load_libc, load_library, run_isolated
 from vhdtool.units import MiB
 
 SONAME = "libntfs-3g.so.89"
@@ -45,7 +46,10 @@ ACL_HEADER = struct.Struct("<BBHHH")
 SE_DACL_PRESENT = 0x0004
 SE_DACL_AUTO_INHERITED = 0x0400
 INHERITED_ACE = 0x10
-MAX_ANSWER = 2048 * MiB
+MAX_ANSWER = 1024 * MiB  # metadata and in-memory files (hives); a Source's bytes never cross the pipe
+WINDOW = 64 * MiB  # a Source is mapped into the child this much at a time
+PROT_READ, MAP_SHARED = 1, 1
+MAP_FAILED = ctypes.c_void_p(-1).value
 FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
 FILE_NAME_DOS = 2  # layout.h FILE_NAME_TYPE_FLAGS: the 8.3 twin of a Win32 name, deleted with it
 MREF_MASK = (1 << 48) - 1  # an MFT reference is 48 bits of record number, 16 of sequence number
@@ -63,10 +67,17 @@ class SecurityContext(ctypes.Structure):  # struct SECURITY_CONTEXT (security.h)
 
 @dataclass(frozen=True)
 class WriteFile:
-    """Put ``data`` at ``path`` (absolute, '/'-separated), creating or replacing the file."""
+    """Put ``data`` at ``path`` (absolute, '/'-separated), creating or replacing the file.
+
+    ``data`` is bytes, or a Source (a local file): its bytes are never copied through the
+    sandbox (see ``_Volume.write_source``)."""
 
     path: str
-    data: bytes
+    data: bytes | Source
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ def _bind(label: str) -> ctypes.CDLL:
         ("ntfs_attr_open", c, [c, ctypes.c_uint32, c, ctypes.c_uint32]),
         ("ntfs_attr_close", None, [c]),
         ("ntfs_attr_truncate", ctypes.c_int, [c, s64]),
+        ("ntfs_attr_truncate_solid", ctypes.c_int, [c, s64]),
         ("ntfs_attr_pwrite", s64, [c, s64, s64, c]),
         ("ntfs_inode_open", c, [c, ctypes.c_uint64]),
         ("ntfs_readdir", ctypes.c_int, [c, ctypes.POINTER(s64), c, FILLDIR]),
@@ -224,7 +236,7 @@ class _Volume:
                 ni = self.create("/" + "/".join(parts[:i]), parts[i], True)
             self.lib.ntfs_inode_close(ni)
 
-    def write_file(self, path: str, data: bytes) -> None:
+    def write_file(self, path: str, data: bytes | Source) -> None:
         parent, _, name = path.rstrip("/").rpartition("/")
         self.mkdir(parent)
         ni = self.inode(path) or self.create(parent, name, False)
@@ -234,19 +246,65 @@ class _Volume:
             if not na:
                 raise Refusal(f"libntfs-3g cannot open the data of {path}")
             try:
+                if isinstance(data, Source):
+                    self._write_source(na, path, data)
+                    return
                 if self.lib.ntfs_attr_truncate(na, len(data)) != 0:
-                    raise Refusal(f"libntfs-3g cannot size {path} to {len(data)} bytes (volume full?)")
+                    self._failed(f"size {path} to {len(data)} bytes")
                 buf = ctypes.create_string_buffer(data, len(data)) if data else None
-                done = 0
-                while done < len(data):
-                    n = self.lib.ntfs_attr_pwrite(na, done, len(data) - done, ctypes.addressof(buf) + done)
-                    if n <= 0:
-                        raise Refusal(f"libntfs-3g could not write {path} ({os.strerror(ctypes.get_errno())})")
-                    done += n
+                self._pwrite(na, path, 0, len(data), ctypes.addressof(buf) if buf is not None else 0)
             finally:
                 self.lib.ntfs_attr_close(na)
         finally:
             self.lib.ntfs_inode_close(ni)
+
+    def _failed(self, doing: str):
+        err = ctypes.get_errno()
+        if err == errno.ENOSPC:
+            raise _VolumeFullHere(f"libntfs-3g cannot {doing}: the volume is full")
+        raise Refusal(f"libntfs-3g cannot {doing} ({os.strerror(err) if err else 'refused'})")
+
+    def _pwrite(self, na, path: str, pos: int, count: int, address: int) -> None:
+        done = 0
+        while done < count:
+            n = self.lib.ntfs_attr_pwrite(na, pos + done, count - done, address + done)
+            if n <= 0:
+                self._failed(f"write {path}")
+            done += n
+
+    def _write_source(self, na, path: str, source: Source) -> None:
+        """A local file's bytes, as libntfs-3g would write them from memory, without copying them.
+
+        The old data goes first (its clusters freed), then the new size is allocated whole
+        (ntfs_attr_truncate_solid: real clusters, no sparse runs), then the file is written
+        from read-only mappings of the source, ``WINDOW`` bytes at a time. libntfs-3g hands
+        the device a pointer into the mapping for each run of clusters; the device records
+        "these volume bytes are those source bytes" instead of copying them (ntfsdevice).
+        Whatever libntfs-3g writes from its own buffers (a resident file, the last partial
+        cluster, compressed data) is copied as any other write."""
+        if self.lib.ntfs_attr_truncate(na, 0) != 0:
+            self._failed(f"empty {path}")
+        if source.size and self.lib.ntfs_attr_truncate_solid(na, source.size) != 0:
+            self._failed(f"allocate {source.size} bytes for {path}")
+        libc = load_libc()
+        mmap, munmap = libc.mmap, libc.munmap
+        mmap.restype, mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                                         ctypes.c_int, ctypes.c_int64]
+        munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        page = os.sysconf("SC_PAGE_SIZE")
+        for at in range(0, source.size, WINDOW):
+            n = min(WINDOW, source.size - at)
+            file_at = source.start + at
+            skew = file_at % page  # mappings start on a page of the file
+            address = mmap(None, n + skew, PROT_READ, MAP_SHARED, source.fileno(), file_at - skew)
+            if address in (None, MAP_FAILED):
+                raise Refusal(f"cannot map {source.label} ({os.strerror(ctypes.get_errno())})")
+            try:
+                self.device.window = (address + skew, n, source.whole()[at : at + n])
+                self._pwrite(na, path, at, n, address + skew)
+            finally:
+                self.device.window = None
+                munmap(address, n + skew)
 
 
     # -- deleting: ntfs_delete (dir.c) unlinks one name, and frees the record and its clusters with the
@@ -326,6 +384,10 @@ class _Volume:
                               False))
 
 
+class _VolumeFullHere(Refusal):
+    """In the child: libntfs-3g ran out of clusters (ENOSPC); the parent raises VolumeFull."""
+
+
 def _encode(extents: list[Extent]) -> bytes:
     return b"".join(EXTENT_HEAD.pack(e.offset, len(e.data)) + e.data for e in extents)
 
@@ -350,25 +412,36 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
     """Run ``operations`` (WriteFile, MakeDir, Delete), in order, with libntfs-3g on the volume at [start, start + size) of
     ``overlay``; the sectors it changes go into ``overlay``. Returns how many bytes changed.
 
+    A WriteFile of a Source puts source ranges into ``overlay`` (Overlay.write_source): the
+    child says where libntfs-3g put the file's bytes, and the bytes stay in the file.
     ``tick()`` is called now and then while libntfs-3g works in the sandbox child (see run_isolated)."""
     lib = _bind(label)
+    sources = [op.data for op in operations if isinstance(op, WriteFile) and isinstance(op.data, Source)]
     keep = tuple(d.image.fileno() for d in overlay.base.chain() if d.image is not None and not d.image.closed)
+    keep += tuple(src.fileno() for src in sources)
+    free = _free_clusters(overlay, start, size, label)
 
     def job() -> dict:
-        device = OverlayDevice(overlay, start, size)
+        device = OverlayDevice(overlay, start, size, free=lambda lo, hi: free.runs(lo, hi))
         before = {e.offset: e.data for e in overlay.changes()}
         volume = _Volume(lib, device)
-        for op in operations:
-            if isinstance(op, MakeDir):
-                volume.mkdir(op.path)
-            elif isinstance(op, Delete):
-                volume.delete(op.path)
-            else:
-                volume.write_file(op.path, op.data)
+        try:
+            for op in operations:
+                if isinstance(op, MakeDir):
+                    volume.mkdir(op.path)
+                elif isinstance(op, Delete):
+                    volume.delete(op.path)
+                else:
+                    volume.write_file(op.path, op.data)
+        except _VolumeFullHere as e:
+            return {"full": str(e)}
         volume.unmount()  # ntfs_umount frees the device too
         # Only what this run changed, inside the volume.
         changed = [e for e in overlay.changes() if before.get(e.offset) != e.data and start <= e.offset < start + size]
-        return {"extents": len(changed), "payload": _encode(changed)}
+        held = [e for e in changed if not isinstance(e.data, SourceRange)]
+        ranges = [[e.offset, len(e.data), next(i for i, s in enumerate(sources) if s is e.data.source), e.data.offset]
+                  for e in changed if isinstance(e.data, SourceRange)]
+        return {"extents": len(held), "sources": ranges, "payload": _encode(held)}
 
     try:
         head, payload = run_isolated(
@@ -377,15 +450,37 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         )
     except NativeError as e:
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
+    if head.get("full"):
+        raise VolumeFull(label, f"{what}: {head['full']}")
     extents = _decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
     if len(extents) != head.get("extents"):
         raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
-    free = _free_clusters(overlay, start, size, label)
+    extents += _decode_sources(head.get("sources"), sources, start, start + size, overlay.logical_sector_size, label)
     for e in extents:
-        overlay.write_at(e.offset, e.data)
+        if isinstance(e.data, SourceRange):
+            overlay.write_source(e.offset, e.data)
+        else:
+            overlay.write_at(e.offset, e.data)
         for lo, hi in free.runs(e.offset - start, e.end - start):
             overlay.mark_unreachable(start + lo, hi - lo)
     return sum(len(e.data) for e in extents)
+
+
+def _decode_sources(ranges, sources: list[Source], start: int, end: int, sector: int, label: str) -> list[Extent]:
+    """The child's source ranges, checked: inside the partition and the source, whole sectors but at the disk's end."""
+    out = []
+    if not isinstance(ranges, list):
+        raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
+    for item in ranges:
+        if not (isinstance(item, list) and len(item) == 4 and all(type(x) is int and x >= 0 for x in item)):
+            raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
+        offset, length, index, at = item
+        if index >= len(sources) or at + length > sources[index].size or length == 0:
+            raise CorruptFilesystem(label, "the libntfs-3g child named bytes its source does not have")
+        if offset < start or offset + length > end or offset % sector:
+            raise CorruptFilesystem(label, "the libntfs-3g child wrote outside the volume it was given")
+        out.append(Extent(offset, SourceRange(sources[index], at, length)))
+    return out
 
 
 class _FreeClusters:

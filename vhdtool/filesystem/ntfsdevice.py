@@ -12,8 +12,10 @@ import ctypes
 import os
 import stat
 import struct
+from collections.abc import Callable
 
 from vhdtool.container.overlay import Overlay
+from vhdtool.container.source import SourceRange
 
 ND_OPEN = 1 << 0
 BLKGETSIZE64 = 0x80081272
@@ -44,11 +46,16 @@ class Device(ctypes.Structure):  # struct ntfs_device
 class OverlayDevice:
     """The callbacks of one ntfs_device: byte ``pos`` of the volume is ``start + pos`` of the overlay."""
 
-    def __init__(self, overlay: Overlay, start: int, size: int):
+    def __init__(self, overlay: Overlay, start: int, size: int,
+                 free: Callable[[int, int], list[tuple[int, int]]] | None = None):
         self.overlay = overlay
         self.start = start
         self.size = size
         self.pos = 0
+        # free(lo, hi): the byte ranges of the volume inside [lo, hi) that the old volume does not use.
+        self.free = free
+        # (address, length, SourceRange): a read-only mapping of a source that libntfs-3g is writing from.
+        self.window: tuple[int, int, SourceRange] | None = None
         self.ops = DeviceOperations(
             OPEN(self._open), CLOSE(self._close), SEEK(self._seek), READ(self._read), WRITE(self._write),
             PREAD(self._pread), PWRITE(self._pwrite), SYNC(lambda _dev: 0), STAT(self._stat), IOCTL(self._ioctl),
@@ -84,10 +91,27 @@ class OverlayDevice:
         try:
             if count < 0 or offset < 0 or offset + count > self.size:
                 return -1
-            self.overlay.write_at(self.start + offset, ctypes.string_at(buf, count))
+            window = self.window
+            if window is not None and buf and window[0] <= buf and buf + count <= window[0] + window[1]:
+                self._write_mapped(window[2][buf - window[0] : buf - window[0] + count], offset)
+            else:
+                self.overlay.write_at(self.start + offset, ctypes.string_at(buf, count))
             return count
         except Exception:  # noqa: BLE001
             return -1
+
+    def _write_mapped(self, data: SourceRange, offset: int) -> None:
+        """A write from a source's mapping: where the old volume does not use the clusters, the overlay
+        records the source range (nothing is copied); where it does (libntfs-3g reused clusters this
+        session freed), the bytes are copied, so that the container writer logs them as any change."""
+        pos = 0
+        runs = self.free(offset, offset + len(data)) if self.free is not None else []
+        for lo, hi in runs + [(offset + len(data), offset + len(data))]:
+            if lo - offset > pos:
+                self.overlay.write_at(self.start + offset + pos, bytes(data[pos : lo - offset]))
+            if hi > lo:
+                self.overlay.write_source(self.start + lo, data[lo - offset : hi - offset])
+            pos = hi - offset
 
     def _read(self, dev, buf, count):
         n = self._pread(dev, buf, count, self.pos)

@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 
 from vhdtool.container.filecopy import Copied, copy_file, unchanged_failure
 from vhdtool.container.overlay import CommitResult, Extent
+from vhdtool.container.source import SourceRange, pieces
 from vhdtool.container.vhd.layout import VhdLayout, read_layout
 from vhdtool.container.vhd.reader import VhdDisk
 from vhdtool.container.vhd.structs import BAT_ENTRY, DISK_FIXED, FOOTER_SIZE, SECTOR, UNALLOCATED
@@ -102,7 +103,7 @@ _failed = unchanged_failure
 class VhdPlan:
     """What the new file holds that the old one does not; decided before anything is written."""
 
-    writes: list[tuple[int, bytes]] = field(default_factory=list)  # (file offset, bytes), sorted, merged
+    writes: list[tuple[int, bytes | SourceRange]] = field(default_factory=list)  # (file offset, bytes), sorted, merged
     cut_at: int | None = None  # where the old footer starts, when blocks are appended (the copy is cut there)
     new_size: int = 0  # the new file's size
     new_blocks: int = 0
@@ -127,17 +128,19 @@ def _set_bits(bitmap: bytearray, first: int, last: int) -> None:
         s += 1
 
 
-def _merge(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    """Sorted writes with adjacent ones joined; overlapping ones are a bug in the planner."""
-    out: list[tuple[int, bytearray]] = []
+def _merge(writes: list[tuple[int, bytes | SourceRange]]) -> list[tuple[int, bytes | SourceRange]]:
+    """Sorted writes with adjacent ones joined (bytes to bytes; a local file's range stays whole and apart);
+    overlapping ones are a bug in the planner."""
+    out: list[tuple[int, bytearray | SourceRange]] = []
     for offset, data in sorted(writes, key=lambda w: w[0]):
-        if out and out[-1][0] + len(out[-1][1]) == offset:
-            out[-1][1].extend(data)
-        elif out and out[-1][0] + len(out[-1][1]) > offset:
+        if out and out[-1][0] + len(out[-1][1]) > offset:
             raise RuntimeError(f"vhdtool bug: two planned writes overlap at file offset {offset}")
+        if (out and out[-1][0] + len(out[-1][1]) == offset and isinstance(out[-1][1], bytearray)
+                and not isinstance(data, SourceRange)):
+            out[-1][1].extend(data)
         else:
-            out.append((offset, bytearray(data)))
-    return [(o, bytes(d)) for o, d in out]
+            out.append((offset, data if isinstance(data, SourceRange) else bytearray(data)))
+    return [(o, d if isinstance(d, SourceRange) else bytes(d)) for o, d in out]
 
 
 def plan_commit(disk: VhdDisk, changes: list[Extent]) -> VhdPlan:
@@ -297,11 +300,15 @@ class VhdCommit:
                 out.truncate(self.plan.cut_at)  # the old footer goes: its place reads as zeros
                 out.truncate(self.plan.new_size)
             for offset, data in self.plan.writes:
-                out.pwrite(offset, data)
-                if self.progress is not None:
-                    self.progress(self.locked.st_size + out.bytes_written, self.total)
+                for at, part in pieces(data):
+                    out.pwrite(offset + at, part)
+                    if self.progress is not None:
+                        self.progress(self.locked.st_size + out.bytes_written, self.total)
         except WriteFailed as e:
             raise self._writing_failed(e) from None
+        # What was copied from local files is what was decided on, or the temp goes and the image stays.
+        for source in {id(d.source): d.source for _o, d in self.plan.writes if isinstance(d, SourceRange)}.values():
+            source.check_unchanged()
 
     def seal_copy(self) -> None:
         """Step 5. As step 3; after it the temp's content is on stable storage before any name points at it."""

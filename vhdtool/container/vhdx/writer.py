@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vhdtool.container.overlay import CommitResult, Extent
+from vhdtool.container.source import Source, SourceRange, pieces
 from vhdtool.container.vhdx.bat import encode_entry
 from vhdtool.container.vhdx.header import ZERO_GUID, VhdxHeader
 from vhdtool.container.vhdx.log import pending_sequence
@@ -75,9 +76,24 @@ class CommitPlan:
     appended: list[tuple[int, int, list[tuple[int, bytes]]]] = field(default_factory=list)
     """(file offset, length, [(offset in it, bytes)]) of each new 1 MiB-aligned block; the rest of it is zeros."""
     logged: list[LoggedWrite] = field(default_factory=list)
-    direct: list[tuple[int, bytes]] = field(default_factory=list)
+    direct: list[tuple[int, bytes | SourceRange]] = field(default_factory=list)
     """(file offset, bytes) written in place before the log: nothing of the old state reaches them."""
     end_of_file: int = 0  # the file's size once the new blocks are appended
+
+    def written_ranges(self) -> list[tuple[int, int]]:
+        """(file offset, length) of every byte step 2 and step 5 write: what ``reserve`` allocates first."""
+        out = [(offset + within, len(data)) for offset, _length, pieces in self.appended for within, data in pieces]
+        out += [(offset, len(data)) for offset, data in self.direct]
+        out += [(w.file_offset, w.length) for w in self.logged]
+        return out
+
+    def sources(self) -> list[Source]:
+        """The local files whose bytes step 2 copies."""
+        found = {}
+        for data in [d for _o, _l, pieces in self.appended for _w, d in pieces] + [d for _o, d in self.direct]:
+            if isinstance(data, SourceRange):
+                found[id(data.source)] = data.source
+        return list(found.values())
 
     @property
     def empty(self) -> bool:
@@ -185,7 +201,9 @@ class _Planner:
                     if unreachable:
                         self.plan.direct.append((file_offset + within + at, run))
                     else:
-                        self._write_in_place(file_offset + within + at, run)
+                        # A local file's bytes over clusters the old volume uses (libntfs-3g reused
+                        # what this session freed) go through the log like any other change.
+                        self._write_in_place(file_offset + within + at, bytes(run))
                 if state == PAYLOAD_BLOCK_PARTIALLY_PRESENT:
                     self._bitmap_bits(chunk, chunk_first_sector + within // self.lss, len(data) // self.lss)
             return
@@ -295,12 +313,13 @@ class VhdxCommit:
         self.total = total
         self._first = file.bytes_written
 
-    def _pwrite(self, offset: int, data: bytes) -> None:
-        self.file.pwrite(offset, data)
-        if self.progress is not None:
-            done = self.file.bytes_written - self._first
-            self.total = max(self.total, done)
-            self.progress(done, self.total)
+    def _pwrite(self, offset: int, data: bytes | SourceRange) -> None:
+        for at, part in pieces(data):
+            self.file.pwrite(offset + at, part)
+            if self.progress is not None:
+                done = self.file.bytes_written - self._first
+                self.total = max(self.total, done)
+                self.progress(done, self.total)
 
     # -- headers (2.2.2) ----------------------------------------------------------------
     def _update_header(self, **changes) -> None:
@@ -364,12 +383,15 @@ class VhdxCommit:
         # bytes in free clusters, which nothing of the old state reads.
         if plan.appended or plan.direct:
             self.file.truncate(max(self.file.size, plan.end_of_file))
-            for offset, _length, pieces in plan.appended:
-                for within, data in pieces:
+            for offset, _length, parts in plan.appended:
+                for within, data in parts:
                     self._pwrite(offset + within, data)
             for offset, data in plan.direct:
                 self._pwrite(offset, data)
             self.file.flush()
+        # Still step 2: what was copied from local files is what was decided on, or nothing is committed.
+        for source in plan.sources():
+            source.check_unchanged()
 
         # Step 3. Interrupted: entries under a LogGuid no header names, never replayed.
         log_guid = uuid.uuid4()
@@ -425,6 +447,10 @@ def commit(
         file = WritableFile(disk.path)
     before = (file.bytes_written, file.writes, file.flushes)
     try:
+        if not plan.empty:
+            # A full host filesystem is found here, before anything is written (or a log is moved:
+            # that region is allocated as it is written, and it is small).
+            file.reserve(plan.written_ranges())
         writer = VhdxCommit(disk, file, progress, plan.write_size)
         replayed = writer.replay_pending_log()
         moved = writer.run(plan) if not plan.empty else False

@@ -1,0 +1,230 @@
+"""Payloads that stay in their files: a byte range of a local file that the commit copies file to file.
+
+A file copied into a guest (copy-in, a staged cab) can be larger than the memory
+of the machine doing it. It is never read whole into memory: the editor hands a
+``Source`` (an open, read-only descriptor of a regular file, or of a byte range of
+one, such as a cab inside an ISO) down the layers, the overlay holds
+``SourceRange`` pieces of it where the file's clusters went, and the container
+writer copies each piece from the source's descriptor into the image file in
+chunks (``copy_file_range``; plain reads and writes where that is refused).
+
+The source must not change between the moment its bytes are decided on (hashed,
+compared, allocated) and the commit. ``Source.check_unchanged`` compares the
+descriptor's identity (device, inode, size, modification and change times, the
+way tar and rsync tell "file changed as we read it"); the container writers call
+it after the payload is written and before the commit point, so a source changed
+underneath leaves the image as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vhdtool.errors import ImageNotFound, WriteFailed
+from vhdtool.units import MiB
+
+READ_CHUNK = 4 * MiB  # hashing and comparing read this much at a time
+COPY_PIECE = 16 * MiB  # the writers copy, and report progress, this much at a time
+
+
+class SourceChanged(WriteFailed):
+    """A local file being copied in changed while vhdtool copied it; the image is left as it was."""
+
+    hint = "the image is unchanged; copy from a file nothing writes to, then run the command again"
+
+
+class Source:
+    """``length`` bytes at ``start`` of the regular file ``path``, open read-only for as long as the operation runs.
+
+    ``label`` names it in messages (a cab inside an ISO: ``vmguest.iso:/support/...``)."""
+
+    def __init__(self, path: str | os.PathLike, start: int = 0, length: int | None = None, label: str | None = None):
+        self.path = os.fspath(path)
+        self.label = label or self.path
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ImageNotFound(self.label, "no such local file") from None
+        except OSError as e:
+            raise ImageNotFound(self.label, f"cannot read it ({e.strerror})", "give a readable local file") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ImageNotFound(self.label, "not a regular file", "give a regular local file")
+        size = st.st_size - start if length is None else length
+        if start < 0 or size < 0 or start + size > st.st_size:
+            os.close(fd)
+            raise ImageNotFound(self.label, f"bytes {start}..{start + size} lie outside the {st.st_size}-byte file")
+        self._fd: int | None = fd
+        self.start = start
+        self.size = size
+        self._identity = self._identity_of(st)
+        self._sha256: str | None = None
+
+    @staticmethod
+    def _identity_of(st: os.stat_result) -> tuple:
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.label} is closed")
+        return self._fd
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Source({self.label!r}, start={self.start}, size={self.size})"
+
+    def whole(self) -> SourceRange:
+        return SourceRange(self, 0, self.size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the range (not of the file); short only at the range's end."""
+        length = max(0, min(length, self.size - offset))
+        out = bytearray()
+        pos = self.start + offset
+        try:
+            while len(out) < length:
+                chunk = os.pread(self.fileno(), length - len(out), pos)
+                if not chunk:
+                    raise SourceChanged(self.label, "the file became shorter while it was being copied")
+                out += chunk
+                pos += len(chunk)
+        except OSError as e:
+            raise WriteFailed(self.label, f"reading it failed ({e.strerror})", "check the file and its disk") from None
+        return bytes(out)
+
+    def chunks(self, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+        """The whole range, in order, ``chunk`` bytes at a time."""
+        for at in range(0, self.size, chunk):
+            yield self.read(at, chunk)
+
+    def sha256(self) -> str:
+        """The SHA-256 of the range, read once (and kept: check_unchanged tells whether it still holds)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            for chunk in self.chunks():
+                h.update(chunk)
+            self.check_unchanged()
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def same_bytes(self, chunks: Iterator[bytes]) -> bool:
+        """Whether ``chunks`` (another file's content, in order) hold exactly this range's bytes."""
+        pos = 0
+        for chunk in chunks:
+            if not chunk:
+                continue
+            if pos + len(chunk) > self.size or self.read(pos, len(chunk)) != chunk:
+                return False
+            pos += len(chunk)
+        return pos == self.size
+
+    def check_unchanged(self) -> None:
+        """SourceChanged when the file is no longer what it was when opened (written, truncated, replaced)."""
+        try:
+            now = self._identity_of(os.fstat(self.fileno()))
+            named = self._identity_of(os.stat(self.path))
+        except OSError as e:
+            raise SourceChanged(self.label, f"it can no longer be read ({e.strerror})") from None
+        if now != self._identity or named[:2] != self._identity[:2]:
+            raise SourceChanged(self.label, "the file changed while it was being copied")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class SourceRange:
+    """``length`` bytes at ``offset`` of a Source's range: data that the commit copies, never holds.
+
+    Sliced like bytes (``r[a:b]`` is a SourceRange), measured with ``len``; ``bytes(r)``
+    reads it, for the few places that need the bytes themselves (a piece that has to go
+    through the VHDX log)."""
+
+    source: Source
+    offset: int
+    length: int
+
+    def __post_init__(self):
+        if self.offset < 0 or self.length < 0 or self.offset + self.length > self.source.size:
+            raise ValueError(f"{self.length} bytes at {self.offset} lie outside {self.source!r}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item: slice) -> SourceRange:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("a SourceRange is sliced with [a:b] only")
+        lo, hi, _ = item.indices(self.length)
+        return SourceRange(self.source, self.offset + lo, max(0, hi - lo))
+
+    def __bytes__(self) -> bytes:
+        return self.source.read(self.offset, self.length)
+
+    @property
+    def file_offset(self) -> int:
+        """Where the range starts in the source file itself."""
+        return self.source.start + self.offset
+
+    def follows(self, other: SourceRange) -> bool:
+        """Whether this range starts where ``other`` ends, in the same source."""
+        return self.source is other.source and other.offset + other.length == self.offset
+
+
+def pieces(data, piece: int = COPY_PIECE) -> Iterator[tuple[int, bytes | SourceRange]]:
+    """(offset in data, part) of ``data`` in parts a writer writes one at a time: a SourceRange in ``piece``
+    parts (so that progress moves and a crash test has points inside a large copy), bytes whole."""
+    if not isinstance(data, SourceRange):
+        yield 0, data
+        return
+    for at in range(0, len(data), piece):
+        yield at, data[at : at + piece]
+
+
+def copy_range(dst: int, dst_offset: int, data: SourceRange) -> int:
+    """Copy ``data`` into the descriptor ``dst`` at ``dst_offset``; the bytes copied. OSError on failure.
+
+    copy_file_range first (the kernel copies page to page, or shares the blocks where the
+    filesystem can); plain reads and writes where the kernel refuses it for these files."""
+    src = data.source.fileno()
+    pos, end, at = data.file_offset, data.file_offset + data.length, dst_offset
+    use_cfr = hasattr(os, "copy_file_range")
+    while pos < end:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src, dst, end - pos, pos, at)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                use_cfr = False
+        if not use_cfr:
+            chunk = os.pread(src, min(end - pos, MiB), pos)
+            n = len(chunk)
+            view = memoryview(chunk)
+            w = at
+            while view:
+                k = os.pwrite(dst, view, w)
+                if k <= 0:
+                    raise OSError(errno.EIO, "short write")
+                view, w = view[k:], w + k
+        if n <= 0:
+            raise OSError(errno.EIO, "the source ended early")
+        pos += n
+        at += n
+    return data.length
