@@ -24,7 +24,7 @@ MAX_FUNCTION_LINES = 80
 # everything but the read-only reader is in it, so a module split out of the hive editor or the
 # log replay is checked without being listed here.
 WRITE_PATH_PACKAGES = ("container", "editor", "stage", "fleet")
-WRITE_PATH_MODULES = ("filesystem/ntfs3g.py",)
+WRITE_PATH_MODULES = ("filesystem/ntfs3g.py", "filesystem/ntfsdevice.py", "filesystem/ntfsbitmap.py", "filesystem/ntfsanswer.py")
 REGISTRY_READER = ("__init__.py", "cells.py", "keys.py", "records.py")
 
 

@@ -22,7 +22,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vhdtool.errors import ImageNotFound, WriteFailed
@@ -100,23 +100,43 @@ class Source:
             raise WriteFailed(self.label, f"reading it failed ({e.strerror})", "check the file and its disk") from None
         return bytes(out)
 
-    def chunks(self, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-        """The whole range, in order, ``chunk`` bytes at a time."""
-        for at in range(0, self.size, chunk):
-            yield self.read(at, chunk)
+    def chunks(self, chunk: int = READ_CHUNK) -> Iterator[memoryview]:
+        """The whole range, in order, ``chunk`` bytes at a time: views of one buffer, each valid until the next."""
+        buf = bytearray(min(chunk, max(self.size, 1)))
+        view = memoryview(buf)
+        at = 0
+        while at < self.size:
+            n = min(len(buf), self.size - at)
+            got = 0
+            try:
+                while got < n:
+                    k = os.preadv(self.fileno(), [view[got:n]], self.start + at + got)
+                    if k <= 0:
+                        raise SourceChanged(self.label, "the file became shorter while it was being copied")
+                    got += k
+            except OSError as e:
+                raise WriteFailed(self.label, f"reading it failed ({e.strerror})", "check the file and its disk") from None
+            yield view[:n]
+            at += n
 
-    def sha256(self) -> str:
-        """The SHA-256 of the range, read once (and kept: check_unchanged tells whether it still holds)."""
+    def sha256(self, progress: Callable[[int], object] | None = None) -> str:
+        """The SHA-256 of the range, read once (and kept: check_unchanged tells whether it still holds).
+
+        ``progress(done)`` is told the bytes hashed so far, after each chunk."""
         if self._sha256 is None:
             h = hashlib.sha256()
+            done = 0
             for chunk in self.chunks():
                 h.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done)
             self.check_unchanged()
             self._sha256 = h.hexdigest()
         return self._sha256
 
     def same_bytes(self, chunks: Iterator[bytes]) -> bool:
-        """Whether ``chunks`` (another file's content, in order) hold exactly this range's bytes."""
+        """Whether ``chunks`` (another file's content, in order, in pieces of any size) hold exactly this range."""
         pos = 0
         for chunk in chunks:
             if not chunk:
@@ -127,13 +147,14 @@ class Source:
         return pos == self.size
 
     def check_unchanged(self) -> None:
-        """SourceChanged when the file is no longer what it was when opened (written, truncated, replaced)."""
+        """SourceChanged when the file is no longer what it was when opened (written to, truncated)."""
+        # The descriptor's file, not the path's: a file renamed or replaced meanwhile is still read
+        # through the descriptor, with the bytes that were hashed.
         try:
             now = self._identity_of(os.fstat(self.fileno()))
-            named = self._identity_of(os.stat(self.path))
         except OSError as e:
             raise SourceChanged(self.label, f"it can no longer be read ({e.strerror})") from None
-        if now != self._identity or named[:2] != self._identity[:2]:
+        if now != self._identity:
             raise SourceChanged(self.label, "the file changed while it was being copied")
 
     def close(self) -> None:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import tempfile
 from dataclasses import replace
 
-from vhdtool.container.chain import find_parent, open_image, open_one
+from vhdtool.container.chain import open_image, open_one
 from vhdtool.container.commit import commit as commit_changes
-from vhdtool.container.filecopy import copy_file
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
 from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
+from vhdtool.editor.images import copy_image, dependent_children
+from vhdtool.editor.images import digest as payload_digest
+from vhdtool.editor.paths import CONFIG_DIR, HIVES, LINUX_FILESYSTEMS, guest_path, protected
 from vhdtool.errors import (
     EncryptedVolume,
     GuestNotClean,
@@ -23,9 +23,7 @@ from vhdtool.errors import (
     ImageNotFound,
     UnsupportedImage,
     UnsupportedLayout,
-    VhdtoolError,
     VolumeFull,
-    WriteFailed,
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import survey_disk
@@ -33,69 +31,6 @@ from vhdtool.guest.hivefiles import read_hive_files
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.units import MiB
 from vhdtool.volume import Partition, open_partition
-
-CONFIG_DIR = "/Windows/System32/config"
-HIVES = ("SYSTEM", "SOFTWARE", "SAM", "SECURITY", "DEFAULT")
-IMAGE_SUFFIXES = (".vhdx", ".avhdx", ".vhd", ".avhd")
-MAX_SIBLINGS = 4096  # differencing disks looked at in the image's folder
-LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "lvm2")
-
-# The root folder's metadata files (records 0-11 of the MFT), never deleted.
-NTFS_METADATA = ("$mft", "$mftmirr", "$logfile", "$volume", "$attrdef", "$bitmap", "$boot", "$badclus", "$secure",
-                 "$upcase", "$extend")
-
-
-def guest_path(path: str, drive_letter: str | None = None) -> str:
-    """``C:\\Windows\\Temp`` or ``/Windows/Temp`` as the volume path ``/Windows/Temp``."""
-    p = path.strip().replace("\\", "/")
-    if len(p) >= 2 and p[1] == ":":
-        if drive_letter and p[0].upper() != drive_letter.upper():
-            raise UnsupportedLayout(None, f"{path} is not on the guest's system drive {drive_letter}:",
-                                    "give a path on the system drive, or --partition N with a path inside that volume")
-        p = p[2:]
-    parts = [x for x in p.split("/") if x]
-    if any(x in (".", "..") for x in parts):
-        raise UnsupportedLayout(None, f"{path}: '.' and '..' are not allowed in guest paths", "give an absolute path")
-    return "/" + "/".join(parts)
-
-
-def protected(target: str) -> bool:
-    """Whether deleting the volume path ``target`` would take the root, NTFS metadata or a registry hive
-    (SYSTEM, its .LOG1/.LOG2, and the folders that hold them) with it. NTFS names compare without case."""
-    parts = target.casefold().split("/")[1:]
-    config = CONFIG_DIR.casefold().split("/")[1:]
-    if target == "/" or parts[0] in NTFS_METADATA or parts == config[: len(parts)]:
-        return True
-    return parts[:-1] == config and any(parts[-1] == h.casefold() or parts[-1].startswith(h.casefold() + ".")
-                                        for h in HIVES)
-
-
-def dependent_children(image: str) -> list[str]:
-    """Differencing disks in ``image``'s folder whose parent locator resolves to ``image``."""
-    here = os.path.realpath(image)
-    folder = os.path.dirname(here)
-    found = []
-    try:
-        names = sorted(os.listdir(folder))[:MAX_SIBLINGS]
-    except OSError:
-        return []
-    for name in names:
-        path = os.path.join(folder, name)
-        if not name.lower().endswith(IMAGE_SUFFIXES) or os.path.realpath(path) == here or not os.path.isfile(path):
-            continue
-        try:
-            disk = open_one(path)
-        except VhdtoolError:
-            continue
-        try:
-            if disk.needs_parent and os.path.realpath(find_parent(disk)) == here:
-                found.append(path)
-        except VhdtoolError:
-            pass
-        finally:
-            disk.close()
-    return found
-
 
 class EditSession:
     def __init__(self, path: str, dry_run: bool = False, output: str | None = None):
@@ -232,7 +167,7 @@ class EditSession:
         if state == "file" and not self._pending(part.index, target) and self._holds(fs, target, data):
             return None
         self._check_room(part.index, fs, target, state, len(data))
-        digest = data.sha256() if isinstance(data, Source) else hashlib.sha256(data).hexdigest()
+        digest = payload_digest(data)
         self._ops.setdefault(part.index, []).append(
             ntfs3g.WriteFile(target, data if isinstance(data, Source) else bytes(data)))
         change = FileChange(target, action, len(data), digest, part.index)
@@ -465,22 +400,3 @@ class EditSession:
                 os.unlink(self._tmp_output)
             except FileNotFoundError:
                 pass
-
-
-def copy_image(src: str, dst: str) -> None:
-    """Copy the image ``src`` to ``dst`` (which exists, empty), sparse or as a reflink, with a
-    progress bar on a terminal when it takes long (vhdtool.progress)."""
-    from vhdtool.progress import NO_PROGRESS, bar
-
-    shutil.copymode(src, dst)
-    with open(src, "rb") as fi, open(dst, "r+b") as fo:
-        size = os.fstat(fi.fileno()).st_size
-        # The thread keeps the bar's time running through the flush, and through a long
-        # copy_file_range call; nothing forks during the copy.
-        with bar(f"copying {os.path.basename(src)}", size) as progress, progress.ticking():
-            copy_file(fi.fileno(), fo.fileno(), size, src, why="--output needs a copy of the image's data",
-                      progress=None if progress is NO_PROGRESS else progress)
-            try:
-                os.fsync(fo.fileno())
-            except OSError as e:
-                raise WriteFailed(dst, f"flushing the copy failed ({e.strerror})") from None

@@ -26,9 +26,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vhdtool.container.overlay import Extent, Overlay
+from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import Source, SourceRange
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, VolumeFull
+from vhdtool.filesystem.ntfsanswer import decode, decode_sources, encode
+from vhdtool.filesystem.ntfsbitmap import free_clusters
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
 from vhdtool.native import Refusal, load_libc, load_library, run_isolated
 from vhdtool.units import MiB
@@ -39,7 +41,6 @@ CHILD_TIMEOUT = 120.0
 NTFS_MNT_FORENSIC = 0x04000000
 AT_DATA = 0x80
 S_IFREG, S_IFDIR = stat.S_IFREG, stat.S_IFDIR
-EXTENT_HEAD = struct.Struct("<QQ")
 # MS-DTYP 2.4.6 SECURITY_DESCRIPTOR (self-relative) and 2.4.5 ACL headers, 2.4.4.1 ACE flags.
 SD_HEADER = struct.Struct("<BBHIIII")
 ACL_HEADER = struct.Struct("<BBHHH")
@@ -388,25 +389,6 @@ class _VolumeFullHere(Refusal):
     """In the child: libntfs-3g ran out of clusters (ENOSPC); the parent raises VolumeFull."""
 
 
-def _encode(extents: list[Extent]) -> bytes:
-    return b"".join(EXTENT_HEAD.pack(e.offset, len(e.data)) + e.data for e in extents)
-
-
-def _decode(blob: bytes, start: int, end: int, sector: int, label: str) -> list[Extent]:
-    """The child's extents, checked: inside the partition, whole sectors, the payload used exactly."""
-    out, pos = [], 0
-    while pos < len(blob):
-        if pos + EXTENT_HEAD.size > len(blob):
-            raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
-        offset, length = EXTENT_HEAD.unpack_from(blob, pos)
-        pos += EXTENT_HEAD.size
-        if offset < start or offset + length > end or offset % sector or length % sector or pos + length > len(blob):
-            raise CorruptFilesystem(label, "the libntfs-3g child wrote outside the volume it was given")
-        out.append(Extent(offset, blob[pos : pos + length]))
-        pos += length
-    return out
-
-
 def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str,
           tick: Callable[[], None] | None = None) -> int:
     """Run ``operations`` (WriteFile, MakeDir, Delete), in order, with libntfs-3g on the volume at [start, start + size) of
@@ -419,7 +401,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
     sources = [op.data for op in operations if isinstance(op, WriteFile) and isinstance(op.data, Source)]
     keep = tuple(d.image.fileno() for d in overlay.base.chain() if d.image is not None and not d.image.closed)
     keep += tuple(src.fileno() for src in sources)
-    free = _free_clusters(overlay, start, size, label)
+    free = free_clusters(overlay, start, size, label)
 
     def job() -> dict:
         device = OverlayDevice(overlay, start, size, free=lambda lo, hi: free.runs(lo, hi))
@@ -441,7 +423,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         held = [e for e in changed if not isinstance(e.data, SourceRange)]
         ranges = [[e.offset, len(e.data), next(i for i, s in enumerate(sources) if s is e.data.source), e.data.offset]
                   for e in changed if isinstance(e.data, SourceRange)]
-        return {"extents": len(held), "sources": ranges, "payload": _encode(held)}
+        return {"extents": len(held), "sources": ranges, "payload": encode(held)}
 
     try:
         head, payload = run_isolated(
@@ -452,10 +434,10 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
     if head.get("full"):
         raise VolumeFull(label, f"{what}: {head['full']}")
-    extents = _decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
+    extents = decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
     if len(extents) != head.get("extents"):
         raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
-    extents += _decode_sources(head.get("sources"), sources, start, start + size, overlay.logical_sector_size, label)
+    extents += decode_sources(head.get("sources"), sources, start, start + size, overlay.logical_sector_size, label)
     for e in extents:
         if isinstance(e.data, SourceRange):
             overlay.write_source(e.offset, e.data)
@@ -464,59 +446,3 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         for lo, hi in free.runs(e.offset - start, e.end - start):
             overlay.mark_unreachable(start + lo, hi - lo)
     return sum(len(e.data) for e in extents)
-
-
-def _decode_sources(ranges, sources: list[Source], start: int, end: int, sector: int, label: str) -> list[Extent]:
-    """The child's source ranges, checked: inside the partition and the source, whole sectors but at the disk's end."""
-    out = []
-    if not isinstance(ranges, list):
-        raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
-    for item in ranges:
-        if not (isinstance(item, list) and len(item) == 4 and all(type(x) is int and x >= 0 for x in item)):
-            raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
-        offset, length, index, at = item
-        if index >= len(sources) or at + length > sources[index].size or length == 0:
-            raise CorruptFilesystem(label, "the libntfs-3g child named bytes its source does not have")
-        if offset < start or offset + length > end or offset % sector:
-            raise CorruptFilesystem(label, "the libntfs-3g child wrote outside the volume it was given")
-        out.append(Extent(offset, SourceRange(sources[index], at, length)))
-    return out
-
-
-class _FreeClusters:
-    """The clusters the volume's on-disk (old) $Bitmap marks free: nothing of the old volume reads them."""
-
-    def __init__(self, bitmap: bytes, cluster: int):
-        self.bitmap = bitmap
-        self.cluster = cluster
-
-    def free(self, n: int) -> bool:
-        byte = n // 8
-        # Clusters past the bitmap's end do not exist: never free.
-        return byte < len(self.bitmap) and not self.bitmap[byte] >> (n % 8) & 1
-
-    def runs(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """Byte ranges inside [lo, hi) of the volume that lie wholly in free clusters."""
-        out = []
-        c = self.cluster
-        first, last = -(-lo // c), hi // c
-        n = first
-        while n < last:
-            if self.free(n):
-                m = n
-                while m < last and self.free(m):
-                    m += 1
-                out.append((n * c, m * c))
-                n = m
-            else:
-                n += 1
-        return out
-
-
-def _free_clusters(overlay: Overlay, start: int, size: int, label: str) -> _FreeClusters:
-    from dissect.util.stream import RangeStream
-
-    from vhdtool.filesystem.ntfs import NtfsFilesystem
-
-    fs = NtfsFilesystem(RangeStream(overlay.base, start, size, align=4096), label, "the volume")
-    return _FreeClusters(fs.read("/$Bitmap", size // 8 + 4096), fs.cluster_size())

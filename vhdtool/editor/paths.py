@@ -1,0 +1,38 @@
+"""Guest paths as the editor takes them, and the ones it never deletes."""
+
+from __future__ import annotations
+
+from vhdtool.errors import UnsupportedLayout
+
+CONFIG_DIR = "/Windows/System32/config"
+HIVES = ("SYSTEM", "SOFTWARE", "SAM", "SECURITY", "DEFAULT")
+LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "lvm2")
+
+# The root folder's metadata files (records 0-11 of the MFT), never deleted.
+NTFS_METADATA = ("$mft", "$mftmirr", "$logfile", "$volume", "$attrdef", "$bitmap", "$boot", "$badclus", "$secure",
+                 "$upcase", "$extend")
+
+
+def guest_path(path: str, drive_letter: str | None = None) -> str:
+    """``C:\\Windows\\Temp`` or ``/Windows/Temp`` as the volume path ``/Windows/Temp``."""
+    p = path.strip().replace("\\", "/")
+    if len(p) >= 2 and p[1] == ":":
+        if drive_letter and p[0].upper() != drive_letter.upper():
+            raise UnsupportedLayout(None, f"{path} is not on the guest's system drive {drive_letter}:",
+                                    "give a path on the system drive, or --partition N with a path inside that volume")
+        p = p[2:]
+    parts = [x for x in p.split("/") if x]
+    if any(x in (".", "..") for x in parts):
+        raise UnsupportedLayout(None, f"{path}: '.' and '..' are not allowed in guest paths", "give an absolute path")
+    return "/" + "/".join(parts)
+
+
+def protected(target: str) -> bool:
+    """Whether deleting the volume path ``target`` would take the root, NTFS metadata or a registry hive
+    (SYSTEM, its .LOG1/.LOG2, and the folders that hold them) with it. NTFS names compare without case."""
+    parts = target.casefold().split("/")[1:]
+    config = CONFIG_DIR.casefold().split("/")[1:]
+    if target == "/" or parts[0] in NTFS_METADATA or parts == config[: len(parts)]:
+        return True
+    return parts[:-1] == config and any(parts[-1] == h.casefold() or parts[-1].startswith(h.casefold() + ".")
+                                        for h in HIVES)
