@@ -127,10 +127,14 @@ def extra_units(root: Path) -> dict[str, str]:
     write(root, f"{vendor}/x-static.service", plain)
     write(root, f"{vendor}/x-override.service", plain)  # /etc's copy wins and has rules
     write(root, "etc/systemd/system/x-override.service", plain + WANTED)
+    write(root, f"{vendor}/x-null-wants.service", plain + WANTED)  # enabled by name; enable replaces it
+    os.symlink("/dev/null", etc / "multi-user.target.wants/x-null-wants.service")
+    write(root, f"{vendor}/x-alias-taken.service", plain + "[Install]\nAlias=x-other.service\n")
     return {"x-alias.service": "enabled", "x-aliased.service": "indirect", "x-renamed.service": "disabled",
             "x-vendor-wants.service": "disabled", "x-required.service": "enabled", "x-empty.service": "masked",
             "x-masked-empty.service": "masked", "x-dangling.service": "enabled", "x-also.service": "indirect",
-            "x-static.service": "static", "x-override.service": "disabled", "x-none.service": "not-installed"}
+            "x-static.service": "static", "x-override.service": "disabled", "x-none.service": "not-installed",
+            "x-null-wants.service": "enabled", "x-alias-taken.service": "disabled"}
 
 
 LAYOUTS = {
@@ -196,6 +200,12 @@ def in_root(root: Path, path: str, depth: int = 0) -> str:
     return "/" + "/".join(done)
 
 
+def etc_dirs(root: Path) -> set[str]:
+    """Every real folder under /etc/systemd/system (guest paths)."""
+    base = root / "etc/systemd/system"
+    return {"/" + str(Path(d).relative_to(root)) for d, _, _ in os.walk(base) if not Path(d).is_symlink()}
+
+
 def etc_links(root: Path) -> dict[str, str]:
     """{guest path: target resolved in the guest} of every symlink under /etc/systemd/system."""
     base = root / "etc/systemd/system"
@@ -237,9 +247,9 @@ def test_daemon_states_as_systemd_sees_them(tmp_path, layout):
 
 # -- enable / disable plans -------------------------------------------------------------------
 
-def planned(fs, plan) -> dict[str, str]:
-    """{link path: target resolved in the guest} of a plan's changes."""
-    return {c.path: fs.resolve(c.target) for c in plan.changes}
+def planned(fs, plan, action: str) -> dict[str, str]:
+    """{link path: target resolved in the guest} of a plan's changes of one action."""
+    return {c.path: fs.resolve(c.target) for c in plan.changes if c.action == action}
 
 
 @needs_systemctl
@@ -255,23 +265,26 @@ def test_enable_and_disable_plans_are_systemctls_links(tmp_path, layout):
           "WantedBy=multi-user.target  graphical.target\n; a comment\nWantedBy=\\\n  default.target\n"
           "RequiredBy=\"basic.target\"\nAlias=%N-alias.service\nAlso=y-also.service\n")
     write(tree, vendor[1:] + "/y-also.service", "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=timers.target\n")
-    names = ["y-many.service", "x-renamed.service", "x-aliased.service", "x-alias.service"]
+    names = ["y-many.service", "x-renamed.service", "x-aliased.service", "x-alias.service", "x-null-wants.service",
+             "x-alias-taken.service", "x-empty.service"]
     names += [u for u in (LAYOUTS[layout][1][k][1] for k in ("kvp", "vss", "fcopy")) if u]
     for name in names:
         fs = ext4_of(tree, tmp_path / f"{name}.ext4")
         plan = systemd.enable_plan(fs, name)
         copy = tmp_path / f"{name}-enabled"
         shutil.copytree(tree, copy, symlinks=True)
-        before = etc_links(copy)
+        before, dirs_before = etc_links(copy), etc_dirs(copy)
         r = systemctl(copy, "enable", name)
         if plan.refusal:
-            assert r.returncode != 0 and "systemctl unmask" in (plan.hint or ""), (name, r.stderr)
+            assert r.returncode != 0, (name, r.stdout)
             continue
         after = etc_links(copy)
         made = {p: t for p, t in after.items() if before.get(p) != t}
         assert r.returncode == 0, r.stderr
-        assert planned(fs, plan) == made, name
-        assert all(c.target.startswith("/") and c.action == "create" for c in plan.changes)
+        assert planned(fs, plan, "create") == made, name
+        assert {c.path for c in plan.changes if c.action == "delete"} == set(made) & set(before), name
+        assert {c.path for c in plan.changes if c.action == "mkdir"} == etc_dirs(copy) - dirs_before, name
+        assert all(c.target.startswith("/") for c in plan.changes if c.action == "create")
 
         # Enabling again changes nothing; disabling removes exactly what systemctl disable removes.
         enabled = ext4_of(copy, tmp_path / f"{name}-enabled.ext4")
@@ -279,11 +292,12 @@ def test_enable_and_disable_plans_are_systemctls_links(tmp_path, layout):
         if name in systemd.udev_started_units(enabled):
             continue
         off = systemd.disable_plan(enabled, name)
+        dirs_before = etc_dirs(copy)
         r = systemctl(copy, "disable", name)
         assert r.returncode == 0, r.stderr
-        removed = set(after) - set(etc_links(copy))
-        assert {c.path for c in off.changes} == removed, name
-        assert all(c.action == "delete" for c in off.changes)
+        assert {c.path for c in off.changes if c.action == "delete"} == set(after) - set(etc_links(copy)), name
+        assert {c.path for c in off.changes if c.action == "rmdir"} == dirs_before - etc_dirs(copy), name
+        assert {c.action for c in off.changes} <= {"delete", "rmdir"}
         disabled = ext4_of(copy, tmp_path / f"{name}-disabled.ext4")
         assert systemd.disable_plan(disabled, name).changes == ()
 
@@ -321,7 +335,9 @@ def test_hostile_units_never_name_a_path(tmp_path):
     os.symlink("x-loop.service", loops / "x-loop.service")
     fs = ext4_of(root, tmp_path / "hostile.ext4")
     plan = systemd.enable_plan(fs, "hv-kvp-daemon.service")
-    assert [c.path for c in plan.changes] == ["/etc/systemd/system/multi-user.target.wants/hv-kvp-daemon.service"]
+    assert [(c.action, c.path) for c in plan.changes] == [
+        ("mkdir", "/etc/systemd/system/multi-user.target.wants"),
+        ("create", "/etc/systemd/system/multi-user.target.wants/hv-kvp-daemon.service")]
     assert len(plan.notes) == 4  # the four values ignored, said so
     assert systemd.find_unit(fs, "x-loop.service") is None
     assert hvdaemons.daemon_states(fs, "debian", None)[0].start == "disabled"

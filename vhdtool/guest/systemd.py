@@ -28,10 +28,13 @@ them on the same trees in tests/test_linux_units.py:
 ``systemctl enable`` creates, for each WantedBy=T, /etc/systemd/system/T.wants/<unit>; for
 RequiredBy= and UpheldBy= the same in .requires/ and .upholds/; for each Alias=A,
 /etc/systemd/system/A; each an absolute link to the unit file; then the same for each Also=
-unit. The target here is the unit file's path with its folders resolved in the guest
+unit. A link of the unit's name already in a .wants/.requires folder but pointing elsewhere is
+replaced; anything else in the way of a link is a refusal (systemctl 252 does the same). The target here is the unit file's path with its folders resolved in the guest
 (/usr/lib/systemd/system/x.service on merged /usr): the guest's systemd finds the same file
 through it whichever search order it was built with. ``systemctl disable`` removes every
-symlink under /etc/systemd/system named after the unit (or an Also= unit) or pointing at it.
+symlink under /etc/systemd/system named after the unit (or an Also= unit) or pointing at it
+(even a /dev/null one in a .wants folder, as systemctl 252 does), then each folder it emptied;
+``enable`` first makes the folders it needs (0755).
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ class UnitFile:
 @dataclass(frozen=True)
 class LinkChange:
     path: str
-    action: str  # "create" or "delete"
-    target: str  # what the link points (or pointed) to
+    action: str  # "create" or "delete" (a link), "mkdir" or "rmdir" (its folder, mode 0755)
+    target: str | None  # what the link points (or pointed) to; None for a folder
 
     def to_dict(self) -> dict:
         return {"path": self.path, "action": self.action, "target": self.target}
@@ -245,20 +248,42 @@ def enable_plan(fs: Filesystem, name: str, udev: dict[str, str] | None = None) -
     if missing:
         return LinkPlan(name, "enable", refusal=f"{name} names Also={missing}, which is missing or masked",
                         hint=f"install or unmask {missing}, or enable the units one by one")
-    changes, notes = [], [f"{name}: ignored [Install] value {v}" for v in unit.install.ignored]
+    changes: list[LinkChange] = []
+    notes = [f"{name}: ignored [Install] value {v}" for v in unit.install.ignored]
     for u in units:
         for link in _wanted_links(u):
-            if fs.readlink(link) is not None and fs.resolve(link) == fs.resolve(u.path):
+            stored = fs.readlink(link)
+            if stored is not None and fs.resolve(link) == fs.resolve(u.path):
                 continue  # already there: enabling again changes nothing
-            if _entry_exists(fs, link):
-                stored = fs.readlink(link)
+            if stored is not None and posixpath.dirname(link) != CONFIG_DIR:
+                # systemctl 252 replaces another link of the unit's name in a .wants/.requires folder
+                changes.append(LinkChange(link, "delete", stored))
+            elif _entry_exists(fs, link):
                 what = f"a link to {stored}" if stored is not None else "not a link"
                 return LinkPlan(name, "enable", refusal=f"{link} exists and is {what}",
+                                hint="remove it, or run systemctl enable --force in the guest")
+            blocked = _make_parents(fs, posixpath.dirname(link), changes)
+            if blocked:
+                return LinkPlan(name, "enable", refusal=f"{blocked} exists and is not a folder",
                                 hint="remove it, or run systemctl enable --force in the guest")
             changes.append(LinkChange(link, "create", u.target))
     if not any(u.install.has_rules for u in units):
         notes.append(f"{name} has no [Install] rules (static): nothing to enable")
     return LinkPlan(name, "enable", tuple(changes), notes=tuple(notes))
+
+
+def _make_parents(fs: Filesystem, folder: str, changes: list[LinkChange]) -> str | None:
+    """Queue a mkdir for each missing folder down to ``folder`` (systemctl makes them, 0755); or the path
+    that is in the way."""
+    missing: list[str] = []
+    while folder != "/" and not fs.is_dir(folder):
+        if _entry_exists(fs, folder):
+            return folder
+        missing.append(folder)
+        folder = posixpath.dirname(folder)
+    queued = {c.path for c in changes}
+    changes.extend(LinkChange(f, "mkdir", None) for f in reversed(missing) if f not in queued)
+    return None
 
 
 def disable_plan(fs: Filesystem, name: str, udev: dict[str, str] | None = None) -> LinkPlan:
@@ -279,10 +304,16 @@ def disable_plan(fs: Filesystem, name: str, udev: dict[str, str] | None = None) 
         stored = fs.readlink(path)
         destination = _destination(path, stored)
         own_name = posixpath.basename(path)
-        if destination == DEV_NULL or (posixpath.dirname(path) == CONFIG_DIR and own_name in names):
+        if posixpath.dirname(path) == CONFIG_DIR and (destination == DEV_NULL or own_name in names):
             continue  # a mask, or a unit file linked into /etc: neither is an enablement
         if own_name in names or posixpath.basename(destination) in names or fs.resolve(path) in files:
             changes.append(LinkChange(path, "delete", stored))
+    # systemctl disable removes a folder it emptied (never one that was empty before, nor /etc/systemd/system).
+    emptied = {posixpath.dirname(c.path) for c in changes} - {CONFIG_DIR}
+    deleted = {c.path for c in changes}
+    for folder in sorted(emptied):
+        if all(f"{folder}/{e}" in deleted for e in fs.listdir(folder)):
+            changes.append(LinkChange(folder, "rmdir", None))
     return LinkPlan(name, "disable", tuple(changes))
 
 
