@@ -57,7 +57,9 @@ DEPENDENCY_DIRS = (".wants", ".requires", ".upholds")
 DEV_NULL = "/dev/null"
 MAX_UNIT_FILE = 1 * MiB
 MAX_RULES_FILE = 1 * MiB
+MAX_RULES_BYTES = 16 * MiB  # all rules files together; real ones are a few KiB each
 MAX_DIR_ENTRIES = 8192  # a hostile folder may list any number of names; the rest are not looked at
+MAX_CONFIG_LINKS = 65536  # links looked at under /etc/systemd/system by disable
 MAX_RULES_FILES = 1024
 MAX_ALSO = 32
 
@@ -172,11 +174,14 @@ def udev_started_units(fs: Filesystem) -> dict[str, str]:
             if name.endswith(".rules") and name not in rules:
                 rules[name] = f"{folder}/{name}"
     started: dict[str, str] = {}
+    budget = MAX_RULES_BYTES
     for name in sorted(rules)[:MAX_RULES_FILES]:
         path = rules[name]
-        if fs.resolve(path) is None or fs.is_dir(path) or _is_null_or_empty(fs, path):
+        if budget <= 0 or fs.resolve(path) is None or fs.is_dir(path) or _is_null_or_empty(fs, path):
             continue
-        text = fs.read(path, MAX_RULES_FILE).decode("utf-8", "replace")
+        data = fs.read(path, min(MAX_RULES_FILE, budget))
+        budget -= len(data)
+        text = data.decode("utf-8", "replace")
         for unit in udev_wanted_units(text):
             started.setdefault(unit, path)
     return started
@@ -319,11 +324,14 @@ def disable_plan(fs: Filesystem, name: str, udev: dict[str, str] | None = None) 
 
 def _config_links(fs: Filesystem) -> list[str]:
     """Every symlink at the top of /etc/systemd/system and one folder down (where enable puts them)."""
-    out = []
+    out: list[str] = []
     for entry in _listdir(fs, CONFIG_DIR):
         path = f"{CONFIG_DIR}/{entry}"
         if fs.readlink(path) is not None:
             out.append(path)
         elif fs.is_dir(path):
-            out.extend(f"{path}/{e}" for e in _listdir(fs, path) if fs.readlink(f"{path}/{e}") is not None)
+            out.extend(f"{path}/{e}" for e in _listdir(fs, path)[:MAX_CONFIG_LINKS - len(out)]
+                       if fs.readlink(f"{path}/{e}") is not None)
+        if len(out) >= MAX_CONFIG_LINKS:
+            break
     return sorted(out)
