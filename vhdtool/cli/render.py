@@ -75,6 +75,8 @@ def render_inspection(ins: Inspection) -> str:
         lines.append(f"  kernels    {', '.join(lx.kernels) or '-'}")
         lines.append("  hv modules " + ", ".join(f"{k} {_yn(v)}" for k, v in lx.hv_modules))
         lines.append("  daemons    " + ", ".join(f"{k} {_yn(v)}" for k, v in lx.daemons))
+        for d in lx.services:
+            lines.append(_linux_service_line(d.to_dict()))
     for w in ins.warnings:
         lines.append(f"  warning    {w}")
     return "\n".join(lines)
@@ -128,11 +130,19 @@ def render_edit(result: ChangeSet) -> str:
     return "\n".join(lines)
 
 
+def _linux_service_line(s: dict) -> str:
+    where = ", ".join(x for x in (s["unit"], s["daemon"]) if x)
+    return f"    {s['name']:<20} {s['start']}" + (f" ({where})" if where else "")
+
+
 def render_services(doc: dict) -> str:
-    """The listing of ``vhdtool services IMAGE`` from its JSON document."""
+    """The listing of ``vhdtool services IMAGE`` from its JSON document (Windows services or Linux daemons)."""
     services = doc["services"]
     lines = [doc["image"]]
     for s in services:
+        if "start_value" not in s:  # a Linux guest's daemon
+            lines.append(_linux_service_line(s)[2:])
+            continue
         lines.append(f"  {s['name']:<20} {s['start'] or '?'} ({s['start_value']})")
     if not services:
         lines.append("  no integration services are installed")

@@ -26,6 +26,14 @@ class Filesystem:
     def listdir(self, path: str) -> list[str]:
         raise NotImplementedError
 
+    def readlink(self, path: str) -> str | None:
+        """The target of the symlink at ``path``, not followed; None when it is not a symlink."""
+        raise NotImplementedError
+
+    def resolve(self, path: str) -> str | None:
+        """``path`` with its symlinks resolved inside the volume; None when it does not exist."""
+        raise NotImplementedError
+
     def open(self, path: str) -> BinaryIO:
         raise NotImplementedError
 

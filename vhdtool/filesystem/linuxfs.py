@@ -19,6 +19,10 @@ class LinuxFilesystem(Filesystem):
 
     def _lookup(self, path: str, follow: bool = True):
         """The inode at ``path``, resolving symlinks relative to this volume's root."""
+        return self._walk(path, follow)[0]
+
+    def _walk(self, path: str, follow: bool = True):
+        """(inode, its path with every symlink resolved inside this volume) for ``path``."""
         parts = [p for p in path.split("/") if p]
         node = self.fs.get("/")
         links = 0
@@ -47,7 +51,7 @@ class LinuxFilesystem(Filesystem):
                 continue
             done.append(name)
             node = child
-        return node
+        return node, "/" + "/".join(done)
 
     def _try(self, path: str):
         try:
@@ -68,6 +72,28 @@ class LinuxFilesystem(Filesystem):
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
             node = self._lookup(path)
             return sorted(n for n in node.listdir() if n not in (".", ".."))
+
+    def readlink(self, path: str) -> str | None:
+        """The target stored in the symlink at ``path`` (its last component is not followed).
+
+        None when ``path`` is not a symlink or does not exist. The target is returned as stored:
+        an absolute one names a path inside this volume, a relative one is relative to the link's
+        folder (``resolve`` follows either inside the volume).
+        """
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            try:
+                node = self._lookup(path, follow=False)
+            except (FileNotFoundError, NotADirectoryError, KeyError):
+                return None
+            return node.link if stat.S_ISLNK(node.filetype) else None
+
+    def resolve(self, path: str) -> str | None:
+        """``path`` with every symlink resolved inside this volume (never the host's); None if it does not exist."""
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            try:
+                return self._walk(path)[1]
+            except (FileNotFoundError, NotADirectoryError, KeyError):
+                return None
 
     def open(self, path: str) -> BinaryIO:
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):

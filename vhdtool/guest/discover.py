@@ -13,12 +13,13 @@ it may be on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, TypeVar
 
 from vhdtool.container import DiskStream, open_disk
-from vhdtool.errors import VhdtoolError
+from vhdtool.errors import UnsupportedLayout, VhdtoolError
 from vhdtool.filesystem import NtfsFilesystem, open_linux_filesystem
+from vhdtool.filesystem.base import Filesystem
 from vhdtool.guest.inspection import GuestInfo, ImageInfo, Inspection, IoStats, require_guest
 from vhdtool.guest.linux import is_linux_root, linux_facts
 from vhdtool.guest.windows import WindowsGuest, find_config_dir
@@ -26,6 +27,7 @@ from vhdtool.volume import Partition, list_partitions, mbr_disk_signature, open_
 from vhdtool.volume.lvm import logical_volumes
 
 LINUX_FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs")
+T = TypeVar("T")
 
 
 def image_info(disk: DiskStream) -> tuple[ImageInfo, list[str]]:
@@ -123,3 +125,15 @@ def inspect_measured(path: str | os.PathLike) -> tuple[Inspection, IoStats]:
         result = inspect_disk(disk)
         stats = IoStats(bytes_read=disk.bytes_read, reads=disk.reads)
     return result, stats
+
+
+def with_linux_root(path: str | os.PathLike, work: Callable[[Filesystem], T]) -> T:
+    """``work(fs)`` on the image's first Linux root filesystem (the one ``inspect`` reports), read-only."""
+    with open_disk(path) as disk:
+        warnings: list[str] = []
+        partitions = list_partitions(disk, disk.logical_sector_size, disk.path)
+        for _index, kind, stream, label in linux_candidates(disk, partitions, disk.path, warnings):
+            fs = open_linux_filesystem(stream, kind, disk.path, label)
+            if is_linux_root(fs):
+                return work(fs)
+    raise UnsupportedLayout(os.fspath(path), "the image has no Linux root filesystem", "see `vhdtool inspect`")

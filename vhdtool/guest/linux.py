@@ -1,8 +1,9 @@
 """Linux guest facts: distribution, kernels, Hyper-V drivers and daemons.
 
 Linux guests get their integration services from the kernel (hv_vmbus, hv_utils,
-hv_storvsc, hv_netvsc, hv_balloon) and the hyperv-daemons package; vhdtool
-reports them and never writes to a Linux volume.
+hv_storvsc, hv_netvsc, hv_balloon) and the Hyper-V daemons (``guest.hvdaemons``, whose
+units ``guest.systemd`` reads as systemd would); vhdtool reports them and never writes to a
+Linux volume.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from vhdtool.filesystem.base import Filesystem
+from vhdtool.guest.hvdaemons import DAEMON_DIRS, HV_DAEMONS, DaemonState, daemon_states
 from vhdtool.units import MiB
 
 HV_MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "hv_netvsc", "hv_balloon")
@@ -23,12 +25,7 @@ HV_MODULE_DIRS = {
     "hv_netvsc": "kernel/drivers/net/hyperv",
 }
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
-DAEMONS = {
-    "hv_kvp_daemon": ("hv_kvp_daemon", "hypervkvpd"),
-    "hv_vss_daemon": ("hv_vss_daemon", "hypervvssd"),
-    "hv_fcopy_daemon": ("hv_fcopy_daemon", "hypervfcopyd", "hv_fcopy_uio_daemon"),
-}
-DAEMON_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/libexec/hypervkvpd", "/usr/lib/linux-tools")
+DAEMONS = {d.daemon: d.binaries for d in HV_DAEMONS}
 OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
 
 
@@ -42,6 +39,7 @@ class LinuxFacts:
     daemons: tuple[tuple[str, bool], ...]
     root_partition: int | None
     filesystem: str
+    services: tuple[DaemonState, ...] = ()  # each daemon's binary, unit and start, as systemd sees them
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +51,7 @@ class LinuxFacts:
             "daemons": dict(self.daemons),
             "root_partition": self.root_partition,
             "filesystem": self.filesystem,
+            "services": [s.to_dict() for s in self.services],
         }
 
 
@@ -81,12 +80,16 @@ def _module_name(path: str) -> str:
     return base.replace("-", "_")
 
 
-def linux_facts(fs: Filesystem, root_partition: int | None) -> LinuxFacts:
-    release = {}
+def os_release(fs: Filesystem) -> dict[str, str]:
+    """The guest's os-release(5) fields ({} when it has none)."""
     for p in OS_RELEASE:
         if fs.exists(p):
-            release = parse_os_release(fs.read(p, 64 * 1024).decode("utf-8", "replace"))
-            break
+            return parse_os_release(fs.read(p, 64 * 1024).decode("utf-8", "replace"))
+    return {}
+
+
+def linux_facts(fs: Filesystem, root_partition: int | None) -> LinuxFacts:
+    release = os_release(fs)
     kernels = set()
     if fs.is_dir("/boot"):
         for name in fs.listdir("/boot"):
@@ -128,6 +131,7 @@ def linux_facts(fs: Filesystem, root_partition: int | None) -> LinuxFacts:
         daemons=tuple(daemons.items()),
         root_partition=root_partition,
         filesystem=fs.kind,
+        services=daemon_states(fs, release.get("ID"), release.get("ID_LIKE")),
     )
 
 
