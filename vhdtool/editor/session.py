@@ -315,11 +315,11 @@ class EditSession:
         """Each edited hive read from NTFS, brought up to date from its logs if dirty, edited by
         libhivex, made so Windows will not replay its old logs over the change, and queued to
         be written back before the volume's other operations."""
+        if not self._hive_edits:
+            return
         from vhdtool.registry.hivex import edit_hive
         from vhdtool.registry.logreplay import retire_logs
 
-        if not self._hive_edits:
-            return
         part, _fs = self._volume(None)
         queued = []
         for name, edits in self._hive_edits.items():
