@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from vhdtool.container.overlay import Extent, Overlay
 from vhdtool.container.source import Source, SourceRange
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, VolumeFull
+from vhdtool.filesystem.answer import decode_extents, encode_extents
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
 from vhdtool.native import Refusal, load_libc, load_library, run_isolated
 from vhdtool.units import MiB
@@ -39,7 +40,6 @@ CHILD_TIMEOUT = 120.0
 NTFS_MNT_FORENSIC = 0x04000000
 AT_DATA = 0x80
 S_IFREG, S_IFDIR = stat.S_IFREG, stat.S_IFDIR
-EXTENT_HEAD = struct.Struct("<QQ")
 # MS-DTYP 2.4.6 SECURITY_DESCRIPTOR (self-relative) and 2.4.5 ACL headers, 2.4.4.1 ACE flags.
 SD_HEADER = struct.Struct("<BBHIIII")
 ACL_HEADER = struct.Struct("<BBHHH")
@@ -388,25 +388,6 @@ class _VolumeFullHere(Refusal):
     """In the child: libntfs-3g ran out of clusters (ENOSPC); the parent raises VolumeFull."""
 
 
-def _encode(extents: list[Extent]) -> bytes:
-    return b"".join(EXTENT_HEAD.pack(e.offset, len(e.data)) + e.data for e in extents)
-
-
-def _decode(blob: bytes, start: int, end: int, sector: int, label: str) -> list[Extent]:
-    """The child's extents, checked: inside the partition, whole sectors, the payload used exactly."""
-    out, pos = [], 0
-    while pos < len(blob):
-        if pos + EXTENT_HEAD.size > len(blob):
-            raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
-        offset, length = EXTENT_HEAD.unpack_from(blob, pos)
-        pos += EXTENT_HEAD.size
-        if offset < start or offset + length > end or offset % sector or length % sector or pos + length > len(blob):
-            raise CorruptFilesystem(label, "the libntfs-3g child wrote outside the volume it was given")
-        out.append(Extent(offset, blob[pos : pos + length]))
-        pos += length
-    return out
-
-
 def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str,
           tick: Callable[[], None] | None = None) -> int:
     """Run ``operations`` (WriteFile, MakeDir, Delete), in order, with libntfs-3g on the volume at [start, start + size) of
@@ -441,7 +422,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         held = [e for e in changed if not isinstance(e.data, SourceRange)]
         ranges = [[e.offset, len(e.data), next(i for i, s in enumerate(sources) if s is e.data.source), e.data.offset]
                   for e in changed if isinstance(e.data, SourceRange)]
-        return {"extents": len(held), "sources": ranges, "payload": _encode(held)}
+        return {"extents": len(held), "sources": ranges, "payload": encode_extents(held)}
 
     try:
         head, payload = run_isolated(
@@ -452,7 +433,8 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
     if head.get("full"):
         raise VolumeFull(label, f"{what}: {head['full']}")
-    extents = _decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
+    extents = decode_extents(payload or b"", lambda at, n: start <= at and at + n <= start + size,
+                             overlay.logical_sector_size, label, "libntfs-3g")
     if len(extents) != head.get("extents"):
         raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
     extents += _decode_sources(head.get("sources"), sources, start, start + size, overlay.logical_sector_size, label)
