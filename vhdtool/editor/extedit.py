@@ -19,6 +19,7 @@ from vhdtool.container.source import Source
 from vhdtool.editor.changes import FileChange
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import ext2fs
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.guest.linux import is_linux_root
@@ -115,11 +116,17 @@ class ExtEdits:
         return out
 
     def _reader(self, vmap: VolumeMap, kind: str, label: str) -> LinuxFilesystem:
-        fs = open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
         # Refused now, not at the commit: what the caller decides next depends on it.
-        ext2fs.read_superblock(self.overlay, vmap, self.path, f"{kind} on {label}").refuse_unclean(
-            self.path, f"{kind} on {label}")
-        return fs
+        what = f"{kind} on {label}"
+        sb = ext2fs.read_superblock(self.overlay, vmap, self.path, what)
+        sb.refuse_unclean(self.path, what)
+        if sb.incompat & INCOMPAT_INLINE_DATA:
+            # dissect.extfs reads a folder kept inside its inode as endless empty entries: what is there
+            # (and so whether an edit changes anything) cannot be known.
+            raise UnsupportedLayout(self.path, f"{what} keeps small files and folders inside their inodes "
+                                               "(inline_data), which vhdtool cannot read",
+                                    "change the guest from inside it")
+        return open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
 
     # -- state as this session's operations leave it -------------------------------------------
     def _pending(self, vol: ExtVolume, target: str) -> list:

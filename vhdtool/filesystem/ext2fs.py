@@ -32,7 +32,7 @@ from vhdtool.container.overlay import Extent, Overlay
 from vhdtool.errors import CorruptFilesystem, NativeError, UnsupportedLayout, VolumeFull
 from vhdtool.filesystem import ext2fsio as io
 from vhdtool.filesystem.answer import decode_extents, encode_extents
-from vhdtool.filesystem.extsuper import (INCOMPAT_EXTENTS, INCOMPAT_INLINE_DATA, SUPERBLOCK_OFFSET,
+from vhdtool.filesystem.extsuper import (INCOMPAT_EXTENTS, INCOMPAT_INLINE_DATA, RECHECK, SUPERBLOCK_OFFSET,
                                          SUPERBLOCK_SIZE, Superblock)
 from vhdtool.native import Refusal, run_isolated
 from vhdtool.units import MiB
@@ -49,6 +49,7 @@ ROOT_INO = 2
 INODE_BUF = 160  # sizeof(struct ext2_inode_large) in e2fsprogs 1.47
 EXT4_EXTENTS_FL, EXT4_INLINE_DATA_FL, EXT4_ENCRYPT_FL = 0x80000, 0x10000000, 0x800
 WRITE_CHUNK = 1 * MiB
+INLINE_MAX = 60  # bytes of i_block, where an inline-data file's first bytes live
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def _times(buf, *offsets: int) -> None:
         struct.pack_into("<I", buf, at, now)
 
 
-MODE, CTIME, MTIME, DTIME, LINKS, FLAGS = 0, 12, 16, 20, 26, 32
+MODE, SIZE_LO, CTIME, MTIME, DTIME, LINKS, FLAGS, SIZE_HI = 0, 4, 12, 16, 20, 26, 32, 108
 
 
 class _Volume:
@@ -264,8 +265,15 @@ class _Volume:
             ino = self._new_file(folder, name, op)
         elif not stat.S_ISREG(_get(self.inode(ino), "<H", MODE)):
             raise Refusal(f"{op.path} exists and is not a regular file")
+        elif _get(self.inode(ino), "<I", FLAGS) & EXT4_INLINE_DATA_FL and op.size > INLINE_MAX:
+            raise Refusal(f"{op.path} is kept inside its inode (inline_data): vhdtool does not grow such a file")
+        else:
+            self._empty(ino, op.path)
         self._fill(ino, op)
         buf = self.inode(ino)
+        # The size is set here: ext2fs_file_write leaves an inline-data file's size at its i_block's 60 bytes.
+        struct.pack_into("<I", buf, SIZE_LO, op.size & 0xFFFFFFFF)
+        struct.pack_into("<I", buf, SIZE_HI, op.size >> 32)
         struct.pack_into("<H", buf, MODE, stat.S_IFREG | (op.mode & 0o7777))
         _owner(buf, op.uid, op.gid)
         _times(buf, CTIME, MTIME)
@@ -284,7 +292,9 @@ class _Volume:
         struct.pack_into("<H", buf, MODE, stat.S_IFREG | (op.mode & 0o7777))
         struct.pack_into("<H", buf, LINKS, 1)
         _owner(buf, op.uid, op.gid)
-        inline = bool(self.sb.incompat & INCOMPAT_INLINE_DATA)
+        # Only what fits in i_block is made inline: libext2fs 1.47 crashes growing a new inline file
+        # into blocks (ext2fs_file_write -> ext2fs_inline_data_expand).
+        inline = bool(self.sb.incompat & INCOMPAT_INLINE_DATA) and op.size <= INLINE_MAX
         if inline:
             struct.pack_into("<I", buf, FLAGS, EXT4_INLINE_DATA_FL)
         elif self.sb.incompat & INCOMPAT_EXTENTS:
@@ -297,12 +307,22 @@ class _Volume:
             self._check(self.lib.ext2fs_inline_data_init(self.fs, ino), f"start the inline data of {op.path}")
         return ino
 
+    def _empty(self, ino: int, path: str) -> None:
+        """An existing file's content dropped, its blocks freed."""
+        handle = ctypes.c_void_p()
+        self._check(self.lib.ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, ctypes.byref(handle)), f"open {path}")
+        try:
+            self._check(self.lib.ext2fs_file_set_size2(handle, 0), f"empty {path}")
+        finally:
+            err = self.lib.ext2fs_file_close(handle)
+        self._check(err, f"close {path}")
+
     def _fill(self, ino: int, op: WriteFile) -> None:
-        """The file's content made ``op.data``: its old blocks freed, the new ones written."""
+        """An empty file's content written (ext2fs_file_write grows the size as it goes; setting it again
+        fails on an inline-data file)."""
         handle = ctypes.c_void_p()
         self._check(self.lib.ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, ctypes.byref(handle)), f"open {op.path}")
         try:
-            self._check(self.lib.ext2fs_file_set_size2(handle, 0), f"empty {op.path}")
             data = ctypes.create_string_buffer(op.data, len(op.data)) if op.data else None
             done, wrote = 0, ctypes.c_uint()
             while done < len(op.data):
@@ -312,7 +332,6 @@ class _Volume:
                 if wrote.value == 0:
                     raise Refusal(f"libext2fs wrote nothing of {op.path}")
                 done += wrote.value
-            self._check(self.lib.ext2fs_file_set_size2(handle, len(op.data)), f"size {op.path}")
         finally:
             err = self.lib.ext2fs_file_close(handle)
         self._check(err, f"close {op.path}")
@@ -383,7 +402,7 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
         head, payload = run_isolated(job, label, library="libext2fs", subject=what, cap=MAX_ANSWER,
                                      timeout=CHILD_TIMEOUT, keep_fds=keep, tick=tick)
     except NativeError as e:
-        raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
+        raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or RECHECK) from None
     if head.get("full"):
         raise VolumeFull(label, f"{what}: {head['full']}")
     if head.get("unsupported"):
