@@ -479,3 +479,66 @@ def test_lvm_volume_in_two_segments(tmp_path):
     assert len([p for p in ext_tree(joined) if p.startswith("/var/fill/")]) == 200
     with lvm_readonly(out, tmp_path / "lvm-after") as (_dev, report):
         assert {r["lv_name"] for r in report("lvs", "-o", "lv_name")} == {"root", "pad"}
+
+
+def test_a_striped_lvm_volume_is_refused_unchanged(tmp_path):
+    """A VG over two PVs (two partitions) with a volume striped over both, made with the LVM tools: refused
+    with a one-line message naming the layout, the image byte-identical."""
+    from fixtures.build.tools import loop_device, lvm_config, run
+
+    work = tmp_path / "striped"
+    (work / "lvm-system" / "lock").mkdir(parents=True)
+    images = [work / "pv1.img", work / "pv2.img"]
+    for pv in images:
+        with open(pv, "wb") as f:
+            f.truncate(30 * MiB)
+    with loop_device(images[0]) as one, loop_device(images[1]) as two:
+        config = lvm_config(one, work / "lvm-system" / "lock").replace(
+            f'"a|^{re.escape(one)}$|"', f'"a|^{re.escape(one)}$|", "a|^{re.escape(two)}$|"')
+        (work / "lvm-system" / "lvm.conf").write_text(config)
+        env = {"LVM_SYSTEM_DIR": str(work / "lvm-system"), "LVM_SUPPRESS_FD_WARNINGS": "1"}
+
+        def lvm(*args):
+            return run("lvm", args[0], "--devices", one, "--devices", two, "--driverloaded", "n", *args[1:], env=env)
+
+        lvm("pvcreate", "--quiet", one, two)
+        lvm("vgcreate", "--quiet", "--physicalextentsize", "4096k", "vg3", one, two)
+        lvm("lvcreate", "--quiet", "--activate", "n", "--zero", "n", "--wipesignatures", "n", "--type", "striped",
+            "--stripes", "2", "--stripesize", "64k", "--extents", "4", "--name", "root", "vg3")
+    raw = work / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(raw)], check=True, capture_output=True,
+                   input=b"label: dos\nunit: sectors\nstart=2048, size=61440, type=8e\nstart=63488, size=61440, type=8e\n")
+    for i, pv in enumerate(images):
+        sh("dd", f"if={pv}", f"of={raw}", "bs=1M", f"seek={1 + 30 * i}", "conv=notrunc", "status=none")
+    image = tmp_path / "striped.vhdx"
+    sh("qemu-img", "convert", "-O", "vhdx", raw, image)
+    was = digest(image)
+    with pytest.raises(UnsupportedLayout, match="striped over 2 stripes"):
+        with vhdtool.edit(image) as ed:
+            ed.symlink(f"{WANTS}/hv-kvp-daemon.service", KVP_UNIT, partition=1)
+    local = tmp_path / "unit.service"
+    local.write_text("[Service]\n")
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/etc")
+    assert_one_line_error(code, out, err, image)
+    assert code == UnsupportedLayout.exit_code and "linear" in err
+    assert digest(image) == was
+
+
+def test_copy_in_to_a_linux_guest(tmp_path):
+    image = work_copy("ubuntu-ext4", tmp_path)
+    local = tmp_path / "notes.txt"
+    local.write_bytes(b"from the host\n")
+    code, out, err = run_cli("copy-in", "--json", image, local, "/etc/vhdtool")
+    assert code == 0, err
+    assert '"action": "add"' in out and '"/etc/vhdtool/notes.txt"' in out
+    volume = partition_volume(image, tmp_path, 1)
+    e2fsck_clean(volume)
+    made = stat_of(volume, "/etc/vhdtool/notes.txt")
+    assert (made["mode"], made["uid"], made["gid"]) == (0o644, 0, 0)
+    assert debugfs(volume, "cat /etc/vhdtool/notes.txt") == "from the host\n"
+    was = digest(image)
+    code, out, err = run_cli("copy-in", image, local, "/etc/vhdtool")
+    assert code == 0 and "nothing to change" in err + out
+    assert digest(image) == was

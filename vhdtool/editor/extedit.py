@@ -101,18 +101,21 @@ class ExtEdits:
             return [ExtVolume(part.index, label, vmap, self._reader(vmap, part.filesystem, label))]
         if part.filesystem != "lvm2":
             return []
-        out = []
+        out, other = [], []
         for lv in logical_volumes(open_partition(self.overlay, part), self.path, f"partition {part.index}"):
-            lv.stream.seek(0)
-            kind = sniff_filesystem(lv.stream.read(8192))
-            if kind not in EXT:
-                continue
             label = f"{lv.label} on partition {part.index}"
+            kind = None
+            if lv.stream is not None:
+                lv.stream.seek(0)
+                kind = sniff_filesystem(lv.stream.read(8192))
             if lv.pv_map is None:
-                raise UnsupportedLayout(self.path, f"{label} is {lv.layout}: vhdtool writes only linear LVM volumes",
-                                        "convert it to a linear volume (lvconvert) in the guest, or change it there")
-            vmap = lv.pv_map.shifted(part.offset)
-            out.append(ExtVolume(part.index, label, vmap, self._reader(vmap, kind, label)))
+                other.append(f"{label} is {lv.layout}")
+            elif kind in EXT:
+                vmap = lv.pv_map.shifted(part.offset)
+                out.append(ExtVolume(part.index, label, vmap, self._reader(vmap, kind, label)))
+        if not out and other:
+            raise UnsupportedLayout(self.path, f"{other[0]}: vhdtool writes only linear LVM volumes",
+                                    "make it a linear volume in the guest (lvconvert), or change it from inside")
         return out
 
     def _reader(self, vmap: VolumeMap, kind: str, label: str) -> LinuxFilesystem:

@@ -17,7 +17,7 @@ SECTOR = 512  # LVM2 metadata counts extent_size and pe_start in 512-byte sector
 class LogicalVolume:
     vg: str
     name: str
-    stream: BinaryIO
+    stream: BinaryIO | None  # None: a non-linear volume dissect.volume cannot read (on another PV, thin...)
     # Where the volume lies on its physical volume (offsets from the PV's start), when it is linear;
     # else None and ``layout`` says what it is (striped, mirror, thin, a snapshot's origin...).
     pv_map: VolumeMap | None = None
@@ -45,8 +45,18 @@ def logical_volumes(pv: BinaryIO, image_path: str | None, label: str) -> Iterato
             pv_map, layout = _linear_map(lvm.vg, lv, pv)
             if lv.name in origins:
                 pv_map, layout = None, "the origin of a snapshot"
-            volumes.append(LogicalVolume(lvm.vg.name, lv.name, lv.open(), pv_map, layout))
+            volumes.append(LogicalVolume(lvm.vg.name, lv.name, _open(lv, pv_map), pv_map, layout))
     yield from volumes
+
+
+def _open(lv, pv_map: VolumeMap | None) -> BinaryIO | None:
+    """dissect.volume's stream of ``lv``; a non-linear volume it cannot read is None, not the end of the walk."""
+    if pv_map is not None:
+        return lv.open()
+    try:
+        return lv.open()
+    except Exception:  # noqa: BLE001 - dissect.volume raises anything on layouts it does not implement
+        return None
 
 
 def _snapshot_origins(vg) -> set[str]:
