@@ -208,6 +208,10 @@ def test_a_repeated_edit_changes_nothing(tmp_path):
     first = edit()
     assert first.committed and [f.action for f in first.files] == ["symlink", "add", "mkdir"]
     assert first.files[0].to_dict()["target"] == KVP_UNIT
+    with vhdtool.edit(image, dry_run=True) as ed:
+        link = ed.entry(f"{WANTS}/hv-kvp-daemon.service")
+        assert (link.kind, link.link, link.mode, link.uid) == ("link", KVP_UNIT, 0o777, 0)
+        assert ed.entry("/var/lib/vhdtool/run.sh").mode == 0o755 and ed.entry("/nothing") is None
     was = digest(image)
     second = edit()
     assert not second.committed and second.files == ()
@@ -357,6 +361,7 @@ DIRTY = {
     "needs-recovery": ("feature needs_recovery", GuestNotClean),
     "orphans": ("ssv last_orphan 12", GuestNotClean),
     "error-count": ("ssv error_count 3", GuestNotClean),
+    "orphan-file-entries": ("feature orphan_present", GuestNotClean),
     # bits e2fsprogs 1.47 does not know: incompat DIRDATA (0x1000), ro_compat REPLICA (0x800)
     "unknown-incompat": (with_feature_bit("feature_incompat", 96, 0x1000), UnsupportedLayout),
     "unknown-ro-compat": (with_feature_bit("feature_ro_compat", 100, 0x800), UnsupportedLayout),

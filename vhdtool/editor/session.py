@@ -315,6 +315,11 @@ class EditSession:
         """Remove a file or symbolic link on an ext2/3/4 volume; None when nothing is there."""
         return self._ext.unlink(path, partition)
 
+    def entry(self, path: str, partition: int | None = None):
+        """What ``path`` names on an ext2/3/4 volume as it stands on disk, a last symlink not followed:
+        a ``vhdtool.filesystem.linuxfs.Entry`` (kind, mode, uid, gid, size, link target), or None."""
+        return self._ext.entry(path, partition)
+
     def _pending(self, index: int, target: str) -> list:
         """This session's operations on partition ``index`` that touch ``target``, its parents or what is under it."""
         t = target.casefold()

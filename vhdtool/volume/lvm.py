@@ -79,8 +79,8 @@ def _linear_map(vg, lv, pv: BinaryIO) -> tuple[VolumeMap | None, str]:
         size = getattr(pv, "size", None)
         if here is None or here.dev is None or here.dev.fh is not pv:
             return None, "spread over more than one physical volume"
-        if seg.start_extent * extent != at or seg.extent_count <= 0:
-            return None, "made of segments with gaps between them"
+        if seg.start_extent * extent != at or seg.extent_count <= 0 or first < 0 or extent <= 0:
+            return None, "made of segments with gaps between them or damaged"
         start = here.pe_start * SECTOR + first * extent
         length = seg.extent_count * extent
         if size is not None and start + length > size:
