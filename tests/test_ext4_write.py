@@ -143,6 +143,9 @@ FEATURES = {
     "ext4": ["mkfs.ext4", "-b", "4096"],
     "ext4-1k-linear-dirs": ["mkfs.ext4", "-b", "1024", "-O", "^dir_index"],
     "ext4-no-csum": ["mkfs.ext4", "-O", "^metadata_csum,^64bit"],
+    "ext4-casefold": ["mkfs.ext4", "-O", "casefold"],
+    "ext4-orphan-file": ["mkfs.ext4", "-O", "orphan_file"],
+    "ext4-meta-bg": ["mkfs.ext4", "-O", "meta_bg,^resize_inode"],
     "ext3": ["mkfs.ext3"],
     "ext2": ["mkfs.ext2"],
 }
@@ -330,6 +333,18 @@ def test_inline_data_written_by_libext2fs_but_refused_by_the_session(tmp_path):
     assert debugfs(volume, "cat /var/lib/vhdtool/small.sh")[:10] == "#!/bin/sh\n"
     assert debugfs(volume, "cat /var/lib/vhdtool/large.bin") == "x" * 10000
     assert not present(volume, f"{WANTS}/ssh.service") and present(volume, f"{WANTS}/hv-kvp-daemon.service")
+
+
+@pytest.mark.parametrize("name,mkfs,needle", [
+    ("quota", ["mkfs.ext4", "-O", "quota"], "quota"),  # libext2fs would leave the quota files stale
+])
+def test_volumes_vhdtool_cannot_keep_right_are_refused(tmp_path, name, mkfs, needle):
+    image = ext_image(tmp_path, name, mkfs)
+    was = digest(image)
+    with pytest.raises(UnsupportedLayout, match=needle):
+        with vhdtool.edit(image) as ed:
+            ed.symlink(f"{WANTS}/hv-kvp-daemon.service", KVP_UNIT, partition=1)
+    assert digest(image) == was
 
 
 def test_refusals_of_what_is_not_a_file_or_link(tmp_path):

@@ -19,7 +19,7 @@ from vhdtool.container.source import Source
 from vhdtool.editor.changes import FileChange
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import ext2fs
-from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.guest.linux import is_linux_root
@@ -122,12 +122,14 @@ class ExtEdits:
         # Refused now, not at the commit: what the caller decides next depends on it.
         what = f"{kind} on {label}"
         sb = ext2fs.read_superblock(self.overlay, vmap, self.path, what)
-        sb.refuse_unclean(self.path, what)
-        if sb.incompat & INCOMPAT_INLINE_DATA:
-            # dissect.extfs reads a folder kept inside its inode as endless empty entries: what is there
-            # (and so whether an edit changes anything) cannot be known.
-            raise UnsupportedLayout(self.path, f"{what} keeps small files and folders inside their inodes "
-                                               "(inline_data), which vhdtool cannot read",
+        sb.refuse_unwritable(self.path, what)
+        # dissect.extfs reads a folder kept inside its inode as endless empty entries, and no bigalloc
+        # volume at all: what is there (and so whether an edit changes anything) cannot be known.
+        unreadable = ("keeps small files and folders inside their inodes (inline_data)"
+                      if sb.incompat & INCOMPAT_INLINE_DATA else
+                      "allocates blocks in clusters (bigalloc)" if sb.ro_compat & RO_COMPAT_BIGALLOC else None)
+        if unreadable:
+            raise UnsupportedLayout(self.path, f"{what} {unreadable}, which vhdtool cannot read",
                                     "change the guest from inside it")
         return open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
 

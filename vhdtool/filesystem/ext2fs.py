@@ -375,7 +375,7 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
     ``what`` names the volume in messages ("ext4 on partition 1"). Nothing is put into ``overlay``
     unless every operation and the write-back succeeded."""
     sb = read_superblock(overlay, vmap, label, what)
-    sb.refuse_unclean(label, what)
+    sb.refuse_unwritable(label, what)
     big = next((op for op in operations if isinstance(op, WriteFile) and op.size > MAX_FILE), None)
     if big is not None:
         raise UnsupportedLayout(label, f"{big.path}: {big.size} bytes is more than vhdtool writes into ext4 at once "

@@ -19,7 +19,7 @@ VALID_FS, ERROR_FS, ORPHAN_FS = 0x1, 0x2, 0x4  # s_state
 COMPAT_ORPHAN_FILE = 0x1000
 INCOMPAT_RECOVER, INCOMPAT_JOURNAL_DEV, INCOMPAT_EXTENTS = 0x4, 0x8, 0x40
 INCOMPAT_MMP, INCOMPAT_INLINE_DATA = 0x100, 0x8000
-RO_COMPAT_ORPHAN_PRESENT = 0x10000
+RO_COMPAT_QUOTA, RO_COMPAT_BIGALLOC, RO_COMPAT_ORPHAN_PRESENT = 0x100, 0x200, 0x10000
 RECHECK = "boot the guest once and shut it down cleanly, or run e2fsck -f on the volume, then try again"
 
 
@@ -50,7 +50,7 @@ class Superblock:
                    incompat=incompat, ro_compat=ro_compat, last_orphan=struct.unpack_from("<I", data, 232)[0],
                    block_size=1024 << log_block, inode_size=inode_size)
 
-    def refuse_unclean(self, path: str | None, where: str) -> None:
+    def refuse_unwritable(self, path: str | None, where: str) -> None:
         """GuestNotClean unless the volume was unmounted cleanly; UnsupportedLayout for what is never written."""
         if self.incompat & INCOMPAT_RECOVER:
             raise GuestNotClean(path, f"{where} needs journal recovery (it was not unmounted cleanly)", RECHECK)
@@ -64,6 +64,11 @@ class Superblock:
         if self.incompat & INCOMPAT_JOURNAL_DEV:
             raise UnsupportedLayout(path, f"{where} is an external journal device, not a filesystem",
                                     "give the partition that holds the filesystem")
+        if self.ro_compat & RO_COMPAT_QUOTA:
+            # libext2fs's own writes do not update the quota files (e2fsprogs keeps that code out of the library):
+            # the usage they record would no longer match.
+            raise UnsupportedLayout(path, f"{where} keeps disk quotas (the quota feature), which vhdtool cannot "
+                                          "keep up to date", "change the guest from inside it")
         if self.incompat & INCOMPAT_MMP:
             raise UnsupportedLayout(path, f"{where} uses multiple-mount protection (mmp): vhdtool does not write it",
                                     "turn mmp off in the guest (tune2fs -O ^mmp) and try again")
