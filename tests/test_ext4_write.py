@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import vhdtool
-from conftest import assert_one_line_error, digest, run_cli, work_copy
+from conftest import SWEEPS, assert_one_line_error, digest, run_cli, sweep_points, work_copy
 from judges.linux import ext_tree, lvm_readonly
 from judges.linux import logical_volumes as judged_lvs
 from judges.tools import sh
@@ -562,3 +563,71 @@ def test_copy_in_to_a_linux_guest(tmp_path):
     code, out, err = run_cli("copy-in", image, local, "/etc/vhdtool")
     assert code == 0 and "nothing to change" in err + out
     assert digest(image) == was
+
+
+# -- crash safety ---------------------------------------------------------------------------------
+
+CRASH_JOB = Path(__file__).resolve().parent / "ext4_write_job.py"
+
+
+def job_env() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    return dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
+
+
+def write_calls(image: Path) -> dict[str, int]:
+    """How many pwrite64 and fsync calls the job makes (all its processes), counted by strace on a copy."""
+    trace = image.with_suffix(".trace")
+    subprocess.run(["strace", "-f", "-o", str(trace), "-e", "trace=pwrite64,fsync", sys.executable, str(CRASH_JOB),
+                    str(image)], check=True, env=job_env(), capture_output=True)
+    counts = {"pwrite64": 0, "fsync": 0}
+    for line in trace.read_text().splitlines():
+        for name in counts:
+            if f" {name}(" in line or line.startswith(f"{name}("):
+                counts[name] += 1
+    return counts
+
+
+def replayed_tree(image: Path, tmp: Path) -> dict:
+    """The guest tree after QEMU replays what the VHDX log holds (as Hyper-V would at open), e2fsck clean."""
+    import shutil
+
+    copy = tmp / "replayed.vhdx"
+    shutil.copyfile(image, copy)
+    sh("qemu-img", "check", "-r", "all", copy, check=False)
+    image_ok(copy)
+    volume = partition_volume(copy, tmp, 1)
+    e2fsck_clean(volume)
+    tree = ext_tree(volume)
+    volume.unlink()
+    return tree
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_at_every_write_and_flush(tmp_path, sweep):
+    """SIGKILL at each pwrite64 and fsync of an ext4 edit's commit: the guest is the old one or the new one,
+    e2fsck clean either way."""
+    import shutil
+
+    original = ext_image(tmp_path, "crash", FEATURES["ext4"])
+    old = replayed_tree(original, tmp_path)
+    probe = tmp_path / "probe.vhdx"
+    shutil.copyfile(original, probe)
+    counts = write_calls(probe)
+    new = replayed_tree(probe, tmp_path)
+    assert new != old and f"{WANTS}/hv-kvp-daemon.service" in new
+    points = sweep_points([(name, n) for name, total in counts.items() for n in range(1, total + 1)], sweep)
+    assert len(points) >= 6, counts
+    outcomes = {"old": 0, "new": 0}
+    victim = tmp_path / "victim.vhdx"
+    for name, n in points:
+        shutil.copyfile(original, victim)
+        res = subprocess.run(["strace", "-f", "-o", "/dev/null", "-e", f"inject={name}:signal=KILL:when={n}",
+                              sys.executable, str(CRASH_JOB), str(victim)], capture_output=True, env=job_env(),
+                             timeout=120)
+        assert res.returncode != 0, (name, n)
+        tree = replayed_tree(victim, tmp_path)
+        assert tree in (old, new), (name, n)
+        outcomes["old" if tree == old else "new"] += 1
+    assert outcomes["old"] and outcomes["new"], outcomes
+    print(f"\next4 edit: {len(points)} kill points of {counts}, outcomes {outcomes}")
