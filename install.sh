@@ -8,12 +8,12 @@ cd "$(dirname "$0")"
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# Libraries vhdtool loads (libntfs-3g, libhivex, libmspack) and the real tools the
+# Libraries vhdtool loads (libntfs-3g, libhivex, libmspack, libext2fs) and the real tools the
 # tests build images with and judge results by; Wine (64-bit) and mingw-w64 run the boot-time
 # install.cmd with stub installers in tests/test_stage_script.py.
 PACKAGES=(
   python3 python3-venv python3-pip
-  ntfs-3g libhivex0 libhivex-bin libmspack0
+  ntfs-3g libhivex0 libhivex-bin libmspack0 libext2fs2 libcom-err2
   qemu-utils gcab genisoimage osslsigncode openssl e2fsprogs fdisk gdisk dosfstools xz-utils bzip2
   xfsprogs lvm2 strace
   wine wine64 gcc-mingw-w64-x86-64

@@ -160,7 +160,7 @@ def test_data_volume_by_partition(cli, tmp_path):
     "name,args,code,needle",
     [
         ("ws2008r2-hibernated", (), 18, "hibernated"),
-        ("ubuntu-ext4", (), 5, "writes only"),
+        ("rhel-xfs", (), 5, "writes ext2/3/4 and NTFS volumes only"),
         ("bitlocker", ("--partition", "1"), 8, "BitLocker"),
         ("ws2008r2-x64", ("--partition", "9"), 5, "no partition 9"),
     ],

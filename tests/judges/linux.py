@@ -227,3 +227,33 @@ def derive_linux_facts(volumes: list[tuple[int, str, object]], tmp_path: Path,
         "root_partition": index,
         "filesystem": kind,
     }}
+
+
+def ext_tree(volume: Path) -> dict[str, tuple]:
+    """Every path of an ext2/3/4 volume file as dissect.extfs reads it: (kind, mode, uid, gid, what) where
+    what is a file's sha256, a link's target, or None for a folder (whose times and size may change)."""
+    import hashlib
+    import stat as st
+
+    from dissect.extfs import ExtFS
+
+    with open(volume, "rb") as f:
+        fs = ExtFS(f)
+        out: dict[str, tuple] = {}
+        todo = [("", fs.get("/"))]
+        while todo:
+            prefix, folder = todo.pop()
+            for name, node in folder.listdir().items():
+                if name in (".", ".."):
+                    continue
+                path = f"{prefix}/{name}"
+                raw = node.inode
+                mode, uid, gid = st.S_IMODE(raw.i_mode), raw.i_uid | raw.i_uid_high << 16, raw.i_gid | raw.i_gid_high << 16
+                if node.filetype == st.S_IFDIR:
+                    out[path] = ("dir", mode, uid, gid, None)
+                    todo.append((path, node))
+                elif node.filetype == st.S_IFLNK:
+                    out[path] = ("link", mode, uid, gid, node.link)
+                else:
+                    out[path] = ("file", mode, uid, gid, hashlib.sha256(node.open().read()).hexdigest())
+        return out

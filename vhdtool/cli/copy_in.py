@@ -16,7 +16,7 @@ def copy_in(
     image: Path = IMAGE,
     paths: List[str] = typer.Argument(..., metavar="LOCAL... GUESTDIR", show_default=False,
                                       help="local files, then the guest folder"),
-    partition: Optional[int] = typer.Option(None, "--partition", metavar="N", help="Write into NTFS partition N."),
+    partition: Optional[int] = typer.Option(None, "--partition", metavar="N", help="Write into partition N (NTFS or ext2/3/4)."),
     dry_run: bool = DRY_RUN,
     output: Optional[Path] = OUTPUT,
     as_json: bool = json_option("Print the change set as JSON."),
@@ -24,8 +24,9 @@ def copy_in(
     r"""Copy local files into a folder of an offline guest.
 
     GUESTDIR is a folder of the guest's system volume (C:\Windows\Temp or /Windows/Temp), created as
-    needed; an existing file of the same name is replaced. With --partition N it is a folder of that
-    NTFS volume instead, so data disks without an operating system work too.
+    needed; an existing file of the same name is replaced. On a Linux guest it is a folder of its
+    root filesystem (ext2/3/4), files written as root's, 0644. With --partition N it is a folder of
+    that NTFS or ext2/3/4 volume instead, so data disks without an operating system work too.
     """
     from vhdtool.cli.render import render_edit
     from vhdtool.editor import edit

@@ -14,7 +14,8 @@ writing.
 Every refusal is decided before anything is opened for writing, and a refused
 image is byte-identical afterwards: an image another process holds, a read-only
 file, a disk that differencing disks in its folder depend on, a hibernated guest,
-an NTFS volume not shut down cleanly, BitLocker, a Linux filesystem.
+an NTFS volume not shut down cleanly, BitLocker, XFS, an ext2/3/4 volume not unmounted
+cleanly or on a non-linear LVM volume (vhdtool.editor.extedit).
 """
 
 from __future__ import annotations

@@ -10,14 +10,18 @@ SCHEMA = 1
 @dataclass(frozen=True)
 class FileChange:
     path: str
-    action: str  # "add" | "replace" | "mkdir" | "delete"
+    action: str  # "add" | "replace" | "mkdir" | "delete" | "symlink"
     size: int | None
     sha256: str | None
     partition: int
+    target: str | None = None  # a symlink's target text
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "action": self.action, "size": self.size, "sha256": self.sha256,
-                "partition": self.partition}
+        out = {"path": self.path, "action": self.action, "size": self.size, "sha256": self.sha256,
+               "partition": self.partition}
+        if self.target is not None:
+            out["target"] = self.target
+        return out
 
 
 @dataclass(frozen=True)

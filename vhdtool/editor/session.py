@@ -13,6 +13,7 @@ from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
 from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
+from vhdtool.editor.extedit import ExtEdits
 from vhdtool.editor.images import copy_image, dependent_children
 from vhdtool.editor.images import digest as payload_digest
 from vhdtool.editor.paths import CONFIG_DIR, HIVES, LINUX_FILESYSTEMS, guest_path, protected
@@ -52,6 +53,7 @@ class EditSession:
         self._sources: list[Source] = []  # local files being copied in, open until the session closes
         self._free: dict[int, int] = {}  # partition index -> free clusters left for this session's writes
         self._registry: list[RegistryChange] = []
+        self._ext: ExtEdits | None = None  # the ext2/3/4 volumes' operations (editor.extedit)
         self.result: ChangeSet | None = None
 
     # -- opening, and the refusals that need no guest ----------------------------------------
@@ -76,6 +78,7 @@ class EditSession:
         # temporary copy --output works in.
         self.inspection = replace(ins, image=replace(ins.image, path=self.path))
         self.overlay = Overlay(self.disk)
+        self._ext = ExtEdits(self.path, self.overlay, self.inspection, self._files)
 
     def _copy_for_output(self) -> None:
         out = os.path.abspath(self.output)
@@ -119,8 +122,8 @@ class EditSession:
         if part.filesystem == "bitlocker":
             raise EncryptedVolume(self.path, f"partition {partition} is BitLocker-encrypted")
         if part.filesystem in LINUX_FILESYSTEMS:
-            raise UnsupportedLayout(self.path, f"partition {partition} holds {part.filesystem}: vhdtool writes only NTFS",
-                                    "Linux guests get their integration services from their kernel")
+            raise UnsupportedLayout(self.path, f"partition {partition} holds {part.filesystem}: vhdtool writes NTFS and "
+                                               "ext2/3/4 volumes only", "give an NTFS or ext2/3/4 partition")
         if part.filesystem != "ntfs":
             raise UnsupportedLayout(self.path, f"partition {partition} holds no NTFS volume", "give an NTFS partition")
         fs = NtfsFilesystem(open_partition(self.overlay, part), self.path, f"partition {partition}")
@@ -144,17 +147,21 @@ class EditSession:
         return w.drive_letter if partition is None and w is not None else None
 
     # -- operations -------------------------------------------------------------------------
-    def write_file(self, path: str, data: bytes | str | os.PathLike | Source, partition: int | None = None
-                   ) -> FileChange | None:
+    def write_file(self, path: str, data: bytes | str | os.PathLike | Source, partition: int | None = None,
+                   mode: int | None = None, uid: int | None = None, gid: int | None = None) -> FileChange | None:
         """Put ``data`` at guest ``path``; None when it is already there.
 
         ``data``: bytes, a local file's path, or a Source (a byte range of a local file). A local
         file is never read into memory: its bytes go from it to the image file at the commit
-        (vhdtool.container.source), and it must not change before then."""
+        (vhdtool.container.source), and it must not change before then. On ext2/3/4 (a Linux
+        guest, or such a ``partition``) ``mode``, ``uid`` and ``gid`` are the file's (default: a
+        replaced file's own, else 0644 root's) and the bytes are read (editor.extedit)."""
         if not isinstance(data, (bytes, bytearray, Source)):
             data = Source(data)
         if isinstance(data, Source):
             self._sources.append(data)
+        if self._ext.wants(partition):
+            return self._ext.write_file(path, data, partition, mode, uid, gid)
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
         if target == "/":
@@ -200,6 +207,8 @@ class EditSession:
         self._free[index] = free - max(need, 0)
 
     def mkdir(self, path: str, partition: int | None = None) -> FileChange | None:
+        if self._ext.wants(partition):
+            return self._ext.mkdir(path, partition)
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
         state = self._state(part.index, fs, target)
@@ -215,7 +224,10 @@ class EditSession:
     def delete(self, path: str, partition: int | None = None) -> FileChange | None:
         """Delete the file or folder (with everything under it) at guest ``path``; None when it is not there.
 
-        The root folder, the registry hives (and the folders that hold them) are refused."""
+        The root folder, the registry hives (and the folders that hold them) are refused. On ext2/3/4
+        it is ``unlink``: files and symbolic links only."""
+        if self._ext.wants(partition):
+            return self._ext.unlink(path, partition)
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
         if protected(target):
@@ -228,6 +240,20 @@ class EditSession:
         change = FileChange(target, "delete", None, None, part.index)
         self._files.append(change)
         return change
+
+    def symlink(self, path: str, target: str, partition: int | None = None) -> FileChange | None:
+        """Make ``path`` a symbolic link to ``target`` on an ext2/3/4 volume (root's, 0777, as systemctl makes
+        them), replacing a link there; None when it already points there."""
+        return self._ext.symlink(path, target, partition)
+
+    def unlink(self, path: str, partition: int | None = None) -> FileChange | None:
+        """Remove a file or symbolic link on an ext2/3/4 volume; None when nothing is there."""
+        return self._ext.unlink(path, partition)
+
+    def entry(self, path: str, partition: int | None = None):
+        """What ``path`` names on an ext2/3/4 volume as it stands on disk, a last symlink not followed:
+        a ``vhdtool.filesystem.linuxfs.Entry`` (kind, mode, uid, gid, size, link target), or None."""
+        return self._ext.entry(path, partition)
 
     def _pending(self, index: int, target: str) -> list:
         """This session's operations on partition ``index`` that touch ``target``, its parents or what is under it."""
@@ -287,7 +313,7 @@ class EditSession:
 
     def file_content(self, path: str, partition: int | None = None) -> bytes | None:
         """A file of the guest as it stands in this session (pending changes not yet applied), or None."""
-        _part, fs = self._volume(partition)
+        _part, fs = (None, self._ext.filesystem(partition)) if self._ext.wants(partition) else self._volume(partition)
         target = self._guest_path(path, partition)
         if not fs.exists(target) or fs.is_dir(target):
             return None
@@ -295,7 +321,7 @@ class EditSession:
 
     def listdir(self, path: str, partition: int | None = None) -> list[str]:
         """The names in a folder of the guest as it stands on disk (pending changes not applied); [] for none."""
-        _part, fs = self._volume(partition)
+        _part, fs = (None, self._ext.filesystem(partition)) if self._ext.wants(partition) else self._volume(partition)
         target = self._guest_path(path, partition)
         return fs.listdir(target) if fs.is_dir(target) else []
 
@@ -352,6 +378,7 @@ class EditSession:
                 ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}",
                              tick=progress.tick)
         self._ops.clear()
+        self._ext.run()
 
     def commit(self) -> ChangeSet:
         self._run_operations()

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import stat
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 MAX_SYMLINKS = 40
+MAX_LINK = 4096
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a path names, its last symlink not followed: kind ("file", "dir", "link", "other") and inode fields."""
+
+    kind: str
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    size: int
+    link: str | None  # a symlink's target text
 
 
 class LinuxFilesystem(Filesystem):
@@ -58,6 +72,21 @@ class LinuxFilesystem(Filesystem):
             return self._lookup(path)
         except (FileNotFoundError, NotADirectoryError, KeyError):
             return None
+
+    def entry(self, path: str) -> Entry | None:
+        """The entry ``path`` names without following a symlink at its end; None when there is none (ext only)."""
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
+            try:
+                node = self._lookup(path, follow=False)
+            except (FileNotFoundError, NotADirectoryError, KeyError):
+                return None
+            raw = node.inode
+            kind = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link"}.get(node.filetype, "other")
+            link = None
+            if kind == "link" and node.size <= MAX_LINK:
+                link = node.link
+            return Entry(kind, stat.S_IMODE(raw.i_mode), raw.i_uid | raw.i_uid_high << 16,
+                         raw.i_gid | raw.i_gid_high << 16, node.size, link)
 
     def exists(self, path: str) -> bool:
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):

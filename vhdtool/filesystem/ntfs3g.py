@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import Source, SourceRange
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, VolumeFull
-from vhdtool.filesystem.ntfsanswer import decode, decode_sources, encode
+from vhdtool.filesystem.answer import decode_extents, encode_extents
+from vhdtool.filesystem.ntfsanswer import decode_sources
 from vhdtool.filesystem.ntfsbitmap import free_clusters
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
 from vhdtool.native import Refusal, load_libc, load_library, run_isolated
@@ -423,7 +424,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         held = [e for e in changed if not isinstance(e.data, SourceRange)]
         ranges = [[e.offset, len(e.data), next(i for i, s in enumerate(sources) if s is e.data.source), e.data.offset]
                   for e in changed if isinstance(e.data, SourceRange)]
-        return {"extents": len(held), "sources": ranges, "payload": encode(held)}
+        return {"extents": len(held), "sources": ranges, "payload": encode_extents(held)}
 
     try:
         head, payload = run_isolated(
@@ -434,7 +435,8 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
     if head.get("full"):
         raise VolumeFull(label, f"{what}: {head['full']}")
-    extents = decode(payload or b"", start, start + size, overlay.logical_sector_size, label)
+    extents = decode_extents(payload or b"", lambda at, n: start <= at and at + n <= start + size,
+                             overlay.logical_sector_size, label, "libntfs-3g")
     if len(extents) != head.get("extents"):
         raise CorruptFilesystem(label, "the libntfs-3g child sent a malformed answer")
     extents += decode_sources(head.get("sources"), sources, start, start + size, overlay.logical_sector_size, label)

@@ -62,6 +62,9 @@ def linux_candidates(
                 warnings.append(e.problem)
                 continue
             for lv in volumes:
+                if lv.stream is None:
+                    warnings.append(f"{lv.label} on partition {p.index} is {lv.layout} and cannot be read")
+                    continue
                 lv.stream.seek(0)
                 kind = sniff_filesystem(lv.stream.read(8192))
                 if kind in LINUX_FILESYSTEMS:

@@ -1,0 +1,243 @@
+"""The edit session's ext2/3/4 volumes: which volume a path goes to, what is there as the session leaves it, and
+the operations, collected and then run through libext2fs (vhdtool.filesystem.ext2fs) into the session's overlay.
+
+A Linux guest's root filesystem is the volume without ``partition``; ``partition=N`` names an ext2/3/4
+partition, or an LVM physical volume whose (linear) logical volume holds ext2/3/4, the guest's root
+one first. Each operation that would change nothing (a file already holding the bytes, mode and owner
+asked for; a link already pointing at its target; a missing path to remove) is no operation: running
+the same edit again commits nothing. Refusals come before anything is written: a volume not unmounted
+cleanly, a non-linear LVM volume, XFS, and what is not a file or link where one is to be replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from vhdtool.container.overlay import Overlay
+from vhdtool.container.source import Source
+from vhdtool.editor.changes import FileChange
+from vhdtool.errors import UnsupportedLayout
+from vhdtool.filesystem import ext2fs
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC
+from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
+from vhdtool.guest.inspection import Inspection, require_guest
+from vhdtool.guest.linux import is_linux_root
+from vhdtool.volume import Partition, open_partition, sniff_filesystem
+from vhdtool.volume.lvm import logical_volumes
+from vhdtool.volume.mapping import VolumeMap
+
+EXT = ("ext2", "ext3", "ext4")
+WRITES = "vhdtool writes ext2/3/4 and NTFS volumes only"
+
+
+@dataclass(frozen=True)
+class ExtVolume:
+    index: int  # the partition (the physical volume, for LVM)
+    label: str  # "partition 1", "LVM volume vg0/root on partition 1"
+    vmap: VolumeMap
+    fs: LinuxFilesystem  # read through the overlay
+
+
+def ext_path(path: str) -> str:
+    parts = [x for x in path.strip().split("/") if x]
+    if not path.strip().startswith("/") or any(x in (".", "..") for x in parts):
+        raise UnsupportedLayout(None, f"{path}: give an absolute Linux path without '.' or '..'")
+    return "/" + "/".join(parts)
+
+
+class ExtEdits:
+    """The ext2/3/4 side of one edit session; ``files`` is the session's list of file changes, appended to."""
+
+    def __init__(self, path: str, overlay: Overlay, inspection: Inspection, files: list[FileChange]):
+        self.path = path
+        self.overlay = overlay
+        self.inspection = inspection
+        self.files = files
+        self._volumes: dict[int | None, ExtVolume] = {}
+        self._ops: dict[str, tuple[ExtVolume, list]] = {}  # volume label -> (volume, operations in order)
+
+    def wants(self, partition: int | None) -> bool:
+        """Whether a path on ``partition`` (None: the guest's system volume) is on a Linux filesystem."""
+        if partition is None:
+            return self.inspection.guest.os == "linux"
+        part = next((p for p in self.inspection.partitions if p.index == partition), None)
+        return part is not None and part.filesystem in (*EXT, "xfs", "lvm2")
+
+    # -- the volume ------------------------------------------------------------------------
+    def volume(self, partition: int | None) -> ExtVolume:
+        if partition not in self._volumes:
+            self._volumes[partition] = self._find(partition)
+        return self._volumes[partition]
+
+    def _find(self, partition: int | None) -> ExtVolume:
+        ins = self.inspection
+        if partition is None:
+            require_guest(ins, "give --partition N to write into one of its volumes (see `vhdtool inspect`)")
+            linux = ins.guest.linux
+            if ins.guest.os != "linux" or linux is None:
+                raise UnsupportedLayout(self.path, "symbolic links and Linux file modes are written only on ext2/3/4",
+                                        "give --partition N of an ext2/3/4 volume")
+            partition = linux.root_partition
+        part = next((p for p in ins.partitions if p.index == partition), None)
+        if part is None:
+            raise UnsupportedLayout(self.path, f"the disk has no partition {partition}",
+                                    "see `vhdtool inspect` for the partitions")
+        found = self._candidates(part)
+        if not found:
+            raise UnsupportedLayout(self.path, f"partition {partition} holds {part.filesystem or 'no filesystem'}: "
+                                               f"{WRITES}", "give an ext2/3/4 partition")
+        roots = [v for v in found if is_linux_root(v.fs)]
+        if len(found) > 1 and len(roots) != 1:
+            raise UnsupportedLayout(self.path, f"partition {partition} holds several ext2/3/4 volumes "
+                                               f"({', '.join(v.label for v in found)}) and vhdtool cannot tell which "
+                                               "is meant", "write into the guest's root volume without --partition")
+        return roots[0] if len(found) > 1 else found[0]
+
+    def _candidates(self, part: Partition) -> list[ExtVolume]:
+        if part.filesystem in EXT:
+            vmap = VolumeMap.whole(part.offset, part.size)
+            label = f"partition {part.index}"
+            return [ExtVolume(part.index, label, vmap, self._reader(vmap, part.filesystem, label))]
+        if part.filesystem != "lvm2":
+            return []
+        out, other = [], []
+        for lv in logical_volumes(open_partition(self.overlay, part), self.path, f"partition {part.index}"):
+            label = f"{lv.label} on partition {part.index}"
+            kind = None
+            if lv.stream is not None:
+                lv.stream.seek(0)
+                kind = sniff_filesystem(lv.stream.read(8192))
+            if lv.pv_map is None:
+                other.append(f"{label} is {lv.layout}")
+            elif kind in EXT:
+                vmap = lv.pv_map.shifted(part.offset)
+                out.append(ExtVolume(part.index, label, vmap, self._reader(vmap, kind, label)))
+        if not out and other:
+            raise UnsupportedLayout(self.path, f"{other[0]}: vhdtool writes only linear LVM volumes",
+                                    "make it a linear volume in the guest (lvconvert), or change it from inside")
+        return out
+
+    def _reader(self, vmap: VolumeMap, kind: str, label: str) -> LinuxFilesystem:
+        # Refused now, not at the commit: what the caller decides next depends on it.
+        what = f"{kind} on {label}"
+        sb = ext2fs.read_superblock(self.overlay, vmap, self.path, what)
+        sb.refuse_unwritable(self.path, what)
+        # dissect.extfs reads a folder kept inside its inode as endless empty entries, and no bigalloc
+        # volume at all: what is there (and so whether an edit changes anything) cannot be known.
+        unreadable = ("keeps small files and folders inside their inodes (inline_data)"
+                      if sb.incompat & INCOMPAT_INLINE_DATA else
+                      "allocates blocks in clusters (bigalloc)" if sb.ro_compat & RO_COMPAT_BIGALLOC else None)
+        if unreadable:
+            raise UnsupportedLayout(self.path, f"{what} {unreadable}, which vhdtool cannot read",
+                                    "change the guest from inside it")
+        return open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
+
+    # -- state as this session's operations leave it -------------------------------------------
+    def _pending(self, vol: ExtVolume, target: str) -> list:
+        ops = self._ops.get(vol.label, (vol, []))[1]
+        return [op for op in ops if op.path == target or op.path.startswith(target + "/")
+                or target.startswith(op.path + "/")]
+
+    def _state(self, vol: ExtVolume, target: str) -> str | None:
+        """"file", "dir", "link", "other" or None for ``target`` (its last symlink not followed)."""
+        entry = vol.fs.entry(target)
+        state = entry.kind if entry is not None else None
+        for op in self._pending(vol, target):
+            if op.path != target:
+                state = "dir" if op.path.startswith(target + "/") else state
+            elif isinstance(op, ext2fs.Unlink):
+                state = None
+            else:
+                state = {ext2fs.MakeDir: "dir", ext2fs.Symlink: "link", ext2fs.WriteFile: "file"}[type(op)]
+        return state
+
+    def _add(self, vol: ExtVolume, op, change: FileChange) -> FileChange:
+        self._ops.setdefault(vol.label, (vol, []))[1].append(op)
+        self.files.append(change)
+        return change
+
+    # -- operations -------------------------------------------------------------------------
+    def write_file(self, path: str, data: bytes | Source, partition: int | None, mode: int | None,
+                   uid: int | None, gid: int | None) -> FileChange | None:
+        vol, target = self.volume(partition), self._target(path)
+        if isinstance(data, Source):
+            if len(data) > ext2fs.MAX_FILE:
+                raise UnsupportedLayout(self.path, f"{path}: {len(data)} bytes is more than vhdtool writes into ext4 "
+                                                   f"at once ({ext2fs.MAX_FILE >> 20} MiB)")
+            data = data.read(0, len(data))
+        data = bytes(data)
+        state = self._state(vol, target)
+        if state not in (None, "file"):
+            raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
+        entry = vol.fs.entry(target) if state == "file" and not self._pending(vol, target) else None
+        mode = mode if mode is not None else (entry.mode if entry is not None else 0o644)
+        uid = uid if uid is not None else (entry.uid if entry is not None else 0)
+        gid = gid if gid is not None else (entry.gid if entry is not None else 0)
+        if entry is not None and (entry.mode, entry.uid, entry.gid) == (mode, uid, gid) and entry.size == len(data) \
+                and vol.fs.read(target, len(data) + 1) == data:
+            return None
+        op = ext2fs.WriteFile(target, data, mode, uid, gid)
+        return self._add(vol, op, FileChange(target, "add" if state is None else "replace", len(data),
+                                             hashlib.sha256(data).hexdigest(), vol.index))
+
+    def mkdir(self, path: str, partition: int | None) -> FileChange | None:
+        vol, target = self.volume(partition), self._target(path)
+        state = self._state(vol, target)
+        if state == "dir" or (state == "link" and vol.fs.is_dir(target)):
+            return None
+        if state is not None:
+            raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a folder path")
+        return self._add(vol, ext2fs.MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
+
+    def symlink(self, path: str, target_text: str, partition: int | None) -> FileChange | None:
+        vol, target = self.volume(partition), self._target(path)
+        state = self._state(vol, target)
+        if state not in (None, "link"):
+            raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest, not a symbolic link",
+                                    "remove it in the guest first")
+        if state == "link" and not self._pending(vol, target) and vol.fs.entry(target).link == target_text:
+            return None
+        return self._add(vol, ext2fs.Symlink(target, target_text),
+                         FileChange(target, "symlink", None, None, vol.index, target=target_text))
+
+    def unlink(self, path: str, partition: int | None) -> FileChange | None:
+        vol, target = self.volume(partition), self._target(path)
+        state = self._state(vol, target)
+        if state is None:
+            return None
+        if state == "dir":
+            raise UnsupportedLayout(self.path, f"{path} is a folder: vhdtool removes only files and symbolic links "
+                                               "on Linux volumes")
+        return self._add(vol, ext2fs.Unlink(target), FileChange(target, "delete", None, None, vol.index))
+
+    def _target(self, path: str) -> str:
+        try:
+            target = ext_path(path)
+        except UnsupportedLayout as e:
+            raise UnsupportedLayout(self.path, e.problem, e.hint) from None
+        if target == "/":
+            raise UnsupportedLayout(self.path, f"{path} names the root folder", "give a path under it")
+        return target
+
+    @staticmethod
+    def _kind(state: str) -> str:
+        return {"file": "file", "dir": "folder", "link": "symbolic link"}.get(state, "special file")
+
+    def filesystem(self, partition: int | None) -> LinuxFilesystem:
+        return self.volume(partition).fs
+
+    def entry(self, path: str, partition: int | None = None) -> Entry | None:
+        return self.volume(partition).fs.entry(self._target(path))
+
+    # -- the commit -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Every volume's operations through libext2fs, into the overlay."""
+        from vhdtool.progress import phase, size_text
+
+        for vol, ops in self._ops.values():
+            amount = sum(op.size for op in ops if isinstance(op, ext2fs.WriteFile))
+            what = f"ext4 on {vol.label}"
+            with phase(f"writing {size_text(amount)} to {vol.label} (libext2fs)", amount) as progress:
+                ext2fs.apply(self.overlay, vol.vmap, ops, self.path, what, tick=progress.tick)
+        self._ops.clear()

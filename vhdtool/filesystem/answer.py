@@ -1,0 +1,36 @@
+"""The changed sectors a sandboxed filesystem writer answers with: encoded in the child, checked in the parent.
+
+The payload is a run of (offset, length) heads, each followed by its bytes. The parent trusts
+none of it: every extent must lie inside the volume it gave the child, in whole sectors, and the
+payload must be used exactly.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from vhdtool.container.overlay import Extent
+from vhdtool.errors import CorruptFilesystem
+
+EXTENT_HEAD = struct.Struct("<QQ")
+
+
+def encode_extents(extents: list[Extent]) -> bytes:
+    return b"".join(EXTENT_HEAD.pack(e.offset, len(e.data)) + e.data for e in extents)
+
+
+def decode_extents(blob: bytes, inside: Callable[[int, int], bool], sector: int, label: str,
+                   library: str) -> list[Extent]:
+    """The child's extents, checked: ``inside(offset, length)`` for each, whole sectors, the payload used exactly."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + EXTENT_HEAD.size > len(blob):
+            raise CorruptFilesystem(label, f"the {library} child sent a malformed answer")
+        offset, length = EXTENT_HEAD.unpack_from(blob, pos)
+        pos += EXTENT_HEAD.size
+        if not inside(offset, length) or offset % sector or length % sector or pos + length > len(blob):
+            raise CorruptFilesystem(label, f"the {library} child wrote outside the volume it was given")
+        out.append(Extent(offset, blob[pos : pos + length]))
+        pos += length
+    return out
