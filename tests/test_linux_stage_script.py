@@ -260,3 +260,21 @@ def test_every_value_in_the_script_is_quoted():
                 before, after = line[:m.start()], line[m.end():]
                 # Inside a single-quoted word: an odd number of quotes before it on the line.
                 assert before.count("'") % 2 == 1 and after.count("'") % 2 == 1, line
+
+
+@pytest.mark.parametrize("result, attempts, expected", [
+    (None, None, ("pending", None, None)),
+    (None, b"2\n", ("running", None, 2)),
+    (b"exit_code=0\nattempts=1\nfinished=2026-12-07T02:00:00Z\n", b"1\n", ("installed", 0, 1)),
+    (b"exit_code=100\nattempts=3\nfinished=x\n", b"3\n", ("failed", 100, 3)),
+    (b"exit_code=-1\nattempts=3\nfinished=x\n", b"4\n", ("failed", -1, 3)),
+    (b"exit_code=3010\nattempts=1\n", None, ("failed", 3010, 1)),  # a reboot request is Windows' success only
+    (b"exit_code=0\r\nattempts=1\r\n", None, ("installed", 0, 1)),
+    (b"exit_code=zero\nattempts=\xff\xfe\n", b"junk", ("failed", None, None)),
+    (b"exit_code=" + b"9" * 5000 + b"\n", None, ("failed", None, None)),  # longer than a value can be
+    (b"\x00" * 4096, b"1", ("failed", None, 1)),  # finished, outcome unreadable: never "pending"
+])
+def test_status_reads_what_install_sh_leaves(result, attempts, expected):
+    s = parse_linux_state("hyperv-daemons", result, attempts, b"line 1\n\nline 2\n")
+    assert (s.state, s.exit_code, s.attempts) == expected
+    assert s.log_tail == ("line 1", "line 2")

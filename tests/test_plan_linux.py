@@ -56,8 +56,10 @@ def test_ubuntu_takes_the_newest_kernels_flavour(kernels, newest, package):
     assert any(f"linux-cloud-tools-{newest} " in n for n in p.notes)
 
 
-def test_a_derivative_of_ubuntu_by_id_like():
-    p = plan(guest("linuxmint", "21.3", id_like=("ubuntu", "debian")), "win10")
+@pytest.mark.parametrize("distribution, version", [("linuxmint", "21.3"), ("elementary", "7")])
+def test_a_derivative_of_ubuntu_by_id_like(distribution, version):
+    """Its VERSION_ID is its own numbering (elementary OS 7 is Ubuntu 22.04), not Ubuntu's."""
+    p = plan(guest(distribution, version, id_like=("ubuntu", "debian")), "win10")
     assert staged(p)[:2] == ("apt", ["linux-cloud-tools-generic"])
 
 

@@ -93,7 +93,10 @@ def choose_packages(facts: LinuxFacts) -> PackageChoice | NoPackage:
         like = f" (ID_LIKE {' '.join(facts.id_like)})" if facts.id_like else ""
         return NoPackage(False, f"{lacking}, and vhdtool knows no package for the distribution '{name}'{like}: "
                                 "install the Hyper-V daemons with the guest's package manager")
-    release = _release(facts.version)
+    # VERSION_ID is the family's own numbering only for the family's members, not for a derivative
+    # known by ID_LIKE (Linux Mint 21 is Ubuntu 22.04): those are taken as they come.
+    own = name in ("ubuntu", "debian", *RHEL_FAMILY)
+    release = _release(facts.version) if own else None
     first = FIRST_SYSTEMD[family] if name != "fedora" else (15,)
     if release is not None and release < first:
         return NoPackage(False, f"{lacking}; {name} {facts.version} does not boot with systemd, which the staged "

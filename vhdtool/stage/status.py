@@ -1,12 +1,12 @@
 """`status`: what the boot-time installer left in the guest, read offline and read-only.
 
-For each staged id under %SystemRoot%\\vhdtool (and, read by ``parse_linux_state``, under a Linux
-guest's /var/lib/vhdtool, whose install.sh writes the same result.txt): ``pending`` (staged, never run),
-``running`` (it started: attempts.txt, but no result.txt), ``installed`` (result.txt
-with exit code 0 or 3010 on Windows, 0 on Linux) or ``failed`` (any other exit code, with the last lines of
-install.log). ``none`` when nothing was ever staged. A staging that a newer one replaced
-before it finished is gone (stage deletes it in the same commit); one that finished
-(result.txt) stays listed, as history.
+For each staged id under %SystemRoot%\\vhdtool (and, read by ``parse_linux_state``, under a
+Linux guest's /var/lib/vhdtool, whose install.sh writes the same result.txt): ``pending``
+(staged, never run), ``running`` (it started: attempts.txt, but no result.txt), ``installed``
+(result.txt with exit code 0 or 3010 on Windows, 0 on Linux) or ``failed`` (any other exit
+code, or none readable, with the last lines of install.log). ``none`` when nothing was ever
+staged. A staging that a newer one replaced before it finished is gone (stage deletes it in
+the same commit); one that finished (result.txt) stays listed, as history.
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def parse_state(staged_id: str, result: bytes | None, attempts: bytes | None, lo
     if count is None and attempts is not None:
         count = _int(attempts.decode("latin-1").strip())
     exit_code = _int(fields.get("exit_code"))
-    if "exit_code" in fields:
+    if result is not None:
+        # The script writes result.txt once, when it is done: one without a readable exit code
+        # (cut short, or altered) is a finished run whose outcome is unknown, never a pending one.
         state = "installed" if exit_code in success_codes else "failed"
     elif count:
         state = "running"
