@@ -138,7 +138,9 @@ def windows(key, sp=None, arch="x64", ic="6.0.6001.18016", kvp_start=3, product_
 
 
 def linux():
-    lx = LinuxFacts("ubuntu", "22.04", "Ubuntu", ("5.15.0",), (), (), 1, "ext4")
+    """Ubuntu without the Hyper-V daemons: the package manager installs them (tests/test_plan_linux.py has the rest)."""
+    daemons = (("hv_kvp_daemon", False), ("hv_vss_daemon", False), ("hv_fcopy_daemon", False))
+    lx = LinuxFacts("ubuntu", "22.04", "Ubuntu", ("5.15.0-91-generic",), (), daemons, 1, "ext4", ("debian",))
     return Inspection(_image(), (), GuestInfo("linux", linux=lx))
 
 
@@ -170,7 +172,8 @@ CELLS = [(host, r) for host in ("win8", "win8.1", "win10") for r in load_matrix(
 def test_every_cell(host, row):
     if row.guest == "linux":
         p = plan(linux(), host)
-        assert (p.method, p.action, p.cab) == ("package-manager", "none", None)
+        assert (p.method, p.action, p.cab) == ("package-manager", "stage", None)
+        assert (p.packages, p.package_manager) == (("linux-cloud-tools-generic",), "apt")
         return
     nt = NT[row.guest]
     fitting = CabCatalog((cab(nt, "x64", "9.9.9999.1"), cab(nt, "x86", "9.9.9999.1")), (), ("/iso",))

@@ -76,9 +76,29 @@ def test_a_cab_no_newer_than_the_guest_is_up_to_date(cli, sources):
     assert doc["guest_ic_version"] == "6.1.7601.17514"
 
 
-def test_ubuntu_is_package_manager(cli, sources):
+def test_ubuntu_with_the_daemons_is_up_to_date(cli, sources):
     doc = plan_json(cli, fb.build("ubuntu-ext4"), "--host", "win8.1", "--cabs", sources["iso"])
-    assert (doc["guest_key"], doc["method"], doc["action"]) == ("linux", "package-manager", "none")
+    assert (doc["guest_key"], doc["method"], doc["action"]) == ("linux", "up-to-date", "none")
+    assert (doc["packages"], doc["package_manager"], doc["units"]) == ([], None, [])
+
+
+def test_debian_without_the_vss_daemon_stages_hyperv_daemons(cli):
+    """The Debian fixture has only /usr/sbin/hv_kvp_daemon: apt installs hyperv-daemons at next boot."""
+    doc = plan_json(cli, fb.build("debian-lvm-ext4"), "--host", "win10")
+    assert (doc["guest_key"], doc["method"], doc["action"], doc["cab"]) == ("linux", "package-manager", "stage", None)
+    assert (doc["packages"], doc["package_manager"]) == (["hyperv-daemons"], "apt")
+    assert doc["units"][:2] == ["hyperv-daemons.hv-kvp-daemon.service", "hyperv-daemons.hv-vss-daemon.service"]
+    assert doc["reasons"][0].startswith("hv_vss_daemon is missing")
+
+
+def test_stage_refuses_a_linux_guest_until_ext4_is_written(cli, tmp_path):
+    image = tmp_path / "debian.vhdx"
+    shutil.copyfile(fb.build("debian-lvm-ext4"), image)
+    before = image.read_bytes()
+    code, out, err = cli("stage", image, "--host", "win10")
+    assert_one_line_error(code, out, err, image)
+    assert code == 5 and "install hyperv-daemons with apt in the guest" in err, err
+    assert image.read_bytes() == before
 
 
 def test_windows7_x86_on_win81_stages_the_x86_cab(cli, sources):
@@ -101,7 +121,7 @@ def test_several_images_and_a_folder_with_other_files(cli, sources, tmp_path):
     code, out, err = cli("plan", "--json", fb.build("ws2008r2-nokvp"), fb.build("ubuntu-ext4"), "--host", "win10", "--cabs", folder)
     assert code == 0, err
     docs = json.loads(out)
-    assert [d["method"] for d in docs] == ["kb3071740-cab", "package-manager"]
+    assert [d["method"] for d in docs] == ["kb3071740-cab", "up-to-date"]
 
 
 def test_text_output(cli, sources):

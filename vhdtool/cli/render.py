@@ -108,6 +108,10 @@ def render_plan(plan: Plan) -> str:
     if plan.cab:
         c = plan.cab
         lines.append(f"  cab        {c.path} ({c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
+    if plan.packages:
+        lines.append(f"  packages   {' '.join(plan.packages)} (with {plan.package_manager})")
+    if plan.units:
+        lines.append(f"  enables    {' '.join(plan.units)}")
     for r in plan.reasons:
         lines.append(f"  because    {r}")
     for n in plan.notes:

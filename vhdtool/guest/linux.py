@@ -40,6 +40,7 @@ class LinuxFacts:
     root_partition: int | None
     filesystem: str
     services: tuple[DaemonState, ...] = ()  # each daemon's binary, unit and start, as systemd sees them
+    id_like: tuple[str, ...] = ()  # os-release ID_LIKE: the distributions this one derives from
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +53,7 @@ class LinuxFacts:
             "root_partition": self.root_partition,
             "filesystem": self.filesystem,
             "services": [s.to_dict() for s in self.services],
+            "id_like": list(self.id_like),
         }
 
 
@@ -126,14 +128,16 @@ def linux_facts(fs: Filesystem, root_partition: int | None) -> LinuxFacts:
         distribution=release.get("ID"),
         version=release.get("VERSION_ID"),
         pretty_name=release.get("PRETTY_NAME"),
-        kernels=tuple(sorted(kernels, key=_kernel_sort_key)),
+        kernels=tuple(sorted(kernels, key=kernel_sort_key)),
         hv_modules=tuple(present.items()),
         daemons=tuple(daemons.items()),
         root_partition=root_partition,
         filesystem=fs.kind,
         services=daemon_states(fs, release.get("ID"), release.get("ID_LIKE")),
+        id_like=tuple(release.get("ID_LIKE", "").split()),
     )
 
 
-def _kernel_sort_key(version: str) -> tuple:
+def kernel_sort_key(version: str) -> tuple:
+    """Kernel releases in version order: numbers as numbers, other parts after them."""
     return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"[.-]", version))

@@ -15,6 +15,7 @@ from vhdtool.errors import UnknownKey
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.plan.guestkey import NEWER_THAN_MATRIX, identify
 from vhdtool.plan.matrix import Matrix, load_matrix
+from vhdtool.plan.packages import NoPackage, choose_packages
 from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.plan.sources import CabCandidate, CabCatalog
 
@@ -43,6 +44,10 @@ class Plan:
     cab: CabCandidate | None
     reasons: tuple[str, ...]
     notes: tuple[str, ...]
+    # Linux guests (method package-manager): what the staged boot script installs, and the units it enables.
+    packages: tuple[str, ...] = ()
+    package_manager: str | None = None  # "apt" | "dnf" | "yum"
+    units: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         cab = self.cab.to_dict() if self.cab is not None else None
@@ -59,6 +64,9 @@ class Plan:
             "cab": cab,
             "reasons": list(self.reasons),
             "notes": list(self.notes),
+            "packages": list(self.packages),
+            "package_manager": self.package_manager,
+            "units": list(self.units),
         }
 
 
@@ -117,8 +125,7 @@ def plan(
         return done(UNSUPPORTED, NONE)
 
     if row.method == PACKAGE_MANAGER:
-        reasons.append("Linux guests get integration services from their kernel and package manager")
-        return done(PACKAGE_MANAGER, NONE)
+        return _linux(inspection, reasons, notes, done)
 
     if row.method == WINDOWS_UPDATE:
         if row.requires_data_exchange:
@@ -207,6 +214,27 @@ def dirty_hive_notes(inspection: Inspection, staging: bool) -> list[str]:
             notes.append(f"the {name} hive is dirty and its logs cannot be replayed: this plan read the "
                          "primary file's values, which may be older than what Windows will see at boot")
     return notes
+
+
+def _linux(inspection: Inspection, reasons: list[str], notes: list[str], done) -> Plan:
+    """Linux guests get the drivers from their kernel and the daemons from a package, staged when missing."""
+    facts = inspection.guest.linux
+    if facts is None:
+        reasons.append("the Linux guest's facts could not be read")
+        return done(PACKAGE_MANAGER, NONE)
+    choice = choose_packages(facts)
+    if dict(facts.hv_modules).get("hv_utils") is False:
+        notes.append("no installed kernel has hv_utils (module or built in), which the daemons talk to")
+    if isinstance(choice, NoPackage):
+        reasons.append(choice.because)
+        return done(UP_TO_DATE if choice.up_to_date else PACKAGE_MANAGER, NONE)
+    reasons.append(choice.because)
+    if choice.note:
+        notes.append(choice.note)
+    what = " ".join(choice.packages)
+    reasons.append(f"{choice.package_manager} installs {what} at next boot, once the network is up")
+    return replace(done(PACKAGE_MANAGER, STAGE), packages=choice.packages,
+                   package_manager=choice.package_manager, units=choice.units)
 
 
 def _data_exchange_state(inspection: Inspection) -> str | None:

@@ -69,6 +69,11 @@ def stage(image: str | os.PathLike, host: str | None, catalog: CabCatalog, matri
     with edit(image, dry_run=dry_run, output=output) as ed:
         # With --output the session inspects the copy; the plan names the image it was asked about.
         plan = replace(plan_for_host(ed.inspection, host, catalog, matrix), image=os.fspath(image))
+        if plan.action == STAGE and plan.packages:
+            # A Linux plan: the script and unit are ready (stage/linux_script.py); writing them needs ext4.
+            raise UnsupportedLayout(os.fspath(image), "staging into a Linux guest is not available yet (it needs "
+                                    "the ext4 writer)", f"install {' '.join(plan.packages)} with "
+                                    f"{plan.package_manager} in the guest")
         if plan.action == STAGE:
             staged = _stage_into(ed, image, plan)
     if staged is None:

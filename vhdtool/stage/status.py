@@ -1,11 +1,12 @@
 """`status`: what the boot-time installer left in the guest, read offline and read-only.
 
-For each staged id under %SystemRoot%\\vhdtool: ``pending`` (staged, never run),
-``running`` (it started: attempts.txt, but no result.txt), ``installed`` (result.txt
-with exit code 0 or 3010) or ``failed`` (any other exit code, with the last lines of
-install.log). ``none`` when nothing was ever staged. A staging that a newer one replaced
-before it finished is gone (stage deletes it in the same commit); one that finished
-(result.txt) stays listed, as history.
+For each staged id under %SystemRoot%\\vhdtool (and, read by ``parse_linux_state``, under a
+Linux guest's /var/lib/vhdtool, whose install.sh writes the same result.txt): ``pending``
+(staged, never run), ``running`` (it started: attempts.txt, but no result.txt), ``installed``
+(result.txt with exit code 0 or 3010 on Windows, 0 on Linux) or ``failed`` (any other exit
+code, or none readable, with the last lines of install.log). ``none`` when nothing was ever
+staged. A staging that a newer one replaced before it finished is gone (stage deletes it in
+the same commit); one that finished (result.txt) stays listed, as history.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from vhdtool.container import open_disk
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import NtfsFilesystem
+from vhdtool.filesystem.base import Filesystem
 from vhdtool.guest.discover import inspect_disk
 from vhdtool.guest.inspection import require_guest
 from vhdtool.guest.versioninfo import version_tuple
+from vhdtool.stage.linux_script import SUCCESS_CODES as LINUX_SUCCESS_CODES
 from vhdtool.stage.script import ID_PATTERN, SUCCESS_CODES
 from vhdtool.volume import open_partition
 
@@ -64,30 +67,55 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def read_state(fs: NtfsFilesystem, staged_id: str) -> StagedState:
-    folder = f"{STAGING_ROOT}/{staged_id}"
+def parse_state(staged_id: str, result: bytes | None, attempts: bytes | None, log: bytes | None,
+                success_codes: tuple[int, ...] = SUCCESS_CODES) -> StagedState:
+    """The state of one staging from its files' contents (None: the file is absent).
+
+    Pure, and the same for both guests: install.cmd and install.sh (``stage/linux_script.py``)
+    write the same result.txt keys; only what counts as success differs (``success_codes``:
+    0 and 3010 for dism and pkgmgr, 0 for a package manager). Every content is hostile: it is
+    decoded leniently, a line that is not one of the keys is ignored, a number that does not
+    parse is None. The caller bounds how much of each file it reads.
+    """
     fields: dict[str, str] = {}
-    if fs.exists(f"{folder}/result.txt"):
-        for line in fs.read(f"{folder}/result.txt", 4096).decode("latin-1").splitlines():
-            m = RESULT_LINE.match(line.strip())
-            if m:
-                fields[m.group(1)] = m.group(2).strip()
-    log = []
-    if fs.exists(f"{folder}/install.log"):
-        size = fs.size(f"{folder}/install.log")
-        text = fs.read(f"{folder}/install.log", min(size, 1 << 20)).decode("utf-8", "replace")
-        log = [line.rstrip() for line in text.splitlines() if line.strip()][-LOG_TAIL:]
-    attempts = _int(fields.get("attempts"))
-    if attempts is None and fs.exists(f"{folder}/attempts.txt"):
-        attempts = _int(fs.read(f"{folder}/attempts.txt", 64).decode("latin-1").strip())
+    for line in (result or b"").decode("latin-1").splitlines():
+        m = RESULT_LINE.match(line.strip())
+        if m:
+            fields[m.group(1)] = m.group(2).strip()
+    text = (log or b"").decode("utf-8", "replace")
+    tail = [line.rstrip() for line in text.splitlines() if line.strip()][-LOG_TAIL:]
+    count = _int(fields.get("attempts"))
+    if count is None and attempts is not None:
+        count = _int(attempts.decode("latin-1").strip())
     exit_code = _int(fields.get("exit_code"))
-    if "exit_code" in fields:
-        state = "installed" if exit_code in SUCCESS_CODES else "failed"
-    elif attempts:
+    if result is not None:
+        # The script writes result.txt once, when it is done: one without a readable exit code
+        # (cut short, or altered) is a finished run whose outcome is unknown, never a pending one.
+        state = "installed" if exit_code in success_codes else "failed"
+    elif count:
         state = "running"
     else:
         state = "pending"
-    return StagedState(staged_id, state, exit_code, attempts, fields.get("finished"), tuple(log))
+    return StagedState(staged_id, state, exit_code, count, fields.get("finished"), tuple(tail))
+
+
+def parse_linux_state(staged_id: str, result: bytes | None, attempts: bytes | None,
+                      log: bytes | None) -> StagedState:
+    """``parse_state`` for what install.sh left in /var/lib/vhdtool/<id> (success: exit code 0)."""
+    return parse_state(staged_id, result, attempts, log, LINUX_SUCCESS_CODES)
+
+
+def read_state(fs: Filesystem, staged_id: str, root: str = STAGING_ROOT,
+               success_codes: tuple[int, ...] = SUCCESS_CODES) -> StagedState:
+    """``parse_state`` over the files of ``root/staged_id`` (Windows: /Windows/vhdtool; Linux: /var/lib/vhdtool)."""
+    folder = f"{root}/{staged_id}"
+
+    def content(name: str, limit: int) -> bytes | None:
+        path = f"{folder}/{name}"
+        return fs.read(path, limit) if fs.exists(path) else None
+
+    return parse_state(staged_id, content("result.txt", 4096), content("attempts.txt", 64),
+                       content("install.log", 1 << 20), success_codes)
 
 
 def status(image: str | os.PathLike) -> Status:
