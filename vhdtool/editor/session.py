@@ -49,7 +49,7 @@ class EditSession:
         # Each volume is opened and checked once: the overlay changes only at the commit.
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
-        self._sources: list[Source] = []  # local files being copied in, open until the session closes
+        self._sources: list[Source] = []  # local files being copied in (all the session's): closed with it
         self._free: dict[int, int] = {}  # partition index -> free clusters left for this session's writes
         self._registry: list[RegistryChange] = []
         self.result: ChangeSet | None = None
@@ -148,9 +148,9 @@ class EditSession:
                    ) -> FileChange | None:
         """Put ``data`` at guest ``path``; None when it is already there.
 
-        ``data``: bytes, a local file's path, or a Source (a byte range of a local file). A local
-        file is never read into memory: its bytes go from it to the image file at the commit
-        (vhdtool.container.source), and it must not change before then."""
+        ``data``: bytes, a local file's path, or a Source (a byte range of a local file), which is the
+        session's from then on: it closes it when it ends. A local file is never read into memory: its
+        bytes go to the image file at the commit (vhdtool.container.source) and must not change before."""
         if not isinstance(data, (bytes, bytearray, Source)):
             data = Source(data)
         if isinstance(data, Source):
