@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,26 @@ def test_plan_of_a_600_mib_cab_reads_only_its_headers_into_memory(large_cab):
     doc = doc[0] if isinstance(doc, list) else doc
     assert doc["action"] == "stage" and doc["cab"]["sha256"] == file_sha256(large_cab)
     assert peak < 100 * MiB, peak
+
+
+def test_a_digest_is_adopted_only_while_the_file_is_unchanged(tmp_path):
+    # stage does not hash a cab twice in one process while its file is provably the one the plan hashed.
+    from vhdtool.container.source import Source
+
+    path = tmp_path / "a.cab"
+    path.write_bytes(os.urandom(3 * MiB))
+    with Source(path) as first:
+        digest, fingerprint = first.sha256(), first.fingerprint()
+    with Source(path) as again:
+        assert again.adopt_sha256(digest, fingerprint) and again.sha256() == digest
+    with Source(path, start=1) as other_range:
+        assert not other_range.adopt_sha256(digest, fingerprint)
+    # A write stamps the change time from the kernel's coarse clock (a few ms a tick): one in the same
+    # tick as the file's last change would look unchanged, as it would to tar, rsync and the commit's check.
+    time.sleep(0.05)
+    with open(path, "r+b") as f:  # same size, one byte changed in place
+        f.seek(MiB)
+        f.write(b"\0" if path.read_bytes()[MiB] else b"\1")
+    with Source(path) as changed:
+        assert not changed.adopt_sha256(digest, fingerprint)
+        assert changed.sha256() == file_sha256(path) != digest

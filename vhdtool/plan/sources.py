@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vhdtool.container.source import Source
@@ -36,6 +36,9 @@ class CabCandidate:
     identity_name: str
     package_identifier: str | None
     problem: str | None = None  # why it can never be chosen (name and manifest disagree...)
+    # What the cab's file was when sha256 was computed (Source.fingerprint), so that stage in the same
+    # process need not hash it again while it is unchanged; None for a cab given as bytes.
+    fingerprint: tuple | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -92,6 +95,7 @@ def describe(data: bytes | Source, label: str, source: str, name: str) -> CabCan
         identity_name=ident.name,
         package_identifier=ident.package_identifier,
         problem=problem,
+        fingerprint=data.fingerprint() if isinstance(data, Source) else None,
     )
 
 
@@ -193,8 +197,9 @@ def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
 
 
 def cab_source(candidate: CabCandidate) -> Source:
-    """A chosen cab, opened again from its source and checked, a chunk at a time, against the digest
-    the plan verified. The caller owns the Source (EditSession.write_file takes it over)."""
+    """A chosen cab, opened again from its source and checked against the digest the plan verified:
+    hashed anew a chunk at a time, unless its file is provably the one this process hashed for the
+    plan (Source.adopt_sha256). The caller owns the Source (EditSession.write_file takes it over)."""
     source = Path(candidate.source)
     if source.is_file() and _is_iso(source):
         from vhdtool.iso import IsoImage
@@ -208,7 +213,9 @@ def cab_source(candidate: CabCandidate) -> Source:
     else:
         cab = _open_file(Path(candidate.path))
     try:
-        digest = _digest(cab, candidate.name)
+        # Unchanged since this process hashed it for the plan: that digest holds. Else hash it again.
+        digest = candidate.sha256 if cab.adopt_sha256(candidate.sha256, candidate.fingerprint) \
+            else _digest(cab, candidate.name)
     except WriteFailed:  # cut short or replaced while it was read
         digest = None
     except BaseException:
