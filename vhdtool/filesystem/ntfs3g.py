@@ -49,6 +49,7 @@ SE_DACL_AUTO_INHERITED = 0x0400
 INHERITED_ACE = 0x10
 MAX_ANSWER = 1024 * MiB  # metadata and in-memory files (hives); a Source's bytes never cross the pipe
 WINDOW = 64 * MiB  # a Source is mapped into the child this much at a time
+TAIL_ALIGN = 64 * 1024  # a multiple of the usual NTFS cluster sizes (4 KiB to 64 KiB)
 PROT_READ, MAP_SHARED = 1, 1
 MAP_FAILED = ctypes.c_void_p(-1).value
 FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
@@ -302,7 +303,12 @@ class _Volume:
                 raise Refusal(f"cannot map {source.label} ({os.strerror(ctypes.get_errno())})")
             try:
                 self.device.window = (address + skew, n, source.whole()[at : at + n])
-                self._pwrite(na, path, at, n, address + skew)
+                # Whole clusters first: libntfs-3g writes a call that ends inside a cluster through
+                # its own buffers, all of it, so only the last partial cluster goes in a call of its own.
+                body = n - n % TAIL_ALIGN
+                for lo, hi in ((0, body), (body, n)):
+                    if hi > lo:
+                        self._pwrite(na, path, at + lo, hi - lo, address + skew + lo)
             finally:
                 self.device.window = None
                 munmap(address, n + skew)
