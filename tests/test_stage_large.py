@@ -295,3 +295,17 @@ def test_a_digest_is_adopted_only_while_the_file_is_unchanged(tmp_path):
     with Source(path) as changed:
         assert not changed.adopt_sha256(digest, fingerprint)
         assert changed.sha256() == file_sha256(path) != digest
+
+
+def test_a_file_larger_than_any_cabinet_is_refused_unread(tmp_path, cli):
+    # cbCabinet is a u32, and so is the size of an Authenticode blob after it: nothing longer is a cab.
+    from fixtures import build as fb
+    from vhdtool.cabinet.format import MAX_CAB_FILE_SIZE
+
+    big = tmp_path / "cabs" / SPEC.name
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(MAX_CAB_FILE_SIZE + 1)  # sparse: nothing is written
+    code, out, err = cli("plan", str(fb.build("ws2008r2-x64")), "--host", "win8", "--cabs", str(big.parent))
+    assert_one_line_error(code, out, err, big)
+    assert code == 12 and f"larger than {MAX_CAB_FILE_SIZE} bytes" in err

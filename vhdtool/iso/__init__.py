@@ -22,6 +22,7 @@ from vhdtool.errors import IsoError, translating
 from vhdtool.units import MiB
 
 MAX_ENTRIES = 100_000
+SPILL_HINT = "set TMPDIR to a folder with room for the cab, or give the cabs as a folder"
 SECTOR = 2048  # ECMA-119 logical block size, the only one pycdlib and vmguest.iso use
 READ_CHUNK = 8 * MiB  # a read that reports its progress reads this much at a time
 PROBE_CHUNK = 2 * MiB  # its first read, which tells whether it is slow enough to report
@@ -130,12 +131,16 @@ class IsoImage:
 
     def _spill(self, entry: IsoFile, raw_path: str, label: str,
                progress: Callable[[int], bool | None] | None) -> Source:
-        fd, path = tempfile.mkstemp(prefix="vhdtool-", suffix=".cab")
+        try:
+            fd, path = tempfile.mkstemp(prefix="vhdtool-", suffix=".cab")
+        except OSError as e:
+            raise IsoError(self.path, f"cannot make a temporary copy of {entry.path} ({e.strerror})",
+                           SPILL_HINT) from None
         try:
             with os.fdopen(fd, "wb") as out:
                 with translating(IsoError, self.path, f"cannot read {entry.path} (the image may be truncated)"):
                     with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
-                        done = _copy(fh, out, entry.size + 1, progress)
+                        done = self._copy(fh, out, entry, progress)
             # pycdlib returns what is there: a short read means the image was cut.
             if done != entry.size:
                 raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {done} are there")
@@ -143,6 +148,24 @@ class IsoImage:
         except BaseException:
             os.unlink(path)
             raise
+
+
+    def _copy(self, fh, out, entry: IsoFile, progress: Callable[[int], bool | None] | None) -> int:
+        """Copy ``entry`` (and at most one byte more) from ``fh`` to ``out`` a chunk at a time; how many there were."""
+        done, limit = 0, entry.size + 1
+        while done < limit:
+            chunk = fh.read(min(READ_CHUNK, limit - done))
+            if not chunk:
+                break
+            try:
+                out.write(chunk)
+            except OSError as e:
+                raise IsoError(self.path, f"cannot make a temporary copy of {entry.path} ({e.strerror})",
+                               SPILL_HINT) from None
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+        return done
 
 
 class SpilledSource(Source):
@@ -153,20 +176,6 @@ class SpilledSource(Source):
             super().close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-
-
-def _copy(fh, out, limit: int, progress: Callable[[int], bool | None] | None) -> int:
-    """Copy up to ``limit`` bytes of ``fh`` to ``out`` a chunk at a time; how many there were."""
-    done = 0
-    while done < limit:
-        chunk = fh.read(min(READ_CHUNK, limit - done))
-        if not chunk:
-            break
-        out.write(chunk)
-        done += len(chunk)
-        if progress is not None:
-            progress(done)
-    return done
 
 
 def read_reporting(fh, limit: int, progress: Callable[[int], bool | None]) -> bytes:

@@ -1,10 +1,10 @@
 """Cab sources (``--cabs``): a folder searched recursively, a single cab, or a vmguest.iso.
 
 Every integration services cab found is read (its update.mum; the rest of the cab
-stays in its file, read a chunk at a time for its SHA-256) and described by what it is, not by what its name says: architecture and version come
-from the package identity; the target NT version comes from the name
-(``Windows6.1-...``) and, where the manifest names a parent package, must agree
-with it.
+stays in its file, read a chunk at a time for its SHA-256) and described by what
+it is, not by what its name says: architecture and version come from the package
+identity; the target NT version comes from the name (``Windows6.1-...``) and,
+where the manifest names a parent package, must agree with it.
 """
 
 from __future__ import annotations
