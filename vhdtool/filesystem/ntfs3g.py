@@ -48,8 +48,7 @@ SE_DACL_PRESENT = 0x0004
 SE_DACL_AUTO_INHERITED = 0x0400
 INHERITED_ACE = 0x10
 MAX_ANSWER = 1024 * MiB  # metadata and in-memory files (hives); a Source's bytes never cross the pipe
-WINDOW = 64 * MiB  # a Source is mapped into the child this much at a time
-TAIL_ALIGN = 64 * 1024  # a multiple of the usual NTFS cluster sizes (4 KiB to 64 KiB)
+WINDOW, TAIL_ALIGN = 64 * MiB, 64 * 1024  # a Source is mapped this much at a time; 64 KiB: every usual cluster
 PROT_READ, MAP_SHARED = 1, 1
 MAP_FAILED = ctypes.c_void_p(-1).value
 FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
@@ -283,7 +282,8 @@ class _Volume:
         the device a pointer into the mapping for each run of clusters; the device records
         "these volume bytes are those source bytes" instead of copying them (ntfsdevice).
         Whatever libntfs-3g writes from its own buffers (a resident file, the last partial
-        cluster, compressed data) is copied as any other write."""
+        cluster, compressed data) is copied as any other write. A call that ends inside a cluster
+        goes through those buffers whole, so a window's tail (past whole TAIL_ALIGN units) is apart."""
         if self.lib.ntfs_attr_truncate(na, 0) != 0:
             self._failed(f"empty {path}")
         if source.size and self.lib.ntfs_attr_truncate_solid(na, source.size) != 0:
@@ -303,12 +303,8 @@ class _Volume:
                 raise Refusal(f"cannot map {source.label} ({os.strerror(ctypes.get_errno())})")
             try:
                 self.device.window = (address + skew, n, source.whole()[at : at + n])
-                # Whole clusters first: libntfs-3g writes a call that ends inside a cluster through
-                # its own buffers, all of it, so only the last partial cluster goes in a call of its own.
-                body = n - n % TAIL_ALIGN
-                for lo, hi in ((0, body), (body, n)):
-                    if hi > lo:
-                        self._pwrite(na, path, at + lo, hi - lo, address + skew + lo)
+                for lo, hi in ((0, b), (b, n)) if 0 < (b := n - n % TAIL_ALIGN) < n else ((0, n),):
+                    self._pwrite(na, path, at + lo, hi - lo, address + skew + lo)
             finally:
                 self.device.window = None
                 munmap(address, n + skew)
