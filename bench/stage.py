@@ -14,6 +14,13 @@ a file of install.cmd's size) and virt-win-reg --merge (SetupType and CmdLine),
 and their wall times added up.
 
     python3 bench/stage.py [--runs N] [--cache DIR]
+    python3 bench/stage.py --large [MIB ...]    # default 100 1024
+
+``--large`` stages cabs of the given sizes (MiB of stored random payload) instead, each
+beside ``dd if=CAB of=X bs=1M conv=fsync`` of the same cab on the same filesystem, and
+prints the wall times, their ratio and the peak resident memory: of the whole process
+tree, summed and sampled every 20 ms from /proc, and the largest single process
+(wait4's ru_maxrss).
 
 (``bench/run.py`` runs this with the other benchmarks and prints one table.)
 """
@@ -23,10 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -139,11 +148,103 @@ def measure(image: Path, cabs: Path, runs: int, workdir: Path, with_guestfs: boo
     return out
 
 
+# -- large cabs: wall time against dd, and memory -------------------------------------------------
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants, from /proc (0 once it is gone)."""
+    parent, rss = {}, {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        rss[int(entry)] = int(fields[21]) * page
+    total = 0
+    for pid in rss:
+        p = pid
+        while p in parent and p != root and p > 1:
+            p = parent[p]
+        if p == root:
+            total += rss[pid]
+    return total
+
+
+def run_sampled(cmd: list[str]) -> tuple[float, int, int, subprocess.CompletedProcess]:
+    """(wall seconds, peak summed RSS of the process tree, peak RSS of its largest process, result)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        peak = [0]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], tree_rss(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
+    return wall, peak[0], usage.ru_maxrss * 1024, res
+
+
+def dd_seconds(src: Path, dst: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fsync", "status=none"], check=True)
+    wall = time.perf_counter() - t0
+    dst.unlink()
+    return wall
+
+
+def large(image: Path, sizes_mib: list[int], workdir: Path) -> None:
+    """The first row, a cab with no payload, is stage's fixed cost on this image (inspection, hives,
+    commit); "net ratio" is the rest of each row's time to dd's."""
+    print(f"{'cab MiB':>8} {'dd s':>7} {'stage s':>8} {'ratio':>6} {'net ratio':>9} {'tree peak MiB':>14} "
+          f"{'largest MiB':>12}")
+    fixed = None
+    for size_mib in [0, *sizes_mib]:
+        cabs = workdir / f"cabs-{size_mib}M"
+        cab = make_cab(cabs, size_mib * MiB)
+        work = workdir / "work-large.vhdx"
+        dd = dd_seconds(cab, workdir / "dd.out")
+        sparse_copy(image, work)
+        try:
+            wall, tree, largest, res = run_sampled(stage_cmd(work, cabs))
+        finally:
+            work.unlink(missing_ok=True)
+        doc = json.loads(res.stdout) if res.stdout.strip() else {}
+        if res.returncode != 0 or not doc.get("staged"):
+            raise RuntimeError(f"stage failed: {res.stderr.strip() or res.stdout[:400]}")
+        fixed = wall if fixed is None else fixed
+        net = f"{(wall - fixed) / dd:>9.2f}" if size_mib else f"{'':>9}"
+        print(f"{cab.stat().st_size / MiB:>8.1f} {dd:>7.2f} {wall:>8.2f} {wall / dd:>6.2f} {net} {tree / MiB:>14.0f} "
+              f"{largest / MiB:>12.0f}")
+        cab.unlink()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
+    ap.add_argument("--large", type=int, nargs="*", metavar="MIB",
+                    help="stage cabs of these sizes beside dd, with peak memory (default 100 1024)")
     args = ap.parse_args()
+    if args.large is not None:
+        image = ensure_image(args.cache)
+        with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+            large(image, args.large or [100, 1024], Path(tmp))
+        return 0
     print("libguestfs:", guestfs_setup()[1])
     image = ensure_image(args.cache)
     print(f"image: {image} ({image.stat().st_size / MiB:.0f} MiB file, 127 GiB virtual)")

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from conftest import SWEEPS, sweep_count
 from test_cab import PACKAGE_MUM, REAL, build_cab, gcab, payload_bytes, stored_folder
 from vhdtool.cabinet import CabError, extract_member, libmspack, list_members, read_package
+from vhdtool.container.source import Source
 
 EXAMPLES = int(os.environ.get("VHDTOOL_CAB_FUZZ_EXAMPLES", "10000"))
 LABEL = "fuzzed.cab"
@@ -156,26 +157,40 @@ def cases(draw, bases):
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
-def test_fuzz_cab(bases, sweep):
+def test_fuzz_cab(bases, sweep, tmp_path):
     @settings(max_examples=sweep_count(EXAMPLES, sweep, EXAMPLES // 10), derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases(bases))
     def run(case):
         data, op, member = case
-        try:
-            if op == "package":
-                pkg = read_package(data, LABEL)
-                assert pkg.identity.name and pkg.members
-            elif op == "list":
-                for m in list_members(data, LABEL):
-                    assert isinstance(m.name, str) and 0 <= m.size
-            else:
-                assert isinstance(extract_member(data, member, LABEL), bytes)
-        except CabError as e:
-            text = str(e)
-            assert LABEL in text and "\n" not in text, text
+        outcome = _read(data, op, member)
+        # The same cab as a local file (a Source, read through pread slices) reads the same, or fails the same.
+        local.write_bytes(data)
+        with Source(local) as source:
+            assert _read(source, op, member) == outcome
 
+    local = tmp_path / LABEL
     run()
+
+
+def _read(data, op: str, member: str):
+    try:
+        if op == "package":
+            pkg = read_package(data, LABEL)
+            assert pkg.identity.name and pkg.members
+            return pkg.identity, pkg.members, pkg.sha256
+        if op == "list":
+            found = list_members(data, LABEL)
+            for m in found:
+                assert isinstance(m.name, str) and 0 <= m.size
+            return found
+        got = extract_member(data, member, LABEL)
+        assert isinstance(got, bytes)
+        return got
+    except CabError as e:
+        text = str(e)
+        assert LABEL in text and "\n" not in text, text
+        return text
 
 
 # -- libmspack's malformed cabinets, rebuilt ----------------------------------------------------

@@ -4,6 +4,11 @@ A cab is checked byte by byte against its own length (``format``) before libmspa
 is given it; libmspack then decodes it in the native sandbox (``libmspack``), and
 its member list must agree with the one read here. update.mum, the package
 manifest at the cabinet root, names the package (``mum``).
+
+A cab is given as bytes or as a ``Source`` (vhdtool.container.source: a local file,
+or a cab's byte range inside an ISO). A Source is never read whole: the checks read
+its headers, libmspack reads the blocks of the members it is asked for, and its
+SHA-256 is computed a chunk at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 from vhdtool.cabinet import libmspack, mum
 from vhdtool.cabinet.format import (
     DEFAULT_MEMBER_LIMIT,
+    FileBytes,
     MUM_MAX_SIZE,
     MUM_NAME,
     CabMember,
@@ -21,24 +27,45 @@ from vhdtool.cabinet.format import (
     find_member,
     fold_name,
 )
-from vhdtool.errors import CabError
+from vhdtool.container.source import Source
+from vhdtool.errors import CabError, WriteFailed
 from vhdtool.units import MiB
 
 __all__ = ["CabError", "CabMember", "CabPackage", "extract_member", "list_members", "read_package"]
 
 
+Cab = bytes | Source
+
+
+def _checked(data: Cab, label: str):
+    """The cabinet's layout, its header checked (a Source read through FileBytes)."""
+    try:
+        return check_cabinet(FileBytes(data) if isinstance(data, Source) else data, label)
+    except WriteFailed as e:  # a local file cut short or unreadable while it was read
+        raise CabError(label, e.problem) from None
+
+
+def _sha256(data: Cab, label: str) -> str:
+    if not isinstance(data, Source):
+        return hashlib.sha256(data).hexdigest()
+    try:
+        return data.sha256()
+    except WriteFailed as e:
+        raise CabError(label, e.problem) from None
+
+
 # -- public API -----------------------------------------------------------------
 
-def list_members(data: bytes, label: str) -> list[CabMember]:
+def list_members(data: Cab, label: str) -> list[CabMember]:
     """The members of a single cabinet, in file table order."""
-    layout = check_cabinet(data, label)
+    layout = _checked(data, label)
     libmspack.decode(layout, label, want=None, limit=0)
     return [CabMember(e.name, e.size) for e in layout.entries]
 
 
-def extract_member(data: bytes, name: str, label: str, limit: int = DEFAULT_MEMBER_LIMIT) -> bytes:
+def extract_member(data: Cab, name: str, label: str, limit: int = DEFAULT_MEMBER_LIMIT) -> bytes:
     """The bytes of one member, named case-insensitively as Windows does."""
-    layout = check_cabinet(data, label)
+    layout = _checked(data, label)
     index = find_member(layout, name, label)
     entry = layout.entries[index]
     if entry.size > limit:
@@ -46,9 +73,9 @@ def extract_member(data: bytes, name: str, label: str, limit: int = DEFAULT_MEMB
     return libmspack.decode(layout, label, want=index, limit=limit)
 
 
-def read_package(data: bytes, label: str) -> CabPackage:
+def read_package(data: Cab, label: str) -> CabPackage:
     """The package a servicing cab carries: its members and the identity in its root update.mum."""
-    layout = check_cabinet(data, label)
+    layout = _checked(data, label)
     matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == MUM_NAME]
     if not matches:
         raise CabError(label, "no update.mum at the cabinet root, so this is not a servicing package")
@@ -62,5 +89,5 @@ def read_package(data: bytes, label: str) -> CabPackage:
         label=label,
         members=tuple(CabMember(e.name, e.size) for e in layout.entries),
         identity=mum.parse_identity(manifest, label),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=_sha256(data, label),
     )

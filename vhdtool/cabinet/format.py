@@ -2,6 +2,14 @@
 
 Every count, offset and size in the header, the folder table, the file table and
 the data block chain must stay inside the cabinet, bounded by its own length.
+
+The cabinet is read as ``CabBytes``: anything with ``len()`` whose ``[a:b]`` slices
+are bytes, i.e. bytes themselves, or ``FileBytes`` over a local file (a cab of
+several GiB), where each slice is one pread. The checks read the headers only, a
+few bytes per 32 KiB data block; the data stays in the file. (A read-only mmap was
+the other way: but every page the walk touches, and the kernel's fault-around maps
+its cached neighbours with it, counts in the process's resident memory, which then
+grows to the whole file.)
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ WINDOW_BITS = {2: (10, 21), 3: (15, 21)}  # Quantum and LZX windows libmspack ca
 # them give the offset and size of the PKCS#7 blob appended after cbCabinet.
 SIGNED_RESERVE_SIZE = 20
 
-MAX_CAB_SIZE = 512 * MiB  # integration services cabs are a few MiB; KB3071740's too
+MAX_CAB_SIZE = 0xFFFF_FFFF  # CFHEADER.cbCabinet is a u32: no cabinet is longer
+# An Authenticode blob may follow cbCabinet; the reserved header gives its size as a u32 too.
+MAX_CAB_FILE_SIZE = MAX_CAB_SIZE + 0xFFFF_FFFF
 MUM_NAME = "update.mum"
 MUM_MAX_SIZE = 4 * MiB
 DEFAULT_MEMBER_LIMIT = 16 * MiB
@@ -77,11 +87,34 @@ class CabEntry:
     offset: int
 
 
+class FileBytes:
+    """A local file's byte range (a container Source) read the way the parser reads bytes:
+    ``len()``, and ``[a:b]`` slices that are each one pread. ``fileno()`` is the read-only
+    descriptor a sandboxed decoder keeps to read it."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.source.size
+
+    def __getitem__(self, item: slice) -> bytes:
+        lo, hi, _ = item.indices(self.source.size)
+        return self.source.read(lo, max(0, hi - lo))
+
+    def fileno(self) -> int:
+        return self.source.fileno()
+
+
+CabBytes = bytes | FileBytes  # see the module docstring
+
+
 @dataclass(frozen=True)
 class CabLayout:
     """What the header promises, checked: the cabinet bytes libmspack gets, and the file table."""
 
-    cabinet: bytes  # data[:cbCabinet]: an Authenticode blob after it is not libmspack's business
+    cabinet: CabBytes  # libmspack reads its first ``length`` bytes: an Authenticode blob after them is not its business
+    length: int  # cbCabinet
     entries: tuple[CabEntry, ...]
 
 
@@ -106,17 +139,22 @@ def find_member(layout: CabLayout, name: str, label: str) -> int:
 
 # -- the header, checked (MS-CAB 2.1) ------------------------------------------------
 
-def check_cabinet(data: bytes, label: str) -> CabLayout:
+def _unpack(fmt: struct.Struct, data: CabBytes, pos: int) -> tuple:
+    return fmt.unpack(data[pos : pos + fmt.size])  # a short slice is a struct.error, as unpack_from's
+
+
+def check_cabinet(data: CabBytes | bytearray | memoryview, label: str) -> CabLayout:
     """Every structure of a single, whole cabinet, bounded by cbCabinet before anything trusts it."""
-    data = bytes(data)
-    if not data:
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not len(data):
         raise CabError(label, "empty file, not a cabinet")
     if len(data) < HEADER.size:
         if data[: len(SIGNATURE)] != SIGNATURE[: len(data)]:
             raise CabError(label, "not a cabinet (no MSCF signature)")
         raise CabError(label, f"truncated inside the cabinet header ({len(data)} bytes)")
     (sig, _r1, cb_cabinet, _r2, coff_files, _r3, minor, major, n_folders, n_files, flags, _set_id,
-     _index) = HEADER.unpack_from(data)
+     _index) = _unpack(HEADER, data, 0)
     if sig != SIGNATURE:
         raise CabError(label, "not a cabinet (no MSCF signature)")
     # 2.1.1: versionMajor is 1 in every cabinet format there is.
@@ -135,7 +173,7 @@ def check_cabinet(data: bytes, label: str) -> CabLayout:
     if flags & FLAG_RESERVE_PRESENT:
         if len(data) < pos + HEADER_RESERVE.size:
             raise CabError(label, f"truncated inside the cabinet header ({len(data)} bytes)")
-        header_resv, folder_resv, data_resv = HEADER_RESERVE.unpack_from(data, pos)
+        header_resv, folder_resv, data_resv = _unpack(HEADER_RESERVE, data, pos)
         if header_resv > MAX_HEADER_RESERVE:
             raise CabError(
                 label, f"corrupt cabinet: {header_resv} reserved header bytes (at most {MAX_HEADER_RESERVE})"
@@ -143,7 +181,6 @@ def check_cabinet(data: bytes, label: str) -> CabLayout:
         pos += HEADER_RESERVE.size + header_resv
 
     _check_length(data, cb_cabinet, pos, header_resv, label)
-    cab = data[:cb_cabinet]
 
     folder_size = FOLDER.size + folder_resv
     folders_end = pos + n_folders * folder_size
@@ -157,18 +194,18 @@ def check_cabinet(data: bytes, label: str) -> CabLayout:
             label, f"corrupt cabinet: the file table is at {coff_files}, not after the folder table at {folders_end}"
         )
 
-    entries, files_end = _read_file_table(cab, coff_files, n_files, n_folders, label)
+    entries, files_end = _read_file_table(data, cb_cabinet, coff_files, n_files, n_folders, label)
     uncompressed = [
-        _walk_folder(cab, i, pos + i * folder_size, files_end, data_resv, label) for i in range(n_folders)
+        _walk_folder(data, cb_cabinet, i, pos + i * folder_size, files_end, data_resv, label) for i in range(n_folders)
     ]
     for e in entries:
         # A file lies inside its folder's uncompressed stream.
         if e.offset + e.size > uncompressed[e.folder]:
             raise CabError(label, f"corrupt cabinet: member {e.name} runs past the end of folder {e.folder}")
-    return CabLayout(cab, tuple(entries))
+    return CabLayout(data, cb_cabinet, tuple(entries))
 
 
-def _check_length(data: bytes, cb_cabinet: int, header_end: int, header_resv: int, label: str) -> None:
+def _check_length(data: CabBytes, cb_cabinet: int, header_end: int, header_resv: int, label: str) -> None:
     """cbCabinet covers the cabinet; only an Authenticode blob the header points at may follow it."""
     if cb_cabinet > len(data):
         raise CabError(label, f"truncated: the header gives {cb_cabinet} bytes, the file has {len(data)}")
@@ -178,26 +215,28 @@ def _check_length(data: bytes, cb_cabinet: int, header_end: int, header_resv: in
         return
     if header_resv >= SIGNED_RESERVE_SIZE:
         reserve = HEADER.size + HEADER_RESERVE.size
-        sig_offset, sig_size = struct.unpack_from("<II", data, reserve + 4)
+        sig_offset, sig_size = struct.unpack("<II", data[reserve + 4 : reserve + 12])
         if sig_offset == cb_cabinet and sig_offset + sig_size == len(data):
             return
     raise CabError(label, f"{len(data) - cb_cabinet} bytes follow the end of the cabinet")
 
 
-def _read_file_table(cab: bytes, pos: int, n_files: int, n_folders: int, label: str) -> tuple[list[CabEntry], int]:
+def _read_file_table(cab: CabBytes, cab_end: int, pos: int, n_files: int, n_folders: int, label: str
+                     ) -> tuple[list[CabEntry], int]:
     entries = []
     for i in range(n_files):
-        if pos + FILE.size > len(cab):
+        if pos + FILE.size > cab_end:
             raise CabError(label, f"corrupt cabinet: the file table ends inside entry {i} of {n_files}")
-        size, offset, folder, _date, _time, attribs = FILE.unpack_from(cab, pos)
+        size, offset, folder, _date, _time, attribs = _unpack(FILE, cab, pos)
         pos += FILE.size
-        end = cab.find(b"\0", pos, pos + MAX_NAME_BYTES + 1)
+        window = cab[pos : min(pos + MAX_NAME_BYTES + 1, cab_end)]
+        end = window.find(b"\0")
         if end < 0:
             raise CabError(
                 label, f"corrupt cabinet: the name of file {i} is unterminated or longer than {MAX_NAME_BYTES} bytes"
             )
-        raw = cab[pos:end]
-        pos = end + 1
+        raw = window[:end]
+        pos += end + 1
         if not raw:
             raise CabError(label, f"corrupt cabinet: file {i} has an empty name")
         name = _decode_name(raw, attribs, label)
@@ -220,9 +259,10 @@ def _decode_name(raw: bytes, attribs: int, label: str) -> str:
     return raw.decode("latin-1")
 
 
-def _walk_folder(cab: bytes, index: int, entry_at: int, data_start: int, data_resv: int, label: str) -> int:
+def _walk_folder(cab: CabBytes, cab_end: int, index: int, entry_at: int, data_start: int, data_resv: int,
+                 label: str) -> int:
     """Check one CFFOLDER and its CFDATA chain; returns the folder's uncompressed size."""
-    start, n_blocks, comp = FOLDER.unpack_from(cab, entry_at)
+    start, n_blocks, comp = _unpack(FOLDER, cab, entry_at)
     method = comp & 0x000F
     if method not in COMPRESSION_NAMES:
         raise CabError(label, f"corrupt cabinet: folder {index} uses unknown compression type 0x{comp:04x}")
@@ -233,14 +273,14 @@ def _walk_folder(cab: bytes, index: int, entry_at: int, data_start: int, data_re
             window = f"{COMPRESSION_NAMES[method]} window of 2^{bits} bytes"
             raise CabError(label, f"corrupt cabinet: folder {index} asks for a {window}, outside 2^{low}..2^{high}")
     # Data blocks come after the file table and stay inside the cabinet.
-    if start < data_start or start > len(cab):
+    if start < data_start or start > cab_end:
         raise CabError(label, f"corrupt cabinet: folder {index}'s data starts at {start}, outside the data area")
     pos = start
     total = 0
     for b in range(n_blocks):
-        if pos + DATA.size + data_resv > len(cab):
+        if pos + DATA.size + data_resv > cab_end:
             raise CabError(label, f"truncated: folder {index} ends inside data block {b} of {n_blocks}")
-        _csum, cb_data, cb_uncomp = DATA.unpack_from(cab, pos)
+        _csum, cb_data, cb_uncomp = _unpack(DATA, cab, pos)
         if cb_uncomp == 0:
             raise CabError(
                 label, f"folder {index}'s data block {b} continues in another cabinet; only single cabinets are read"
@@ -248,7 +288,7 @@ def _walk_folder(cab: bytes, index: int, entry_at: int, data_start: int, data_re
         if cb_uncomp > MAX_BLOCK_UNCOMPRESSED or cb_data > MAX_BLOCK_COMPRESSED:
             raise CabError(label, f"corrupt cabinet: folder {index}'s data block {b} is too large")
         pos += DATA.size + data_resv + cb_data
-        if pos > len(cab):
+        if pos > cab_end:
             raise CabError(label, f"truncated: folder {index} ends inside data block {b} of {n_blocks}")
         total += cb_uncomp
     return total

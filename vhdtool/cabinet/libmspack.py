@@ -1,9 +1,10 @@
 """libmspack's cab decompressor through ctypes (mspack.h: mspack_system, mscab_decompressor), run in the sandbox.
 
-libmspack reads through a struct mspack_system whose "files" here are memory:
-the only file it can open for reading is the cabinet, and the only one it can
-open for writing is a buffer capped at the caller's limit. Nothing touches the
-disk.
+libmspack reads through a struct mspack_system whose "files" here are not its own:
+the only file it can open for reading is the cabinet (bytes, or a local file read a
+slice at a time through a read-only descriptor the child keeps, so that a cab of
+several GiB is never copied into memory), and the only one it can open for writing
+is a buffer capped at the caller's limit. Nothing is written to disk.
 
 libmspack is C that parses hostile bytes, and its own test suite is a list of
 crashes, over-reads and infinite loops it once had. So every call runs in
@@ -17,7 +18,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from vhdtool.cabinet.format import CabLayout
+from vhdtool.cabinet.format import CabBytes, CabLayout
 from vhdtool.errors import CabError, MissingLibrary, NativeError
 from vhdtool.native import Refusal, bind_library, load_libc, run_isolated
 from vhdtool.units import MiB
@@ -222,12 +223,13 @@ def _guarded(failure):
 
 
 class MemoryFiles:
-    """The struct mspack_system handed to libmspack: reads come from the cabinet, writes go to a capped buffer."""
+    """The struct mspack_system handed to libmspack: reads come from the cabinet's first ``size``
+    bytes (a slice of ``cabinet`` per read), writes go to a capped buffer."""
 
-    def __init__(self, library: Library, cabinet: bytes, limit: int):
+    def __init__(self, library: Library, cabinet: CabBytes, size: int, limit: int):
         self.library = library
-        self.source = (ctypes.c_char * max(1, len(cabinet))).from_buffer_copy(cabinet.ljust(1, b"\0"))
-        self.size = len(cabinet)
+        self.source = cabinet
+        self.size = size
         self.limit = limit
         self.output = bytearray()
         self.overflow = False
@@ -274,7 +276,10 @@ class MemoryFiles:
             return -1
         n = max(0, min(count, self.size - state[1]))
         if n:
-            ctypes.memmove(buffer, ctypes.addressof(self.source) + state[1], n)
+            chunk = self.source[state[1] : state[1] + n]
+            if len(chunk) != n:
+                return -1
+            ctypes.memmove(buffer, chunk, n)
             state[1] += n
         return n
 
@@ -324,9 +329,9 @@ def describe(code: int) -> str:
     return MSPACK_ERRORS.get(code, f"error {code}")
 
 
-def decode_here(library: Library, cabinet: bytes, want: int | None, limit: int) -> dict:
-    """List the cabinet with libmspack and extract member `want`; runs in the child."""
-    files = MemoryFiles(library, cabinet, limit)
+def decode_here(library: Library, cabinet: CabBytes, size: int, want: int | None, limit: int) -> dict:
+    """List the cabinet (its first ``size`` bytes) with libmspack and extract member `want`; runs in the child."""
+    files = MemoryFiles(library, cabinet, size, limit)
     handle = library.create(ctypes.byref(files.system))
     if not handle:
         raise Refusal("libmspack could not create a cab decompressor")
@@ -373,14 +378,17 @@ def _list_and_extract(cabd, handle, cab, files: MemoryFiles, want: int | None) -
 def decode(layout: CabLayout, label: str, want: int | None, limit: int) -> bytes | None:
     """Have libmspack list the cabinet (and extract member `want`) in a child; check what it says."""
     library = load(label)
+    # A cabinet in a local file is read in the child through its read-only descriptor.
+    fileno = getattr(layout.cabinet, "fileno", None)
     try:
         answer, payload = run_isolated(
-            lambda: decode_here(library, layout.cabinet, want, limit),
+            lambda: decode_here(library, layout.cabinet, layout.length, want, limit),
             label,
             library="libmspack",
             subject="the cabinet",
             cap=limit + ANSWER_OVERHEAD,
             timeout=CHILD_TIMEOUT,
+            keep_fds=(fileno(),) if fileno else (),
         )
     except NativeError as e:
         raise CabError(label, e.problem, hint=e.hint or None) from None
@@ -390,7 +398,7 @@ def decode(layout: CabLayout, label: str, want: int | None, limit: int) -> bytes
 
 def _check_agreement(answer: dict, payload: bytes | None, layout: CabLayout, label: str, want: int | None) -> None:
     members = answer.get("members")
-    if answer.get("length") != len(layout.cabinet) or not isinstance(members, list):
+    if answer.get("length") != layout.length or not isinstance(members, list):
         raise CabError(label, "libmspack read a different cabinet than the header describes")
     try:
         listed = [(name.encode("latin-1"), size) for name, size in members]

@@ -87,8 +87,15 @@ class Source:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the range (not of the file); short only at the range's end."""
         length = max(0, min(length, self.size - offset))
-        out = bytearray()
         pos = self.start + offset
+        try:
+            first = os.pread(self.fileno(), length, pos)
+        except OSError as e:
+            raise WriteFailed(self.label, f"reading it failed ({e.strerror})", "check the file and its disk") from None
+        if len(first) == length:
+            return first  # the usual case: one read, no copy
+        out = bytearray(first)
+        pos += len(first)
         try:
             while len(out) < length:
                 chunk = os.pread(self.fileno(), length - len(out), pos)
@@ -134,6 +141,21 @@ class Source:
             self.check_unchanged()
             self._sha256 = h.hexdigest()
         return self._sha256
+
+    def fingerprint(self) -> tuple:
+        """What this range was when opened: the file's identity (see check_unchanged), start and size."""
+        return self._identity, self.start, self.size
+
+    def adopt_sha256(self, digest: str, fingerprint: tuple | None) -> bool:
+        """Take ``digest``, computed earlier (in this process) by a Source whose fingerprint() was
+        ``fingerprint``, as this range's, if the file is still exactly what it was then; whether it was
+        taken. This is the trust check_unchanged gives the commit: a write or a replacement changes
+        the identity, and the range is then hashed anew."""
+        if fingerprint is None or fingerprint != self.fingerprint():
+            return False
+        self.check_unchanged()
+        self._sha256 = digest
+        return True
 
     def same_bytes(self, chunks: Iterator[bytes]) -> bool:
         """Whether ``chunks`` (another file's content, in order, in pieces of any size) hold exactly this range."""

@@ -50,7 +50,7 @@ class EditSession:
         # Each volume is opened and checked once: the overlay changes only at the commit.
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
-        self._sources: list[Source] = []  # local files being copied in, open until the session closes
+        self._sources: list[Source] = []  # local files being copied in (all the session's): closed with it
         self._free: dict[int, int] = {}  # partition index -> free clusters left for this session's writes
         self._registry: list[RegistryChange] = []
         self._ext: ExtEdits | None = None  # the ext2/3/4 volumes' operations (editor.extedit)
@@ -151,11 +151,11 @@ class EditSession:
                    mode: int | None = None, uid: int | None = None, gid: int | None = None) -> FileChange | None:
         """Put ``data`` at guest ``path``; None when it is already there.
 
-        ``data``: bytes, a local file's path, or a Source (a byte range of a local file). A local
-        file is never read into memory: its bytes go from it to the image file at the commit
-        (vhdtool.container.source), and it must not change before then. On ext2/3/4 (a Linux
-        guest, or such a ``partition``) ``mode``, ``uid`` and ``gid`` are the file's (default: a
-        replaced file's own, else 0644 root's) and the bytes are read (editor.extedit)."""
+        ``data``: bytes, a local file's path, or a Source (a byte range of a local file), which is the
+        session's from then on: it closes it when it ends. A local file is never read into memory: its
+        bytes go to the image file at the commit (vhdtool.container.source) and must not change before.
+        On ext2/3/4 (a Linux guest, or such a ``partition``) ``mode``, ``uid`` and ``gid`` are the
+        file's (default: a replaced file's own, else 0644 root's) and the bytes are read (editor.extedit)."""
         if not isinstance(data, (bytes, bytearray, Source)):
             data = Source(data)
         if isinstance(data, Source):

@@ -49,7 +49,7 @@ SE_DACL_PRESENT = 0x0004
 SE_DACL_AUTO_INHERITED = 0x0400
 INHERITED_ACE = 0x10
 MAX_ANSWER = 1024 * MiB  # metadata and in-memory files (hives); a Source's bytes never cross the pipe
-WINDOW = 64 * MiB  # a Source is mapped into the child this much at a time
+WINDOW, TAIL_ALIGN = 64 * MiB, 64 * 1024  # a Source is mapped this much at a time; 64 KiB: every usual cluster
 PROT_READ, MAP_SHARED = 1, 1
 MAP_FAILED = ctypes.c_void_p(-1).value
 FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
@@ -283,7 +283,8 @@ class _Volume:
         the device a pointer into the mapping for each run of clusters; the device records
         "these volume bytes are those source bytes" instead of copying them (ntfsdevice).
         Whatever libntfs-3g writes from its own buffers (a resident file, the last partial
-        cluster, compressed data) is copied as any other write."""
+        cluster, compressed data) is copied as any other write. A call that ends inside a cluster
+        goes through those buffers whole, so a window's tail (past whole TAIL_ALIGN units) is apart."""
         if self.lib.ntfs_attr_truncate(na, 0) != 0:
             self._failed(f"empty {path}")
         if source.size and self.lib.ntfs_attr_truncate_solid(na, source.size) != 0:
@@ -292,8 +293,7 @@ class _Volume:
         mmap, munmap = libc.mmap, libc.munmap
         mmap.restype, mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                                          ctypes.c_int, ctypes.c_int64]
-        munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        page = os.sysconf("SC_PAGE_SIZE")
+        munmap.argtypes, page = [ctypes.c_void_p, ctypes.c_size_t], os.sysconf("SC_PAGE_SIZE")
         for at in range(0, source.size, WINDOW):
             n = min(WINDOW, source.size - at)
             file_at = source.start + at
@@ -303,11 +303,11 @@ class _Volume:
                 raise Refusal(f"cannot map {source.label} ({os.strerror(ctypes.get_errno())})")
             try:
                 self.device.window = (address + skew, n, source.whole()[at : at + n])
-                self._pwrite(na, path, at, n, address + skew)
+                for lo, hi in ((0, b), (b, n)) if 0 < (b := n - n % TAIL_ALIGN) < n else ((0, n),):
+                    self._pwrite(na, path, at + lo, hi - lo, address + skew + lo)
             finally:
                 self.device.window = None
                 munmap(address, n + skew)
-
 
     # -- deleting: ntfs_delete (dir.c) unlinks one name, and frees the record and its clusters with the
     # last name; it refuses a folder that is not empty, so a tree goes deepest first.

@@ -1,19 +1,29 @@
 """ISO 9660 images (ECMA-119, Joliet, UDF) through pycdlib: the cabs of vmguest.iso, read in place.
 
-Nothing is extracted to disk: a cab is read into memory straight from the image.
+A cab is handed on as a Source (vhdtool.container.source), never read into memory.
+An ISO 9660 or Joliet file is one contiguous extent of the image (ECMA-119 9.1.3 and
+9.1.4: location of extent, data length; no interleaving, 9.1.7 and 9.1.8; one
+directory record, 9.1.6's multi-extent bit clear), so its Source is that byte range
+of the ISO file itself. A file pycdlib gives no such extent for (UDF, whose
+allocation descriptors may scatter it) is copied a chunk at a time into a temporary
+file that its Source removes when closed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from vhdtool.container.source import Source
 from vhdtool.errors import IsoError, translating
 from vhdtool.units import MiB
 
 MAX_ENTRIES = 100_000
+SPILL_HINT = "set TMPDIR to a folder with room for the cab, or give the cabs as a folder"
+SECTOR = 2048  # ECMA-119 logical block size, the only one pycdlib and vmguest.iso use
 READ_CHUNK = 8 * MiB  # a read that reports its progress reads this much at a time
 PROBE_CHUNK = 2 * MiB  # its first read, which tells whether it is slow enough to report
 
@@ -45,6 +55,8 @@ class IsoImage:
         if pvd[1:6] == b"CD001" and blocks * block_size > size:
             self.close()
             raise IsoError(self.path, f"truncated: the volume spans {blocks * block_size} bytes, the file has {size}")
+        self._file_size = size
+        self._block_size = block_size if pvd[1:6] == b"CD001" else 0
         # Joliet and UDF keep the real (mixed-case, long) names; plain ISO 9660 is the fallback.
         if self._iso.has_joliet():
             self._facet, self._key = self._iso.get_joliet_facade(), "joliet_path"
@@ -89,18 +101,81 @@ class IsoImage:
             raise IsoError(self.path, "has no support folder: not an integration services disk (vmguest.iso)")
         return [(f, raw) for f, raw in entries if f.path.lower().startswith("/support/") and f.path.lower().endswith(".cab")]
 
-    def read(self, entry: IsoFile, raw_path: str, limit: int,
-             progress: Callable[[int], bool | None] | None = None) -> bytes:
-        """The bytes of ``entry``; ``progress(done)`` is told how many have been read so far (see read_reporting)."""
+    def source(self, entry: IsoFile, raw_path: str, limit: int,
+               progress: Callable[[int], bool | None] | None = None) -> Source:
+        """The bytes of ``entry`` as a Source labelled ``iso:path``, which the caller closes: a range of the
+        ISO file where the record gives one extent, else a temporary copy (``progress(done)`` follows it)."""
         if entry.size > limit:
             raise IsoError(self.path, f"{entry.path} is larger than {limit} bytes")
+        label = f"{self.path}:{entry.path}"
         with translating(IsoError, self.path, f"cannot read {entry.path} (the image may be truncated)"):
-            with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
-                data = fh.read(limit + 1) if progress is None else read_reporting(fh, limit + 1, progress)
-        # pycdlib returns what is there: a short read means the image was cut.
-        if len(data) != entry.size:
-            raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {len(data)} are there")
-        return data
+            start = self._extent_start(self._facet.get_record(raw_path))
+        if start is None:
+            return self._spill(entry, raw_path, label, progress)
+        there = max(0, min(entry.size, self._file_size - start))
+        if there != entry.size:
+            raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {there} are there")
+        return Source(self.path, start, entry.size, label=label)
+
+    def _extent_start(self, record) -> int | None:
+        """Where a file's one contiguous extent starts in the ISO file; None when the record is not
+        a plain ISO 9660/Joliet one (UDF, interleaved, multi-extent) or the block size is unusual."""
+        if self._key == "udf_path" or self._block_size != SECTOR:
+            return None
+        if not all(hasattr(record, a) for a in ("extent_location", "file_unit_size", "interleave_gap_size",
+                                                 "data_continuation")):
+            return None
+        if record.file_unit_size or record.interleave_gap_size or record.data_continuation is not None:
+            return None
+        return record.extent_location() * SECTOR
+
+    def _spill(self, entry: IsoFile, raw_path: str, label: str,
+               progress: Callable[[int], bool | None] | None) -> Source:
+        try:
+            fd, path = tempfile.mkstemp(prefix="vhdtool-", suffix=".cab")
+        except OSError as e:
+            raise IsoError(self.path, f"cannot make a temporary copy of {entry.path} ({e.strerror})",
+                           SPILL_HINT) from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                with translating(IsoError, self.path, f"cannot read {entry.path} (the image may be truncated)"):
+                    with self._iso.open_file_from_iso(**{self._key: raw_path}) as fh:
+                        done = self._copy(fh, out, entry, progress)
+            # pycdlib returns what is there: a short read means the image was cut.
+            if done != entry.size:
+                raise IsoError(self.path, f"truncated: {entry.path} should hold {entry.size} bytes, {done} are there")
+            return SpilledSource(path, label=label)
+        except BaseException:
+            os.unlink(path)
+            raise
+
+
+    def _copy(self, fh, out, entry: IsoFile, progress: Callable[[int], bool | None] | None) -> int:
+        """Copy ``entry`` (and at most one byte more) from ``fh`` to ``out`` a chunk at a time; how many there were."""
+        done, limit = 0, entry.size + 1
+        while done < limit:
+            chunk = fh.read(min(READ_CHUNK, limit - done))
+            if not chunk:
+                break
+            try:
+                out.write(chunk)
+            except OSError as e:
+                raise IsoError(self.path, f"cannot make a temporary copy of {entry.path} ({e.strerror})",
+                               SPILL_HINT) from None
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+        return done
+
+
+class SpilledSource(Source):
+    """A Source over a temporary copy, removed when the Source is closed."""
+
+    def close(self) -> None:
+        if self._fd is not None:
+            super().close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def read_reporting(fh, limit: int, progress: Callable[[int], bool | None]) -> bytes:

@@ -1,10 +1,10 @@
 """Cab sources (``--cabs``): a folder searched recursively, a single cab, or a vmguest.iso.
 
-Every integration services cab found is read (its update.mum, in memory) and
-described by what it is, not by what its name says: architecture and version come
-from the package identity; the target NT version comes from the name
-(``Windows6.1-...``) and, where the manifest names a parent package, must agree
-with it.
+Every integration services cab found is read (its update.mum; the rest of the cab
+stays in its file, read a chunk at a time for its SHA-256) and described by what
+it is, not by what its name says: architecture and version come from the package
+identity; the target NT version comes from the name (``Windows6.1-...``) and,
+where the manifest names a parent package, must agree with it.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from vhdtool.errors import CabSourceError
+from vhdtool.container.source import Source
+from vhdtool.errors import CabSourceError, ImageNotFound, WriteFailed
 from vhdtool.guest.versioninfo import version_tuple
 
 IC_CAB_NAME = re.compile(r"^windows(\d+\.\d+)-hypervintegrationservices-(x86|x64|amd64|arm64)\.cab$", re.IGNORECASE)
@@ -35,6 +36,9 @@ class CabCandidate:
     identity_name: str
     package_identifier: str | None
     problem: str | None = None  # why it can never be chosen (name and manifest disagree...)
+    # What the cab's file was when sha256 was computed (Source.fingerprint), so that stage in the same
+    # process need not hash it again while it is unchanged; None for a cab given as bytes.
+    fingerprint: tuple | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -57,7 +61,7 @@ class CabCatalog:
     sources: tuple[str, ...]
 
 
-def describe(data: bytes, label: str, source: str, name: str) -> CabCandidate:
+def describe(data: bytes | Source, label: str, source: str, name: str) -> CabCandidate:
     from vhdtool.cabinet import read_package
 
     package = read_package(data, label)
@@ -91,6 +95,7 @@ def describe(data: bytes, label: str, source: str, name: str) -> CabCandidate:
         identity_name=ident.name,
         package_identifier=ident.package_identifier,
         problem=problem,
+        fingerprint=data.fingerprint() if isinstance(data, Source) else None,
     )
 
 
@@ -103,30 +108,46 @@ def _is_iso(path: Path) -> bool:
         return False
 
 
-def _read_file(path: Path) -> bytes:
-    from vhdtool.cabinet.format import MAX_CAB_SIZE
-    from vhdtool.progress import NO_PROGRESS, bar
+def _open_file(path: Path) -> Source:
+    """A local cab, open read-only (the caller closes it)."""
+    from vhdtool.cabinet.format import MAX_CAB_FILE_SIZE
 
-    size = path.stat().st_size
-    if size > MAX_CAB_SIZE:
-        raise CabSourceError(str(path), f"larger than {MAX_CAB_SIZE} bytes; not an integration services cab")
-    with bar(f"reading {path.name}", size) as progress:
-        if progress is NO_PROGRESS:
-            return path.read_bytes()
-        from vhdtool.iso import read_reporting
-
-        with open(path, "rb") as f:
-            return read_reporting(f, MAX_CAB_SIZE + 1, progress)
+    try:
+        source = Source(path)
+    except ImageNotFound as e:
+        raise CabSourceError(str(path), e.problem) from None
+    if source.size > MAX_CAB_FILE_SIZE:
+        source.close()
+        raise CabSourceError(str(path), f"larger than {MAX_CAB_FILE_SIZE} bytes; not an integration services cab")
+    return source
 
 
-def _read_iso_entry(iso, entry, raw: str) -> bytes:
-    """One cab out of an ISO, with a bar on a terminal when it is large (and slow)."""
-    from vhdtool.cabinet.format import MAX_CAB_SIZE
+def _open_iso_entry(iso, entry, raw: str) -> Source:
+    """One cab of an ISO, as a range of the ISO file (or a temporary copy; see vhdtool.iso)."""
+    from vhdtool.cabinet.format import MAX_CAB_FILE_SIZE
     from vhdtool.progress import NO_PROGRESS, bar
 
     # The cab's name alone: with the ISO's too, an 80-column terminal would have no room for the bar.
-    with bar(f"reading {entry.path.rsplit('/', 1)[-1]}", entry.size) as progress:
-        return iso.read(entry, raw, MAX_CAB_SIZE, progress=None if progress is NO_PROGRESS else progress)
+    with bar(f"copying {entry.path.rsplit('/', 1)[-1]}", entry.size) as progress:
+        return iso.source(entry, raw, MAX_CAB_FILE_SIZE, progress=None if progress is NO_PROGRESS else progress)
+
+
+def _digest(source: Source, name: str) -> str:
+    """The cab's SHA-256, read a chunk at a time, with a bar on a terminal when it is large (and slow)."""
+    from vhdtool.progress import NO_PROGRESS, bar
+
+    with bar(f"reading {name}", source.size) as progress:
+        return source.sha256(progress=None if progress is NO_PROGRESS else progress)
+
+
+def _described(source: Source, label: str, given: str, name: str) -> CabCandidate:
+    """describe() of an open cab, which is then closed."""
+    with source:
+        try:
+            _digest(source, name)
+        except WriteFailed as e:  # cut short or replaced while it was read
+            raise CabSourceError(label, e.problem, "run the command again") from None
+        return describe(source, label, given, name)
 
 
 def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
@@ -145,13 +166,13 @@ def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
                 if p not in ic:
                     notes.append(f"{p}: not an integration services cab name; skipped")
             for p in ic:
-                candidates.append(describe(_read_file(p), str(p), source, p.name))
+                candidates.append(_described(_open_file(p), str(p), source, p.name))
             if not ic:
                 notes.append(f"{source}: no integration services cabs found")
         elif path.is_file() and _is_iso(path):
             candidates.extend(_from_iso(path, source, notes))
         elif path.is_file():
-            candidates.append(describe(_read_file(path), str(path), source, path.name))
+            candidates.append(_described(_open_file(path), str(path), source, path.name))
         elif not path.exists():
             raise CabSourceError(source, "no such file or folder")
         else:
@@ -169,18 +190,16 @@ def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
             if not IC_CAB_NAME.match(name):
                 notes.append(f"{path}:{entry.path}: not an integration services cab name; skipped")
                 continue
-            data = _read_iso_entry(iso, entry, raw)
-            out.append(describe(data, f"{path}:{entry.path}", source, name))
+            out.append(_described(_open_iso_entry(iso, entry, raw), f"{path}:{entry.path}", source, name))
     if not out:
         notes.append(f"{source}: no integration services cabs under /support")
     return out
 
 
-
-def cab_bytes(candidate: CabCandidate) -> bytes:
-    """The bytes of a chosen cab, read again from its source and checked against the digest the plan verified."""
-    import hashlib
-
+def cab_source(candidate: CabCandidate) -> Source:
+    """A chosen cab, opened again from its source and checked against the digest the plan verified:
+    hashed anew a chunk at a time, unless its file is provably the one this process hashed for the
+    plan (Source.adopt_sha256). The caller owns the Source (EditSession.write_file takes it over)."""
     source = Path(candidate.source)
     if source.is_file() and _is_iso(source):
         from vhdtool.iso import IsoImage
@@ -190,9 +209,19 @@ def cab_bytes(candidate: CabCandidate) -> bytes:
             match = [(f, raw) for f, raw in iso.support_cabs() if f.path == inner]
             if not match:
                 raise CabSourceError(candidate.source, f"{inner} is no longer in the image")
-            data = _read_iso_entry(iso, match[0][0], match[0][1])
+            cab = _open_iso_entry(iso, match[0][0], match[0][1])
     else:
-        data = _read_file(Path(candidate.path))
-    if hashlib.sha256(data).hexdigest() != candidate.sha256:
+        cab = _open_file(Path(candidate.path))
+    try:
+        # Unchanged since this process hashed it for the plan: that digest holds. Else hash it again.
+        digest = candidate.sha256 if cab.adopt_sha256(candidate.sha256, candidate.fingerprint) \
+            else _digest(cab, candidate.name)
+    except WriteFailed:  # cut short or replaced while it was read
+        digest = None
+    except BaseException:
+        cab.close()
+        raise
+    if digest != candidate.sha256:
+        cab.close()
         raise CabSourceError(candidate.path, "the cab changed since it was verified", "run the command again")
-    return data
+    return cab

@@ -10,7 +10,7 @@ from vhdtool.editor import ChangeSet, edit
 from vhdtool.errors import SetupPending, UnsupportedLayout
 from vhdtool.plan.decide import STAGE, Plan, plan_for_host
 from vhdtool.plan.matrix import Matrix
-from vhdtool.plan.sources import CabCatalog, cab_bytes
+from vhdtool.plan.sources import CabCatalog, cab_source
 from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.stage.script import (
     ID_PATTERN,
@@ -96,12 +96,14 @@ def _stage_into(ed, image, plan: Plan):
     )
     _refuse_a_pending_newer(ed, image, plan, script)
     replaced = _replaced(ed, script)
-    cab = cab_bytes(plan.cab)
     text = render(script)
     folder = script.guest_folder
     # The new files first: they take clusters free now, not the ones the deletes free (those stay
     # readable by the old state until the commit, so data written there would go through the log).
     ed.mkdir(folder)
+    # The cab stays in its file (or its ISO): the session takes the Source over, copies it into
+    # the image at the commit, and closes it when the session ends.
+    cab = cab_source(plan.cab)
     ed.write_file(f"{folder}/{script.cab_name}", cab)
     ed.write_file(f"{folder}/install.cmd", text)
     for old in replaced:
@@ -122,7 +124,7 @@ def _stage_into(ed, image, plan: Plan):
             ed.write_file(SETUP_COMPLETE, kept)
         hook = {"kind": "setupcomplete", "command": script.setupcomplete_line}
     files = (
-        {"path": f"{folder}/{script.cab_name}", "size": len(cab), "sha256": hashlib.sha256(cab).hexdigest()},
+        {"path": f"{folder}/{script.cab_name}", "size": len(cab), "sha256": cab.sha256()},
         {"path": f"{folder}/install.cmd", "size": len(text), "sha256": hashlib.sha256(text).hexdigest()},
     )
     return script, files, hook
