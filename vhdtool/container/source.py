@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from vhdtool.errors import ImageNotFound, WriteFailed
 from vhdtool.units import MiB
 
 READ_CHUNK = 4 * MiB  # hashing and comparing read this much at a time
+HASH_APART = 16 * MiB  # ranges at least this large are hashed in a process of their own
 COPY_PIECE = 16 * MiB  # the writers copy, and report progress, this much at a time
 
 
@@ -65,6 +67,7 @@ class Source:
         self.size = size
         self._identity = self._identity_of(st)
         self._sha256: str | None = None
+        self._hasher: tuple[int, int] | None = None  # (pid, pipe) of a background hasher (start_sha256)
 
     @staticmethod
     def _identity_of(st: os.stat_result) -> tuple:
@@ -126,10 +129,59 @@ class Source:
             yield view[:n]
             at += n
 
+    def start_sha256(self) -> None:
+        """Begin hashing the range in a forked process, beside the rest of the operation (on another
+        core, while libntfs-3g allocates and the commit copies); sha256() collects the answer.
+
+        A process, not a thread: the sandbox forks later, and a fork must not copy a thread's
+        half-held locks. Small ranges are hashed when asked for, in this process."""
+        if self._sha256 is not None or self._hasher is not None or self.size < HASH_APART:
+            return
+        read_end, write_end = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            return  # sha256() hashes here instead
+        if pid == 0:  # the hasher: never returns
+            code = 1
+            try:
+                os.close(read_end)
+                h = hashlib.sha256()
+                for chunk in self.chunks():
+                    h.update(chunk)
+                os.write(write_end, h.hexdigest().encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self._hasher = (pid, read_end)
+
+    def _collect(self) -> str | None:
+        """The background hasher's digest, or None when it failed (the range is then hashed here)."""
+        pid, fd = self._hasher
+        self._hasher = None
+        try:
+            answer = b""
+            while chunk := os.read(fd, 128):
+                answer += chunk
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(fd)
+        text = answer.decode("ascii", "replace")
+        ok = os.waitstatus_to_exitcode(status) == 0 and len(text) == 64
+        return text if ok and all(c in "0123456789abcdef" for c in text) else None
+
     def sha256(self, progress: Callable[[int], object] | None = None) -> str:
         """The SHA-256 of the range, read once (and kept: check_unchanged tells whether it still holds).
 
         ``progress(done)`` is told the bytes hashed so far, after each chunk."""
+        if self._sha256 is None and self._hasher is not None:
+            digest = self._collect()
+            if digest is not None:
+                self.check_unchanged()
+                self._sha256 = digest
         if self._sha256 is None:
             h = hashlib.sha256()
             done = 0
@@ -141,6 +193,14 @@ class Source:
             self.check_unchanged()
             self._sha256 = h.hexdigest()
         return self._sha256
+
+    def settle(self) -> None:
+        """What a writer calls after copying the range and before its commit point: a background hash
+        is collected (so the digest the change set reports is of the bytes committed), and the file
+        must be unchanged (SourceChanged, the image left as it was)."""
+        if self._hasher is not None:
+            self.sha256()
+        self.check_unchanged()
 
     def fingerprint(self) -> tuple:
         """What this range was when opened: the file's identity (see check_unchanged), start and size."""
@@ -180,6 +240,15 @@ class Source:
             raise SourceChanged(self.label, "the file changed while it was being copied")
 
     def close(self) -> None:
+        if self._hasher is not None:
+            pid, fd = self._hasher
+            self._hasher = None
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            os.close(fd)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -51,7 +51,8 @@ class EditSession:
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
         self._sources: list[Source] = []  # local files being copied in (all the session's): closed with it
-        self._free: dict[int, int] = {}  # partition index -> free clusters left for this session's writes
+        self._free: dict[int, int] = {}
+        self._digests: dict[int, Source] = {}  # index in _files -> the local file whose digest it awaits  # partition index -> free clusters left for this session's writes
         self._registry: list[RegistryChange] = []
         self._ext: ExtEdits | None = None  # the ext2/3/4 volumes' operations (editor.extedit)
         self.result: ChangeSet | None = None
@@ -174,7 +175,13 @@ class EditSession:
         if state == "file" and not self._pending(part.index, target) and self._holds(fs, target, data):
             return None
         self._check_room(part.index, fs, target, state, len(data))
-        digest = payload_digest(data)
+        if isinstance(data, Source):
+            # Hashed beside the rest of the operation; the change set gets the digest at the commit.
+            data.start_sha256()
+            self._digests[len(self._files)] = data
+            digest = None
+        else:
+            digest = payload_digest(data)
         self._ops.setdefault(part.index, []).append(
             ntfs3g.WriteFile(target, data if isinstance(data, Source) else bytes(data)))
         change = FileChange(target, action, len(data), digest, part.index)
@@ -400,12 +407,15 @@ class EditSession:
             os.replace(self._tmp_output, self.output)
             self._tmp_output = None
             committed = True
+        # A local file's digest was collected before the commit point (Source.settle); a dry run's now.
+        files = tuple(replace(f, sha256=self._digests[i].sha256()) if i in self._digests else f
+                      for i, f in enumerate(self._files))
         self.result = ChangeSet(
             image=self.path,
             output=self.output,
             dry_run=self.dry_run,
             committed=committed,
-            files=tuple(self._files),
+            files=files,
             registry=tuple(self._registry),
             bytes_written=written,
             log_replayed=replayed,

@@ -308,7 +308,7 @@ class VhdCommit:
             raise self._writing_failed(e) from None
         # What was copied from local files is what was decided on, or the temp goes and the image stays.
         for source in {id(d.source): d.source for _o, d in self.plan.writes if isinstance(d, SourceRange)}.values():
-            source.check_unchanged()
+            source.settle()
 
     def seal_copy(self) -> None:
         """Step 5. As step 3; after it the temp's content is on stable storage before any name points at it."""

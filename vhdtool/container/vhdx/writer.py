@@ -149,7 +149,7 @@ class VhdxCommit:
             self.file.flush()
         # Still step 2: what was copied from local files is what was decided on, or nothing is committed.
         for source in plan.sources():
-            source.check_unchanged()
+            source.settle()
 
         # Step 3. Interrupted: entries under a LogGuid no header names, never replayed.
         log_guid = uuid.uuid4()
