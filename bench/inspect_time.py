@@ -112,8 +112,9 @@ def pe_stub(machine: int = 0x8664) -> bytes:
 
 
 def build_partition(cache: Path, product: tuple = PRODUCT, ic_version: str = "6.3.9600.18692",
-                    name: str = "windows-ntfs.img", drive_c: bool = False) -> Path:
-    """The guest's NTFS volume; ``drive_c`` records it as C: in MountedDevices (MBR signature + offset)."""
+                    name: str = "windows-ntfs.img", drive_c: bool = False, size: int = PARTITION_SIZE) -> Path:
+    """The guest's NTFS volume (``size`` bytes, sparse); ``drive_c`` records it as C: in MountedDevices
+    (MBR signature + offset)."""
     part = cache / name.replace(".img", f".v{LAYOUT}.img")
     if part.exists():
         return part
@@ -132,7 +133,7 @@ def build_partition(cache: Path, product: tuple = PRODUCT, ic_version: str = "6.
                             "hex:3:" + ",".join(f"{b:02x}" for b in entry)], system)
         img = tmp / "part.img"
         with open(img, "wb") as f:
-            f.truncate(PARTITION_SIZE)
+            f.truncate(size)
         run("mkntfs", "-Q", "-F", "-q", "-p", "2048", "-H", "255", "-S", "63", img)
         mnt = tmp / "mnt"
         mnt.mkdir()
@@ -159,7 +160,7 @@ def build_image(cache: Path, name: str, size: int, part: Path, prefix: str = "wi
         raw = Path(tmp) / "disk.raw"
         with open(raw, "wb") as f:
             f.truncate(size)
-        run("sfdisk", "-q", raw, input=f"label: dos\nlabel-id: 0x12345678\nstart=2048, size={PARTITION_SIZE // 512}, type=7, bootable\n".encode())
+        run("sfdisk", "-q", raw, input=f"label: dos\nlabel-id: 0x12345678\nstart=2048, size={part.stat().st_size // 512}, type=7, bootable\n".encode())
         run("dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none")
         tmp_out = Path(tmp) / "out.vhdx"
         run("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic", raw, tmp_out)

@@ -162,7 +162,8 @@ def part_write(rows, cache: Path, runs: int, sizes_mib: list[int], guestfs: bool
         rows.append(("copy-in", f"{size} MiB file", human(m["size"]), f"{m['wall']:.2f}",
                      f"{m['written'] / MiB:.2f} written", f"{m['amplification']:.3f}",
                      versus("virt-copy-in", m["virt_copy_in"], m["wall"], guestfs),
-                     f"into a 127 GiB image; again: {m['again_wall']:.2f} s, {m['again_written']} B written"))
+                     f"into a 127 GiB image; peak RSS of the process tree {m['rss'] / MiB:.0f} MiB (Pss "
+                     f"{m['pss'] / MiB:.0f}); again: {m['again_wall']:.2f} s, {m['again_written']} B written"))
 
 
 def part_stage(rows, cache: Path, runs: int, sizes_mb: list[int], guestfs: bool, work: Path, log) -> None:
