@@ -86,14 +86,17 @@ def _set_linux_daemons(image, ed, wanted: list[tuple[str, int]]) -> tuple[str, .
     from vhdtool.guest.linux import os_release
 
     keys: dict[str, tuple[str, int]] = {}
+    unique = []  # one plan per daemon, however many of its names are given
     for name, start in wanted:
         key = daemon_key(name)
+        if key is None or key not in keys:
+            unique.append((name, start))
         if key is not None and keys.setdefault(key, (name, start))[1] != start:
             raise UnsupportedLayout(image, f"{keys[key][0]} and {name} are the same daemon ({key}), both enabled "
                                            "and disabled", "give it once")
     fs = ed.linux_root()
     release = os_release(fs)
-    plans = link_plans(fs, release.get("ID"), release.get("ID_LIKE"), [(n, s == MANUAL) for n, s in wanted])
+    plans = link_plans(fs, release.get("ID"), release.get("ID_LIKE"), [(n, s == MANUAL) for n, s in unique])
     refused = next((p for p in plans if p.refusal), None)
     if refused is not None:
         raise UnsupportedLayout(image, f"cannot {refused.action} {refused.unit}: {refused.refusal}", refused.hint)
