@@ -312,7 +312,10 @@ def test_refusals_and_nothing_to_do(tmp_path):
     assert off.refusal and "systemctl mask hypervkvpd.service" in off.hint
     static = systemd.enable_plan(fs, "hypervvssd.service")
     assert static.refusal is None and static.changes == () and "static" in static.notes[0]
-    unknown = hvdaemons.link_plans(fs, "rhel", None, [("vmicheartbeat", True)])[0]
+    # A Windows service with no Linux daemon is passed by with the reason; a name known nowhere is refused.
+    windows_only = hvdaemons.link_plans(fs, "rhel", None, [("vmicheartbeat", True)])[0]
+    assert windows_only.refusal is None and windows_only.changes == () and "hv_utils" in windows_only.notes[0]
+    unknown = hvdaemons.link_plans(fs, "rhel", None, [("vmicnothing", True)])[0]
     assert unknown.refusal and "kvp" in unknown.hint
     tree, _ = make_tree(tmp_path, "ubuntu")
     fs = ext4_of(tree, tmp_path / "ubuntu.ext4")
