@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
 from fixtures.build.disks import Part, build_raw_disk, ext4_fill, mbr_layout, write
 from fixtures.build.tools import MiB, run
 from vhdtool.filesystem.linuxfs import open_linux_filesystem
