@@ -212,6 +212,30 @@ def test_several_daemons_in_one_commit(cli, tmp_path):
         assert systemd_says(volume, tmp_path, "hv-kvp-daemon.service") == "disabled"
 
 
+def test_rmdir_removes_only_a_folder_left_empty(tmp_path):
+    import vhdtool
+    from vhdtool.errors import UnsupportedLayout
+
+    image = work_copy("ubuntu-ext4", tmp_path)
+    volume = root_volume(image, tmp_path, False)
+    before, root_links = ext_tree(volume), stat_of(volume, "/")["links"]
+    volume.unlink()
+    was = digest(image)
+    for path in ("/etc", "/etc/hostname"):  # not empty; not a folder
+        with pytest.raises(UnsupportedLayout), vhdtool.edit(image) as ed:
+            ed.rmdir(path)
+        assert digest(image) == was
+    with vhdtool.edit(image) as ed:
+        assert ed.rmdir("/nowhere") is None
+        assert ed.rmdir("/tmp").action == "rmdir"
+    image_ok(image)
+    volume = root_volume(image, tmp_path, False)
+    e2fsck_clean(volume)  # the inode, its block and the parent's link count are all accounted for
+    after = ext_tree(volume)
+    assert stat_of(volume, "/")["links"] == root_links - 1
+    assert {p: v for p, v in before.items() if p != "/tmp"} == after
+
+
 # -- refusals and nothing-to-do ----------------------------------------------------------------------
 
 def refused(cli, image: Path, *args: str) -> tuple[int, str]:
