@@ -292,6 +292,17 @@ def test_udev_started_and_windows_only_names_need_nothing(cli, tmp_path):
     assert digest(image) == was
 
 
+def test_an_xfs_root_is_answered_but_never_written(cli, tmp_path):
+    image = work_copy("rhel-xfs", tmp_path)
+    code, err = refused(cli, image, "--disable", "vmictimesync", "--enable", "vmickvpexchange")
+    assert code == 5 and "xfs" in err and "systemctl enable hypervkvpd.service" in err
+    # What needs no link is still answered: a Windows-only name, a daemon already disabled.
+    was = digest(image)
+    code, out, err = cli("services", image, "--disable", "vmictimesync", "--disable", "kvp")
+    assert code == 0 and "vmictimesync has no Linux daemon" in out and "nothing to change" in err
+    assert digest(image) == was
+
+
 def test_dry_run_and_output(cli, tmp_path):
     image = work_copy("debian-lvm-ext4", tmp_path)
     was = digest(image)

@@ -94,12 +94,21 @@ def _set_linux_daemons(image, ed, wanted: list[tuple[str, int]]) -> tuple[str, .
         if key is not None and keys.setdefault(key, (name, start))[1] != start:
             raise UnsupportedLayout(image, f"{keys[key][0]} and {name} are the same daemon ({key}), both enabled "
                                            "and disabled", "give it once")
-    fs = ed.linux_root()
+    try:
+        fs, unwritable = ed.linux_root(), None
+    except UnsupportedLayout as e:  # an XFS root: what needs no link (udev, Windows-only names) is still answered
+        fs, unwritable = ed.guest_root(), e
+        if fs is None:
+            raise
     release = os_release(fs)
     plans = link_plans(fs, release.get("ID"), release.get("ID_LIKE"), [(n, s == MANUAL) for n, s in unique])
     refused = next((p for p in plans if p.refusal), None)
     if refused is not None:
         raise UnsupportedLayout(image, f"cannot {refused.action} {refused.unit}: {refused.refusal}", refused.hint)
+    needs = next((p for p in plans if p.changes), None)
+    if unwritable is not None and needs is not None:
+        raise UnsupportedLayout(image, unwritable.problem, f"{needs.action} it from inside the guest "
+                                                           f"(systemctl {needs.action} {needs.unit})")
     for plan in plans:
         for change in plan.changes:
             _apply_link_change(ed, change)

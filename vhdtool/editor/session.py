@@ -260,6 +260,13 @@ class EditSession:
         ``vhdtool.filesystem.linuxfs.LinuxFilesystem``, the guest's root volume without ``partition``."""
         return self._ext.filesystem(partition)
 
+    def guest_root(self):
+        """The Linux guest's root filesystem, read-only, whatever it is (XFS too), for decisions that may
+        need no write; None when there is none."""
+        from vhdtool.guest.discover import linux_root
+
+        return linux_root(self.disk)
+
     def entry(self, path: str, partition: int | None = None):
         """What ``path`` names on an ext2/3/4 volume as it stands on disk, a last symlink not followed:
         a ``vhdtool.filesystem.linuxfs.Entry`` (kind, mode, uid, gid, size, link target), or None."""
