@@ -95,7 +95,7 @@ def _set_linux_daemons(image, ed, wanted: list[tuple[str, int]]) -> tuple[str, .
             raise UnsupportedLayout(image, f"{keys[key][0]} and {name} are the same daemon ({key}), both enabled "
                                            "and disabled", "give it once")
     try:
-        fs, unwritable = ed.linux_root(), None
+        fs, unwritable = ed.ext_filesystem(), None
     except UnsupportedLayout as e:  # an XFS root: what needs no link (udev, Windows-only names) is still answered
         fs, unwritable = ed.guest_root(), e
         if fs is None:

@@ -255,7 +255,7 @@ class EditSession:
         with ``if_empty``, when the session leaves something in it)."""
         return self._ext.rmdir(path, partition, if_empty)
 
-    def linux_root(self, partition: int | None = None):
+    def ext_filesystem(self, partition: int | None = None):
         """The ext2/3/4 volume's files as they stand on disk (pending changes not applied): a
         ``vhdtool.filesystem.linuxfs.LinuxFilesystem``, the guest's root volume without ``partition``."""
         return self._ext.filesystem(partition)
@@ -263,9 +263,9 @@ class EditSession:
     def guest_root(self):
         """The Linux guest's root filesystem, read-only, whatever it is (XFS too), for decisions that may
         need no write; None when there is none."""
-        from vhdtool.guest.discover import linux_root
+        from vhdtool.guest.discover import find_linux_root
 
-        return linux_root(self.disk)
+        return find_linux_root(self.disk)
 
     def entry(self, path: str, partition: int | None = None):
         """What ``path`` names on an ext2/3/4 volume as it stands on disk, a last symlink not followed:
