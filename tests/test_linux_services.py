@@ -330,7 +330,7 @@ def test_dry_run_and_output(cli, tmp_path):
 
 # -- a mixed fleet -----------------------------------------------------------------------------------
 
-def test_batch_services_over_a_mixed_fleet(tmp_path):
+def test_batch_services_over_a_mixed_fleet(cli, tmp_path):
     from test_services import start_values, system_files
 
     fleet = tmp_path / "fleet"
@@ -354,6 +354,10 @@ def test_batch_services_over_a_mixed_fleet(tmp_path):
     lx = records[linux.name]["result"]
     assert [f["path"] for f in lx["changes"]["files"] if f["action"] == "symlink"] == [f"{WANTS}/hv-kvp-daemon.service"]
     assert any("vmictimesync" in n for n in lx["notes"])
+    # The other way round: a Linux daemon's name on a Windows guest is the Windows service of the same IC.
+    code, out, err = cli("services", "--json", "--dry-run", windows, "--disable", "hv_vss_daemon")
+    assert code == 0, err
+    assert [r["key"].rsplit("\\", 1)[-1] for r in json.loads(out)["changes"]["registry"]] == ["vmicvss"]
     image_ok(linux)
     volume = root_volume(linux, tmp_path, False)
     e2fsck_clean(volume)
