@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
 from fixtures.build.disks import Part, build_raw_disk, ext4_fill, mbr_layout, write
 from fixtures.build.tools import MiB, run
 from vhdtool.filesystem.linuxfs import open_linux_filesystem
@@ -312,7 +311,10 @@ def test_refusals_and_nothing_to_do(tmp_path):
     assert off.refusal and "systemctl mask hypervkvpd.service" in off.hint
     static = systemd.enable_plan(fs, "hypervvssd.service")
     assert static.refusal is None and static.changes == () and "static" in static.notes[0]
-    unknown = hvdaemons.link_plans(fs, "rhel", None, [("vmicheartbeat", True)])[0]
+    # A Windows service with no Linux daemon is passed by with the reason; a name known nowhere is refused.
+    windows_only = hvdaemons.link_plans(fs, "rhel", None, [("vmicheartbeat", True)])[0]
+    assert windows_only.refusal is None and windows_only.changes == () and "hv_utils" in windows_only.notes[0]
+    unknown = hvdaemons.link_plans(fs, "rhel", None, [("vmicnothing", True)])[0]
     assert unknown.refusal and "kvp" in unknown.hint
     tree, _ = make_tree(tmp_path, "ubuntu")
     fs = ext4_of(tree, tmp_path / "ubuntu.ext4")
@@ -387,7 +389,7 @@ def test_one_name_map():
 
 @pytest.mark.fixtures
 @needs_mkfs
-def test_cli_lists_linux_daemons_and_refuses_writes(cli, tmp_path):
+def test_cli_lists_linux_daemons_and_enables_udev_ones_with_no_write(cli, tmp_path):
     layout = mbr_layout(40 * MiB, 0x1B2C3D4E, Part(start=1 * MiB, size=38 * MiB, filesystem="ext4", mbr_type="83",
                                                    fill=ext4_fill("root", "0b9c4e6a-7d1f-4c3b-8e5a-9f0d1c2b3a4e",
                                                                   rhel_tree)))
@@ -411,9 +413,9 @@ def test_cli_lists_linux_daemons_and_refuses_writes(cli, tmp_path):
     code, out, err = cli("inspect", image)
     assert "fcopy" in out and "enabled (hypervfcopyd.service" in out
 
-    result = cli("services", image, "--enable", "kvp")
-    assert_one_line_error(*result, image)
-    assert result[0] == 5 and "ext4 writer" in result[2]
+    # udev starts kvp: enabling it needs no link (the writes are tested in tests/test_linux_services.py).
+    code, out, err = cli("services", image, "--enable", "kvp")
+    assert code == 0 and "udev starts hypervkvpd.service" in out and "nothing to change" in err
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
 
     from vhdtool.editor.services import MANUAL, linux_link_plans

@@ -102,8 +102,12 @@ def batch_stage(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] 
 
 @batch_app.command("services")
 def batch_services(images: Optional[List[Path]] = IMAGE_GLOBS,
-                   enable: List[str] = enable_option("Set service NAME to manual start; repeatable."),
-                   disable: List[str] = disable_option("Set service NAME to disabled; repeatable."),
+                   enable: List[str] = enable_option("Windows: set service NAME to manual start. Linux: enable "
+                                                     "daemon NAME (kvp, vss, fcopy or any of their names). "
+                                                     "Repeatable."),
+                   disable: List[str] = disable_option("Windows: set service NAME to disabled. Linux: disable "
+                                                       "daemon NAME; a Windows-only name is passed by with a "
+                                                       "note. Repeatable."),
                    dry_run: bool = DRY_RUN, manifest: List[Path] = MANIFEST, jobs: int = JOBS,
                    report: Optional[Path] = REPORT, resume: bool = RESUME, shard: Optional[str] = SHARD,
                    shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:

@@ -125,9 +125,11 @@ def render_edit(result: ChangeSet) -> str:
     lines = [f"{where}: {verb}" + (f" (a copy of {result.image})" if result.output else "")]
     for f in result.files:
         size = f" ({_size(f.size)}, sha256 {f.sha256[:16]}...)" if f.size is not None else ""
-        lines.append(f"  {f.action:<8} {f.path}{size} on partition {f.partition}")
+        link = f" -> {f.target}" if f.target is not None else ""
+        lines.append(f"  {f.action:<8} {f.path}{link}{size} on partition {f.partition}")
     for r in result.registry:
         lines.append(f"  registry {r.hive}\\{r.key}\\{r.name} ({r.type}): {r.old!r} -> {r.new!r}")
+    lines.extend(f"  note     {n}" for n in result.notes)
     if result.committed and not result.dry_run:
         lines.append(f"  wrote    {_size(result.bytes_written)} to the image file"
                      + (", after replaying its pending log" if result.log_replayed else ""))

@@ -12,8 +12,11 @@ from vhdtool.cli.options import DRY_RUN, IMAGE, OUTPUT, disable_option, enable_o
 
 def services(
     image: Path = IMAGE,
-    enable: List[str] = enable_option("Set service NAME to manual start, as Windows ships it; repeatable."),
-    disable: List[str] = disable_option("Set service NAME to disabled (Start=4); repeatable."),
+    enable: List[str] = enable_option("Windows: set service NAME to manual start, as Windows ships it. Linux: "
+                                      "enable daemon NAME (kvp, vss, fcopy, a daemon or Windows name) as "
+                                      "systemctl enable does. Repeatable."),
+    disable: List[str] = disable_option("Windows: set service NAME to disabled (Start=4). Linux: disable daemon "
+                                        "NAME as systemctl disable does. Repeatable."),
     dry_run: bool = DRY_RUN,
     output: Optional[Path] = OUTPUT,
     as_json: bool = json_option("Print JSON: the services, or with --enable/--disable the change set."),
@@ -32,4 +35,5 @@ def services(
 
 
 def _unchanged(image: Path, result) -> str | None:
-    return None if result.registry else f"{image}: nothing to change; the services already start that way"
+    # The plans' notes (a udev-started daemon, a Windows-only name) are in the document itself.
+    return None if result.registry or result.files else f"{image}: nothing to change; the services already start that way"

@@ -10,7 +10,7 @@ SCHEMA = 1
 @dataclass(frozen=True)
 class FileChange:
     path: str
-    action: str  # "add" | "replace" | "mkdir" | "delete" | "symlink"
+    action: str  # "add" | "replace" | "mkdir" | "delete" | "symlink" | "rmdir"
     size: int | None
     sha256: str | None
     partition: int
@@ -48,9 +48,10 @@ class ChangeSet:
     bytes_written: int
     log_replayed: bool
     changed_bytes: int  # of the virtual disk
+    notes: tuple[str, ...] = ()  # what was asked for and needed nothing, and why (e.g. a udev-started daemon)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "schema": SCHEMA,
             "image": self.image,
             "output": self.output,
@@ -60,3 +61,6 @@ class ChangeSet:
             "bytes_written": self.bytes_written,
             "log_replayed": self.log_replayed,
         }
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out

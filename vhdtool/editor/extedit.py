@@ -146,7 +146,7 @@ class ExtEdits:
         for op in self._pending(vol, target):
             if op.path != target:
                 state = "dir" if op.path.startswith(target + "/") else state
-            elif isinstance(op, ext2fs.Unlink):
+            elif isinstance(op, (ext2fs.Unlink, ext2fs.RemoveDir)):
                 state = None
             else:
                 state = {ext2fs.MakeDir: "dir", ext2fs.Symlink: "link", ext2fs.WriteFile: "file"}[type(op)]
@@ -209,7 +209,29 @@ class ExtEdits:
         if state == "dir":
             raise UnsupportedLayout(self.path, f"{path} is a folder: vhdtool removes only files and symbolic links "
                                                "on Linux volumes")
-        return self._add(vol, ext2fs.Unlink(target), FileChange(target, "delete", None, None, vol.index))
+        # A link removed is reported with what it pointed to (a link this session made has no old target).
+        entry = vol.fs.entry(target) if state == "link" and not self._pending(vol, target) else None
+        return self._add(vol, ext2fs.Unlink(target), FileChange(target, "delete", None, None, vol.index,
+                                                                target=entry.link if entry is not None else None))
+
+    def rmdir(self, path: str, partition: int | None, if_empty: bool = False) -> FileChange | None:
+        """Remove a folder this session leaves empty (its entries on disk all removed, nothing made in it); a
+        folder not left empty is refused, or with ``if_empty`` kept (None)."""
+        vol, target = self.volume(partition), self._target(path)
+        state = self._state(vol, target)
+        if state is None:
+            return None
+        if state != "dir" or vol.fs.readlink(target) is not None:
+            raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest, not a folder")
+        names = vol.fs.listdir(target) if vol.fs.is_dir(target) else []
+        left = [f"{target}/{n}" for n in names if self._state(vol, f"{target}/{n}") is not None]
+        left += [op.path for op in self._pending(vol, target) if op.path.startswith(target + "/")
+                 and not isinstance(op, (ext2fs.Unlink, ext2fs.RemoveDir))]
+        if left and if_empty:
+            return None
+        if left:
+            raise UnsupportedLayout(self.path, f"{path} is not empty ({left[0]} is in it)", "remove what is in it first")
+        return self._add(vol, ext2fs.RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
 
     def _target(self, path: str) -> str:
         try:

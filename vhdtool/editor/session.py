@@ -257,6 +257,23 @@ class EditSession:
         """Remove a file or symbolic link on an ext2/3/4 volume; None when nothing is there."""
         return self._ext.unlink(path, partition)
 
+    def rmdir(self, path: str, partition: int | None = None, if_empty: bool = False) -> FileChange | None:
+        """Remove a folder of an ext2/3/4 volume that this session leaves empty; None when it is not there (or,
+        with ``if_empty``, when the session leaves something in it)."""
+        return self._ext.rmdir(path, partition, if_empty)
+
+    def ext_filesystem(self, partition: int | None = None):
+        """The ext2/3/4 volume's files as they stand on disk (pending changes not applied): a
+        ``vhdtool.filesystem.linuxfs.LinuxFilesystem``, the guest's root volume without ``partition``."""
+        return self._ext.filesystem(partition)
+
+    def guest_root(self):
+        """The Linux guest's root filesystem, read-only, whatever it is (XFS too), for decisions that may
+        need no write; None when there is none."""
+        from vhdtool.guest.discover import find_linux_root
+
+        return find_linux_root(self.disk)
+
     def entry(self, path: str, partition: int | None = None):
         """What ``path`` names on an ext2/3/4 volume as it stands on disk, a last symlink not followed:
         a ``vhdtool.filesystem.linuxfs.Entry`` (kind, mode, uid, gid, size, link target), or None."""

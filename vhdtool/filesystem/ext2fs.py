@@ -26,12 +26,12 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from vhdtool.container.overlay import Extent, Overlay
 from vhdtool.errors import CorruptFilesystem, NativeError, UnsupportedLayout, VolumeFull
 from vhdtool.filesystem import ext2fsio as io
 from vhdtool.filesystem.answer import decode_extents, encode_extents
+from vhdtool.filesystem.ext2ops import MakeDir, RemoveDir, Symlink, Unlink, WriteFile
 from vhdtool.filesystem.extsuper import (INCOMPAT_EXTENTS, INCOMPAT_INLINE_DATA, RECHECK, SUPERBLOCK_OFFSET,
                                          SUPERBLOCK_SIZE, Superblock)
 from vhdtool.native import Refusal, run_isolated
@@ -49,45 +49,8 @@ ROOT_INO = 2
 INODE_BUF = 160  # sizeof(struct ext2_inode_large) in e2fsprogs 1.47
 EXT4_EXTENTS_FL, EXT4_INLINE_DATA_FL, EXT4_ENCRYPT_FL = 0x80000, 0x10000000, 0x800
 WRITE_CHUNK = 1 * MiB
+DIRENT_ABORT = 2  # ext2fs.h: stop ext2fs_dir_iterate2
 INLINE_MAX = 60  # bytes of i_block, where an inline-data file's first bytes live
-
-
-@dataclass(frozen=True)
-class WriteFile:
-    """Put ``data`` at ``path`` (absolute, '/'-separated), creating or replacing the file, with this mode and owner.
-    Missing folders above it are made (root's, 0755)."""
-
-    path: str
-    data: bytes
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-
-@dataclass(frozen=True)
-class MakeDir:
-    """Create the folder ``path`` and any missing parents (root's, 0755); an existing folder is left as it is."""
-
-    path: str
-
-
-@dataclass(frozen=True)
-class Symlink:
-    """Make ``path`` a symbolic link to ``target`` (root's, 0777, as systemctl makes them), replacing a link there."""
-
-    path: str
-    target: str
-
-
-@dataclass(frozen=True)
-class Unlink:
-    """Remove the file or symbolic link ``path`` (never a folder); a missing path is no change."""
-
-    path: str
 
 
 class _VolumeFullHere(Refusal):
@@ -225,11 +188,44 @@ class _Volume:
         self._touch(folder)
         self._drop_link(ino, path)
 
-    def _drop_link(self, ino: int, path: str) -> None:
-        """One name of ``ino`` is gone: its link count goes down, and with the last one the inode, its
-        extended attribute block and its data blocks are freed."""
+    def rmdir(self, path: str) -> None:
+        """An empty folder removed as debugfs rmdir does: its entry, its inode and blocks, and the parent's
+        link count its '..' held."""
+        parent, name = self._split(path)
+        folder = self.resolve(parent)
+        ino = self.entry(folder, name) if folder is not None else None
+        if ino is None:
+            return
+        if not stat.S_ISDIR(_get(self.inode(ino), "<H", MODE)):
+            raise Refusal(f"{path} is not a folder")
+        if self._holds_names(ino, path):
+            raise Refusal(f"{path} is not empty")
+        self._check(self.lib.ext2fs_unlink(self.fs, folder, name.encode(), ino, 0), f"remove {path}")
+        buf = self.inode(folder)
+        struct.pack_into("<H", buf, LINKS, max(_get(buf, "<H", LINKS) - 1, 1))
+        _times(buf, CTIME, MTIME)
+        self.put_inode(folder, buf)
+        self._drop_link(ino, path, folder=True)
+
+    def _holds_names(self, ino: int, path: str) -> bool:
+        """Whether the folder ``ino`` has an entry other than '.' and '..' (unused slots are not passed on)."""
+        found = []
+
+        def each(_dir, _entry, dirent, _offset, _blocksize, _buf, _priv) -> int:
+            name_len = ctypes.string_at(dirent, 8)[6]  # struct ext2_dir_entry_2: inode, rec_len, name_len, type
+            if ctypes.string_at(dirent + 8, name_len) not in (b".", b".."):
+                found.append(True)
+                return DIRENT_ABORT
+            return 0
+
+        self._check(self.lib.ext2fs_dir_iterate2(self.fs, ino, 0, None, io.DIR_ENTRY(each), None), f"list {path}")
+        return bool(found)
+
+    def _drop_link(self, ino: int, path: str, folder: bool = False) -> None:
+        """One name of ``ino`` is gone: its link count goes down (a folder's to 0: its '.' goes with it), and
+        with the last one the inode, its extended attribute block and its data blocks are freed."""
         buf = self.inode(ino)
-        links = max(_get(buf, "<H", LINKS) - 1, 0)
+        links = 0 if folder else max(_get(buf, "<H", LINKS) - 1, 0)
         struct.pack_into("<H", buf, LINKS, links)
         _times(buf, CTIME)
         if links:
@@ -242,7 +238,7 @@ class _Volume:
             self._check(self.lib.ext2fs_punch(self.fs, ino, buf, None, 0, (1 << 64) - 1), f"free the blocks of {path}")
         else:
             self.put_inode(ino, buf)
-        self.lib.ext2fs_inode_alloc_stats2(self.fs, ino, -1, 0)
+        self.lib.ext2fs_inode_alloc_stats2(self.fs, ino, -1, int(folder))
 
     def symlink(self, path: str, target: str) -> None:
         parent, name = self._split(path)
@@ -345,6 +341,8 @@ def _run(volume: _Volume, operations: list) -> None:
             volume.symlink(op.path, op.target)
         elif isinstance(op, Unlink):
             volume.unlink(op.path)
+        elif isinstance(op, RemoveDir):
+            volume.rmdir(op.path)
         elif isinstance(op, WriteFile):
             volume.write_file(op)
         else:
@@ -369,7 +367,7 @@ def read_superblock(overlay: Overlay, vmap: VolumeMap, path: str | None, where: 
 
 def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what: str,
           tick: Callable[[], None] | None = None) -> int:
-    """Run ``operations`` (WriteFile, MakeDir, Symlink, Unlink), in order, with libext2fs on the volume ``vmap``
+    """Run ``operations`` (WriteFile, MakeDir, Symlink, Unlink, RemoveDir), in order, with libext2fs on the volume ``vmap``
     places on ``overlay``'s disk; the sectors it changes go into ``overlay``. Returns how many bytes changed.
 
     ``what`` names the volume in messages ("ext4 on partition 1"). Nothing is put into ``overlay``

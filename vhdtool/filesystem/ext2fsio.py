@@ -49,6 +49,9 @@ BLOCK_IO = ctypes.CFUNCTYPE(errcode_t, c_void, ctypes.c_ulong, ctypes.c_int, c_v
 FLUSH = ctypes.CFUNCTYPE(errcode_t, c_void)
 SET_OPTION = ctypes.CFUNCTYPE(errcode_t, c_void, ctypes.c_char_p, ctypes.c_char_p)
 BLOCK_IO64 = ctypes.CFUNCTYPE(errcode_t, c_void, u64, ctypes.c_int, c_void)
+# ext2fs_dir_iterate2's callback: (dir, entry, struct ext2_dir_entry *, offset, blocksize, buf, priv) -> DIRENT_* flags
+DIR_ENTRY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32, ctypes.c_int, c_void, ctypes.c_int, ctypes.c_int, c_void,
+                             c_void)
 
 
 class IoChannel(ctypes.Structure):  # struct struct_io_channel
@@ -162,6 +165,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ("ext2fs_lookup", errcode_t, [c, ino, s, ctypes.c_int, c, pino]),
         ("ext2fs_mkdir", errcode_t, [c, ino, ino, s]),
         ("ext2fs_expand_dir", errcode_t, [c, ino]),
+        ("ext2fs_dir_iterate2", errcode_t, [c, ino, ctypes.c_int, c, DIR_ENTRY, c]),
         ("ext2fs_symlink", errcode_t, [c, ino, ino, s, s]),
         ("ext2fs_link", errcode_t, [c, ino, s, ino, ctypes.c_int]),
         ("ext2fs_unlink", errcode_t, [c, ino, s, ino, ctypes.c_int]),

@@ -133,10 +133,18 @@ def inspect_measured(path: str | os.PathLike) -> tuple[Inspection, IoStats]:
 def with_linux_root(path: str | os.PathLike, work: Callable[[Filesystem], T]) -> T:
     """``work(fs)`` on the image's first Linux root filesystem (the one ``inspect`` reports), read-only."""
     with open_disk(path) as disk:
-        warnings: list[str] = []
-        partitions = list_partitions(disk, disk.logical_sector_size, disk.path)
-        for _index, kind, stream, label in linux_candidates(disk, partitions, disk.path, warnings):
-            fs = open_linux_filesystem(stream, kind, disk.path, label)
-            if is_linux_root(fs):
-                return work(fs)
+        fs = find_linux_root(disk)
+        if fs is not None:
+            return work(fs)
     raise UnsupportedLayout(os.fspath(path), "the image has no Linux root filesystem", "see `vhdtool inspect`")
+
+
+def find_linux_root(disk: DiskStream) -> Filesystem | None:
+    """The disk's first Linux root filesystem (ext2/3/4 or XFS, LVM included), read-only; None for none."""
+    warnings: list[str] = []
+    partitions = list_partitions(disk, disk.logical_sector_size, disk.path)
+    for _index, kind, stream, label in linux_candidates(disk, partitions, disk.path, warnings):
+        fs = open_linux_filesystem(stream, kind, disk.path, label)
+        if is_linux_root(fs):
+            return fs
+    return None

@@ -63,6 +63,15 @@ HV_DAEMONS = (
               (RHEL, "hypervfcopyd.service"))),
 )
 BY_KEY = {d.key: d for d in HV_DAEMONS}
+# The Windows integration services with no daemon in a Linux guest, and why: a mixed fleet's one
+# command names them, and a Linux guest passes them by with this note rather than failing.
+WINDOWS_ONLY = {
+    "vmicheartbeat": "the kernel's hv_utils driver answers the heartbeat itself",
+    "vmicshutdown": "the kernel's hv_utils driver handles the host's shutdown request itself",
+    "vmictimesync": "the kernel's hv_utils driver (and the PTP clock it offers) keeps the time itself",
+    "vmicrdv": "Remote Desktop Virtualization has no Linux counterpart",
+    "vmicvmsession": "PowerShell Direct has no Linux counterpart",
+}
 
 
 def daemon_key(name: str) -> str | None:
@@ -78,6 +87,12 @@ def daemon_key(name: str) -> str | None:
 
 def all_names() -> list[str]:
     return [n for d in HV_DAEMONS for n in (d.key, d.daemon, d.windows)]
+
+
+def windows_name(name: str) -> str | None:
+    """The Windows service of the same integration service as a Linux daemon's name (kvp -> vmickvpexchange)."""
+    key = daemon_key(name)
+    return BY_KEY[key].windows if key else None
 
 
 def family(os_id: str | None, id_like: str | None) -> str | None:
@@ -151,6 +166,10 @@ def link_plans(fs: Filesystem, os_id: str | None, id_like: str | None,
     for name, enable in wanted:
         key = daemon_key(name)
         action = "enable" if enable else "disable"
+        if key is None and name.strip().lower() in WINDOWS_ONLY:
+            plans.append(LinkPlan(name, action, notes=(f"{name} has no Linux daemon ("
+                                                       f"{WINDOWS_ONLY[name.strip().lower()]}): nothing to {action}",)))
+            continue
         if key is None:
             plans.append(LinkPlan(name, action, refusal=f"no Hyper-V daemon is named {name}",
                                   hint=f"use one of: {', '.join(all_names())}"))
