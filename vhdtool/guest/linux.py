@@ -39,8 +39,8 @@ class LinuxFacts:
     daemons: tuple[tuple[str, bool], ...]
     root_partition: int | None
     filesystem: str
-    services: tuple[DaemonState, ...] = ()  # each daemon's binary, unit and start, as systemd sees them
     id_like: tuple[str, ...] = ()  # os-release ID_LIKE: the distributions this one derives from
+    services: tuple[DaemonState, ...] = ()  # each daemon's binary, unit and start, as systemd sees them
 
     def to_dict(self) -> dict:
         return {
