@@ -298,12 +298,13 @@ class SourceRange:
         return self.source is other.source and other.offset + other.length == self.offset
 
 
-def pieces(data, piece: int = COPY_PIECE) -> Iterator[tuple[int, bytes | SourceRange]]:
+def pieces(data, piece: int | None = None) -> Iterator[tuple[int, bytes | SourceRange]]:
     """(offset in data, part) of ``data`` in parts a writer writes one at a time: a SourceRange in ``piece``
-    parts (so that progress moves and a crash test has points inside a large copy), bytes whole."""
+    parts (COPY_PIECE, read at each call, so that a crash test can make the pieces small), bytes whole."""
     if not isinstance(data, SourceRange):
         yield 0, data
         return
+    piece = piece or COPY_PIECE
     for at in range(0, len(data), piece):
         yield at, data[at : at + piece]
 

@@ -18,6 +18,7 @@ from vhdtool.editor.images import copy_image, dependent_children
 from vhdtool.editor.images import digest as payload_digest
 from vhdtool.editor.paths import CONFIG_DIR, HIVES, LINUX_FILESYSTEMS, guest_path, protected
 from vhdtool.errors import (
+    CorruptFilesystem,
     EncryptedVolume,
     GuestNotClean,
     ImageHasChildren,
@@ -399,8 +400,13 @@ class EditSession:
             # is being written and for how long.
             amount = sum(op.size for op in ops if isinstance(op, ntfs3g.WriteFile))
             with phase(f"writing {size_text(amount)} to partition {index} (libntfs-3g)", amount) as progress:
-                ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}",
-                             tick=progress.tick)
+                try:
+                    ntfs3g.apply(self.overlay, part.offset, part.size, ops, self.path, f"NTFS on partition {index}",
+                                 tick=progress.tick)
+                except CorruptFilesystem:
+                    for source in self._sources:
+                        source.check_unchanged()  # a local file cut short under libntfs-3g: SourceChanged
+                    raise
         self._ops.clear()
         self._ext.run()
 

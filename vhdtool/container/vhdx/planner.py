@@ -231,15 +231,14 @@ class _Planner:
             self.plan.appended.append((offset, MiB, [(0, bytes(bitmap))]))
         self.plan.appended.sort()
         # Contiguous logged sectors become one write, so one descriptor run per extent.
-        runs: list[LoggedWrite] = []
+        # (Joined once per run: adding sector by sector would copy a long run once per sector.)
+        runs: list[tuple[int, list[bytes]]] = []
         for base in sorted(self.in_place):
-            data = bytes(self.in_place[base])
-            if runs and runs[-1].file_offset + runs[-1].length == base:
-                last = runs.pop()
-                runs.append(LoggedWrite(last.file_offset, last.length + LOG_SECTOR_SIZE, last.data + data))
+            if runs and runs[-1][0] + len(runs[-1][1]) * LOG_SECTOR_SIZE == base:
+                runs[-1][1].append(bytes(self.in_place[base]))
             else:
-                runs.append(LoggedWrite(base, LOG_SECTOR_SIZE, data))
-        self.plan.logged = runs
+                runs.append((base, [bytes(self.in_place[base])]))
+        self.plan.logged = [LoggedWrite(base, len(parts) * LOG_SECTOR_SIZE, b"".join(parts)) for base, parts in runs]
         self.plan.end_of_file = self.end if self.plan.appended else self.disk.image.size
         self.plan.direct.sort()
         return self.plan

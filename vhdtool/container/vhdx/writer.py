@@ -205,6 +205,8 @@ def commit(
         file = WritableFile(disk.path)
     before = (file.bytes_written, file.writes, file.flushes)
     try:
+        for source in plan.sources():
+            source.check_unchanged()  # changed already: SourceChanged before the headers are touched
         if not plan.empty:
             # A full host filesystem is found here, before anything is written (or a log is moved:
             # that region is allocated as it is written, and it is small).
