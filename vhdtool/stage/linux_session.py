@@ -51,7 +51,7 @@ def stage_linux(ed, image: str, plan: Plan) -> tuple[LinuxStagedScript, tuple[di
     text, unit = render_script(script), render_unit(script)
     ed.mkdir(script.folder)
     ed.write_file(script.script_path, text, mode=SCRIPT_MODE, uid=0, gid=0)
-    if ed.file_content(f"{script.folder}/result.txt") is not None:
+    if ed.entry(f"{script.folder}/result.txt") is not None:  # its name is enough (the content is the guest's)
         for name in FINISHED_FILES:  # a finished run of this id: the next boot starts from attempt 1
             ed.unlink(f"{script.folder}/{name}")
     ed.mkdir(UNIT_DIR)
@@ -71,6 +71,6 @@ def _refuse_another_enabled(ed, image: str, script: LinuxStagedScript) -> None:
         if name == script.id or not ID_PATTERN.fullmatch(name):
             continue
         other = LinuxStagedScript(name, script.package_manager, script.packages, ())
-        if ed.entry(other.wants_link) is not None and ed.file_content(f"{other.folder}/result.txt") is None:
+        if ed.entry(other.wants_link) is not None and ed.entry(f"{other.folder}/result.txt") is None:
             raise SetupPending(image, f"another vhdtool staging ({name}) is enabled to install at next boot",
                                f"boot the guest once so that it runs, or remove {other.wants_link} in the guest")
