@@ -413,3 +413,21 @@ def test_batch_stage_and_status_over_a_mixed_fleet(tmp_path):
     assert doc["outcomes"] == {"ok": 6, "failed": 0}
     assert doc["by_method"] == {"integration-services-disk (staged)": 1, "package-manager (staged)": 1,
                                 "up-to-date (none)": 1, "status pending": 2, "status none": 1}
+
+
+def test_what_is_not_a_staging_folder(cli, tmp_path):
+    """Names under /var/lib/vhdtool that are a file or a link loop are nobody's staging; a file where the
+    staging folder goes is refused (exit 5), the image byte-identical."""
+    import vhdtool
+
+    image = work_copy("debian-lvm-ext4", tmp_path)
+    with vhdtool.edit(image) as ed:
+        ed.write_file("/var/lib/vhdtool/hyperv-daemons", b"not a folder\n")
+        ed.symlink("/var/lib/vhdtool/loop", "/var/lib/vhdtool/loop")
+        ed.write_file("/var/lib/vhdtool/older/result.txt", b"exit_code=0\nattempts=1\nfinished=2026-01-01T00:00:00Z\n")
+    st = status(cli, image)
+    assert [(s["id"], s["state"]) for s in st["staged"]] == [("older", "installed")] and st["state"] == "installed"
+    was = digest(image)
+    result = cli("stage", image, "--host", "auto")
+    assert_one_line_error(*result, image)
+    assert result[0] == 5 and "/var/lib/vhdtool/hyperv-daemons is a file" in result[2] and digest(image) == was

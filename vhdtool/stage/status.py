@@ -127,7 +127,9 @@ def read_state(fs: Filesystem, staged_id: str, root: str = STAGING_ROOT,
 def linux_staged(fs: Filesystem) -> tuple[StagedState, ...]:
     """Every staging under a Linux guest's /var/lib/vhdtool, finished ones first (by when), the unfinished last."""
     root = LINUX_STAGING_ROOT
-    ids = [n for n in fs.listdir(root) if LINUX_ID_PATTERN.fullmatch(n)] if fs.is_dir(root) else []
+    names = fs.listdir(root) if fs.is_dir(root) else []
+    # A folder each (a file or a link loop of that name is nobody's staging).
+    ids = [n for n in names if LINUX_ID_PATTERN.fullmatch(n) and fs.is_dir(f"{root}/{n}")]
     states = [read_state(fs, i, root, LINUX_SUCCESS_CODES) for i in ids]
     return tuple(sorted(states, key=lambda s: (s.state in ("pending", "running"), s.finished or "", s.id)))
 
