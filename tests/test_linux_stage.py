@@ -18,6 +18,9 @@ to the guest's files, the simulation's own files left out, is written back into 
 ``debugfs -w`` and the volume into the image with qemu-img. The write-back is e2fsprogs', not
 vhdtool's: the image status then reads holds what another ext4 writer (as the guest's kernel would)
 left, so a fault of vhdtool's writer cannot hide one of its reader, or the reverse.
+
+Crash safety: `vhdtool stage` killed (SIGKILL, injected by strace) at its writes and flushes leaves
+the old guest tree or the staged one, e2fsck clean after QEMU replays the VHDX log.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, digest, work_copy
-from judges.disks import blkid_type
+from conftest import FULL, SWEEPS, assert_one_line_error, digest, sweep_points, work_copy
+from judges.disks import blkid_type, copy_range
 from judges.linux import ext_tree, logical_volumes
 from judges.tools import sh
 from judges.volumes import extract_partition, partition_table, raw_image
@@ -431,3 +434,66 @@ def test_what_is_not_a_staging_folder(cli, tmp_path):
     result = cli("stage", image, "--host", "auto")
     assert_one_line_error(*result, image)
     assert result[0] == 5 and "/var/lib/vhdtool/hyperv-daemons is a file" in result[2] and digest(image) == was
+
+
+# -- crash safety -------------------------------------------------------------------------------------------
+
+def stage_process(image: Path, strace: list[str]) -> subprocess.CompletedProcess:
+    import sys
+
+    from conftest import ROOT
+
+    return subprocess.run(["strace", "-f", *strace, sys.executable, "-m", "vhdtool.cli.main", "stage", str(image),
+                           "--host", "auto"], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def replayed_tree(image: Path, tmp: Path, where: tuple[int, int]) -> dict:
+    """The root volume's tree once QEMU has replayed what the VHDX log holds (as Hyper-V would), e2fsck clean.
+    ``where``: the volume's (offset, size) in the disk, as ``locate`` found them (a stage does not move it)."""
+    copy = tmp / f"replayed-{time.monotonic_ns()}.vhdx"
+    shutil.copyfile(image, copy)
+    sh("qemu-img", "check", "-r", "all", copy, check=False)
+    image_ok(copy)
+    raw = raw_image(copy, copy.with_suffix(".raw"))
+    volume = copy_range(raw, copy.with_suffix(".volume"), *where)
+    e2fsck_clean(volume)
+    tree = ext_tree(volume)
+    for path in (copy, raw, volume):
+        path.unlink()
+    return tree
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_linux_stage_at_every_write_and_flush(tmp_path, sweep):
+    """SIGKILL at each pwrite64 and fsync of `vhdtool stage` on the LVM guest: the guest tree is the old one
+    or the staged one, e2fsck clean either way, and staging again finishes the job."""
+    original = work_copy("debian-lvm-ext4", tmp_path)
+    loc = locate(original, tmp_path)
+    where = (loc.offset, loc.volume.stat().st_size)
+    old = replayed_tree(original, tmp_path, where)
+    probe = tmp_path / "probe.vhdx"
+    shutil.copyfile(original, probe)
+    trace = tmp_path / "trace"
+    assert stage_process(probe, ["-o", str(trace), "-e", "trace=pwrite64,fsync"]).returncode == 0
+    counts = {name: sum(1 for line in trace.read_text().splitlines() if re.search(rf"(^|\s){name}\(", line))
+              for name in ("pwrite64", "fsync")}
+    new = replayed_tree(probe, tmp_path, where)
+    assert "/var/lib/vhdtool/hyperv-daemons/install.sh" in new and "/var/lib/vhdtool/hyperv-daemons/install.sh" \
+        not in old
+    points = sweep_points([(name, n) for name, total in counts.items() for n in range(1, total + 1)], sweep)
+    assert len(points) >= 6, counts
+    outcomes = {"old": 0, "new": 0}
+    victim = tmp_path / "victim.vhdx"
+    for name, n in points:
+        shutil.copyfile(original, victim)
+        res = stage_process(victim, ["-o", "/dev/null", "-e", f"inject={name}:signal=KILL:when={n}"])
+        assert res.returncode != 0, (name, n)
+        tree = replayed_tree(victim, tmp_path, where)
+        assert tree in (old, new), (name, n)
+        outcomes["old" if tree == old else "new"] += 1
+        if sweep == FULL or (name, n) == points[-1]:  # the next run finishes the job
+            assert stage_process(victim, ["-o", "/dev/null"]).returncode == 0, (name, n)
+            assert replayed_tree(victim, tmp_path, where) == new, (name, n)
+    assert outcomes["old"] and outcomes["new"], outcomes
+    print(f"\nLinux stage: {len(points)} kill points of {counts}, outcomes {outcomes}")
