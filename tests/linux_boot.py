@@ -16,7 +16,10 @@ A boot is modelled as systemd runs the unit: only while the link in multi-user.t
 exists, and then the unit file's ExecStart (read from the file the link points to, inside the
 tree), run with ``chroot ROOT`` and the environment systemd gives a service (PATH, LANG only).
 This needs root and a filesystem that allows device nodes: ``make_guest`` raises ``Unavailable``
-(the tests skip) when either is missing.
+(the tests skip) when either is missing. ``add_simulation`` adds the same to a real guest's tree
+extracted from an image (tests/test_linux_stage.py), and says which paths are its own. A stub
+package manager whose install succeeds copies /stub/payload (if a test made one) into the tree, as
+the package would unpack.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ done
 rc=0
 if [ -f "/stub/rc/$name-$verb" ]; then read -r rc < "/stub/rc/$name-$verb"; fi
 echo "stub $name $verb: exit $rc"
+# A successful install unpacks the package: whatever a test put in /stub/payload.
+if [ "$verb" = install ] && [ "$rc" = 0 ] && [ -d /stub/payload ]; then cp -a /stub/payload/. /; fi
 exit "$rc"
 """
 
@@ -122,35 +127,61 @@ def _write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def make_guest(root: Path, script: LinuxStagedScript) -> LinuxGuest:
-    """A guest tree at ``root`` with ``script`` staged as the stage writes it, enabled for next boot."""
+def _inside(root: Path, path: Path) -> Path:
+    """``path``, refused when a link in a guest tree would take a write out of it (onto the host)."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise ValueError(f"{path} leads out of the guest tree {root} (to {real})")
+    return path
+
+
+def add_simulation(root: Path) -> set[str]:
+    """Busybox, the stubs, /dev/null and /stub added to the guest tree at ``root`` (which may be a real
+    guest's tree, extracted from an image: names it has are kept). Returns the guest paths added, which
+    are the simulation's and not the guest's."""
     if os.geteuid() != 0:
         raise Unavailable("chroot needs root")
     if not BUSYBOX.is_file():
         raise Unavailable(f"{BUSYBOX} is missing (apt-get install busybox-static)")
     applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    added: set[str] = set()
     for d in ("bin", "usr/bin", "usr/sbin", "sbin", "etc", "tmp", "dev", "stub", "var/lib"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
+        if not os.path.lexists(root / d):
+            added.add("/" + d)
+        _inside(root, root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, _inside(root, root / "bin/busybox"))
+    added.add("/bin/busybox")
     for applet in applets:
-        if applet != "busybox" and applet not in STUBBED:
+        if applet != "busybox" and applet not in STUBBED and not os.path.lexists(root / "bin" / applet):
             os.symlink("busybox", root / "bin" / applet)
+            added.add(f"/bin/{applet}")
     for program in STUBBED:
-        _write(root / "usr/bin" / program, STUB, 0o755)
+        _write(_inside(root, root / "usr/bin" / program), STUB, 0o755)
+        added.add(f"/usr/bin/{program}")
     try:
-        os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        if not os.path.lexists(root / "dev/null"):
+            os.mknod(_inside(root, root / "dev/null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            added.add("/dev/null")
         with open(root / "dev/null", "wb") as f:
             f.write(b"x")
     except OSError as e:
         raise Unavailable(f"cannot make /dev/null in {root}: {e}") from None
+    probe = subprocess.run(["chroot", str(root), "/bin/sh", "-c", "echo ok"], env=SERVICE_ENV,
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "ok":
+        raise Unavailable(f"chroot into {root} failed: {probe.stderr.strip()}")
+    return added
+
+
+def make_guest(root: Path, script: LinuxStagedScript) -> LinuxGuest:
+    """A guest tree at ``root`` with ``script`` staged as the stage writes it, enabled for next boot."""
+    for d in ("bin", "usr/bin", "usr/sbin", "sbin", "etc", "tmp", "dev", "stub", "var/lib"):
+        (root / d).mkdir(parents=True, exist_ok=True)
     guest = LinuxGuest(root, script)
     # What the stage writes.
     _write(guest.folder / "install.sh", render_script(script), 0o755)
     _write(guest.path(script.unit_path), render_unit(script))
     guest.wants_link.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(script.unit_path, guest.wants_link)
-    probe = subprocess.run(["chroot", str(root), "/bin/sh", "-c", "echo ok"], env=SERVICE_ENV,
-                           capture_output=True, text=True)
-    if probe.stdout.strip() != "ok":
-        raise Unavailable(f"chroot into {root} failed: {probe.stderr.strip()}")
+    add_simulation(root)
     return guest

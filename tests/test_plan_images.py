@@ -91,13 +91,17 @@ def test_debian_without_the_vss_daemon_stages_hyperv_daemons(cli):
     assert doc["reasons"][0].startswith("hv_vss_daemon is missing")
 
 
-def test_stage_refuses_a_linux_guest_until_ext4_is_written(cli, tmp_path):
+def test_stage_dry_run_of_a_linux_guest_names_what_it_would_write(cli, tmp_path):
+    """The plan's packages become install.sh and its unit (the writes are judged in tests/test_linux_stage.py)."""
     image = tmp_path / "debian.vhdx"
     shutil.copyfile(fb.build("debian-lvm-ext4"), image)
     before = image.read_bytes()
-    code, out, err = cli("stage", image, "--host", "win10")
-    assert_one_line_error(code, out, err, image)
-    assert code == 5 and "install hyperv-daemons with apt in the guest" in err, err
+    code, out, err = cli("stage", "--json", image, "--host", "win10", "--dry-run")
+    doc = json.loads(out)
+    assert code == 0, err
+    assert (doc["id"], doc["dry_run"], doc["staged"], doc["committed"]) == ("hyperv-daemons", True, False, False)
+    assert [f["path"] for f in doc["files"]] == ["/var/lib/vhdtool/hyperv-daemons/install.sh",
+                                                 "/etc/systemd/system/vhdtool-hyperv-daemons.service"]
     assert image.read_bytes() == before
 
 

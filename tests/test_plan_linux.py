@@ -23,9 +23,10 @@ DEBIAN_UNITS = ["hyperv-daemons.hv-kvp-daemon.service", "hyperv-daemons.hv-vss-d
                 "hyperv-daemons.hv-fcopy-daemon.service"]
 
 
-def guest(distribution, version, kernels=("5.15.0-91-generic",), daemons=NO_DAEMONS, id_like=(), hv_utils=True):
+def guest(distribution, version, kernels=("5.15.0-91-generic",), daemons=NO_DAEMONS, id_like=(), hv_utils=True,
+          filesystem="ext4"):
     modules = tuple((m, hv_utils if m == "hv_utils" else True) for m in HV_MODULES)
-    lx = LinuxFacts(distribution, version, None, tuple(kernels), modules, daemons, 1, "ext4", tuple(id_like))
+    lx = LinuxFacts(distribution, version, None, tuple(kernels), modules, daemons, 1, filesystem, id_like=tuple(id_like))
     image = ImageInfo("/images/vm.vhdx", "vhdx", 1 << 30, 1 << 25, 512, 4096, False, None, False)
     return Inspection(image, (), GuestInfo("linux", linux=lx))
 
@@ -159,3 +160,11 @@ def test_json_and_text():
     none = plan(guest("arch", None), "win10")
     assert (none.to_dict()["packages"], none.to_dict()["package_manager"]) == ([], None)
     assert "packages" not in render_plan(none)
+
+
+def test_stage_on_an_xfs_root_is_noted_as_refused():
+    """The plan still names the package; its notes say that stage will not write an XFS root (exit 5)."""
+    p = plan(guest("rhel", "9.3", daemons=NO_DAEMONS, filesystem="xfs"), "win10")
+    assert staged(p)[1] == ["hyperv-daemons"]
+    assert "stage would refuse this image: its root filesystem is xfs, which vhdtool does not write" in " ".join(p.notes)
+    assert not any("stage would refuse" in n for n in plan(guest("rhel", "9.3"), "win10").notes)

@@ -162,6 +162,8 @@ def render_stage(result) -> str:
         lines.append(f"  {verb:<10} {result.id}, boot hook {result.boot_hook['kind']}")
         for f in result.files:
             lines.append(f"    {f['path']} ({_size(f['size'])})")
+        if result.boot_hook.get("link"):  # a Linux guest's unit, enabled by its link
+            lines.append(f"    {result.boot_hook['link']} -> {result.boot_hook['target']}")
         if result.edit and result.edit.committed:
             lines.append(f"  wrote      {_size(result.edit.bytes_written)} to the image file")
     return "\n".join(lines)

@@ -14,9 +14,10 @@ from vhdtool.container.stream import DiskStream
 from vhdtool.container.writefile import WritableFile
 from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
 from vhdtool.editor.extedit import ExtEdits
+from vhdtool.editor.hiveedit import HiveEdits
 from vhdtool.editor.images import copy_image, dependent_children
 from vhdtool.editor.images import digest as payload_digest
-from vhdtool.editor.paths import CONFIG_DIR, HIVES, LINUX_FILESYSTEMS, guest_path, protected
+from vhdtool.editor.paths import LINUX_FILESYSTEMS, guest_path, protected
 from vhdtool.errors import (
     CorruptFilesystem,
     EncryptedVolume,
@@ -29,7 +30,6 @@ from vhdtool.errors import (
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import survey_disk
-from vhdtool.guest.hivefiles import read_hive_files
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.units import MiB
 from vhdtool.volume import Partition, open_partition
@@ -46,8 +46,7 @@ class EditSession:
         self.overlay: Overlay | None = None
         self.inspection: Inspection | None = None
         self._ops: dict[int, list] = {}  # partition index -> ntfs3g operations, in order
-        self._hive_edits: dict[str, list] = {}  # hive name -> HiveEdits, in order
-        self._boot_hives: dict[str, tuple] = {}  # hive name -> (Replayed, HiveFiles), read once
+        self._hives = HiveEdits(self)  # registry edits of the system volume's hives
         # Each volume is opened and checked once: the overlay changes only at the commit.
         self._volumes: dict[int, tuple[Partition, NtfsFilesystem]] = {}
         self._files: list[FileChange] = []
@@ -302,39 +301,14 @@ class EditSession:
 
     def set_value(self, hive: str, key: str, name: str, value, type: str | int) -> None:
         """Set value ``name`` of ``key`` in the system volume's ``hive`` (SYSTEM, SOFTWARE...), creating the key."""
-        from vhdtool.registry.values import HiveEdit
-
-        self._hive(hive).append(HiveEdit.set_value(key, name, value, type))
+        self._hives.set_value(hive, key, name, value, type)
 
     def delete_value(self, hive: str, key: str, name: str) -> None:
-        from vhdtool.registry.values import HiveEdit
-
-        self._hive(hive).append(HiveEdit.delete_value(key, name))
-
-    def _boot_hive(self, name: str):
-        """The system volume's hive ``name`` as Windows will see it at boot (logs replayed), with its files.
-
-        Read and replayed once a session: the volume does not change before the commit."""
-        from vhdtool.registry.logreplay import replay
-
-        if name not in self._boot_hives:
-            _part, fs = self._volume(None)
-            path = f"{CONFIG_DIR}/{name}"
-            if not fs.exists(path):
-                raise UnsupportedLayout(self.path, f"the guest has no {name} hive", "check the image's Windows")
-            files = read_hive_files(fs, path, name, self.path)
-            self._boot_hives[name] = (replay(files.primary, files.log1, files.log2, name, self.path), files)
-        return self._boot_hives[name]
+        self._hives.delete_value(hive, key, name)
 
     def read_value(self, hive: str, key: str, name: str, default=None):
         """A value of the system volume's ``hive`` as Windows would see it at boot (its logs replayed)."""
-        import io
-
-        from vhdtool.registry.hive import Hive
-
-        hive = hive.upper()
-        current, _files = self._boot_hive(hive)
-        return Hive(io.BytesIO(current.data), hive, self.path).value(key, name, default)
+        return self._hives.read_value(hive, key, name, default)
 
     def file_content(self, path: str, partition: int | None = None) -> bytes | None:
         """A file of the guest as it stands in this session (pending changes not yet applied), or None."""
@@ -350,50 +324,18 @@ class EditSession:
         target = self._guest_path(path, partition)
         return fs.listdir(target) if fs.is_dir(target) else []
 
-    def _hive(self, hive: str) -> list:
-        name = hive.upper()
-        if name not in HIVES:
-            raise UnsupportedLayout(self.path, f"unknown hive {hive}", f"use one of {', '.join(HIVES)}")
-        self._volume(None)  # the refusals of the system volume, now rather than at commit
-        return self._hive_edits.setdefault(name, [])
-
     @property
     def changes(self) -> tuple[tuple[FileChange, ...], tuple[RegistryChange, ...]]:
         return tuple(self._files), tuple(self._registry)
 
     # -- the commit -----------------------------------------------------------------------
-    def _run_hive_edits(self) -> None:
-        """Each edited hive read from NTFS, brought up to date from its logs if dirty, edited by
-        libhivex, made so Windows will not replay its old logs over the change, and queued to
-        be written back before the volume's other operations."""
-        if not self._hive_edits:
-            return
-        from vhdtool.registry.hivex import edit_hive
-        from vhdtool.registry.logreplay import retire_logs
-
-        part, _fs = self._volume(None)
-        queued = []
-        for name, edits in self._hive_edits.items():
-            path = f"{CONFIG_DIR}/{name}"
-            current, files = self._boot_hive(name)
-            edited = edit_hive(current.data, edits, name, self.path)
-            for outcome in edited.outcomes:
-                if outcome.changed:
-                    e = outcome.edit
-                    new = e.value.to_json() if e.value is not None else None
-                    old = outcome.old.to_json() if outcome.old is not None else None
-                    kind = (e.value or outcome.old).type_name if (e.value or outcome.old) else "-"
-                    self._registry.append(RegistryChange(name, e.key, e.name, kind, old, new))
-            if edited.changed:
-                queued.append(ntfs3g.WriteFile(path, retire_logs(edited.data, files.log1, files.log2, name, self.path)))
-        self._hive_edits.clear()
-        if queued:
-            self._ops[part.index] = queued + self._ops.get(part.index, [])
-
     def _run_operations(self) -> None:
         from vhdtool.progress import phase, size_text
 
-        self._run_hive_edits()
+        queued = self._hives.run(self._registry)
+        if queued:
+            part, _fs = self._volume(None)
+            self._ops[part.index] = queued + self._ops.get(part.index, [])
         for index, ops in self._ops.items():
             part = next(p for p in self.inspection.partitions if p.index == index)
             # libntfs-3g works in the sandbox child, which can report nothing: the bar says what

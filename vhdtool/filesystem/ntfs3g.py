@@ -22,7 +22,6 @@ import ctypes
 import errno
 import os
 import stat
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import Source, SourceRange
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, VolumeFull
 from vhdtool.filesystem.answer import decode_extents, encode_extents
+from vhdtool.filesystem.ntfsacl import mark_inherited
 from vhdtool.filesystem.ntfsanswer import decode_sources
 from vhdtool.filesystem.ntfsbitmap import free_clusters
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
@@ -42,12 +42,6 @@ CHILD_TIMEOUT = 120.0
 NTFS_MNT_FORENSIC = 0x04000000
 AT_DATA = 0x80
 S_IFREG, S_IFDIR = stat.S_IFREG, stat.S_IFDIR
-# MS-DTYP 2.4.6 SECURITY_DESCRIPTOR (self-relative) and 2.4.5 ACL headers, 2.4.4.1 ACE flags.
-SD_HEADER = struct.Struct("<BBHIIII")
-ACL_HEADER = struct.Struct("<BBHHH")
-SE_DACL_PRESENT = 0x0004
-SE_DACL_AUTO_INHERITED = 0x0400
-INHERITED_ACE = 0x10
 MAX_ANSWER = 1024 * MiB  # metadata and in-memory files (hives); a Source's bytes never cross the pipe
 WINDOW, TAIL_ALIGN = 64 * MiB, 64 * 1024  # a Source is mapped this much at a time; 64 KiB: every usual cluster
 PROT_READ, MAP_SHARED = 1, 1
@@ -125,6 +119,7 @@ def _bind(label: str) -> ctypes.CDLL:
         ("ntfs_inode_open", c, [c, ctypes.c_uint64]),
         ("ntfs_readdir", ctypes.c_int, [c, ctypes.POINTER(s64), c, FILLDIR]),
         ("ntfs_delete", ctypes.c_int, [c, ctypes.c_char_p, c, c, ctypes.c_char_p, ctypes.c_uint8]),
+        ("ntfs_link", ctypes.c_int, [c, c, c, ctypes.c_uint8]),
         ("ntfs_get_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t]),
         ("ntfs_set_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t, ctypes.c_int]),
     ):
@@ -153,6 +148,7 @@ class _Volume:
         lib.ntfs_set_ignore_case(self.vol)
         lib.ntfs_open_secure(self.vol)
         self.cache = ctypes.c_void_p(None)
+        self._replacing = False  # writing a replacement under its temporary name (_replace)
         self.scx = SecurityContext(vol=self.vol)
         self.scx.pseccache = ctypes.addressof(self.cache)
 
@@ -182,52 +178,10 @@ class _Volume:
             if not ni:
                 raise Refusal(f"libntfs-3g could not create {parent_path}/{name} ({os.strerror(ctypes.get_errno())})")
             if securid:
-                self._mark_inherited(ni, parent)
+                mark_inherited(self.lib, self.scx, ni, parent)
             return ni
         finally:
             self.lib.ntfs_inode_close(parent)
-
-    def _descriptor(self, ni) -> bytes | None:
-        size = self.lib.ntfs_get_ntfs_acl(ctypes.byref(self.scx), ni, None, 0)
-        if size <= 0 or size > 65536:
-            return None
-        buf = ctypes.create_string_buffer(size)
-        got = self.lib.ntfs_get_ntfs_acl(ctypes.byref(self.scx), ni, buf, size)
-        return buf.raw[:got] if 0 < got <= size else None
-
-    def _mark_inherited(self, ni, parent) -> None:
-        """Make the inherited ACEs look as Windows makes them (MS-DTYP 2.4.4.1, 2.4.6).
-
-        libntfs-3g copies the parent's inheritable ACEs with their inheritance flags
-        cleared; Windows also sets INHERITED_ACE on each, and SE_DACL_AUTO_INHERITED in
-        the descriptor's control when the parent's has it, so that the ACEs are told
-        apart from explicit ones and follow later changes of the parent.
-        """
-        sd = self._descriptor(ni)
-        parent_sd = self._descriptor(parent)
-        if sd is None or parent_sd is None or len(sd) < SD_HEADER.size:
-            return
-        new = bytearray(sd)
-        _rev, _sbz, control, _owner, _group, _sacl, dacl = SD_HEADER.unpack_from(new)
-        if not control & SE_DACL_PRESENT or not dacl or dacl + ACL_HEADER.size > len(new):
-            return
-        _arev, _asbz, acl_size, count, _asbz2 = ACL_HEADER.unpack_from(new, dacl)
-        pos, end = dacl + ACL_HEADER.size, min(dacl + acl_size, len(new))
-        for _ in range(count):
-            if pos + 4 > end:
-                return  # not a well-formed ACL: leave the descriptor as libntfs-3g made it
-            ace_size = struct.unpack_from("<H", new, pos + 2)[0]
-            if ace_size < 4:
-                return
-            new[pos + 1] |= INHERITED_ACE
-            pos += ace_size
-        parent_control = struct.unpack_from("<H", parent_sd, 2)[0]
-        if parent_control & SE_DACL_AUTO_INHERITED:
-            struct.pack_into("<H", new, 2, control | SE_DACL_AUTO_INHERITED)
-        if bytes(new) != sd:
-            data = bytes(new)
-            if self.lib.ntfs_set_ntfs_acl(ctypes.byref(self.scx), ni, data, len(data), 0) != 0:
-                raise Refusal("libntfs-3g could not set the inherited security descriptor")
 
     def mkdir(self, path: str) -> None:
         parts = [p for p in path.split("/") if p]
@@ -241,7 +195,13 @@ class _Volume:
     def write_file(self, path: str, data: bytes | Source) -> None:
         parent, _, name = path.rstrip("/").rpartition("/")
         self.mkdir(parent)
-        ni = self.inode(path) or self.create(parent, name, False)
+        ni = self.inode(path)
+        if ni and isinstance(data, Source) and not self._replacing:
+            self.lib.ntfs_inode_close(ni)
+            if self._replace(parent, name, data):
+                return
+            ni = self.inode(path)
+        ni = ni or self.create(parent, name, False)
         try:
             unnamed = ctypes.c_uint16.in_dll(self.lib, "AT_UNNAMED")
             na = self.lib.ntfs_attr_open(ni, AT_DATA, ctypes.addressof(unnamed), 0)
@@ -259,6 +219,37 @@ class _Volume:
                 self.lib.ntfs_attr_close(na)
         finally:
             self.lib.ntfs_inode_close(ni)
+
+    def _replace(self, parent: str, name: str, data: Source) -> bool:
+        """A file replaced by a local file's bytes: written under a temporary name first, so that its
+        clusters are taken while the old file still holds its own, then the old file deleted and its
+        name given to the new one (ntfs_link). Clusters freed and taken again in one operation are
+        reachable from the old state: they would have to go through the VHDX log, and memory. The
+        new file has the folder's inherited security, as a new file has. False: no room for both."""
+        temp = f"~vhdtool-{os.getpid()}.tmp"
+        try:
+            self._replacing = True
+            self.write_file(f"{parent}/{temp}", data)
+        except _VolumeFullHere:
+            # No room for both: the old file's clusters are freed first after all (and, being
+            # reachable from the old state, that part goes through the VHDX log and memory).
+            self.delete(f"{parent}/{temp}")
+            return False
+        finally:
+            self._replacing = False
+        self.delete(f"{parent}/{name}")
+        ni, dir_ni = self.inode(f"{parent}/{temp}"), self.inode(parent)
+        try:
+            uname, n = self._name(name)
+            if not ni or not dir_ni or self.lib.ntfs_link(ni, dir_ni, uname, n) != 0:
+                self._failed(f"name the new {parent}/{name}")
+            record, folder = self._record(ni), self._record(dir_ni)
+        finally:
+            for handle in (ni, dir_ni):
+                if handle:
+                    self.lib.ntfs_inode_close(handle)
+        self._unlink(folder, temp.encode("utf-16-le"), record, f"{parent}/{temp}")
+        return True
 
     def _failed(self, doing: str):
         err = ctypes.get_errno()

@@ -182,6 +182,10 @@ def plan_for_host(
 def write_refusals(inspection: Inspection) -> list[str]:
     """Why the write engine would refuse to stage into this guest, read from the inspection alone."""
     w = inspection.guest.windows
+    lx = inspection.guest.linux
+    if w is None and lx is not None and lx.filesystem not in ("ext2", "ext3", "ext4"):
+        return [f"its root filesystem is {lx.filesystem}, which vhdtool does not write (ext2/3/4 only): "
+                "install the packages in the guest"]
     if w is None:
         return []
     out = []

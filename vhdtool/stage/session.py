@@ -1,4 +1,7 @@
-"""`stage`: plan, then write the cab, install.cmd and the boot hook through the write engine, per image."""
+"""`stage`: plan, then write the cab, install.cmd and the boot hook through the write engine, per image.
+
+A Linux guest's plan (packages, no cab) is staged by ``stage/linux_session.py`` in the same edit session.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from vhdtool.stage.script import (
     is_ours,
     render,
 )
+from vhdtool.stage.linux_session import stage_linux
 from vhdtool.stage.status import STAGING_ROOT
 
 SCHEMA = 1
@@ -70,11 +74,9 @@ def stage(image: str | os.PathLike, host: str | None, catalog: CabCatalog, matri
         # With --output the session inspects the copy; the plan names the image it was asked about.
         plan = replace(plan_for_host(ed.inspection, host, catalog, matrix), image=os.fspath(image))
         if plan.action == STAGE and plan.packages:
-            # A Linux plan: the script and unit are ready (stage/linux_script.py); writing them needs ext4.
-            raise UnsupportedLayout(os.fspath(image), "staging into a Linux guest is not available yet (it needs "
-                                    "the ext4 writer)", f"install {' '.join(plan.packages)} with "
-                                    f"{plan.package_manager} in the guest")
-        if plan.action == STAGE:
+            # A Linux plan: install.sh and its systemd unit, through the ext4 writer.
+            staged = stage_linux(ed, os.fspath(image), plan)
+        elif plan.action == STAGE:
             staged = _stage_into(ed, image, plan)
     if staged is None:
         return StageResult(plan, False, None, (), None, ed.result)

@@ -6,7 +6,9 @@ Linux guest's /var/lib/vhdtool, whose install.sh writes the same result.txt): ``
 (result.txt with exit code 0 or 3010 on Windows, 0 on Linux) or ``failed`` (any other exit
 code, or none readable, with the last lines of install.log). ``none`` when nothing was ever
 staged. A staging that a newer one replaced before it finished is gone (stage deletes it in
-the same commit); one that finished (result.txt) stays listed, as history.
+the same commit); one that finished (result.txt) stays listed, as history. A Linux guest's
+stagings are read from its root filesystem (ext2/3/4 or XFS, on a partition or an LVM volume);
+its ic_version and ic_source are null (its drivers come with its kernel).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from vhdtool.container import open_disk
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import NtfsFilesystem
 from vhdtool.filesystem.base import Filesystem
-from vhdtool.guest.discover import inspect_disk
+from vhdtool.filesystem.linuxfs import open_linux_filesystem
+from vhdtool.guest.discover import inspect_disk, linux_candidates
 from vhdtool.guest.inspection import require_guest
+from vhdtool.guest.linux import is_linux_root
 from vhdtool.guest.versioninfo import version_tuple
+from vhdtool.stage.linux_script import ID_PATTERN as LINUX_ID_PATTERN
+from vhdtool.stage.linux_script import STAGING_ROOT as LINUX_STAGING_ROOT
 from vhdtool.stage.linux_script import SUCCESS_CODES as LINUX_SUCCESS_CODES
 from vhdtool.stage.script import ID_PATTERN, SUCCESS_CODES
 from vhdtool.volume import open_partition
@@ -118,14 +124,27 @@ def read_state(fs: Filesystem, staged_id: str, root: str = STAGING_ROOT,
                        content("install.log", 1 << 20), success_codes)
 
 
+def linux_staged(fs: Filesystem) -> tuple[StagedState, ...]:
+    """Every staging under a Linux guest's /var/lib/vhdtool, finished ones first (by when), the unfinished last."""
+    root = LINUX_STAGING_ROOT
+    names = fs.listdir(root) if fs.is_dir(root) else []
+    # A folder each (a file or a link loop of that name is nobody's staging).
+    ids = [n for n in names if LINUX_ID_PATTERN.fullmatch(n) and fs.is_dir(f"{root}/{n}")]
+    states = [read_state(fs, i, root, LINUX_SUCCESS_CODES) for i in ids]
+    return tuple(sorted(states, key=lambda s: (s.state in ("pending", "running"), s.finished or "", s.id)))
+
+
 def status(image: str | os.PathLike) -> Status:
     path = os.fspath(image)
     with open_disk(path) as disk:
         ins = require_guest(inspect_disk(disk))  # a data disk: nothing is ever staged in it
         w = ins.guest.windows
+        if ins.guest.os == "linux" and ins.guest.linux is not None:
+            staged = linux_staged(_linux_root(disk, ins, path))
+            return Status(path, staged[-1].state if staged else "none", staged, None, None)
         if ins.guest.os != "windows" or w is None:
-            raise UnsupportedLayout(path, "the guest is not Windows: nothing is ever staged in it",
-                                    "Linux guests get integration services from their kernel")
+            raise UnsupportedLayout(path, f"the guest is {ins.guest.os}: nothing is ever staged in it",
+                                    "stage and status know Windows and Linux guests")
         part = next(p for p in ins.partitions if p.index == w.system_partition)
         fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
         ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n)] if fs.is_dir(STAGING_ROOT) else []
@@ -133,3 +152,13 @@ def status(image: str | os.PathLike) -> Status:
     ic = ins.guest.integration_services
     return Status(path, staged[-1].state if staged else "none", staged,
                   ic.version if ic else None, ic.source if ic else None)
+
+
+def _linux_root(disk, ins, path: str) -> Filesystem:
+    """The Linux root filesystem ``inspect`` reported (the first one found, on its partition or LVM volume)."""
+    root = ins.guest.linux.root_partition
+    for index, kind, stream, label in linux_candidates(disk, list(ins.partitions), path, []):
+        fs = open_linux_filesystem(stream, kind, path, label)
+        if index == root and is_linux_root(fs):
+            return fs
+    raise UnsupportedLayout(path, "the Linux root filesystem could not be opened again", "see `vhdtool inspect`")
