@@ -21,6 +21,15 @@ def load(name: str):
     return module
 
 
+def precompile() -> None:
+    """Compile vhdtool's modules to bytecode once, as an installed package is, so that the figures do
+    not include compiling its sources at every start (PYTHONDONTWRITEBYTECODE, set on some machines,
+    would otherwise make every run compile them: about 0.3 s)."""
+    import compileall
+
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "vhdtool"), quiet=1)
+
+
 def sparse_copy(src: Path, dst: Path) -> None:
     """A copy that allocates what the source allocates (a reflink where the filesystem has them)."""
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)

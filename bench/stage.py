@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import guestfs_setup, load, sparse_copy
+from benchlib import guestfs_setup, load, sparse_copy, precompile
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -240,6 +240,7 @@ def main() -> int:
     ap.add_argument("--large", type=int, nargs="*", metavar="MIB",
                     help="stage cabs of these sizes beside dd, with peak memory (default 100 1024)")
     args = ap.parse_args()
+    precompile()
     if args.large is not None:
         image = ensure_image(args.cache)
         with tempfile.TemporaryDirectory(dir=args.cache) as tmp:

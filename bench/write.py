@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import guestfs_setup, load, sparse_copy
+from benchlib import guestfs_setup, load, sparse_copy, precompile
 from treemem import TreeMemory, run_sampled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +358,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="100 MiB into the dynamic VHDX only")
     ap.add_argument("--no-check", action="store_true", help="skip the judges (qemu-img, ntfscat)")
     args = ap.parse_args()
+    precompile()
     sizes = [100 * MiB] if args.quick else [parse_size(s) for s in args.sizes.split(",")]
     formats = ["vhdx-dynamic"] if args.quick else [f.strip() for f in args.formats.split(",")]
     unknown = [f for f in formats if f not in FORMATS]
