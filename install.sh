@@ -18,7 +18,7 @@ PACKAGES=(
   python3 python3-venv python3-pip
   ntfs-3g libhivex0 libhivex-bin libmspack0 libext2fs2 libcom-err2
   qemu-utils gcab genisoimage osslsigncode openssl e2fsprogs fdisk gdisk dosfstools xz-utils bzip2
-  xfsprogs lvm2 strace
+  xfsprogs btrfs-progs lvm2 strace
   wine wine64 gcc-mingw-w64-x86-64 busybox-static systemd
   # The fleet test runs a batch as a Slurm job array on a private one-node cluster
   # (tests/slurm.py starts its own munged, slurmctld and slurmd; the system ones are not used).

@@ -6,7 +6,7 @@ from vhdtool.errors import UnsupportedLayout
 
 CONFIG_DIR = "/Windows/System32/config"
 HIVES = ("SYSTEM", "SOFTWARE", "SAM", "SECURITY", "DEFAULT")
-LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "lvm2")
+LINUX_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "lvm2")
 
 # The root folder's metadata files (records 0-11 of the MFT), never deleted.
 NTFS_METADATA = ("$mft", "$mftmirr", "$logfile", "$volume", "$attrdef", "$bitmap", "$boot", "$badclus", "$secure",

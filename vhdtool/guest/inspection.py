@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vhdtool.errors import EncryptedVolume, NoGuestFound
+from vhdtool.errors import EncryptedVolume, NoGuestFound, UnsupportedLayout
 from vhdtool.guest.linux import LinuxFacts
 from vhdtool.guest.windows import IntegrationServices, WindowsFacts
 from vhdtool.volume import Partition
@@ -89,4 +89,9 @@ def require_guest(inspection: Inspection, hint: str | None = None) -> Inspection
     if any(p.filesystem == "bitlocker" for p in inspection.partitions):
         # The guest may well be on the volume that cannot be read.
         raise EncryptedVolume(path, "the guest's volume is BitLocker-encrypted and cannot be read")
+    btrfs = [p.index for p in inspection.partitions if p.filesystem == "btrfs"]
+    if btrfs:
+        # A Linux guest may well be on it: say so, rather than that the disk holds no system.
+        raise UnsupportedLayout(path, f"partition {btrfs[0]} holds Btrfs, which vhdtool neither reads nor writes",
+                                "vhdtool reads NTFS, ext2/3/4 and XFS guests and writes NTFS and ext2/3/4")
     raise NoGuestFound(path, NO_GUEST, hint)

@@ -42,7 +42,7 @@ class Partition:
     size: int
     type: str  # "0x07" for MBR, a GPT type GUID's name or the GUID itself
     guid: str | None  # GPT unique partition GUID
-    filesystem: str | None  # "ntfs", "fat", "ext4", "ext3", "ext2", "xfs", "lvm2", "bitlocker", "swap", None
+    filesystem: str | None  # "ntfs", "fat", "ext4", "ext3", "ext2", "xfs", "btrfs", "lvm2", "bitlocker", "swap", None
     bootable: bool = False
 
     def to_dict(self) -> dict:
@@ -55,6 +55,12 @@ class Partition:
             "guid": self.guid,
             "filesystem": self.filesystem,
         }
+
+
+# Btrfs: the superblock at 64 KiB, its magic 64 bytes in (btrfs on-disk format, "Superblock"). Named
+# so that writes can refuse it clearly; vhdtool does not read it.
+BTRFS_MAGIC_AT = 0x10040
+BTRFS_MAGIC = b"_BHRfS_M"
 
 
 def sniff_filesystem(head: bytes) -> str | None:
@@ -116,6 +122,10 @@ def list_partitions(disk: BinaryIO, sector_size: int = 512, path: str | None = N
         psize = min(psize, size - p.offset) if size is not None else psize
         disk.seek(p.offset)
         head = disk.read(8192)
+        kind = sniff_filesystem(head)
+        if kind is None and psize > BTRFS_MAGIC_AT + 8:
+            disk.seek(p.offset + BTRFS_MAGIC_AT)
+            kind = "btrfs" if disk.read(8) == BTRFS_MAGIC else None
         out.append(
             Partition(
                 index=int(p.number),
@@ -124,7 +134,7 @@ def list_partitions(disk: BinaryIO, sector_size: int = 512, path: str | None = N
                 size=int(psize),
                 type=type_name,
                 guid=guid,
-                filesystem=sniff_filesystem(head),
+                filesystem=kind,
                 bootable=bool(scheme == "mbr" and (p.flags or 0) & 0x80),
             )
         )
