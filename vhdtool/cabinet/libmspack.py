@@ -27,6 +27,8 @@ SONAME = "libmspack.so.0"
 PACKAGE = "libmspack0"
 
 CHILD_TIMEOUT = 10.0  # seconds; a real servicing cab decodes in well under one
+# A member larger than 16 MiB (an .msu's package cab) gets a second more per 16 MiB it may hold.
+TIMEOUT_FREE_LIMIT = 16 * MiB
 ANSWER_OVERHEAD = 32 * MiB  # the member list of 65535 files with 255-byte names fits in it
 MAX_FILES = 0xFFFF  # CFHEADER.cFiles is 16 bits
 
@@ -387,7 +389,7 @@ def decode(layout: CabLayout, label: str, want: int | None, limit: int) -> bytes
             library="libmspack",
             subject="the cabinet",
             cap=limit + ANSWER_OVERHEAD,
-            timeout=CHILD_TIMEOUT,
+            timeout=CHILD_TIMEOUT + max(0, limit - TIMEOUT_FREE_LIMIT) / TIMEOUT_FREE_LIMIT,
             keep_fds=(fileno(),) if fileno else (),
         )
     except NativeError as e:

@@ -107,7 +107,8 @@ def render_plan(plan: Plan) -> str:
     lines.append(f"  action     {plan.action}")
     if plan.cab:
         c = plan.cab
-        lines.append(f"  cab        {c.path} ({c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
+        kb = f"KB{c.kb}, " if c.kb else ""
+        lines.append(f"  cab        {c.path} ({kb}{c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
     if plan.packages:
         lines.append(f"  packages   {' '.join(plan.packages)} (with {plan.package_manager})")
     if plan.units:

@@ -260,6 +260,19 @@ class Source:
         self.close()
 
 
+
+class TemporarySource(Source):
+    """A Source over a temporary file vhdtool made (a cab copied out of an ISO or an .msu), removed when closed."""
+
+    def close(self) -> None:
+        if self._fd is not None:
+            super().close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
 @dataclass(frozen=True)
 class SourceRange:
     """``length`` bytes at ``offset`` of a Source's range: data that the commit copies, never holds.

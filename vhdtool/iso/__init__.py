@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from vhdtool.container.source import Source
+from vhdtool.container.source import Source, TemporarySource
 from vhdtool.errors import IsoError, translating
 from vhdtool.units import MiB
 
@@ -92,14 +92,15 @@ class IsoImage:
                     yield IsoFile(dirpath.rstrip("/") + "/" + shown, size), full
 
     def support_cabs(self) -> list[tuple[IsoFile, str]]:
-        """The .cab files under /support, where vmguest.iso keeps one folder per architecture.
+        """The .cab (and update .msu) files under /support, where vmguest.iso keeps one folder per architecture.
 
         An image with no /support folder at all is not an integration services disk.
         """
         entries = list(self.files())
         if not any(f.path.lower().startswith("/support/") for f, _ in entries):
             raise IsoError(self.path, "has no support folder: not an integration services disk (vmguest.iso)")
-        return [(f, raw) for f, raw in entries if f.path.lower().startswith("/support/") and f.path.lower().endswith(".cab")]
+        return [(f, raw) for f, raw in entries
+                if f.path.lower().startswith("/support/") and f.path.lower().endswith((".cab", ".msu"))]
 
     def source(self, entry: IsoFile, raw_path: str, limit: int,
                progress: Callable[[int], bool | None] | None = None) -> Source:
@@ -168,14 +169,8 @@ class IsoImage:
         return done
 
 
-class SpilledSource(Source):
-    """A Source over a temporary copy, removed when the Source is closed."""
-
-    def close(self) -> None:
-        if self._fd is not None:
-            super().close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+class SpilledSource(TemporarySource):
+    """A Source over a temporary copy of an ISO's file, removed when the Source is closed."""
 
 
 def read_reporting(fh, limit: int, progress: Callable[[int], bool | None]) -> bytes:

@@ -1,16 +1,20 @@
-"""Cab sources (``--cabs``): a folder searched recursively, a single cab, or a vmguest.iso.
+"""Cab sources (``--cabs``): a folder searched recursively, a single cab or .msu, or a vmguest.iso.
 
 Every integration services cab found is read (its update.mum; the rest of the cab
 stays in its file, read a chunk at a time for its SHA-256) and described by what
 it is, not by what its name says: architecture and version come from the package
 identity; the target NT version comes from the name (``Windows6.1-...``) and,
-where the manifest names a parent package, must agree with it.
+where the manifest names a parent package, must agree with it. An .msu
+(``Windows6.1-KB3071740-x64.msu``) is judged by the package cab it holds
+(vhdtool.cabinet.msu), which is what stage writes; its KB number comes from its
+name and its pkgProperties.txt, which must agree.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,10 @@ from vhdtool.errors import CabSourceError, ImageNotFound, WriteFailed
 from vhdtool.guest.versioninfo import version_tuple
 
 IC_CAB_NAME = re.compile(r"^windows(\d+\.\d+)-hypervintegrationservices-(x86|x64|amd64|arm64)\.cab$", re.IGNORECASE)
+# Update packages as the Microsoft Update Catalog names them: Windows6.1-KB3071740-x64.msu, the package cab
+# inside (same name, .cab), and Windows 11's windows11.0-kb5043080-x64_<sha1>.msu.
+KB_NAME = re.compile(r"^windows(\d+\.\d+)-kb(\d+)(?:-v\d+)?-(x86|x64|amd64|arm64)(?:_[0-9a-f]+)?\.(cab|msu)$",
+                     re.IGNORECASE)
 ARCH_FROM_MANIFEST = {"amd64": "x64", "x86": "x86", "arm64": "arm64"}
 ISO_MAGIC_OFFSET = 0x8001
 
@@ -39,6 +47,13 @@ class CabCandidate:
     # What the cab's file was when sha256 was computed (Source.fingerprint), so that stage in the same
     # process need not hash it again while it is unchanged; None for a cab given as bytes.
     fingerprint: tuple | None = field(default=None, compare=False, repr=False)
+    kb: str | None = None  # "3071740": the KB number of an .msu
+    msu: str | None = None  # the .msu the cab is the package cab of, labelled as path is
+
+    @property
+    def container(self) -> str:
+        """The file the plan read, labelled as path is: the cab itself, or the .msu holding it."""
+        return self.msu or self.path
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +66,8 @@ class CabCandidate:
             "nt": self.nt,
             "identity": self.identity_name,
             "package_identifier": self.package_identifier,
+            "kb": self.kb,
+            "msu": self.msu,
         }
 
 
@@ -61,15 +78,23 @@ class CabCatalog:
     sources: tuple[str, ...]
 
 
-def describe(data: bytes | Source, label: str, source: str, name: str) -> CabCandidate:
+def _name_target(name: str) -> tuple[str | None, str | None]:
+    """(NT version, architecture) a cab or .msu's name says it is for, or (None, None)."""
+    ic, kb = IC_CAB_NAME.match(name), KB_NAME.match(name)
+    if not (ic or kb):
+        return None, None
+    nt, arch = (ic.group(1), ic.group(2)) if ic else (kb.group(1), kb.group(3))
+    return nt, ARCH_FROM_MANIFEST.get(arch.lower(), arch.lower())
+
+
+def describe(data: bytes | Source, label: str, source: str, name: str,
+             kb: str | None = None, msu: str | None = None) -> CabCandidate:
     from vhdtool.cabinet import read_package
 
     package = read_package(data, label)
     ident = package.identity
     arch = ARCH_FROM_MANIFEST.get(ident.arch.lower())
-    m = IC_CAB_NAME.match(name)
-    name_nt = m.group(1) if m else None
-    name_arch = ARCH_FROM_MANIFEST.get(m.group(2).lower(), m.group(2).lower()) if m else None
+    name_nt, name_arch = _name_target(name)
     parent_nt = None
     if ident.parent_versions:
         parts = version_tuple(ident.parent_versions[0])
@@ -96,6 +121,8 @@ def describe(data: bytes | Source, label: str, source: str, name: str) -> CabCan
         package_identifier=ident.package_identifier,
         problem=problem,
         fingerprint=data.fingerprint() if isinstance(data, Source) else None,
+        kb=kb,
+        msu=msu,
     )
 
 
@@ -150,6 +177,39 @@ def _described(source: Source, label: str, given: str, name: str) -> CabCandidat
         return describe(source, label, given, name)
 
 
+def _is_msu(name: str) -> bool:
+    return name.lower().endswith(".msu")
+
+
+def _accepted(name: str) -> bool:
+    """A name --cabs takes from a folder or an ISO: an integration services cab, or an update .msu."""
+    return bool(IC_CAB_NAME.match(name)) or (_is_msu(name) and bool(KB_NAME.match(name)))
+
+
+def _described_msu(msu: Source, label: str, given: str, name: str) -> CabCandidate:
+    """describe() of the package cab of an open .msu (which is then closed), with the .msu's KB number."""
+    from vhdtool.cabinet.msu import package_cab, read_msu
+
+    with msu:
+        contents = read_msu(msu, label)
+        cab = package_cab(msu, contents, label)
+    candidate = _described(cab, cab.label, given, contents.package_cab)
+    m = KB_NAME.match(name)
+    named = m.group(2).lstrip("0") or "0" if m else None
+    kb = contents.kb or named
+    candidate = replace(candidate, kb=kb, msu=label, fingerprint=None)
+    if named and contents.kb and named != contents.kb and candidate.problem is None:
+        candidate = replace(candidate, problem=f"its name says KB{named} but its pkgProperties.txt says "
+                                               f"KB{contents.kb}")
+    return candidate
+
+
+def _described_file(path: Path, given: str) -> CabCandidate:
+    if _is_msu(path.name):
+        return _described_msu(_open_file(path), str(path), given, path.name)
+    return _described(_open_file(path), str(path), given, path.name)
+
+
 def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
     """Read every integration services cab of the given sources."""
     candidates: list[CabCandidate] = []
@@ -160,19 +220,19 @@ def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
         sources.append(source)
         path = Path(source)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".cab")
-            ic = [p for p in found if IC_CAB_NAME.match(p.name)]
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".cab", ".msu"))
+            ic = [p for p in found if _accepted(p.name)]
             for p in found:
                 if p not in ic:
-                    notes.append(f"{p}: not an integration services cab name; skipped")
+                    notes.append(f"{p}: not an integration services cab or update .msu name; skipped")
             for p in ic:
-                candidates.append(_described(_open_file(p), str(p), source, p.name))
+                candidates.append(_described_file(p, source))
             if not ic:
                 notes.append(f"{source}: no integration services cabs found")
         elif path.is_file() and _is_iso(path):
             candidates.extend(_from_iso(path, source, notes))
         elif path.is_file():
-            candidates.append(_described(_open_file(path), str(path), source, path.name))
+            candidates.append(_described_file(path, source))
         elif not path.exists():
             raise CabSourceError(source, "no such file or folder")
         else:
@@ -187,31 +247,41 @@ def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
     with IsoImage(path) as iso:
         for entry, raw in iso.support_cabs():
             name = entry.path.rsplit("/", 1)[-1]
-            if not IC_CAB_NAME.match(name):
-                notes.append(f"{path}:{entry.path}: not an integration services cab name; skipped")
+            if not _accepted(name):
+                notes.append(f"{path}:{entry.path}: not an integration services cab or update .msu name; skipped")
                 continue
-            out.append(_described(_open_iso_entry(iso, entry, raw), f"{path}:{entry.path}", source, name))
+            describe_entry = _described_msu if _is_msu(name) else _described
+            out.append(describe_entry(_open_iso_entry(iso, entry, raw), f"{path}:{entry.path}", source, name))
     if not out:
         notes.append(f"{source}: no integration services cabs under /support")
     return out
+
+
+def _reopened(candidate: CabCandidate) -> Source:
+    """The file the plan read for this candidate (the cab, or the .msu holding it), opened again."""
+    source = Path(candidate.source)
+    if source.is_file() and _is_iso(source):
+        from vhdtool.iso import IsoImage
+
+        inner = candidate.container[len(candidate.source) + 1 :]
+        with IsoImage(source) as iso:
+            match = [(f, raw) for f, raw in iso.support_cabs() if f.path == inner]
+            if not match:
+                raise CabSourceError(candidate.source, f"{inner} is no longer in the image")
+            return _open_iso_entry(iso, match[0][0], match[0][1])
+    return _open_file(Path(candidate.container))
 
 
 def cab_source(candidate: CabCandidate) -> Source:
     """A chosen cab, opened again from its source and checked against the digest the plan verified:
     hashed anew a chunk at a time, unless its file is provably the one this process hashed for the
     plan (Source.adopt_sha256). The caller owns the Source (EditSession.write_file takes it over)."""
-    source = Path(candidate.source)
-    if source.is_file() and _is_iso(source):
-        from vhdtool.iso import IsoImage
+    cab = _reopened(candidate)
+    if candidate.msu is not None:
+        from vhdtool.cabinet.msu import package_cab, read_msu
 
-        inner = candidate.path[len(candidate.source) + 1 :]
-        with IsoImage(source) as iso:
-            match = [(f, raw) for f, raw in iso.support_cabs() if f.path == inner]
-            if not match:
-                raise CabSourceError(candidate.source, f"{inner} is no longer in the image")
-            cab = _open_iso_entry(iso, match[0][0], match[0][1])
-    else:
-        cab = _open_file(Path(candidate.path))
+        with cab:
+            cab = package_cab(cab, read_msu(cab, candidate.msu), candidate.msu)
     try:
         # Unchanged since this process hashed it for the plan: that digest holds. Else hash it again.
         digest = candidate.sha256 if cab.adopt_sha256(candidate.sha256, candidate.fingerprint) \
