@@ -147,11 +147,13 @@ def test_plan_chooses_the_package_cab_of_an_msu_and_shows_its_kb(cli, msu, tmp_p
     assert list(clean_tmp.iterdir()) == []
 
 
-@pytest.mark.parametrize("compress", [True, False], ids=["mszip", "stored"])
-def test_stage_writes_the_package_cab_not_the_msu(cli, tmp_path, clean_tmp, compress):
+@pytest.mark.parametrize("compress,given", [(True, "file"), (False, "file"), (True, "iso")],
+                         ids=["mszip", "stored", "iso"])
+def test_stage_writes_the_package_cab_not_the_msu(cli, tmp_path, clean_tmp, compress, given):
     msu, inner = build_msu(tmp_path / "updates", compress=compress)
+    cabs = msu if given == "file" else iso_of([msu], tmp_path / "updates.iso")
     image = work_copy("ws2008r2-nokvp", tmp_path)
-    code, out, err = cli("stage", "--json", image, "--host", "win10", "--cabs", msu)
+    code, out, err = cli("stage", "--json", image, "--host", "win10", "--cabs", cabs)
     assert code == 0, err
     doc = json.loads(out)
     assert (doc["method"], doc["staged"], doc["id"]) == ("kb3071740-cab", True, KB_ID)
