@@ -158,7 +158,7 @@ def cases(draw, bases):
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_fuzz_cab(bases, sweep, tmp_path):
-    @settings(max_examples=sweep_count(EXAMPLES, sweep, EXAMPLES // 10), derandomize=True, deadline=None, database=None,
+    @settings(max_examples=sweep_count(EXAMPLES, sweep, EXAMPLES // 16), derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(cases(bases))
     def run(case):

@@ -162,7 +162,10 @@ def cluster_free(bitmap: bytes, n: int) -> bool:
 
 
 # The fixed VHDX (its payload goes into free clusters in place, not into new blocks) in the full sweep only.
-SWEPT = [pytest.param(kind, REDUCED, id=f"{kind}-{REDUCED}") for kind in ("vhdx", "vhd")] + [
+# The VHD's reduced sweep is in the full run only too: the default suite's time (VHD commits through a
+# copy, and tests/test_vhd_write.py sweeps that by default).
+SWEPT = [pytest.param("vhdx", REDUCED, id=f"vhdx-{REDUCED}"),
+         pytest.param("vhd", REDUCED, id=f"vhd-{REDUCED}", marks=pytest.mark.slow)] + [
     pytest.param(kind, FULL, id=f"{kind}-{FULL}", marks=pytest.mark.slow) for kind in ("vhdx", "vhd", "vhdx-fixed")]
 
 
@@ -210,7 +213,9 @@ def test_kill_streamed_copy_in_at_every_write_flush_copy_and_rename(kind, sweep,
             name, n = point
             res = run_job(*args, victim, local, "/Data",
                           strace=["strace", "-f", "-o", "/dev/null", "-e", f"inject={name}:signal=KILL:when={n}"])
-            assert res.returncode != 0, (point, res.stderr)
+            # copy_file_range may copy less than asked and be called once more: the counted run's
+            # last call of a kind may not happen in another run, which then completes (the new state).
+            assert res.returncode != 0 or (name == "copy_file_range" and n >= counts[name] - 1), (point, res.stderr)
         else:
             proc = subprocess.Popen([sys.executable, str(JOB), str(MiB), *args, str(victim), str(local), "/Data"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=job_env())
@@ -463,7 +468,7 @@ def change_during_the_copy(image: Path, local: Path) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("kind", ["vhdx", "vhd"])
+@pytest.mark.parametrize("kind", ["vhdx", pytest.param("vhd", marks=pytest.mark.slow)])
 def test_source_changed_during_the_copy_leaves_the_old_state(kind, tmp_path):
     (tmp_path / "img").mkdir()
     image = data_disk(tmp_path / "img", kind, 64)
@@ -491,6 +496,7 @@ def test_source_changed_during_the_copy_leaves_the_old_state(kind, tmp_path):
     assert guest_sha(image, tmp_path, "/Data/payload.bin") == file_sha(local)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="the VHDX commit has rewritten both headers (new write GUIDs) and appended "
                                        "the new blocks when check_unchanged finds the change: old content, new bytes")
 def test_source_changed_during_the_copy_leaves_a_vhdx_byte_identical(tmp_path):
@@ -531,7 +537,7 @@ def allocated(path: Path) -> int:
     64 * MiB - 1,  # one mapping window less a byte: its last partial cluster once took the whole window
     pytest.param(512 * MiB - 1, marks=pytest.mark.slow),
 ], ids=["64M-1", "512M-1"])
-@pytest.mark.parametrize("kind", ["vhdx", "vhd"])
+@pytest.mark.parametrize("kind", ["vhdx", pytest.param("vhd", marks=pytest.mark.slow)])
 def test_large_copy_in_memory_and_write_amplification(kind, size, tmp_path):
     image = data_disk(tmp_path, kind, size // MiB + 80)
     local = payload_file(tmp_path / "local" / "payload.bin", size, seed=size)
@@ -643,7 +649,7 @@ def replace_in_turn(image: Path, tmp: Path, versions: list[Path]) -> list[tuple[
     return results[:-1]
 
 
-@pytest.mark.parametrize("kind", ["vhdx", "vhd"])
+@pytest.mark.parametrize("kind", ["vhdx", pytest.param("vhd", marks=pytest.mark.slow)])
 def test_replacing_a_large_file_gives_the_new_bytes(kind, tmp_path):
     image = data_disk(tmp_path, kind, 120)
     versions = [payload_file(tmp_path / name / "payload.bin", size, seed=i) for i, (name, size) in
