@@ -165,18 +165,20 @@ class VhdDisk(DiskStream):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        if self.disk_type == DISK_DIFFERENCING:
-            return self._read_differencing(offset, end)
         if self.disk_type == DISK_FIXED:
             # The data is the file's first ``size`` bytes (checked against the file's size on open).
             return self.image.read_exact(offset, end - offset, "VHD data")
-        return self._read_dynamic(offset, end)
+        return self._read_blocks(offset, end)
 
-    def _read_dynamic(self, offset: int, end: int) -> bytes:
-        """A dynamic disk's bytes, one block's run at a time: a block the table does not allocate reads
-        as zeros, an allocated one from its data (after its sector bitmap), in one read. The bitmap
-        is not consulted: a clear bit means a sector never written, whose bytes on disk are zeros
-        (the spec, "Block Bitmap"), as libvhdi and QEMU read them too."""
+    def _read_blocks(self, offset: int, end: int) -> bytes:
+        """A dynamic or differencing disk's bytes, one block's run at a time.
+
+        A block the table does not allocate reads as zeros (dynamic) or from the parent
+        (differencing). An allocated block of a dynamic disk is read from its data, after its
+        sector bitmap, in one read: the bitmap is not consulted, since a clear bit means a sector
+        never written, whose bytes on disk are zeros (the spec, "Block Bitmap"), as libvhdi and
+        QEMU read them too. A differencing disk's bitmap says which sectors are its own."""
+        differencing = self.disk_type == DISK_DIFFERENCING
         out = bytearray()
         bs = self.block_size
         pos = offset
@@ -185,24 +187,11 @@ class VhdDisk(DiskStream):
             n = min(bs - within, end - pos)
             start = self._block_sector(block)
             if start is None:
-                out += bytes(n)
+                out += self.parent.read_at(pos, n).ljust(n, b"\0") if differencing else bytes(n)
+            elif differencing:
+                out += self._read_partial(block, start * SECTOR, within, n)
             else:
                 out += self.image.read_exact(start * SECTOR + self._bitmap_size + within, n, f"VHD block {block}")
-            pos += n
-        return bytes(out)
-
-    def _read_differencing(self, offset: int, end: int) -> bytes:
-        out = bytearray()
-        bs = self.block_size
-        pos = offset
-        while pos < end:
-            block, within = divmod(pos, bs)
-            n = min(bs - within, end - pos)
-            start = self._block_sector(block)
-            if start is None:
-                out += self.parent.read_at(pos, n).ljust(n, b"\0")
-            else:
-                out += self._read_partial(block, start * SECTOR, within, n)
             pos += n
         return bytes(out)
 
