@@ -246,10 +246,14 @@ class Summary:
     def to_dict(self) -> dict:
         recs = list(self.images.values())
         outcomes = Counter(r["outcome"] for r in recs)
-        by = {name: Counter() for name in ("command", "host", "guest", "method", "shard")}
+        by = {name: Counter() for name in ("command", "host", "guest", "method", "shard", "status")}
         for r in recs:
             f = facets(r)
             by["command"][r["command"]] += 1
+            if r["command"] == "status" and r["outcome"] == OK and isinstance(r.get("result"), dict):
+                # The image's state (stage/status.py: none, pending, running, installed, reboot-pending,
+                # failed, inconsistent); "status <state>" in by_method says the same for people.
+                by["status"][str(r["result"].get("state"))] += 1
             by["shard"][r.get("shard") or "none"] += 1
             for name in ("host", "guest", "method"):
                 if f[name]:
@@ -267,6 +271,7 @@ class Summary:
             "by_guest": dict(sorted(by["guest"].items())),
             "by_method": dict(sorted(by["method"].items())),
             "by_shard": dict(sorted(by["shard"].items())),
+            "by_status": dict(sorted(by["status"].items())),
             "failures": sorted(failures, key=lambda f: (f["exit_code"] or 0, f["image"])),
             "seconds": round(sum(float(r.get("seconds") or 0) for r in recs), 3),
             "duplicates": self.duplicates,

@@ -49,6 +49,8 @@ class CabCandidate:
     fingerprint: tuple | None = field(default=None, compare=False, repr=False)
     kb: str | None = None  # "3071740": the KB number of an .msu
     msu: str | None = None  # the .msu the cab is the package cab of, labelled as path is
+    # name~publicKeyToken~arch~language~version: what CBS will record it as; stage writes it beside the cab
+    cbs_identity: str | None = None
 
     @property
     def container(self) -> str:
@@ -68,6 +70,7 @@ class CabCandidate:
             "package_identifier": self.package_identifier,
             "kb": self.kb,
             "msu": self.msu,
+            "cbs_identity": self.cbs_identity,
         }
 
 
@@ -123,6 +126,7 @@ def describe(data: bytes | Source, label: str, source: str, name: str,
         fingerprint=data.fingerprint() if isinstance(data, Source) else None,
         kb=kb,
         msu=msu,
+        cbs_identity=ident.cbs_identity,
     )
 
 

@@ -18,12 +18,14 @@ from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.stage.script import (
     ID_PATTERN,
     MARKER,
+    PACKAGE_FILE,
     StagedScript,
     cmdline_id,
     install_id,
     installer_for,
     is_ours,
     render,
+    render_package,
 )
 from vhdtool.stage.linux_session import stage_linux
 from vhdtool.stage.status import STAGING_ROOT
@@ -108,6 +110,10 @@ def _stage_into(ed, image, plan: Plan):
     cab = cab_source(plan.cab)
     ed.write_file(f"{folder}/{script.cab_name}", cab)
     ed.write_file(f"{folder}/install.cmd", text)
+    # What CBS will record the package as, for `status` (the cab is deleted once it installed).
+    package = render_package(plan.cab.cbs_identity) if plan.cab.cbs_identity else None
+    if package:
+        ed.write_file(f"{folder}/{PACKAGE_FILE}", package)
     for old in replaced:
         ed.delete(f"{STAGING_ROOT}/{old}")
     if script.hook == "setup-cmdline":
@@ -129,6 +135,9 @@ def _stage_into(ed, image, plan: Plan):
         {"path": f"{folder}/{script.cab_name}", "size": len(cab), "sha256": cab.sha256()},
         {"path": f"{folder}/install.cmd", "size": len(text), "sha256": hashlib.sha256(text).hexdigest()},
     )
+    if package:
+        files += ({"path": f"{folder}/{PACKAGE_FILE}", "size": len(package),
+                   "sha256": hashlib.sha256(package).hexdigest()},)
     return script, files, hook
 
 
