@@ -9,6 +9,12 @@ staged. A staging that a newer one replaced before it finished is gone (stage de
 the same commit); one that finished (result.txt) stays listed, as history. A Linux guest's
 stagings are read from its root filesystem (ext2/3/4 or XFS, on a partition or an LVM volume);
 its ic_version and ic_source are null (its drivers come with its kernel).
+
+On Windows each staging's state is then checked against Windows' own record of its packages
+(Component Based Servicing, in SOFTWARE read as Windows will read it at boot): the identity stage
+recorded in package.txt, that package's CurrentState, the RebootPending/PackagesPending keys and
+the IC version the guest records. ``stage/crosscheck.py`` decides, adding ``reboot-pending`` and
+``inconsistent``; a staging without package.txt (an older stage) has CBS state "unknown".
 """
 
 from __future__ import annotations
