@@ -265,3 +265,18 @@ def test_cbs_identity_is_a_safe_key_name(name, language, expected):
 
     ident = PackageIdentity(name, "1.2.3.4", "amd64", "31bf3856ad364e35", None, (), language)
     assert ident.cbs_identity == expected
+
+
+@pytest.mark.parametrize("content,expected", [
+    (f"identity={IDENTITY}\r\n".encode(), IDENTITY),
+    (f"\r\nidentity={IDENTITY}".encode(), IDENTITY),
+    (None, None),
+    (b"", None),
+    (b"identity=Package\\..\\Other~31bf3856ad364e35~amd64~~1.0\r\n", None),  # a registry path
+    (b"identity=" + b"A" * 5000, None),
+    (b"\xff\xfe\x00garbage\r\n", None),
+])
+def test_package_txt_is_read_as_hostile(content, expected):
+    from vhdtool.stage.status import parse_identity
+
+    assert parse_identity(content) == expected

@@ -176,16 +176,23 @@ def status(image: str | os.PathLike) -> Status:
                   servicing)
 
 
+def parse_identity(package: bytes | None) -> str | None:
+    """The identity in package.txt's content (None: absent); None too for one that is not a safe CBS key name.
+
+    Hostile like every file of the guest: decoded leniently, the first ``identity=`` line only, and the
+    value must match ``CBS_IDENTITY`` (it becomes a registry path: no backslash gets through).
+    """
+    for line in (package or b"").decode("latin-1").splitlines():
+        m = IDENTITY_LINE.match(line.strip())
+        if m:
+            return m.group(1) if CBS_IDENTITY.fullmatch(m.group(1)) else None
+    return None
+
+
 def read_identity(fs: Filesystem, staged_id: str) -> str | None:
     """The package identity stage recorded in the staging's package.txt; None for an older staging without one."""
     path = f"{STAGING_ROOT}/{staged_id}/{PACKAGE_FILE}"
-    if not fs.exists(path) or fs.is_dir(path):
-        return None
-    for line in fs.read(path, 4096).decode("latin-1").splitlines():
-        m = IDENTITY_LINE.match(line.strip())
-        if m and CBS_IDENTITY.fullmatch(m.group(1)):
-            return m.group(1)
-    return None
+    return parse_identity(fs.read(path, 4096) if fs.exists(path) and not fs.is_dir(path) else None)
 
 
 def _checked(staged: StagedState, package: CbsPackage, servicing: ServicingState, ic_version: str | None) -> StagedState:
