@@ -4,7 +4,7 @@ apt-get, dpkg-query and sudo are stubs on PATH that record their arguments and i
 (dpkg-query reports every package missing, so each one is asked for). The fast tests stub python3 too:
 its venv's python records the pip command. The slow one runs the real runtime install (real venv, real
 pip from the configured index; apt is stubbed, the system packages are already there) and then the
-README's first command, judged by qemu-img check and ntfs-3g's ntfscat.
+README's first command, judged by qemu-img check and ntfs-3g's ntfscat (about 15 s, most of it pip).
 """
 
 from __future__ import annotations
@@ -170,7 +170,6 @@ def readme_first_command() -> str:
     return re.search(r"```sh\n(.*?)\n```", text, re.S)[1].strip()
 
 
-@pytest.mark.slow
 def test_the_readme_first_command_installs_and_stages_without_the_test_extras(tmp_path):
     command = readme_first_command()
     assert command.startswith("./install.sh && "), command
