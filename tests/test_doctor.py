@@ -145,3 +145,12 @@ def test_the_commands_named_are_those_that_need_the_library(tmp_path):
     res = vhdtool("plan", str(image), "--host", "auto", "--cabs", cabs,
                  hide=ldconfig_paths()[LIBMSPACK.soname], tmp_path=tmp_path)
     assert res.returncode == 14 and LIBMSPACK.debian in res.stderr, res.stderr
+
+
+def test_the_readme_install_commands_name_the_tables_packages():
+    """The README's apt-get and dnf lines install every library of the table (libc aside: every system has it)."""
+    text = (ROOT / "README.md").read_text()
+    apt = re.search(r"^sudo apt-get install (.*?)\s+#", text, re.M)[1].split()
+    dnf = re.search(r"^sudo dnf install (.*?)\s+#", text, re.M)[1].split()
+    assert apt == [lib.debian for lib in LIBRARIES if lib is not LIBC]
+    assert dnf == [lib.fedora for lib in LIBRARIES if lib is not LIBC]

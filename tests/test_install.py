@@ -2,7 +2,7 @@
 
 apt-get, dpkg-query and sudo are stubs on PATH that record their arguments and install nothing
 (dpkg-query reports every package missing, so each one is asked for). The fast tests stub python3 too:
-its venv's python records the pip command. The slow one runs the real runtime install (real venv, real
+its venv's python records the pip command. The last one runs the real runtime install (real venv, real
 pip from the configured index; apt is stubbed, the system packages are already there) and then the
 README's first command, judged by qemu-img check and ntfs-3g's ntfscat (about 15 s, most of it pip).
 """
