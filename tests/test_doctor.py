@@ -22,12 +22,13 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def ldconfig_paths() -> dict[str, str]:
-    """soname -> path, as the loader's cache lists them for this machine's word size."""
+    """soname -> path, as the loader's cache lists them (this Python's multiarch folder first)."""
     out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    multiarch = f"/{getattr(sys.implementation, '_multiarch', '')}/"
     paths: dict[str, str] = {}
-    for m in re.finditer(r"^\s*(\S+) \(([^)]*)\) => (\S+)$", out, re.M):
-        if "x86-64" in m[2] or "64bit" in m[2] or sys.maxsize <= 2**32:
-            paths.setdefault(m[1], m[3])
+    for m in re.finditer(r"^\s*(\S+) \([^)]*\) => (\S+)$", out, re.M):
+        if m[1] not in paths or (multiarch in m[2] and multiarch not in paths[m[1]]):
+            paths[m[1]] = m[2]
     return paths
 
 
