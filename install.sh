@@ -23,6 +23,8 @@ PACKAGES=(
   # The fleet test runs a batch as a Slurm job array on a private one-node cluster
   # (tests/slurm.py starts its own munged, slurmctld and slurmd; the system ones are not used).
   slurm-wlm munge
+  # tests/test_report_html.py renders the `vhdtool report --html` page in headless chromium.
+  chromium
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
