@@ -222,12 +222,44 @@ def test_one_command_report_and_write_errors(fleet, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_records_with_odd_values_are_shown_not_fatal(tmp_path):
+    """Records a batch never writes but a hand-edited or foreign report may hold: odd types everywhere."""
+    base = {"schema": 1, "record": "vhdtool-batch", "started": 7, "seconds": "x"}
+    recs = [
+        dict(base, command="status", key="a", image="a.vhdx", outcome="ok", exit_code=0,
+             result={"state": 5, "staged": "not a list", "ic_version": ["6.1"]}),
+        dict(base, command="plan", key="a", image="a.vhdx", outcome="ok", exit_code=0,
+             result={"action": {"x": 1}, "method": None, "guest_key": 3, "guest": {"linux": {"pretty_name": 1}}}),
+        dict(base, command="stage", key="b", image="b.vhdx", outcome="failed", exit_code="9",
+             error={"code": "nine", "message": None}),
+        dict(base, command="future", key="b", image="b.vhdx", outcome="ok", exit_code=0, result=[1, 2]),
+        dict(base, command="stage", key="c", image="c.vhdx", outcome="failed", exit_code=4,
+             error={"code": 4, "message": "c.vhdx: <i>bad</i>"}, seconds=1.5),
+    ]
+    report = tmp_path / "odd.jsonl"
+    report.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "odd.html"
+    res = vhdtool("report", "--html", out, report)
+    assert res.returncode == 21 and "Traceback" not in res.stderr, res.stderr
+    page = Page(out.read_text())
+    rows = {r["cells"][0]: r for r in page.rows("images")}
+    assert list(rows) == ["b.vhdx", "c.vhdx", "a.vhdx"] and rows["b.vhdx"]["attrs"]["data-outcome"] == "failed"
+    assert rows["b.vhdx"]["cells"][7] == "stage: None" and rows["a.vhdx"]["cells"][5] == ""
+    assert rows["c.vhdx"]["cells"][6:] == ["4", "stage: c.vhdx: <i>bad</i>"] and "i" not in dict(page.tags)
+    assert {r["cells"][0]: r["cells"][-1] for r in page.rows("outcomes")} == {
+        "failed: exit nine": "1", "failed: exit 4 (corrupt image)": "1", "ok": "3"}
+    doc = json.loads(vhdtool("report", "--json", report).stdout)
+    assert [f["exit_code"] for f in doc["failures"]] == ["nine", 4] and doc["seconds"] == 1.5
+    assert [r["cells"] for r in page.rows("states")] == [["unknown", "1"]]
+
+
 # -- chromium ------------------------------------------------------------------------------------
 
 def chromium(url: str, tmp: Path, *mode: str) -> subprocess.CompletedProcess:
     return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                           "--disable-sync", "--disable-extensions", f"--user-data-dir={tmp / 'profile'}",
+                           "--disable-sync", "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND",
+                           f"--user-data-dir={tmp / 'profile'}",
                            *mode, url], capture_output=True, text=True, timeout=60)
 
 

@@ -74,11 +74,12 @@ SCRIPT = """
     if (i < 0) return;
     var numeric = heads[i].getAttribute("data-type") === "number", sign = state.desc ? -1 : 1;
     heads[i].setAttribute("aria-sort", state.desc ? "descending" : "ascending");
-    rows.slice().sort(function (a, b) {
-      var x = value(a, i), y = value(b, i);
-      var c = numeric ? (parseFloat(x) || 0) - (parseFloat(y) || 0) : x.localeCompare(y);
-      return c * sign || rows.indexOf(a) - rows.indexOf(b);
-    }).forEach(function (row) { body.appendChild(row); });
+    var keyed = rows.map(function (row, n) { return {row: row, n: n, v: value(row, i)}; });
+    keyed.sort(function (a, b) {  // ties keep the page's first order
+      var c = numeric ? (parseFloat(a.v) || 0) - (parseFloat(b.v) || 0) : a.v.localeCompare(b.v);
+      return c * sign || a.n - b.n;
+    });
+    keyed.forEach(function (k) { body.appendChild(k.row); });
   }
   heads.forEach(function (h) {
     h.addEventListener("click", function () {
