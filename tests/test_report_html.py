@@ -174,7 +174,7 @@ def test_the_page_has_one_row_per_image_failures_first_and_the_counts_of_report_
     by = {stem(r["cells"][0]): r["cells"] for r in rows}
     image, guest, ic, action, staged, status, code, message = by["ws2008r2-x64"]
     assert guest == "Windows Server 2008 R2 Standard x64" and ic == "6.1.7601.17514"
-    assert action.startswith("stage: ") and staged and status == "pending" and message == ""
+    assert action == "stage: integration-services-disk (staged)" and status == "pending" and message == ""
     assert by["ubuntu-ext4"][1] == "Ubuntu 22.04.3 LTS" and by["ubuntu-ext4"][5] == "none"
     assert by["ws2012-sysprep"][3].startswith("none: up-to-date") and by["ws2012-sysprep"][4] == ""
     assert "hibernated" in by["ws2008r2-hibernated"][7] and by["ws2008r2-hibernated"][5] == "none"

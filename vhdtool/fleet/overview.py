@@ -122,7 +122,7 @@ def image_rows(summary: Summary) -> list[ImageRow]:
         for r in ordered:
             row.guest = row.guest or facets(r)["guest"]
             row.ic_version = row.ic_version or _ic_version(r)
-            row.action = row.action or _action(r)
+            row.action = _action(r) or row.action  # stage's, after plan's, says whether it was staged
             row.staged_id = _staged_id(r) or row.staged_id  # status, read after the stage, has the last word
             if r["command"] == "status" and r.get("outcome") == OK:
                 row.status = _str(_result(r).get("state"))
