@@ -163,5 +163,5 @@ def counts(summary: Summary) -> Counts:
         if command == "status" and o != FAILED:
             states[_str(_result(rec).get("state")) or "unknown"] += 1
     outcomes = {label: c for _, (label, c) in sorted(found.items())}
-    return Counts(outcomes, states, sorted(commands, key=lambda c: (c not in COMMANDS, COMMANDS.index(c)
-                                                                      if c in COMMANDS else 0, c)))
+    order = sorted(commands, key=lambda c: (COMMANDS.index(c) if c in COMMANDS else len(COMMANDS), c))
+    return Counts(outcomes, states, order)
