@@ -48,7 +48,8 @@ TEST_PACKAGES=(
   # the fleet test runs a batch as a Slurm job array on a private one-node cluster
   # (tests/slurm.py starts its own munged, slurmctld and slurmd; the system ones are not used)
   slurm-wlm munge
-  # the HTML report's headless browser goes here
+  # tests/test_report_html.py renders the `vhdtool report --html` page in headless chromium
+  chromium
 )
 
 packages=("${RUNTIME_PACKAGES[@]}")

@@ -120,16 +120,26 @@ def report(
     files: List[Path] = typer.Argument(..., metavar="FILE...", show_default=False,
                                        help="Reports written by `vhdtool batch --report` (of several shards too)"),
     as_json: bool = json_option("Print the summary as one JSON document."),
+    html: Optional[Path] = typer.Option(None, "--html", metavar="OUT.html",
+                                        help="Also write the summary as one self-contained HTML page: counts, "
+                                             "charts, and a table of the images, failures first."),
 ) -> None:
     """Merge batch reports into one summary.
 
     Counts per outcome, host, guest and method, and the failures with their
     reasons. An image's last record counts. Exit 0 when no image failed, 21 when some did.
+    With --html, the text summary (or --json) is printed as well.
     """
     from vhdtool.errors import EXIT_SOME_FAILED
     from vhdtool.fleet.records import read_reports, render_summary, summarize
 
-    doc = summarize(read_reports([os.fspath(f) for f in files])).to_dict()
+    sources = [os.fspath(f) for f in files]
+    summary = summarize(read_reports(sources))
+    doc = summary.to_dict()
+    if html is not None:
+        from vhdtool.fleet.htmlreport import render_html, write_html
+
+        write_html(os.fspath(html), render_html(summary, doc, sources))
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:
