@@ -111,27 +111,55 @@ def _read_root(path: str | os.PathLike) -> list:
     return certs
 
 
+@dataclass(frozen=True)
+class CatalogCheck:
+    """A catalog checked on its own: the verdict on its signature and chain, and the hashes it lists."""
+
+    verdict: Signature  # microsoft, trusted, untrusted (valid signature), unsigned, or invalid
+    digests: frozenset = frozenset()  # (algorithm, digest) of each member's SPC_INDIRECT_DATA
+    identifiers: frozenset = frozenset()  # the identifiers (tags) of members without indirect data
+
+    def lists(self, data: bytes) -> bool:
+        """Whether a member vouches for the file ``data`` (hashed whole, as a catalog hashes a non-PE file)."""
+        hashes = {name: f(data).digest() for name, f in DIGESTS.items()}
+        if any(hashes.get(algo) == digest for algo, digest in self.digests):
+            return True
+        tags = {t for d in hashes.values() for hexed in [d.hex().upper().encode("utf-16-le")]
+                for t in (d, hexed, hexed + b"\0\0")}
+        return bool(tags & self.identifiers)
+
+
 def verify_catalog(catalog: bytes, mum: bytes, roots: TrustRoots) -> Signature:
     """The verdict on ``catalog`` (update.cat's bytes) as a signature over ``mum`` (update.mum's bytes)."""
+    check = check_catalog(catalog, roots)
+    if check.verdict.status in (INVALID, UNSIGNED):
+        return check.verdict
+    if not check.lists(mum):
+        return Signature(INVALID, f"update.cat is validly signed by {check.verdict.signer} but does not list "
+                                  "this update.mum", check.verdict.signer)
+    return check.verdict
+
+
+def check_catalog(catalog: bytes, roots: TrustRoots) -> CatalogCheck:
+    """Parse ``catalog``, verify its signature and chain, and read the hashes it lists; never raises."""
     if len(catalog) > CATALOG_MAX_SIZE:
-        return Signature(INVALID, f"update.cat is larger than {CATALOG_MAX_SIZE // MiB} MiB")
+        return CatalogCheck(Signature(INVALID, f"update.cat is larger than {CATALOG_MAX_SIZE // MiB} MiB"))
     try:
         parsed = _signed_catalog(catalog)
         if parsed is None:
-            return Signature(UNSIGNED, "update.cat has no signer")
+            return CatalogCheck(Signature(UNSIGNED, "update.cat has no signer"))
         signed_data, signer_info, ctl = parsed
         leaf, others = _check_signature(signed_data, signer_info, ctl)
-        when = _this_update(ctl)
-        if not _lists(ctl, mum):
-            raise _Invalid("update.cat is validly signed but does not list this update.mum")
-        name = _common_name(leaf)
-        return _chain_verdict(leaf, others, when, roots, name)
+        digests, identifiers = _members(ctl)
+        verdict = _chain_verdict(leaf, others, _this_update(ctl), roots, _common_name(leaf))
+        return CatalogCheck(verdict, digests, identifiers)
     except _Invalid as e:
-        return Signature(INVALID, str(e))
+        return CatalogCheck(Signature(INVALID, str(e)))
     except (MemoryError, RecursionError) as e:
-        return Signature(INVALID, f"update.cat: structures too large or nested too deeply ({type(e).__name__})")
+        why = f"update.cat: structures too large or nested too deeply ({type(e).__name__})"
+        return CatalogCheck(Signature(INVALID, why))
     except Exception as e:  # noqa: BLE001 - asn1crypto and cryptography raise anything on hostile input
-        return Signature(INVALID, f"update.cat is not a readable signed catalog ({first_line(e)[:200]})")
+        return CatalogCheck(Signature(INVALID, f"update.cat is not a readable signed catalog ({first_line(e)[:200]})"))
 
 
 def _signed_catalog(data: bytes):
@@ -238,29 +266,25 @@ def _this_update(ctl) -> datetime.datetime:
     return when
 
 
-def _lists(ctl, mum: bytes) -> bool:
-    """Whether a member of the CTL vouches for ``mum``: its indirect-data digest is mum's hash, or, for a
-    member without one, its identifier is that hash (raw, or the UTF-16 hex tag of version 1 catalogs)."""
+def _members(ctl) -> tuple[frozenset, frozenset]:
+    """The CTL's members: the (algorithm, digest) of each SPC_INDIRECT_DATA, and the identifiers of members
+    without one (raw hashes, or the UTF-16 hex tags of version 1 catalogs)."""
     from vhdtool.cabinet.ctl import SpcIndirectDataContent
 
-    hashes = {name: f(mum).digest() for name, f in DIGESTS.items()}
-    tags = {h for d in hashes.values() for h in (d, d.hex().upper().encode("utf-16-le"),
-                                                 d.hex().upper().encode("utf-16-le") + b"\0\0")}
+    digests, identifiers = set(), set()
     for subject in ctl["trusted_subjects"] or ():
         indirect = [v for a in subject["attributes"] or () if a["type"].dotted == SPC_INDIRECT_DATA for v in a["values"]]
         if not indirect:
-            if subject["identifier"].native in tags:
-                return True
-            continue
+            identifiers.add(subject["identifier"].native)
         for value in indirect:
             content = SpcIndirectDataContent.load(value.dump(), strict=True)
-            algo = content["message_digest"]["digest_algorithm"]["algorithm"].native
-            if algo in hashes and content["message_digest"]["digest"].native == hashes[algo]:
-                return True
-    return False
+            digest = content["message_digest"]
+            digests.add((digest["digest_algorithm"]["algorithm"].native, digest["digest"].native))
+    return frozenset(digests), frozenset(identifiers)
 
 
 def _chain_verdict(leaf, others, when, roots: TrustRoots, name: str) -> Signature:
+    why = "no trusted root was given"
     for status, anchors in ((MICROSOFT, roots.microsoft), (TRUSTED, roots.added)):
         if not anchors:
             continue
