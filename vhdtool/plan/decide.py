@@ -305,5 +305,5 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
     reasons.append(f"{what}: {best.name} ({best.arch}, NT {best.nt}) will install at next boot")
     if best.signature in (UNSIGNED, UNTRUSTED):
         notes.append(f"warning: {best.name} is {best.signature} ({best.signature_reason}); stage it only if you trust "
-                     "where it came from (--require-signed refuses it)")
+                     "where it came from (with --require-signed it is not chosen)")
     return done(method, STAGE, best)
