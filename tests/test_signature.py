@@ -206,3 +206,16 @@ def test_a_test_signed_cab_with_its_root_is_staged_under_require_signed(cli, sig
 
     staged = ntfscat(partition_volume(image, tmp_path, 2), f"/Windows/vhdtool/{KB_ID}/{cab.name}")
     assert hashlib.sha256(staged).digest() == hashlib.sha256(cab.read_bytes()).digest()
+
+
+@pytest.mark.fixtures
+def test_a_newer_cab_with_an_invalid_signature_loses_to_an_older_valid_one_and_plan_says_why(cli, tmp_path):
+    older = build_cab(SPEC, tmp_path / "cabs" / "older")
+    newer = build_cab(CabSpec("6.1", "x64", "6.3.9600.18999", kb=True), tmp_path / "cabs" / "newer",
+                      catalog=DXCORE_CAT.read_bytes())
+    image = work_copy("ws2008r2-nokvp", tmp_path)
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs", "--require-signed")
+    assert code == 0 and doc["action"] == "manual", doc
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs")
+    assert code == 0 and doc["action"] == "stage" and doc["cab"]["path"] == str(older), doc
+    assert any(n.startswith(f"not chosen: {newer}: its signature is invalid") for n in doc["notes"]), doc["notes"]
