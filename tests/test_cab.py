@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def payload_bytes(size: int, seed: int = 7) -> bytes:
 
 def gcab(tmp_path: Path, files: dict[str, bytes], compress: bool = True) -> bytes:
     """A cab written by gcab; names may use '/' for folders (gcab stores them with '\\')."""
-    assert shutil.which("gcab"), "gcab is needed (install.sh installs it)"
+    assert shutil.which("gcab"), "gcab is needed (install.sh --test installs it)"
     src = tmp_path / f"gcab-src-{len(list(tmp_path.iterdir()))}"
     src.mkdir()
     for name, data in files.items():
@@ -490,7 +491,7 @@ def test_a_lying_child_is_caught(real_cab, monkeypatch):
 
 
 def test_missing_library(real_cab, monkeypatch):
-    monkeypatch.setattr(libmspack, "SONAME", "libmspack-not-here.so.0")
+    monkeypatch.setattr(libmspack, "LIBRARY", replace(libmspack.LIBRARY, soname="libmspack-not-here.so.0"))
     with pytest.raises(MissingLibrary) as e:  # its own exit code, 14, not a bad cab's
         list_members(real_cab, LABEL)
     assert e.value.exit_code == 14 and LABEL in e.value.message
@@ -499,7 +500,7 @@ def test_missing_library(real_cab, monkeypatch):
 
 def test_header_checks_need_no_library(package_cab, monkeypatch):
     # A cab refused by the header checks never reaches libmspack (nor forks).
-    monkeypatch.setattr(libmspack, "SONAME", "libmspack-not-here.so.0")
+    monkeypatch.setattr(libmspack, "LIBRARY", replace(libmspack.LIBRARY, soname="libmspack-not-here.so.0"))
     with pytest.raises(CabError) as e:
         list_members(package_cab[:30], LABEL)
     assert_cab_error(e, "truncated")

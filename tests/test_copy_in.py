@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -423,7 +424,7 @@ def test_a_missing_libntfs3g_names_its_package(tmp_path, monkeypatch):
     image = tmp_path / "disk.vhdx"
     shutil.copyfile(fb.build("ws2008r2-x64"), image)
     before = image.read_bytes()
-    monkeypatch.setattr(ntfs3g, "SONAME", "libntfs-3g-not-installed.so.89")
+    monkeypatch.setattr(ntfs3g, "LIBRARY", replace(ntfs3g.LIBRARY, soname="libntfs-3g-not-installed.so.89"))
     monkeypatch.setattr(ntfs3g, "_library", None, raising=False)
     local = tmp_path / "hello.txt"
     local.write_text("hi")

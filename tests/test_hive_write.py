@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ needs_hivex_tools = pytest.mark.skipif(not HIVEX_TOOLS, reason="hivexsh/hivexget
 
 def _libhivex() -> bool:
     try:
-        ctypes.CDLL(libhivex.SONAME)
+        ctypes.CDLL(libhivex.LIBRARY.soname)
         return True
     except OSError:
         return False
@@ -654,7 +655,7 @@ def test_what_libhivex_refuses_is_a_corrupt_hive(win10):
 
 
 def test_a_missing_libhivex_names_its_package(win10, monkeypatch):
-    monkeypatch.setattr(libhivex, "SONAME", "libhivex-not-installed.so.0")
+    monkeypatch.setattr(libhivex, "LIBRARY", replace(libhivex.LIBRARY, soname="libhivex-not-installed.so.0"))
     with pytest.raises(MissingLibrary, match="libhivex0") as e:
         edit_hive(win10, SYSTEM_EDITS[:1], "SYSTEM", "disk.vhdx")
     assert e.value.exit_code == 14

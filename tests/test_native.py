@@ -16,6 +16,7 @@ import pytest
 
 from vhdtool.errors import MissingLibrary, NativeError
 from vhdtool.native import Refusal, bind_library, load_libc, load_library, run_isolated
+from vhdtool.native.libraries import LIBC, SystemLibrary
 
 LABEL = "input.bin"
 
@@ -119,15 +120,20 @@ def test_fork_failure(monkeypatch):
     assert "try again" in e.value.message
 
 
+NOT_HERE = SystemLibrary("libnothere", "libvhdtool-not-here.so.0", "libnothere0", "libnothere-libs", ("stage",), "tests")
+LIBM = SystemLibrary("the math library", "libm.so.6", "libc6", "glibc", (), "tests")
+
+
 def test_missing_library_names_the_package():
     with pytest.raises(MissingLibrary) as e:
-        load_library("libvhdtool-not-here.so.0", "libnothere", "libnothere0", LABEL)
-    assert e.value.message == f"{LABEL}: libnothere is not installed; install the libnothere0 package"
+        load_library(NOT_HERE, LABEL)
+    assert e.value.message == (f"{LABEL}: libnothere is not installed; install the libnothere0 package "
+                               "(Debian/Ubuntu; libnothere-libs on Fedora/RHEL)")
     assert isinstance(e.value, NativeError)
 
 
 def test_library_is_loaded_once():
-    assert load_library("libc.so.6", "the C library", "libc6") is load_library("libc.so.6", "the C library", "libc6")
+    assert load_library(LIBC) is load_library(LIBC)
 
 
 def test_a_library_is_bound_once_and_a_failed_bind_is_tried_again():
@@ -142,11 +148,11 @@ def test_a_library_is_bound_once_and_a_failed_bind_is_tried_again():
         return fn
 
     with pytest.raises(ValueError):
-        bind_library("libm.so.6", "the math library", "libc6", LABEL, bind)
-    cos = bind_library("libm.so.6", "the math library", "libc6", LABEL, bind)
+        bind_library(LIBM, LABEL, bind)
+    cos = bind_library(LIBM, LABEL, bind)
     assert cos(0.0) == 1.0  # the typed entry point of the real library
-    assert bind_library("libm.so.6", "the math library", "libc6", LABEL, bind) is cos
-    assert len(calls) == 2 and calls[0] is calls[1] is load_library("libm.so.6", "the math library", "libc6")
+    assert bind_library(LIBM, LABEL, bind) is cos
+    assert len(calls) == 2 and calls[0] is calls[1] is load_library(LIBM)
 
 
 def test_a_missing_library_is_never_bound():
@@ -154,10 +160,10 @@ def test_a_missing_library_is_never_bound():
         raise AssertionError("bound a library that is not there")
 
     with pytest.raises(MissingLibrary) as e:
-        bind_library("libvhdtool-not-here.so.1", "libnothere", "libnothere0", LABEL, bind)
+        bind_library(NOT_HERE, LABEL, bind)
     assert e.value.exit_code == 14 and "install the libnothere0 package" in e.value.message
 
 
 def test_libc_is_the_c_library():
-    assert load_libc() is load_library("libc.so.6", "the C library", "libc6")
+    assert load_libc() is load_library(LIBC)
     assert load_libc().getpid() == os.getpid()

@@ -104,7 +104,7 @@ def test_version_flag():
 
 
 @pytest.mark.parametrize("command", [[], ["inspect"], ["matrix"], ["plan"], ["copy-in"], ["services"], ["stage"], ["status"],
-                                     ["batch"], ["report"], *(["batch", c] for c in ("inspect", "plan", "stage",
+                                     ["batch"], ["report"], ["doctor"], *(["batch", c] for c in ("inspect", "plan", "stage",
                                                                                      "status", "services"))])
 def test_help_fits_80_columns_without_type_markers(command):
     env = {"COLUMNS": "80", "PATH": "/usr/bin:/bin", "TERM": "xterm"}
@@ -115,5 +115,5 @@ def test_help_fits_80_columns_without_type_markers(command):
     assert lines and all(len(line) <= 80 for line in lines), out.stdout
     # Type markers such as "<bool>" or "<list[Path]>" say nothing to a user.
     assert not re.search(r"<\w+(\[\w+\])?>", out.stdout), out.stdout
-    commands = ("inspect", "matrix", "plan", "copy-in", "services", "stage", "status", "batch", "report")
+    commands = ("inspect", "matrix", "plan", "copy-in", "services", "stage", "status", "batch", "report", "doctor")
     assert "..." not in "".join(l for l in lines if l.startswith("  ") and l.strip().split()[0] in commands)

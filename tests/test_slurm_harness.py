@@ -1,6 +1,6 @@
 """The private Slurm cluster of tests/slurm.py, and deploy/slurm/vhdtool-batch.sbatch run on it.
 
-Needs root and Debian's slurm-wlm + munge (install.sh installs them); skips otherwise.
+Needs root and Debian's slurm-wlm + munge (install.sh --test installs them); skips otherwise.
 One cluster serves the module: it is up (node idle) in about a second, but slurmctld's
 first scheduling pass comes ~3 s after it starts, so the first array takes ~5 s and later
 4-task arrays 2-3 s on this 2-CPU node (the module: ~17 s). Uses no vhdtool: the sbatch

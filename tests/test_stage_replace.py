@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, digest, work_copy
+from conftest import ROOT, SWEEPS, digest, sweep_count, sweep_points, work_copy
 from fixtures.cabs import CabSpec, build_iso
 from judges.hives import hive_typed_values
 from judges.volumes import mft_record as record_of
@@ -162,7 +162,8 @@ def run_stage(image: Path, iso: Path, inject: str | None = None, count: Path | N
     return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=180)
 
 
-def test_kill_the_replacing_stage_at_every_write_and_flush(isos, tmp_path):
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_the_replacing_stage_at_every_write_and_flush(sweep, isos, tmp_path):
     original = work_copy("ws2008r2-x64", tmp_path)
     assert run_stage(original, isos[OLD_IC]).returncode == 0  # the older package, pending
     old_id, new_id = f"{OLD_IC}-x64", f"{NEW_IC}-x64"
@@ -172,7 +173,7 @@ def test_kill_the_replacing_stage_at_every_write_and_flush(isos, tmp_path):
     assert run_stage(probe, isos[NEW_IC], count=trace).returncode == 0
     counts = {n: sum(1 for line in trace.read_text().splitlines() if f" {n}(" in line or line.startswith(f"{n}("))
               for n in ("pwrite64", "fsync", "ftruncate")}
-    points = [(n, k) for n, total in counts.items() for k in range(1, total + 1)]
+    points = sweep_points([(n, k) for n, total in counts.items() for k in range(1, total + 1)], sweep)
     shutil.copyfile(original, probe)
     t0 = time.monotonic()
     assert run_stage(probe, isos[NEW_IC]).returncode == 0
@@ -183,7 +184,7 @@ def test_kill_the_replacing_stage_at_every_write_and_flush(isos, tmp_path):
     assert not any(p.startswith(f"{STAGED}/{old_id}") for p in new_tree)
     timed = {"/$MFT", "/$MFTMirr"}  # the MFT's records hold each run's own timestamps
     rnd = random.Random(5)
-    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.3, 1.0) * duration) for _ in range(RANDOM_KILLS)]
+    kills = [("syscall", p) for p in points] + [("time", rnd.uniform(0.3, 1.0) * duration) for _ in range(sweep_count(RANDOM_KILLS, sweep))]
     outcomes = {"old": 0, "new": 0}
     victim, repaired = tmp_path / "victim.vhdx", tmp_path / "repaired.vhdx"
     for how, point in kills:
@@ -212,4 +213,4 @@ def test_kill_the_replacing_stage_at_every_write_and_flush(isos, tmp_path):
         part.unlink()
         outcomes[state] += 1
     assert outcomes["old"] and outcomes["new"], outcomes
-    print(f"\nreplace: {len(points)} syscall kill points {counts}, {RANDOM_KILLS} random kills, outcomes {outcomes}")
+    print(f"\nreplace: {len(points)} syscall kill points {counts}, {sweep_count(RANDOM_KILLS, sweep)} random kills, outcomes {outcomes}")

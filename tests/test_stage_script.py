@@ -3,7 +3,7 @@
 The text tests need nothing. The boot tests run the generated script under Wine's cmd.exe and
 reg.exe, with stub dism.exe/pkgmgr.exe built from tests/stubs/ by mingw-w64, in one Wine prefix
 per session (tests/wine_boot.py says how boots are modelled). They skip, saying why, only when
-Wine or mingw-w64 is not installed (install.sh installs both).
+Wine or mingw-w64 is not installed (install.sh --test installs both).
 """
 
 from __future__ import annotations

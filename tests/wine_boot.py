@@ -82,7 +82,7 @@ def missing_tools() -> str | None:
     """Why the Wine tests cannot run at all (tools not installed), or None."""
     missing = [tool for tool in TOOLCHAIN if not shutil.which(tool)]
     if missing:
-        return (f"not installed: {', '.join(missing)} (install.sh installs the Debian packages "
+        return (f"not installed: {', '.join(missing)} (install.sh --test installs the Debian packages "
                 "wine, wine64 and gcc-mingw-w64-x86-64)")
     return None
 

@@ -89,6 +89,7 @@ class CabPackage:
     members: tuple[CabMember, ...]
     identity: PackageIdentity
     sha256: str  # of the whole cab bytes
+    signature: object = None  # vhdtool.cabinet.catalog.Signature: the verdict on its update.cat
 
 
 @dataclass(frozen=True)

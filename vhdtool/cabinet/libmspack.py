@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from vhdtool.cabinet.format import CabBytes, CabLayout
 from vhdtool.errors import CabError, MissingLibrary, NativeError
 from vhdtool.native import Refusal, bind_library, load_libc, run_isolated
+from vhdtool.native.libraries import LIBMSPACK
 from vhdtool.units import MiB
 
-SONAME = "libmspack.so.0"
-PACKAGE = "libmspack0"
+LIBRARY = LIBMSPACK
 
 CHILD_TIMEOUT = 10.0  # seconds; a real servicing cab decodes in well under one
 # A member larger than 16 MiB (an .msu's package cab) gets a second more per 16 MiB it may hold.
@@ -168,7 +168,7 @@ class Library:
 def load(label: str) -> Library:
     """libmspack, opened on first use (inspect and plan never need it)."""
     try:
-        return bind_library(SONAME, "libmspack", PACKAGE, label, lambda lib: _bind(lib, label))
+        return bind_library(LIBRARY, label, lambda lib: _bind(lib, label))
     except MissingLibrary:
         raise  # its own code (14): install the package it names
     except NativeError as e:
@@ -181,11 +181,11 @@ def _bind(lib: ctypes.CDLL, label: str) -> Library:
     lib.mspack_sys_selftest_internal.restype = ctypes.c_int
     if lib.mspack_sys_selftest_internal(ctypes.sizeof(off_t)) != MSPACK_ERR_OK:
         raise CabError(label, "libmspack was built with a different off_t than this platform's",
-                       hint="install the distribution's libmspack0 package")
+                       hint=LIBRARY.install_hint())
     lib.mspack_version.argtypes = [ctypes.c_int]
     lib.mspack_version.restype = ctypes.c_int
     if lib.mspack_version(MSPACK_VER_SYSTEM) < 1 or lib.mspack_version(MSPACK_VER_MSCABD) < 1:
-        raise CabError(label, "this libmspack cannot decompress cabinets", hint="install the libmspack0 package")
+        raise CabError(label, "this libmspack cannot decompress cabinets", hint=LIBRARY.install_hint())
     create = lib.mspack_create_cab_decompressor
     create.argtypes = [ctypes.POINTER(MspackSystem)]
     create.restype = ctypes.c_void_p

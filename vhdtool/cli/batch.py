@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from vhdtool.cli.options import (CABS_HELP, DRY_RUN, HOST_HELP, REVISION, cabs_option, disable_option, enable_option,
+from vhdtool.cli.options import (CABS_HELP, DRY_RUN, HOST_HELP, REQUIRE_SIGNED, REVISION, TRUST_ROOT, cabs_option,
+                                 disable_option, enable_option,
                                  host_option, json_option)
 
 batch_app = typer.Typer(
@@ -80,10 +81,12 @@ def batch_plan(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] =
                cabs: List[Path] = BATCH_CABS, revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST,
                jobs: int = JOBS, report: Optional[Path] = REPORT, resume: bool = RESUME,
                shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST,
-               timeout: float = TIMEOUT) -> None:
+               timeout: float = TIMEOUT, require_signed: bool = REQUIRE_SIGNED,
+               trust_root: List[Path] = TRUST_ROOT) -> None:
     """Plan every image's integration services."""
     _run("plan", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
-         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision)
+         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, require_signed=require_signed,
+         trust_roots=tuple(os.fspath(r) for r in trust_root))
 
 
 @batch_app.command("stage")
@@ -91,13 +94,15 @@ def batch_stage(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] 
                 cabs: List[Path] = BATCH_CABS, dry_run: bool = DRY_RUN, revision: Optional[str] = REVISION,
                 manifest: List[Path] = MANIFEST, jobs: int = JOBS, report: Optional[Path] = REPORT,
                 resume: bool = RESUME, shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS,
-                fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+                fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT, require_signed: bool = REQUIRE_SIGNED,
+                trust_root: List[Path] = TRUST_ROOT) -> None:
     """Stage every image's integration services for next boot.
 
     A manifest's output column writes a changed copy there instead of the image.
     """
     _run("stage", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
-         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, dry_run=dry_run)
+         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, dry_run=dry_run,
+         require_signed=require_signed, trust_roots=tuple(os.fspath(r) for r in trust_root))
 
 
 @batch_app.command("services")
@@ -120,16 +125,26 @@ def report(
     files: List[Path] = typer.Argument(..., metavar="FILE...", show_default=False,
                                        help="Reports written by `vhdtool batch --report` (of several shards too)"),
     as_json: bool = json_option("Print the summary as one JSON document."),
+    html: Optional[Path] = typer.Option(None, "--html", metavar="OUT.html",
+                                        help="Also write the summary as one self-contained HTML page: counts, "
+                                             "charts, and a table of the images, failures first."),
 ) -> None:
     """Merge batch reports into one summary.
 
     Counts per outcome, host, guest and method, and the failures with their
     reasons. An image's last record counts. Exit 0 when no image failed, 21 when some did.
+    With --html, the text summary (or --json) is printed as well.
     """
     from vhdtool.errors import EXIT_SOME_FAILED
     from vhdtool.fleet.records import read_reports, render_summary, summarize
 
-    doc = summarize(read_reports([os.fspath(f) for f in files])).to_dict()
+    sources = [os.fspath(f) for f in files]
+    summary = summarize(read_reports(sources))
+    doc = summary.to_dict()
+    if html is not None:
+        from vhdtool.fleet.htmlreport import render_html, write_html
+
+        write_html(os.fspath(html), render_html(summary, doc, sources))
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:

@@ -14,6 +14,7 @@ import typer
 
 from vhdtool.cli.batch import batch_app, report
 from vhdtool.cli.copy_in import copy_in
+from vhdtool.cli.doctor import doctor
 from vhdtool.cli.images import fail_line
 from vhdtool.cli.inspect import inspect
 from vhdtool.cli.matrix import matrix
@@ -58,6 +59,7 @@ app.command()(stage)
 app.command()(status)
 app.add_typer(batch_app, name="batch")
 app.command()(report)
+app.command()(doctor)
 
 
 def main() -> None:

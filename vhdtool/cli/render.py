@@ -109,6 +109,8 @@ def render_plan(plan: Plan) -> str:
         c = plan.cab
         kb = f"KB{c.kb}, " if c.kb else ""
         lines.append(f"  cab        {c.path} ({kb}{c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
+        if c.signature:
+            lines.append(f"  signature  {c.signature} ({c.signature_reason})")
     if plan.packages:
         lines.append(f"  packages   {' '.join(plan.packages)} (with {plan.package_manager})")
     if plan.units:

@@ -15,12 +15,10 @@ import ctypes
 from vhdtool.container.overlay import Overlay
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError
 from vhdtool.native import bind_library, load_library
+from vhdtool.native.libraries import LIBCOM_ERR, LIBEXT2FS
 from vhdtool.volume.mapping import VolumeMap
 
-SONAME = "libext2fs.so.2"
-PACKAGE = "libext2fs2"
-COM_ERR_SONAME = "libcom_err.so.2"
-COM_ERR_PACKAGE = "libcom-err2"
+LIBRARY, COM_ERR = LIBEXT2FS, LIBCOM_ERR
 
 # ext2_err.h (e2fsprogs 1.47.0): the error table starts at EXT2_ET_BASE.
 EXT2_ET_BASE = 2133571328
@@ -146,7 +144,7 @@ class OverlayIo:
 def bind(label: str | None) -> ctypes.CDLL:
     """libext2fs with the entry points vhdtool calls typed, once per process."""
     try:
-        return bind_library(SONAME, "libext2fs", PACKAGE, label, _bind)
+        return bind_library(LIBRARY, label, _bind)
     except MissingLibrary:
         raise  # its own code (14): install the package it names
     except NativeError as e:
@@ -195,8 +193,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def error_text(code: int) -> str:
     """com_err's text for a libext2fs error code (or errno), for messages."""
     try:
-        lib = load_library(SONAME, "libext2fs", PACKAGE)
-        com_err = load_library(COM_ERR_SONAME, "libcom_err", COM_ERR_PACKAGE)
+        lib = load_library(LIBRARY)
+        com_err = load_library(COM_ERR)
         lib.initialize_ext2_error_table()
         com_err.error_message.restype = ctypes.c_char_p
         com_err.error_message.argtypes = [errcode_t]

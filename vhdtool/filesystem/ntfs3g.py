@@ -34,10 +34,10 @@ from vhdtool.filesystem.ntfsanswer import decode_sources
 from vhdtool.filesystem.ntfsbitmap import free_clusters
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
 from vhdtool.native import Refusal, load_libc, load_library, run_isolated
+from vhdtool.native.libraries import LIBNTFS_3G
 from vhdtool.units import MiB
 
-SONAME = "libntfs-3g.so.89"
-PACKAGE = "libntfs-3g89"
+LIBRARY = LIBNTFS_3G
 CHILD_TIMEOUT = 120.0
 NTFS_MNT_FORENSIC = 0x04000000
 AT_DATA = 0x80
@@ -92,7 +92,7 @@ class Delete:
 
 def _bind(label: str) -> ctypes.CDLL:
     try:
-        lib = load_library(SONAME, "libntfs-3g", PACKAGE, label)
+        lib = load_library(LIBRARY, label)
     except MissingLibrary:
         raise  # its own code (14): install the package it names
     except NativeError as e:

@@ -5,6 +5,8 @@
   array environments), so that N machines split a fleet with no coordinator of ours.
 - ``records``: the report, one JSON line per image, flushed as each finishes; reading
   reports back (``--resume``, ``vhdtool report``) and summarising them.
+- ``overview`` and ``htmlreport``: ``vhdtool report --html``, one row per image and the
+  counts, rendered as one self-contained page (no network, everything from a report escaped).
 - ``work``: the batch's command on one image (``ImageCommand``), set up once and inherited
   by every worker process.
 - ``worker``: the life of one worker process, forked from the batch: requests in, answers out.

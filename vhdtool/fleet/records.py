@@ -206,7 +206,8 @@ def facets(rec: dict) -> dict[str, str | None]:
             if host is None and isinstance(lh, dict) and isinstance(lh.get("host_key"), str):
                 host = f"{lh['host_key']} (last)"
         elif isinstance(lx, dict):
-            guest = lx.get("pretty_name") or lx.get("distribution")
+            guest = next((x for x in (lx.get("pretty_name"), lx.get("distribution")) if isinstance(x, str) and x),
+                         None)
         elif g.get("os") is None:
             guest = "none found"
     method = None
@@ -272,11 +273,20 @@ class Summary:
             "by_method": dict(sorted(by["method"].items())),
             "by_shard": dict(sorted(by["shard"].items())),
             "by_status": dict(sorted(by["status"].items())),
-            "failures": sorted(failures, key=lambda f: (f["exit_code"] or 0, f["image"])),
-            "seconds": round(sum(float(r.get("seconds") or 0) for r in recs), 3),
+            "failures": sorted(failures, key=lambda f: (_code_order(f["exit_code"]), f["image"])),
+            "seconds": round(sum(r["seconds"] for r in recs if _number(r.get("seconds"))), 3),
             "duplicates": self.duplicates,
             "unreadable_lines": self.skipped_lines,
         }
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _code_order(code) -> tuple[int, str]:
+    """Exit codes sort as numbers; what a foreign report holds instead sorts first, as text."""
+    return (code, "") if isinstance(code, int) else (-1, str(code))
 
 
 def summarize(loaded: Loaded) -> Summary:

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from vhdtool.errors import MissingLibrary
-
-LIBC_SONAME = "libc.so.6"
+from vhdtool.native.libraries import LIBC, SystemLibrary
 
 T = TypeVar("T")
 
@@ -19,33 +18,32 @@ _bound: dict[str, object] = {}
 _lock = threading.RLock()
 
 
-def load_library(soname: str, name: str, package: str, label: str | None = None) -> ctypes.CDLL:
-    """``soname`` opened once per process; a missing one is a MissingLibrary naming ``name`` and ``package``."""
+def load_library(library: SystemLibrary, label: str | None = None) -> ctypes.CDLL:
+    """``library`` opened once per process; a missing one is a MissingLibrary naming it and its packages."""
     with _lock:
-        lib = _loaded.get(soname)
+        lib = _loaded.get(library.soname)
         if lib is None:
             try:
                 # use_errno: ctypes.get_errno() then tells why a call failed.
-                lib = ctypes.CDLL(soname, use_errno=True)
+                lib = ctypes.CDLL(library.soname, use_errno=True)
             except OSError:
-                raise MissingLibrary(label, f"{name} is not installed", hint=f"install the {package} package") from None
-            _loaded[soname] = lib
+                raise MissingLibrary(label, f"{library.name} is not installed", hint=library.install_hint()) from None
+            _loaded[library.soname] = lib
         return lib
 
 
 def load_libc(label: str | None = None) -> ctypes.CDLL:
     """The C library (its allocator, for memory a library hands back or takes)."""
-    return load_library(LIBC_SONAME, "the C library", "libc6", label)
+    return load_library(LIBC, label)
 
 
-def bind_library(soname: str, name: str, package: str, label: str | None,
-                 bind: Callable[[ctypes.CDLL], T]) -> T:
-    """What ``bind`` makes of ``soname`` (its entry points typed, its build checked), made once per process.
+def bind_library(library: SystemLibrary, label: str | None, bind: Callable[[ctypes.CDLL], T]) -> T:
+    """What ``bind`` makes of ``library`` (its entry points typed, its build checked), made once per process.
 
-    A missing library is a MissingLibrary naming ``name`` and ``package``; whatever
+    A missing library is a MissingLibrary naming it and its packages; whatever
     ``bind`` raises is passed on and nothing is kept, so the next call tries again."""
     with _lock:
-        found = _bound.get(soname)
+        found = _bound.get(library.soname)
         if found is None:
-            found = _bound[soname] = bind(load_library(soname, name, package, label))
+            found = _bound[library.soname] = bind(load_library(library, label))
         return found

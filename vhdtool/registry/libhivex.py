@@ -6,9 +6,9 @@ import ctypes
 from dataclasses import dataclass
 
 from vhdtool.native import bind_library, load_libc
+from vhdtool.native.libraries import LIBHIVEX
 
-SONAME = "libhivex.so.0"
-PACKAGE = "libhivex0"
+LIBRARY = LIBHIVEX
 HIVEX_OPEN_WRITE = 4  # hivex.h
 
 
@@ -24,8 +24,8 @@ class Library:
 
 
 def load(label) -> Library:
-    """libhivex, opened on first use; MissingLibrary (naming libhivex0) when it is not installed."""
-    return bind_library(SONAME, "libhivex", PACKAGE, label, lambda lib: _bind(lib, label))
+    """libhivex, opened on first use; MissingLibrary (naming its packages) when it is not installed."""
+    return bind_library(LIBRARY, label, lambda lib: _bind(lib, label))
 
 
 def _bind(lib: ctypes.CDLL, label) -> Library:
