@@ -21,7 +21,6 @@ from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
-from vhdtool.guest.linux import is_linux_root
 from vhdtool.volume import Partition, open_partition, sniff_filesystem
 from vhdtool.volume.lvm import logical_volumes
 from vhdtool.volume.mapping import VolumeMap
@@ -93,6 +92,8 @@ class ExtEdits:
         if not found:
             raise UnsupportedLayout(self.path, f"partition {partition} holds {part.filesystem or 'no filesystem'}: "
                                                f"{WRITES}", "give an ext2/3/4 partition")
+        from vhdtool.guest.linux import is_linux_root
+
         roots = [v for v in found if is_linux_root(v.fs)]
         if len(found) > 1 and len(roots) != 1:
             raise UnsupportedLayout(self.path, f"partition {partition} holds several ext2/3/4 volumes "
