@@ -7,6 +7,8 @@ everything else to stderr. Each command imports what it needs when it runs.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import os
 import sys
@@ -83,6 +85,12 @@ def _build(name: str):
     command.name = name
     return command
 
+
+# The interpreter's last act is a full garbage collection of every object still alive (dissect's
+# parsed structures, click's commands...): about 20 ms of a 0.3 s copy-in, to free memory the process
+# is giving back anyway. Freezing them at exit skips it. atexit runs the other exit handlers first
+# (this one is registered early), and vhdtool closes its files in with-blocks, never in finalizers.
+atexit.register(gc.freeze)
 
 app = typer.Typer(
     cls=LazyCommands,
