@@ -121,6 +121,12 @@ def _root(
 
 
 def main() -> None:
+    # The cyclic garbage collector stays off while a command runs: its passes over the ~300 000
+    # objects the imports and the image's structures make took 30-55 ms of a 0.3 s copy-in, and one
+    # image's work leaves little cyclic garbage. for_each_image collects between images; batch,
+    # which runs for long and forks its workers, turns it back on.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         app()
     except VhdtoolError as e:
@@ -135,6 +141,9 @@ def main() -> None:
         detail = str(e).splitlines()[0] if str(e) else ""
         fail_line(f"internal error: {type(e).__name__}: {detail} (set VHDTOOL_DEBUG=1 for a traceback and report it)")
         sys.exit(EXIT_INTERNAL_ERROR)
+    finally:
+        if collecting:
+            gc.enable()  # main() called in a process that goes on (tests)
 
 
 if __name__ == "__main__":
