@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,7 @@ def _run(command: str, images, manifests, jobs, report, resume, shard, shards, f
     from vhdtool.fleet.batch import Batch, run
     from vhdtool.fleet.work import Options
 
+    gc.enable()  # a fleet runs for long, and its forked workers inherit this (cli.main turned it off)
     if jobs < 0:
         raise typer.BadParameter("must be 1 or more", param_hint="--jobs")
     if shards is not None and shards < 1:

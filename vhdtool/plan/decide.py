@@ -15,7 +15,6 @@ from vhdtool.errors import UnknownKey
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.plan.guestkey import NEWER_THAN_MATRIX, identify
 from vhdtool.plan.matrix import Matrix, load_matrix
-from vhdtool.plan.packages import NoPackage, choose_packages
 from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.plan.sources import CabCandidate, CabCatalog
 
@@ -225,6 +224,8 @@ def dirty_hive_notes(inspection: Inspection, staging: bool) -> list[str]:
 
 def _linux(inspection: Inspection, reasons: list[str], notes: list[str], done) -> Plan:
     """Linux guests get the drivers from their kernel and the daemons from a package, staged when missing."""
+    from vhdtool.plan.packages import NoPackage, choose_packages  # with guest.linux: a Windows plan does without
+
     facts = inspection.guest.linux
     if facts is None:
         reasons.append("the Linux guest's facts could not be read")
