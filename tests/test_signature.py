@@ -234,3 +234,20 @@ def test_the_catalog_builder_command_says_where_it_wrote(tmp_path):
     assert res.stdout.strip() == f"{cat}, signed by {tmp_path / 'out' / 'signer.pem'}, root {ca}", res.stdout
     judged = subprocess.run(["osslsigncode", "verify", "-in", str(cat), "-CAfile", str(ca)], capture_output=True, text=True)
     assert judged.returncode == 0, judged.stdout + judged.stderr
+
+
+@pytest.mark.fixtures
+def test_between_cabs_of_one_version_the_better_signature_is_chosen(cli, signer, tmp_path):
+    """An unsigned copy that sorts first (folder a/) does not win over the signed cab of the same version (b/)."""
+    unsigned = build_cab(SPEC, tmp_path / "cabs" / "a")
+    cat = signed_catalog([b"vmbus.sys", mum_bytes(SPEC)], signer, tmp_path / "update.cat")
+    signed = build_cab(SPEC, tmp_path / "cabs" / "b", catalog=cat)
+    image = work_copy("ws2008r2-nokvp", tmp_path)
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs", "--trust-root", signer.ca)
+    assert code == 0 and (doc["cab"]["path"], doc["cab"]["signature"]) == (str(signed), "trusted"), doc
+    assert not any(n.startswith("warning:") for n in doc["notes"]), doc["notes"]
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs")
+    assert code == 0 and (doc["cab"]["path"], doc["cab"]["signature"]) == (str(signed), "untrusted"), doc
+    (tmp_path / "cabs" / "b" / signed.name).unlink()
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs")
+    assert code == 0 and (doc["cab"]["path"], doc["cab"]["signature"]) == (str(unsigned), "unsigned"), doc
