@@ -272,6 +272,26 @@ def test_records_with_a_list_for_shard_or_an_object_for_a_code_are_counted_not_f
     assert res.returncode == 21 and res.stderr == "", res.stderr
     assert [r["cells"][0] for r in Page(out.read_text()).rows("images")] == ["b.vhdx", "a.vhdx"]
 
+def test_the_page_is_never_written_over_a_batch_report(tmp_path):
+    """`report --html a.jsonl b.jsonl` (OUT.html forgotten) and OUT.html given as one of the reports read
+    would have replaced a report with the page: refused, exit 15, the report byte for byte as it was."""
+    rec = {"schema": 1, "record": "vhdtool-batch", "command": "status", "outcome": "ok", "exit_code": 0, "result": {}}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(dict(rec, key="a", image="a.vhdx")) + "\n")
+    b.write_text(json.dumps(dict(rec, key="b", image="b.vhdx")) + "\n")
+    before = a.read_bytes()
+    for args in ((a, b), (a, a), (a, b, a)):
+        res = vhdtool("report", "--html", *args)
+        assert res.returncode == 15 and res.stdout == "" and res.stderr.count("\n") == 1, res
+        assert str(a) in res.stderr and "is a batch report" in res.stderr and "Traceback" not in res.stderr
+        assert a.read_bytes() == before
+    page = tmp_path / "page.html"
+    page.write_text("an older page")
+    assert vhdtool("report", "--html", page, a, b).returncode == 0  # any other file is replaced
+    assert [r["cells"][0] for r in Page(page.read_text()).rows("images")] == ["a.vhdx", "b.vhdx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "page.html"]
+
+
 # -- chromium ------------------------------------------------------------------------------------
 
 def chromium(url: str, tmp: Path, *mode: str) -> subprocess.CompletedProcess:

@@ -174,6 +174,11 @@ def _check(rec) -> str | None:
     return None
 
 
+def is_record(rec) -> bool:
+    """Whether a parsed line is a batch record this vhdtool reads."""
+    return _check(rec) is None
+
+
 def latest(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
     """The last record of each (command, key): by start time, then by place in the files."""
     out: dict[tuple[str, str], dict] = {}
