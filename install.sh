@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 with_tests=0
+if [ "$#" -gt 1 ]; then
+  echo "install.sh: unexpected argument '$2'; run ./install.sh or ./install.sh --test" >&2; exit 2
+fi
 case "${1-}" in
   "") ;;
   --test) with_tests=1 ;;

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,34 @@ def test_a_newer_cab_with_an_invalid_signature_loses_to_an_older_valid_one_and_p
     code, doc, err = plan_json(cli, image, tmp_path / "cabs")
     assert code == 0 and doc["action"] == "stage" and doc["cab"]["path"] == str(older), doc
     assert any(n.startswith(f"not chosen: {newer}: its signature is invalid") for n in doc["notes"]), doc["notes"]
+
+
+def test_the_catalog_builder_command_says_where_it_wrote(tmp_path):
+    """fixtures/catalogs.py as a command (to make a test-signed cab by hand): it names its files, and
+    osslsigncode verifies the catalog under the root it names."""
+    member = tmp_path / "update.mum"
+    member.write_bytes(mum_bytes(SPEC))
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "fixtures" / "catalogs.py"), str(tmp_path / "out"), str(member)],
+                         capture_output=True, text=True, check=True)
+    cat, ca = tmp_path / "out" / "signed.cat", tmp_path / "out" / "ca.pem"
+    assert res.stdout.strip() == f"{cat}, signed by {tmp_path / 'out' / 'signer.pem'}, root {ca}", res.stdout
+    judged = subprocess.run(["osslsigncode", "verify", "-in", str(cat), "-CAfile", str(ca)], capture_output=True, text=True)
+    assert judged.returncode == 0, judged.stdout + judged.stderr
+
+
+@pytest.mark.fixtures
+def test_between_cabs_of_one_version_the_better_signature_is_chosen(cli, signer, tmp_path):
+    """An unsigned copy that sorts first (folder a/) does not win over the signed cab of the same version (b/)."""
+    unsigned = build_cab(SPEC, tmp_path / "cabs" / "a")
+    cat = signed_catalog([b"vmbus.sys", mum_bytes(SPEC)], signer, tmp_path / "update.cat")
+    signed = build_cab(SPEC, tmp_path / "cabs" / "b", catalog=cat)
+    image = work_copy("ws2008r2-nokvp", tmp_path)
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs", "--trust-root", signer.ca)
+    assert code == 0 and (doc["cab"]["path"], doc["cab"]["signature"]) == (str(signed), "trusted"), doc
+    assert not any(n.startswith("warning:") for n in doc["notes"]), doc["notes"]
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs")
+    assert code == 0 and (doc["cab"]["path"], doc["cab"]["signature"]) == (str(signed), "untrusted"), doc
+    (tmp_path / "cabs" / "b" / signed.name).unlink()
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs")
+    assert code == 0 and (doc["cab"]["path"], doc["cab"]["signature"]) == (str(unsigned), "unsigned"), doc

@@ -141,6 +141,10 @@ def report(
     from vhdtool.fleet.records import read_reports, render_summary, summarize
 
     sources = [os.fspath(f) for f in files]
+    if html is not None:
+        from vhdtool.fleet.htmlreport import refuse_a_report
+
+        refuse_a_report(os.fspath(html), sources)
     summary = summarize(read_reports(sources))
     doc = summary.to_dict()
     if html is not None:

@@ -20,6 +20,9 @@ from vhdtool.plan.sources import CabCandidate, CabCatalog
 
 # Signature verdicts (vhdtool.cabinet.catalog.SIGNATURES), named here so the plan does not load the verifier.
 INVALID, UNSIGNED, UNTRUSTED = "invalid", "unsigned", "untrusted"
+# Between cabs of one version, the better signature is chosen: a chain to a trusted root, then a valid
+# signature without one, then none.
+SIGNATURE_PREFERENCE = {"microsoft": 2, "trusted": 2, UNTRUSTED: 1}
 
 SCHEMA = 1
 WINDOWS_UPDATE = "windows-update"
@@ -293,7 +296,7 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
             )
         return done(method, MANUAL)
     notes.extend(f"not chosen: {why}" for why in unsigned)
-    best = max(fitting, key=lambda c: version_tuple(c.version))
+    best = max(fitting, key=lambda c: (version_tuple(c.version), SIGNATURE_PREFERENCE.get(c.signature, 0)))
     if ic_version and version_tuple(best.version) <= version_tuple(ic_version):
         reasons.append(
             f"the guest's integration services ({ic_version}) are not older than {best.name} ({best.version})"
