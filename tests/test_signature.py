@@ -183,6 +183,9 @@ def test_an_unsigned_cab_is_chosen_with_a_warning_and_refused_under_require_sign
                          "--report", report)
     records = [json.loads(line) for line in report.read_text().splitlines()]
     assert code == 0 and records[-1]["result"]["action"] == "manual", records[-1]
+    (considered,) = records[-1]["result"]["candidates"]  # batch plan records carry the cabs weighed too
+    assert (considered["path"], considered["signature"], considered["chosen"]) == (str(cab), "unsigned", False)
+    assert considered["not_chosen"].startswith("--require-signed, and it is unsigned"), considered
 
 
 @pytest.mark.fixtures
@@ -220,6 +223,37 @@ def test_a_newer_cab_with_an_invalid_signature_loses_to_an_older_valid_one_and_p
     code, doc, err = plan_json(cli, image, tmp_path / "cabs")
     assert code == 0 and doc["action"] == "stage" and doc["cab"]["path"] == str(older), doc
     assert any(n.startswith(f"not chosen: {newer}: its signature is invalid") for n in doc["notes"]), doc["notes"]
+
+
+@pytest.mark.fixtures
+def test_plan_lists_every_cab_it_weighed_with_its_signature_and_why_not(cli, signer, tmp_path):
+    """Four cabs for one guest: the chosen one (trusted), a newer one Microsoft signed for another package
+    (invalid), an older unsigned one, and one for x86; plan lists each, in JSON and as one line of text."""
+    older = build_cab(CabSpec("6.1", "x64", "6.3.9600.17000", kb=True), tmp_path / "cabs" / "a")
+    cat = signed_catalog([mum_bytes(SPEC)], signer, tmp_path / "update.cat")
+    chosen = build_cab(SPEC, tmp_path / "cabs" / "b", catalog=cat)
+    newer = build_cab(CabSpec("6.1", "x64", "6.3.9600.18999", kb=True), tmp_path / "cabs" / "c",
+                      catalog=DXCORE_CAT.read_bytes())
+    x86 = build_cab(CabSpec("6.1", "x86", KB_VERSION, kb=True), tmp_path / "cabs" / "d")
+    image = work_copy("ws2008r2-nokvp", tmp_path)
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs", "--trust-root", signer.ca)
+    assert code == 0 and doc["cab"]["path"] == str(chosen), doc
+    got = {c["path"]: (c["version"], c["arch"], c["signature"], c["chosen"]) for c in doc["candidates"]}
+    assert got == {str(older): ("6.3.9600.17000", "x64", "unsigned", False),
+                   str(chosen): (KB_VERSION, "x64", "trusted", True),
+                   str(newer): ("6.3.9600.18999", "x64", "invalid", False),
+                   str(x86): (KB_VERSION, "x86", "unsigned", False)}, doc["candidates"]
+    why = {c["path"]: c["not_chosen"] for c in doc["candidates"]}
+    assert why[str(chosen)] is None and why[str(x86)] == "for x86, the guest is x64", why
+    assert why[str(newer)].startswith("its signature is invalid: update.cat is validly signed by Microsoft Windows")
+    assert why[str(older)] == f"{chosen} is newer ({KB_VERSION})", why
+    assert all(c["kb"] == "3071740" or c["kb"] is None for c in doc["candidates"])
+    assert all(c["signature_reason"] for c in doc["candidates"])
+    code, out, err = cli("plan", image, "--host", "win10", "--cabs", tmp_path / "cabs", "--trust-root", signer.ca)
+    assert code == 0 and "  signature  trusted (signed by vhdtool test signer" in out, out
+    assert f"  not chosen {newer} (6.3.9600.18999, x64): signature invalid" in out, out
+    assert f"  not chosen {older} (6.3.9600.17000, x64): signature unsigned" in out, out
+    assert f"  not chosen {x86} ({KB_VERSION}, x86): signature unsigned" in out, out
 
 
 def test_the_catalog_builder_command_says_where_it_wrote(tmp_path):
