@@ -21,7 +21,7 @@ import pytest
 
 from conftest import digest, work_copy
 from fixtures.cabs import CabSpec, build_cab, mum_bytes
-from fixtures.catalogs import make_signer, signed_catalog, unsigned_catalog
+from fixtures.catalogs import make_sha1_signer, make_signer, signed_catalog, unsigned_catalog
 from vhdtool.cabinet.catalog import CATALOG_MAX_SIZE, TrustRoots, check_catalog, verify_catalog
 
 SIGNED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "signed"
@@ -113,6 +113,69 @@ def test_a_test_signed_catalog_is_trusted_only_with_its_root(signer, tmp_path):
     sig_at = len(cat) - 40  # inside the signature, the last field of the one SignerInfo
     tampered = verify_catalog(_flip(cat, sig_at), mum, TrustRoots.load((signer.ca,)))
     assert tampered.status == "invalid" and "signature does not verify" in tampered.reason, tampered
+
+
+# -- SHA-1 chains (Windows 7 era), which cryptography's verifier refuses -----------------------------
+
+def _osslsigncode_verifies(cat: Path, root: Path) -> bool:
+    return subprocess.run(["osslsigncode", "verify", "-in", str(cat), "-CAfile", str(root)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_sha1_chain_is_trusted_through_the_legacy_path(tmp_path):
+    from cryptography import x509
+    from cryptography.x509 import verification as v
+
+    signer = make_sha1_signer(tmp_path / "ca")
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    assert _osslsigncode_verifies(tmp_path / "update.cat", signer.ca)
+    # The modern verifier alone refuses it: that is why the legacy path exists.
+    leaf, pca = x509.load_pem_x509_certificates(signer.certificate.read_bytes())
+    root = x509.load_pem_x509_certificate(signer.ca.read_bytes())
+    verifier = (v.PolicyBuilder().store(v.Store([root]))
+                .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
+                                    ee_policy=v.ExtensionPolicy.permit_all()).build_client_verifier())
+    with pytest.raises(v.VerificationError, match="Forbidden signature algorithm"):
+        verifier.verify(leaf, [pca])
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "trusted", verdict
+    assert "through a SHA-1 chain to vhdtool sha1 test root" in verdict.reason, verdict
+    assert verify_catalog(cat, mum, TrustRoots.shipped()).status == "untrusted"
+    assert verify_catalog(cat, mum + b" ", TrustRoots.load((signer.ca,))).status == "invalid"
+
+
+def test_a_broken_sha1_link_is_untrusted(tmp_path):
+    """The intermediate is signed by another key under the root's name: the catalog's own signature is
+    valid, but no chain reaches the root, which is what untrusted means."""
+    signer = make_sha1_signer(tmp_path / "ca", forged_intermediate=True)
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    assert not _osslsigncode_verifies(tmp_path / "update.cat", signer.ca)
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "untrusted", verdict
+    assert "vhdtool sha1 test pca's signature by vhdtool sha1 test root does not verify" in verdict.reason, verdict
+
+
+def test_a_sha1_chain_expired_when_the_catalog_was_signed_is_untrusted(tmp_path):
+    import datetime
+
+    signer = make_sha1_signer(tmp_path / "ca", leaf_days=1)
+    mum = mum_bytes(SPEC)
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1", this_update=later)
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "untrusted", verdict
+    assert f"vhdtool sha1 test signer is not valid on {later:%Y-%m-%d}" in verdict.reason, verdict
+
+
+def test_the_shipped_roots_are_the_ones_their_readme_lists():
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    readme = (Path(__file__).resolve().parents[1] / "vhdtool" / "cabinet" / "roots" / "README.md").read_text()
+    listed = set(re.findall(r"`([0-9a-f]{64})`", readme))
+    shipped = {hashlib.sha256(c.public_bytes(Encoding.DER)).hexdigest() for c in TrustRoots.shipped().microsoft}
+    assert len(shipped) == 4 and shipped == listed, (shipped, listed)
 
 
 def test_a_catalog_without_a_signer_is_unsigned(tmp_path):
