@@ -169,6 +169,44 @@ def test_a_sha1_chain_expired_when_the_catalog_was_signed_is_untrusted(tmp_path)
     assert f"vhdtool sha1 test signer is not valid on {later:%Y-%m-%d}" in verdict.reason, verdict
 
 
+@pytest.mark.parametrize("kind,why", [
+    ("md5", "vhdtool sha1 test pca is signed with md5, which vhdtool does not accept"),
+    ("not a ca", "vhdtool sha1 test pca issued a certificate but is not a CA (basicConstraints)")])
+def test_a_sha1_chain_through_an_md5_link_or_a_non_ca_is_untrusted(kind, why, tmp_path):
+    signer = make_sha1_signer(tmp_path / "ca", pca_hash="md5" if kind == "md5" else "sha1",
+                              pca_extensions="leaf" if kind == "not a ca" else "ca")
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "untrusted" and why in verdict.reason, verdict
+
+
+def test_a_sha1_chain_to_a_microsoft_root_is_microsoft_until_microsoft_disallowed_the_root(tmp_path, monkeypatch):
+    """The test root stands in for a shipped legacy root (Microsoft's keys are not ours to sign with):
+    the verdict is microsoft, with SHA-1 in its reason, and not for a catalog dated after the root's
+    disallowed date (authroot.stl's, as legacychain.DISALLOWED_FROM records for the real ones)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from vhdtool.cabinet import legacychain
+
+    signer = make_sha1_signer(tmp_path / "ca")
+    root = x509.load_pem_x509_certificate(signer.ca.read_bytes())
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    microsoft = TrustRoots(TrustRoots.shipped().microsoft + (root,))
+    verdict = verify_catalog(cat, mum, microsoft)
+    assert verdict.status == "microsoft" and "through a SHA-1 chain to vhdtool sha1 test root" in verdict.reason
+    cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    fingerprint = hashlib.sha256(root.public_bytes(Encoding.DER)).hexdigest()
+    monkeypatch.setitem(legacychain.DISALLOWED_FROM, fingerprint, cutoff)
+    verdict = verify_catalog(cat, mum, microsoft)
+    assert verdict.status == "untrusted", verdict
+    assert f"Microsoft's root program disallowed vhdtool sha1 test root from {cutoff:%Y-%m-%d}" in verdict.reason
+
+
 def test_the_shipped_roots_are_the_ones_their_readme_lists():
     from cryptography.hazmat.primitives.serialization import Encoding
 

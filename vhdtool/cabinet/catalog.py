@@ -14,7 +14,8 @@ The verdict, one of ``SIGNATURES``:
   messageDigest attribute against the content, the signer's signature over the
   authenticated attributes), or it does not list this update.mum;
 - ``microsoft``: valid, lists update.mum, and the signer's chain ends in a shipped
-  Microsoft root (roots/, see its README);
+  Microsoft root (roots/, see its README); a SHA-1 chain, which cryptography's verifier
+  refuses, is checked by vhdtool.cabinet.legacychain and says so in the reason;
 - ``trusted``: the same, ending in a root given with ``--trust-root`` (an extension
   of the four verdicts the plan documents, so that a private root is never called
   Microsoft);
