@@ -237,6 +237,22 @@ def test_cab_choice_is_exact():
     assert (p.action, p.cab.version, p.cab.arch) == ("stage", "6.3.9600.18692", "x64")
 
 
+def test_plan_lists_the_cabs_it_weighed():
+    guest = windows("server-2008r2", sp=1)
+    old, new, x86 = cab("6.1", "x64", "6.2.9200.16384"), cab("6.1", "x64", "6.3.9600.18692"), cab("6.1", "x86", "6.3.9600.99999")
+    p = plan(guest, "win8", CabCatalog((old, new, x86), (), ("/iso",)))
+    got = [(c["version"], c["arch"], c["chosen"], c["not_chosen"]) for c in p.to_dict()["candidates"]]
+    assert got == [("6.2.9200.16384", "x64", False, f"{new.path} is newer (6.3.9600.18692)"),
+                   ("6.3.9600.18692", "x64", True, None),
+                   ("6.3.9600.99999", "x86", False, "for x86, the guest is x64")], got
+    # Up to date: the newest fitting cab is still the plan's cab, and the one listed as chosen.
+    p = plan(guest, "win8", CabCatalog((cab("6.1", "x64", "6.0.6001.18016"),), (), ("/iso",)))
+    assert p.action == "none" and [c["chosen"] for c in p.to_dict()["candidates"]] == [True], p
+    # Windows Update: no cab is weighed, whatever the sources hold.
+    p = plan(windows("server-2012r2"), "win10", CabCatalog((old,), (), ("/iso",)))
+    assert p.method == "windows-update" and p.to_dict()["candidates"] == [], p
+
+
 def test_plan_to_dict_keys():
     d = plan(windows("server-2012", ic=None), "win8.1", CabCatalog((cab("6.2", "x64", "6.3.9600.16384"),), (), ("/iso",))).to_dict()
     assert {"schema", "image", "host", "guest_key", "arch", "guest_ic_version", "method", "action", "cab", "reasons", "notes"} <= set(d)

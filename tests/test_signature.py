@@ -21,7 +21,7 @@ import pytest
 
 from conftest import digest, work_copy
 from fixtures.cabs import CabSpec, build_cab, mum_bytes
-from fixtures.catalogs import make_signer, signed_catalog, unsigned_catalog
+from fixtures.catalogs import make_sha1_signer, make_signer, signed_catalog, unsigned_catalog
 from vhdtool.cabinet.catalog import CATALOG_MAX_SIZE, TrustRoots, check_catalog, verify_catalog
 
 SIGNED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "signed"
@@ -115,6 +115,107 @@ def test_a_test_signed_catalog_is_trusted_only_with_its_root(signer, tmp_path):
     assert tampered.status == "invalid" and "signature does not verify" in tampered.reason, tampered
 
 
+# -- SHA-1 chains (Windows 7 era), which cryptography's verifier refuses -----------------------------
+
+def _osslsigncode_verifies(cat: Path, root: Path) -> bool:
+    return subprocess.run(["osslsigncode", "verify", "-in", str(cat), "-CAfile", str(root)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_sha1_chain_is_trusted_through_the_legacy_path(tmp_path):
+    from cryptography import x509
+    from cryptography.x509 import verification as v
+
+    signer = make_sha1_signer(tmp_path / "ca")
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    assert _osslsigncode_verifies(tmp_path / "update.cat", signer.ca)
+    # The modern verifier alone refuses it: that is why the legacy path exists.
+    leaf, pca = x509.load_pem_x509_certificates(signer.certificate.read_bytes())
+    root = x509.load_pem_x509_certificate(signer.ca.read_bytes())
+    verifier = (v.PolicyBuilder().store(v.Store([root]))
+                .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
+                                    ee_policy=v.ExtensionPolicy.permit_all()).build_client_verifier())
+    with pytest.raises(v.VerificationError, match="Forbidden signature algorithm"):
+        verifier.verify(leaf, [pca])
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "trusted", verdict
+    assert "through a SHA-1 chain to vhdtool sha1 test root" in verdict.reason, verdict
+    assert verify_catalog(cat, mum, TrustRoots.shipped()).status == "untrusted"
+    assert verify_catalog(cat, mum + b" ", TrustRoots.load((signer.ca,))).status == "invalid"
+
+
+def test_a_broken_sha1_link_is_untrusted(tmp_path):
+    """The intermediate is signed by another key under the root's name: the catalog's own signature is
+    valid, but no chain reaches the root, which is what untrusted means."""
+    signer = make_sha1_signer(tmp_path / "ca", forged_intermediate=True)
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    assert not _osslsigncode_verifies(tmp_path / "update.cat", signer.ca)
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "untrusted", verdict
+    assert "vhdtool sha1 test pca's signature by vhdtool sha1 test root does not verify" in verdict.reason, verdict
+
+
+def test_a_sha1_chain_expired_when_the_catalog_was_signed_is_untrusted(tmp_path):
+    import datetime
+
+    signer = make_sha1_signer(tmp_path / "ca", leaf_days=1)
+    mum = mum_bytes(SPEC)
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1", this_update=later)
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "untrusted", verdict
+    assert f"vhdtool sha1 test signer is not valid on {later:%Y-%m-%d}" in verdict.reason, verdict
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("md5", "vhdtool sha1 test pca is signed with md5, which vhdtool does not accept"),
+    ("not a ca", "vhdtool sha1 test pca issued a certificate but is not a CA (basicConstraints)")])
+def test_a_sha1_chain_through_an_md5_link_or_a_non_ca_is_untrusted(kind, why, tmp_path):
+    signer = make_sha1_signer(tmp_path / "ca", pca_hash="md5" if kind == "md5" else "sha1",
+                              pca_extensions="leaf" if kind == "not a ca" else "ca")
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    verdict = verify_catalog(cat, mum, TrustRoots.load((signer.ca,)))
+    assert verdict.status == "untrusted" and why in verdict.reason, verdict
+
+
+def test_a_sha1_chain_to_a_microsoft_root_is_microsoft_until_microsoft_disallowed_the_root(tmp_path, monkeypatch):
+    """The test root stands in for a shipped legacy root (Microsoft's keys are not ours to sign with):
+    the verdict is microsoft, with SHA-1 in its reason, and not for a catalog dated after the root's
+    disallowed date (authroot.stl's, as legacychain.DISALLOWED_FROM records for the real ones)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from vhdtool.cabinet import legacychain
+
+    signer = make_sha1_signer(tmp_path / "ca")
+    root = x509.load_pem_x509_certificate(signer.ca.read_bytes())
+    mum = mum_bytes(SPEC)
+    cat = signed_catalog([mum], signer, tmp_path / "update.cat", digest="sha1")
+    microsoft = TrustRoots(TrustRoots.shipped().microsoft + (root,))
+    verdict = verify_catalog(cat, mum, microsoft)
+    assert verdict.status == "microsoft" and "through a SHA-1 chain to vhdtool sha1 test root" in verdict.reason
+    cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    fingerprint = hashlib.sha256(root.public_bytes(Encoding.DER)).hexdigest()
+    monkeypatch.setitem(legacychain.DISALLOWED_FROM, fingerprint, cutoff)
+    verdict = verify_catalog(cat, mum, microsoft)
+    assert verdict.status == "untrusted", verdict
+    assert f"Microsoft's root program disallowed vhdtool sha1 test root from {cutoff:%Y-%m-%d}" in verdict.reason
+
+
+def test_the_shipped_roots_are_the_ones_their_readme_lists():
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    readme = (Path(__file__).resolve().parents[1] / "vhdtool" / "cabinet" / "roots" / "README.md").read_text()
+    listed = set(re.findall(r"`([0-9a-f]{64})`", readme))
+    shipped = {hashlib.sha256(c.public_bytes(Encoding.DER)).hexdigest() for c in TrustRoots.shipped().microsoft}
+    assert len(shipped) == 4 and shipped == listed, (shipped, listed)
+
+
 def test_a_catalog_without_a_signer_is_unsigned(tmp_path):
     mum = mum_bytes(SPEC)
     cat = unsigned_catalog([mum], tmp_path / "update.cat").read_bytes()
@@ -183,6 +284,9 @@ def test_an_unsigned_cab_is_chosen_with_a_warning_and_refused_under_require_sign
                          "--report", report)
     records = [json.loads(line) for line in report.read_text().splitlines()]
     assert code == 0 and records[-1]["result"]["action"] == "manual", records[-1]
+    (considered,) = records[-1]["result"]["candidates"]  # batch plan records carry the cabs weighed too
+    assert (considered["path"], considered["signature"], considered["chosen"]) == (str(cab), "unsigned", False)
+    assert considered["not_chosen"].startswith("--require-signed, and it is unsigned"), considered
 
 
 @pytest.mark.fixtures
@@ -220,6 +324,37 @@ def test_a_newer_cab_with_an_invalid_signature_loses_to_an_older_valid_one_and_p
     code, doc, err = plan_json(cli, image, tmp_path / "cabs")
     assert code == 0 and doc["action"] == "stage" and doc["cab"]["path"] == str(older), doc
     assert any(n.startswith(f"not chosen: {newer}: its signature is invalid") for n in doc["notes"]), doc["notes"]
+
+
+@pytest.mark.fixtures
+def test_plan_lists_every_cab_it_weighed_with_its_signature_and_why_not(cli, signer, tmp_path):
+    """Four cabs for one guest: the chosen one (trusted), a newer one Microsoft signed for another package
+    (invalid), an older unsigned one, and one for x86; plan lists each, in JSON and as one line of text."""
+    older = build_cab(CabSpec("6.1", "x64", "6.3.9600.17000", kb=True), tmp_path / "cabs" / "a")
+    cat = signed_catalog([mum_bytes(SPEC)], signer, tmp_path / "update.cat")
+    chosen = build_cab(SPEC, tmp_path / "cabs" / "b", catalog=cat)
+    newer = build_cab(CabSpec("6.1", "x64", "6.3.9600.18999", kb=True), tmp_path / "cabs" / "c",
+                      catalog=DXCORE_CAT.read_bytes())
+    x86 = build_cab(CabSpec("6.1", "x86", KB_VERSION, kb=True), tmp_path / "cabs" / "d")
+    image = work_copy("ws2008r2-nokvp", tmp_path)
+    code, doc, err = plan_json(cli, image, tmp_path / "cabs", "--trust-root", signer.ca)
+    assert code == 0 and doc["cab"]["path"] == str(chosen), doc
+    got = {c["path"]: (c["version"], c["arch"], c["signature"], c["chosen"]) for c in doc["candidates"]}
+    assert got == {str(older): ("6.3.9600.17000", "x64", "unsigned", False),
+                   str(chosen): (KB_VERSION, "x64", "trusted", True),
+                   str(newer): ("6.3.9600.18999", "x64", "invalid", False),
+                   str(x86): (KB_VERSION, "x86", "unsigned", False)}, doc["candidates"]
+    why = {c["path"]: c["not_chosen"] for c in doc["candidates"]}
+    assert why[str(chosen)] is None and why[str(x86)] == "for x86, the guest is x64", why
+    assert why[str(newer)].startswith("its signature is invalid: update.cat is validly signed by Microsoft Windows")
+    assert why[str(older)] == f"{chosen} is newer ({KB_VERSION})", why
+    assert all(c["kb"] == "3071740" or c["kb"] is None for c in doc["candidates"])
+    assert all(c["signature_reason"] for c in doc["candidates"])
+    code, out, err = cli("plan", image, "--host", "win10", "--cabs", tmp_path / "cabs", "--trust-root", signer.ca)
+    assert code == 0 and "  signature  trusted (signed by vhdtool test signer" in out, out
+    assert f"  not chosen {newer} (6.3.9600.18999, x64): signature invalid" in out, out
+    assert f"  not chosen {older} (6.3.9600.17000, x64): signature unsigned" in out, out
+    assert f"  not chosen {x86} ({KB_VERSION}, x86): signature unsigned" in out, out
 
 
 def test_the_catalog_builder_command_says_where_it_wrote(tmp_path):

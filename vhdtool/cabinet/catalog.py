@@ -14,7 +14,8 @@ The verdict, one of ``SIGNATURES``:
   messageDigest attribute against the content, the signer's signature over the
   authenticated attributes), or it does not list this update.mum;
 - ``microsoft``: valid, lists update.mum, and the signer's chain ends in a shipped
-  Microsoft root (roots/, see its README);
+  Microsoft root (roots/, see its README); a SHA-1 chain, which cryptography's verifier
+  refuses, is checked by vhdtool.cabinet.legacychain and says so in the reason;
 - ``trusted``: the same, ending in a root given with ``--trust-root`` (an extension
   of the four verdicts the plan documents, so that a private root is never called
   Microsoft);
@@ -284,6 +285,8 @@ def _members(ctl) -> tuple[frozenset, frozenset]:
 
 
 def _chain_verdict(leaf, others, when, roots: TrustRoots, name: str) -> Signature:
+    from vhdtool.cabinet.legacychain import legacy_chain
+
     why = "no trusted root was given"
     for status, anchors in ((MICROSOFT, roots.microsoft), (TRUSTED, roots.added)):
         if not anchors:
@@ -291,6 +294,13 @@ def _chain_verdict(leaf, others, when, roots: TrustRoots, name: str) -> Signatur
         chain, why = _chain(leaf, others, when, anchors)
         if chain is not None:
             return Signature(status, f"signed by {name} on {when:%Y-%m-%d}, chain to {_common_name(chain[-1])}", name)
+        # cryptography's verifier refuses SHA-1 links; Windows 7 era packages are signed through them.
+        chain, legacy_why = legacy_chain(leaf, others, when, anchors)
+        if chain is not None:
+            return Signature(status, f"signed by {name} on {when:%Y-%m-%d}, through a SHA-1 chain to "
+                                     f"{_common_name(chain[-1])}", name)
+        if legacy_why is not None:
+            why = f"its SHA-1 chain does not hold on {when:%Y-%m-%d}: {legacy_why}"
     return Signature(UNTRUSTED, f"signed by {name}, but {why}", name)
 
 

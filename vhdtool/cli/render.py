@@ -111,6 +111,9 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  cab        {c.path} ({kb}{c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
         if c.signature:
             lines.append(f"  signature  {c.signature} ({c.signature_reason})")
+    for other in (o.cab for o in plan.candidates if not o.chosen):
+        kb = f"KB{other.kb}, " if other.kb else ""
+        lines.append(f"  not chosen {other.path} ({kb}{other.version}, {other.arch or '?'}): signature {other.signature}")
     if plan.packages:
         lines.append(f"  packages   {' '.join(plan.packages)} (with {plan.package_manager})")
     if plan.units:

@@ -37,6 +37,21 @@ DISABLED = 4
 
 
 @dataclass(frozen=True)
+class ConsideredCab:
+    """A cab the plan weighed for this guest: the one chosen, or why it was not."""
+
+    cab: CabCandidate
+    chosen: bool  # it is the plan's cab (to stage, or the newest that fits an up-to-date guest)
+    not_chosen: str | None = None  # why not, for every other cab
+
+    def to_dict(self) -> dict:
+        c = self.cab
+        return {"path": c.path, "version": c.version, "arch": c.arch, "nt": c.nt, "kb": c.kb,
+                "signature": c.signature, "signature_reason": c.signature_reason,
+                "chosen": self.chosen, "not_chosen": self.not_chosen}
+
+
+@dataclass(frozen=True)
 class Plan:
     image: str
     host: str | None  # None: --host auto for a guest whose answer is the same on every host (Linux)
@@ -53,6 +68,7 @@ class Plan:
     packages: tuple[str, ...] = ()
     package_manager: str | None = None  # "apt" | "dnf" | "yum"
     units: tuple[str, ...] = ()
+    candidates: tuple[ConsideredCab, ...] = ()  # every cab weighed for a cab method, chosen or not
 
     def to_dict(self) -> dict:
         cab = self.cab.to_dict() if self.cab is not None else None
@@ -72,6 +88,7 @@ class Plan:
             "packages": list(self.packages),
             "package_manager": self.package_manager,
             "units": list(self.units),
+            "candidates": [c.to_dict() for c in self.candidates],
         }
 
 
@@ -90,7 +107,7 @@ def plan(
     reasons: list[str] = []
     notes: list[str] = list(catalog.notes)
 
-    def done(method: str, action: str, cab: CabCandidate | None = None) -> Plan:
+    def done(method: str, action: str, cab: CabCandidate | None = None, candidates=()) -> Plan:
         if action == STAGE:
             notes.extend(f"stage would refuse this image: {why}" for why in write_refusals(inspection))
         notes.extend(dirty_hive_notes(inspection, staging=action == STAGE))
@@ -106,6 +123,7 @@ def plan(
             cab=cab,
             reasons=tuple(reasons),
             notes=tuple(notes),
+            candidates=tuple(candidates),
         )
 
     host_info = matrix.host(host)
@@ -273,18 +291,21 @@ def signature_refusal(c: CabCandidate, require_signed: bool) -> str | None:
 def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str], notes: list[str], done) -> Plan:
     """Choose the newest cab that fits the guest exactly and whose signature allows it; never one for another guest."""
     fitting, refused, unsigned = [], [], []
+    why_not: dict[int, str] = {}  # id(candidate) -> why it cannot be chosen
     for c in catalog.candidates:
         if c.problem:
-            refused.append(f"{c.path}: {c.problem}")
+            why_not[id(c)] = c.problem
         elif c.arch != guest.arch:
-            refused.append(f"{c.path}: for {c.arch}, the guest is {guest.arch}")
+            why_not[id(c)] = f"for {c.arch}, the guest is {guest.arch}"
         elif c.nt != guest.nt:
-            refused.append(f"{c.path}: for NT {c.nt}, the guest is NT {guest.nt}")
+            why_not[id(c)] = f"for NT {c.nt}, the guest is NT {guest.nt}"
         elif signature_refusal(c, catalog.require_signed):
-            refused.append(f"{c.path}: {signature_refusal(c, catalog.require_signed)}")
-            unsigned.append(refused[-1])
+            why_not[id(c)] = signature_refusal(c, catalog.require_signed)
+            unsigned.append(f"{c.path}: {why_not[id(c)]}")
         else:
             fitting.append(c)
+            continue
+        refused.append(f"{c.path}: {why_not[id(c)]}")
     what = "the KB3071740 cab" if method == KB3071740 else "the integration services disk"
     if not fitting:
         if not catalog.sources:
@@ -294,14 +315,15 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
                 f"no cab in the sources fits {guest.key} {guest.arch} (NT {guest.nt})"
                 + (": " + "; ".join(refused) if refused else "")
             )
-        return done(method, MANUAL)
+        return done(method, MANUAL, None, _considered(catalog, None, why_not))
     notes.extend(f"not chosen: {why}" for why in unsigned)
     best = max(fitting, key=lambda c: (version_tuple(c.version), SIGNATURE_PREFERENCE.get(c.signature, 0)))
+    considered = _considered(catalog, best, why_not)
     if ic_version and version_tuple(best.version) <= version_tuple(ic_version):
         reasons.append(
             f"the guest's integration services ({ic_version}) are not older than {best.name} ({best.version})"
         )
-        return done(UP_TO_DATE, NONE, best)
+        return done(UP_TO_DATE, NONE, best, considered)
     if ic_version:
         reasons.append(f"{best.name} {best.version} is newer than the guest's {ic_version}")
     else:
@@ -310,4 +332,20 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
     if best.signature in (UNSIGNED, UNTRUSTED):
         notes.append(f"warning: {best.name} is {best.signature} ({best.signature_reason}); stage it only if you trust "
                      "where it came from (with --require-signed it is not chosen)")
-    return done(method, STAGE, best)
+    return done(method, STAGE, best, considered)
+
+
+def _considered(catalog: CabCatalog, best: CabCandidate | None, why_not: dict[int, str]) -> list[ConsideredCab]:
+    """Every cab of the sources, in their order: the chosen one, and why each other one was not."""
+    out = []
+    for c in catalog.candidates:
+        if c is best:
+            out.append(ConsideredCab(c, True))
+        elif id(c) in why_not:
+            out.append(ConsideredCab(c, False, why_not[id(c)]))
+        elif version_tuple(c.version) < version_tuple(best.version):
+            out.append(ConsideredCab(c, False, f"{best.path} is newer ({best.version})"))
+        else:
+            out.append(ConsideredCab(c, False, f"{best.path} is the same version with a signature as good or better "
+                                               f"({best.signature})"))
+    return out
