@@ -292,7 +292,7 @@ def guest_state(image: Path, tmp: Path) -> tuple[dict, str | None]:
 def test_kill_a_streamed_copy_in_at_every_write_flush_copy_and_rename(sweep, tmp_path):
     """A 12 MiB file replaced by a 24 MiB one, copied 1 MiB per copy_file_range: SIGKILL at each counted call
     (the first, middle and last of each kind by default) and at random times; the guest is the old one or the
-    new one, e2fsck clean, and a re-run gives the new one."""
+    new one, e2fsck clean, and a re-run gives the new one (after every kill in the full sweep)."""
     original = ext_image(tmp_path, "crash", FEATURES["ext4"], size=96 * MiB)
     old_local = payload_file(tmp_path / "old" / "payload.bin", 12 * MiB + 99, seed=1)
     assert copy_in(original, old_local)[0] == 0
@@ -334,9 +334,49 @@ def test_kill_a_streamed_copy_in_at_every_write_flush_copy_and_rename(sweep, tmp
             proc.wait()
         tree, sha = guest_state(victim, tmp_path)
         assert tree == old_tree and sha in (old_sha, want), (how, point, sha)
-        outcomes["old" if sha == old_sha else "new"] += 1
-        code, _out, err = run_cli(*args[:1], victim, *args[2:])
-        assert code == 0, (how, point, err)
-        assert guest_state(victim, tmp_path) == (old_tree, want), (how, point)
+        outcome = "old" if sha == old_sha else "new"
+        outcomes[outcome] += 1
+        if sweep == FULL or outcomes[outcome] == 1:  # the reduced sweep re-runs after the first of each outcome
+            code, _out, err = run_cli(*args[:1], victim, *args[2:])
+            assert code == 0, (how, point, err)
+            assert guest_state(victim, tmp_path) == (old_tree, want), (how, point)
     assert outcomes["old"] and outcomes["new"], outcomes
     print(f"\next4 streamed copy-in {sweep}: {len(kills)} kills of {counts}, outcomes {outcomes}")
+
+
+# -- the child's answer is not trusted ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("ranges,needle", [
+    ([[MiB, 4096, 0, 0]], None),
+    ([[MiB - 512, 4096, 0, 0]], "outside the volume"),  # starts before the volume
+    ([[63 * MiB - 512, 4096, 0, 0]], "outside the volume"),  # runs past its end
+    ([[MiB + 1, 4096, 0, 0]], "outside the volume"),  # not on a sector
+    ([[MiB, 4096, 0, 8 * MiB - 1024]], "does not have"),  # past the source's end
+    ([[MiB, 4096, 1, 0]], "does not have"),  # no such source
+    ([[MiB, 0, 0, 0]], "does not have"),
+    ([[MiB, 4096, 0]], "malformed"),
+    ([[MiB, -1, 0, 0]], "malformed"),
+    ([[MiB, 4096, 0, True]], "malformed"),
+    ({"a": 1}, "malformed"),
+], ids=["sound", "before", "past-end", "unaligned", "past-source", "no-source", "empty", "short", "negative", "bool",
+        "not-a-list"])
+def test_source_ranges_from_the_child_are_checked(ranges, needle, tmp_path):
+    from vhdtool.container.source import Source
+    from vhdtool.errors import CorruptFilesystem
+    from vhdtool.filesystem.answer import decode_runs, decode_sources
+    from vhdtool.volume.mapping import VolumeMap
+
+    local = tmp_path / "src.bin"
+    local.write_bytes(bytes(8 * MiB))
+    vmap = VolumeMap.whole(MiB, 62 * MiB)
+    with Source(local) as src:
+        if needle is None:
+            (extent,) = decode_sources(ranges, [src], vmap.holds, 512, "img", "libext2fs")
+            assert (extent.offset, len(extent.data), extent.data.offset) == (MiB, 4096, 0)
+        else:
+            with pytest.raises(CorruptFilesystem, match=needle):
+                decode_sources(ranges, [src], vmap.holds, 512, "img", "libext2fs")
+    assert decode_runs([[MiB, 4096]], "img", "libext2fs") == [(MiB, MiB + 4096)]
+    for bad in ([[MiB]], [[MiB, -5]], [["1", 2]], "x"):
+        with pytest.raises(CorruptFilesystem, match="malformed"):
+            decode_runs(bad, "img", "libext2fs")

@@ -354,7 +354,12 @@ class EditSession:
                         source.check_unchanged()  # a local file cut short under libntfs-3g: SourceChanged
                     raise
         self._ops.clear()
-        self._ext.run()
+        try:
+            self._ext.run()
+        except CorruptFilesystem:
+            for source in self._sources:
+                source.check_unchanged()  # a local file cut short under libext2fs: SourceChanged
+            raise
 
     def commit(self) -> ChangeSet:
         self._run_operations()

@@ -2,7 +2,8 @@
 
 The payload is a run of (offset, length) heads, each followed by its bytes. The parent trusts
 none of it: every extent must lie inside the volume it gave the child, in whole sectors, and the
-payload must be used exactly.
+payload must be used exactly. Beside it, in the answer's head, the source ranges of copied local
+files (``decode_sources``): each inside the volume and inside its source.
 """
 
 from __future__ import annotations
@@ -54,3 +55,12 @@ def decode_sources(ranges, sources: list[Source], inside: Callable[[int, int], b
             raise CorruptFilesystem(label, f"the {library} child wrote outside the volume it was given")
         out.append(Extent(offset, SourceRange(sources[index], at, length)))
     return out
+
+
+def decode_runs(value, label: str, library: str) -> list[tuple[int, int]]:
+    """The child's ``[disk offset, length]`` runs as (start, end), checked for form only: the caller uses them
+    only where they meet what it checked otherwise."""
+    if not isinstance(value, list) or not all(isinstance(r, list) and len(r) == 2 and all(type(x) is int and x >= 0
+                                                                                        for x in r) for r in value):
+        raise CorruptFilesystem(label, f"the {library} child sent a malformed answer")
+    return [(lo, lo + n) for lo, n in value]

@@ -17,6 +17,8 @@ are added and removed by ext2fs_link / ext2fs_unlink, which keep hashed (htree) 
 valid; a full directory block is met by ext2fs_expand_dir and a retry. ext2fs_close writes the
 bitmaps, group descriptors and superblocks back, with their metadata_csum checksums.
 Paths are resolved inside the volume, symlinks in their folders followed (ext2fs_namei_follow).
+A file given as a local file (a Source) is written without its bytes (vhdtool.filesystem.ext2stream):
+the child answers with source ranges beside its changed sectors, and the commit copies them file to file.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from vhdtool.container.overlay import Extent, Overlay
 from vhdtool.container.source import Source, SourceRange
 from vhdtool.errors import CorruptFilesystem, NativeError, UnsupportedLayout, VolumeFull
 from vhdtool.filesystem import ext2fsio as io
-from vhdtool.filesystem.answer import decode_extents, decode_sources, encode_extents
+from vhdtool.filesystem.answer import decode_extents, decode_runs, decode_sources, encode_extents
 from vhdtool.filesystem.ext2ops import MakeDir, RemoveDir, Symlink, Unlink, WriteFile
 from vhdtool.filesystem.ext2stream import Streamer
 from vhdtool.filesystem.extsuper import (INCOMPAT_EXTENTS, INCOMPAT_INLINE_DATA, RECHECK, SUPERBLOCK_OFFSET,
@@ -364,14 +366,6 @@ def _volume_changes(overlay: Overlay, vmap: VolumeMap) -> dict[int, bytes | Sour
     return out
 
 
-def _free_runs(value, label: str) -> list[tuple[int, int]]:
-    """The child's [disk offset, length] runs of data in blocks the old volume did not use, checked for form."""
-    if not isinstance(value, list) or not all(isinstance(r, list) and len(r) == 2 and all(type(x) is int and x >= 0
-                                                                                        for x in r) for r in value):
-        raise CorruptFilesystem(label, "the libext2fs child sent a malformed answer")
-    return [(lo, lo + n) for lo, n in value]
-
-
 def read_superblock(overlay: Overlay, vmap: VolumeMap, path: str | None, where: str) -> Superblock:
     data = b"".join(overlay.read_at(disk, n) for disk, _at, n in vmap.pieces(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE))
     return Superblock.parse(data, path, where)
@@ -433,7 +427,7 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
         raise CorruptFilesystem(label, "the libext2fs child sent a malformed answer")
     ranges = decode_sources(head.get("sources", []), sources, vmap.holds, overlay.logical_sector_size, label,
                             "libext2fs")
-    free = _free_runs(head.get("free", []), label)
+    free = decode_runs(head.get("free", []), label, "libext2fs")
     for e in extents:
         overlay.write_at(e.offset, e.data)
     for e in ranges:
