@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -135,6 +136,31 @@ def test_the_last_block_is_zero_past_the_end(tmp_path):
     assert block[tail:] == bytes(4096 - tail)
 
 
+def test_small_files_and_a_hard_linked_file_replaced(tmp_path):
+    """An empty file, a one-byte file, a file of a block exactly, and /etc/hostname (hard-linked as
+    /etc/hostname.bak) replaced from local files: the replaced file keeps its inode, so its other name sees the
+    new bytes."""
+    image = ext_image(tmp_path, "small", FEATURES["ext4"], size=64 * MiB)
+    local = tmp_path / "local"
+    local.mkdir()
+    files = {"empty": b"", "one": b"x", "block": os.urandom(4096), "hostname": b"streamed-host\n" * 400}
+    for name, data in files.items():
+        (local / name).write_bytes(data)
+    for name in ("empty", "one", "block"):
+        assert run_cli("copy-in", image, local / name, "/opt/small")[0] == 0
+    code, _out, err = run_cli("copy-in", image, local / "hostname", "/etc")
+    assert code == 0, err
+    image_ok(image)
+    volume = partition_volume(image, tmp_path, 1)
+    e2fsck_clean(volume)
+    tree = ext_tree(volume)
+    for name in ("empty", "one", "block"):
+        assert tree[f"/opt/small/{name}"][4] == hashlib.sha256(files[name]).hexdigest(), name
+    want = hashlib.sha256(files["hostname"]).hexdigest()
+    assert tree["/etc/hostname"][4] == tree["/etc/hostname.bak"][4] == want
+    assert re.search(r"Links: 2", debugfs(volume, "stat /etc/hostname"))
+
+
 # -- replacing a file ----------------------------------------------------------------------------------------
 
 def test_a_replaced_file_takes_blocks_the_old_one_did_not_use(tmp_path):
@@ -211,6 +237,26 @@ def test_libext2fs_children_refuse_a_file_the_volume_cannot_hold(tmp_path):
         with Source(local) as src, pytest.raises(VolumeFull, match="needs"):
             ext2fs.apply(overlay, VolumeMap.whole(MiB, 62 * MiB), [ext2fs.WriteFile("/big.bin", src)], str(image),
                          "ext4 on partition 1")
+        assert not overlay.touched
+    finally:
+        disk.close()
+
+
+def test_libext2fs_running_out_of_blocks_is_volume_full(tmp_path):
+    """Past every check of ours: libext2fs's own EXT2_ET_BLOCK_ALLOC_FAIL (bytes written by ext2fs_file_write
+    into a volume too small) is VolumeFull, with nothing put into the overlay."""
+    from vhdtool.container.chain import open_image
+    from vhdtool.container.overlay import Overlay
+    from vhdtool.filesystem import ext2fs
+    from vhdtool.volume.mapping import VolumeMap
+
+    image = ext_image(tmp_path, "enospc", FEATURES["ext4"], size=16 * MiB)
+    disk = open_image(str(image))
+    try:
+        overlay = Overlay(disk)
+        with pytest.raises(VolumeFull, match="full"):
+            ext2fs.apply(overlay, VolumeMap.whole(MiB, 14 * MiB), [ext2fs.WriteFile("/big.bin", bytes(20 * MiB))],
+                         str(image), "ext4 on partition 1")
         assert not overlay.touched
     finally:
         disk.close()

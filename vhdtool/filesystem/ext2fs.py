@@ -42,7 +42,8 @@ from vhdtool.native import Refusal, run_isolated
 from vhdtool.units import MiB
 from vhdtool.volume.mapping import VolumeMap
 
-CHILD_TIMEOUT = 120.0
+CHILD_TIMEOUT = 120.0  # and a second more per MAPPED_PER_SECOND bytes streamed (ext3 maps a block at a time)
+MAPPED_PER_SECOND = 64 * MiB
 MAX_ANSWER = 512 * MiB
 MAX_BYTES = 64 * MiB  # a file given as bytes crosses the sandbox's answer: a local file (a Source) never does
 EXT2_FLAG_RW, EXT2_FLAG_64BITS = 0x01, 0x20000
@@ -413,7 +414,8 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
 
     try:
         head, payload = run_isolated(job, label, library="libext2fs", subject=what, cap=MAX_ANSWER,
-                                     timeout=CHILD_TIMEOUT, keep_fds=keep, tick=tick)
+                                     timeout=CHILD_TIMEOUT + sum(len(src) for src in sources) / MAPPED_PER_SECOND,
+                                     keep_fds=keep, tick=tick)
     except NativeError as e:
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or RECHECK) from None
     if head.get("full"):
