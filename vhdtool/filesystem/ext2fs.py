@@ -90,6 +90,7 @@ class _Volume:
         self.sb = sb
         self.channel = channel
         self.streamer: Streamer | None = None
+        self.freed = False  # whether an operation has freed blocks (the streamer then keeps them out)
         fs = ctypes.c_void_p()
         err = lib.ext2fs_open2(b"vhdtool", None, EXT2_FLAG_RW | EXT2_FLAG_64BITS, 0, 0,
                                ctypes.addressof(channel.manager), ctypes.byref(fs))
@@ -228,6 +229,7 @@ class _Volume:
     def _drop_link(self, ino: int, path: str, folder: bool = False) -> None:
         """One name of ``ino`` is gone: its link count goes down (a folder's to 0: its '.' goes with it), and
         with the last one the inode, its extended attribute block and its data blocks are freed."""
+        self.freed = True
         buf = self.inode(ino)
         links = 0 if folder else max(_get(buf, "<H", LINKS) - 1, 0)
         struct.pack_into("<H", buf, LINKS, links)
@@ -312,6 +314,7 @@ class _Volume:
 
     def _empty(self, ino: int, path: str) -> None:
         """An existing file's content dropped, its blocks freed."""
+        self.freed = True
         handle = ctypes.c_void_p()
         self._check(self.lib.ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, ctypes.byref(handle)), f"open {path}")
         try:

@@ -165,6 +165,8 @@ class Streamer:
         """Blocks the old volume used that are free now (freed by this operation), marked used in
         libext2fs's bitmap without counting them; the runs marked."""
         current, runs = self._field(FS_BLOCK_MAP), []
+        if not self.volume.freed:
+            return runs  # nothing freed yet: no bitmap to compare, on however large a volume
         for start in range(self.first, self.first + self.count, BITMAP_CHUNK):
             n = min(BITMAP_CHUNK, self.first + self.count - start)
             now, was = ctypes.create_string_buffer((n + 7) // 8), ctypes.create_string_buffer((n + 7) // 8)
