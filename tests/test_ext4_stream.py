@@ -316,6 +316,7 @@ def test_a_streamed_file_on_the_lvm_fixture(tmp_path):
 
 SWEPT = [pytest.param(REDUCED, id=REDUCED), pytest.param(FULL, id=FULL, marks=pytest.mark.slow)]
 RANDOM_KILLS = 10
+PIECE = 256 * 1024  # the writers' copy piece in the crash runs: many copy_file_range calls from a small payload
 
 
 def guest_state(image: Path, tmp: Path) -> tuple[dict, str | None]:
@@ -336,13 +337,13 @@ def guest_state(image: Path, tmp: Path) -> tuple[dict, str | None]:
 
 @pytest.mark.parametrize("sweep", SWEPT)
 def test_kill_a_streamed_copy_in_at_every_write_flush_copy_and_rename(sweep, tmp_path):
-    """A 12 MiB file replaced by a 24 MiB one, copied 1 MiB per copy_file_range: SIGKILL at each counted call
+    """A 4 MiB file replaced by an 8 MiB one, copied 256 KiB per copy_file_range: SIGKILL at each counted call
     (the first, middle and last of each kind by default) and at random times; the guest is the old one or the
     new one, e2fsck clean, and a re-run gives the new one (after every kill in the full sweep)."""
-    original = ext_image(tmp_path, "crash", FEATURES["ext4"], size=96 * MiB)
-    old_local = payload_file(tmp_path / "old" / "payload.bin", 12 * MiB + 99, seed=1)
+    original = ext_image(tmp_path, "crash", FEATURES["ext4"], size=64 * MiB)
+    old_local = payload_file(tmp_path / "old" / "payload.bin", 4 * MiB + 99, seed=1)
     assert copy_in(original, old_local)[0] == 0
-    local = payload_file(tmp_path / "local" / "payload.bin", 24 * MiB + 4097, seed=14)
+    local = payload_file(tmp_path / "local" / "payload.bin", 8 * MiB + 4097, seed=14)
     args = ("copy-in", original, local, "/opt/payload")
     old_tree, old_sha = guest_state(original, tmp_path)
     assert old_sha == file_sha(old_local)
@@ -350,7 +351,7 @@ def test_kill_a_streamed_copy_in_at_every_write_flush_copy_and_rename(sweep, tmp
     probe, trace = tmp_path / "probe.vhdx", tmp_path / "trace"
     shutil.copyfile(original, probe)
     t0 = time.monotonic()
-    res = run_job(args[0], probe, *args[2:], strace=["strace", "-f", "-o", str(trace), "-e",
+    res = run_job(args[0], probe, *args[2:], piece=PIECE, strace=["strace", "-f", "-o", str(trace), "-e",
                                                      "trace=" + ",".join(KILL_SYSCALLS)])
     assert res.returncode == 0, res.stderr
     counted = time.monotonic() - t0
@@ -368,11 +369,11 @@ def test_kill_a_streamed_copy_in_at_every_write_flush_copy_and_rename(sweep, tmp
         shutil.copyfile(original, victim)
         if how == "syscall":
             name, n = point
-            res = run_job(args[0], victim, *args[2:],
+            res = run_job(args[0], victim, *args[2:], piece=PIECE,
                           strace=["strace", "-f", "-o", "/dev/null", "-e", f"inject={name}:signal=KILL:when={n}"])
             assert res.returncode != 0 or (name == "copy_file_range" and n >= counts[name] - 1), (point, res.stderr)
         else:
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "stream_job.py"), str(MiB), args[0],
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "stream_job.py"), str(PIECE), args[0],
                                      str(victim), str(local), "/opt/payload"], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, env=job_env())
             time.sleep(point)
