@@ -24,9 +24,9 @@ from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.guest.linux import is_linux_root
+from vhdtool.units import MiB
 from vhdtool.volume import Partition, open_partition, sniff_filesystem
 from vhdtool.volume.lvm import logical_volumes
-from vhdtool.units import MiB
 from vhdtool.volume.mapping import VolumeMap
 
 EXT = ("ext2", "ext3", "ext4")
