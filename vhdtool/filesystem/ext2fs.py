@@ -36,6 +36,7 @@ from vhdtool.filesystem import ext2fsio as io
 from vhdtool.filesystem.answer import decode_extents, decode_runs, decode_sources, encode_extents
 from vhdtool.filesystem.ext2ops import MakeDir, RemoveDir, Symlink, Unlink, WriteFile
 from vhdtool.filesystem.ext2stream import Streamer
+from vhdtool.filesystem.extbitmap import old_free_ranges
 from vhdtool.filesystem.extsuper import (INCOMPAT_EXTENTS, INCOMPAT_INLINE_DATA, RECHECK, SUPERBLOCK_OFFSET,
                                          SUPERBLOCK_SIZE, Superblock)
 from vhdtool.native import Refusal, run_isolated
@@ -432,12 +433,12 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
         raise CorruptFilesystem(label, "the libext2fs child sent a malformed answer")
     ranges = decode_sources(head.get("sources", []), sources, vmap.holds, overlay.logical_sector_size, label,
                             "libext2fs")
-    free = decode_runs(head.get("free", []), label, "libext2fs")
+    free = old_free_ranges(overlay, vmap, sb.block_size, decode_runs(head.get("free", []), label, "libext2fs"))
     for e in extents:
         overlay.write_at(e.offset, e.data)
     for e in ranges:
         overlay.write_source(e.offset, e.data)
-        # Data in blocks the old bitmap marks free: nothing of the old state reads it (the VHDX writer may
+        # Data in blocks the old volume leaves free: nothing of the old state reads it (the VHDX writer may
         # put it in place before its log). Only inside a source range this check accepted.
         for lo, hi in free:
             a, b = max(lo, e.offset), min(hi, e.end)

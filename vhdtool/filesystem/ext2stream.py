@@ -20,7 +20,8 @@ are never held in memory. In the child (vhdtool.filesystem.ext2fs):
    (``Overlay.write_source``: "these volume bytes are those source bytes"); the last partial
    block is written as bytes, the file's last bytes then zeros, so nothing stale shows past EOF.
 
-The runs in blocks the old bitmap marks free are listed (``Streamer.free``); the parent marks
+The runs in blocks the old bitmap marks free are listed (``Streamer.free``); the parent keeps the
+blocks its own reading of the old volume also calls free (vhdtool.filesystem.extbitmap) and marks
 them unreachable where they meet a source range it accepted.
 """
 
@@ -78,7 +79,7 @@ class Streamer:
         volume._check(self.lib.ext2fs_copy_bitmap(self._field(FS_BLOCK_MAP), ctypes.byref(old)),
                       "copy the block bitmap")
         self.old = old.value  # the bitmap as the volume was opened: what the old state reaches
-        self.free: list[list[int]] = []  # [disk offset, length] of data in blocks the old state does not use
+        self.free: list[list[int]] = []  # [first block, count] of data in blocks the old state does not use
 
     def _field(self, offset: int) -> int:
         return ctypes.c_void_p.from_address(self.fs + offset).value
@@ -230,8 +231,8 @@ class Streamer:
                 data = whole[at + (block - physical) * bs : at + (block - physical + count) * bs]
                 for disk, off, k in vmap.pieces(block * bs, len(data)):
                     overlay.write_source(disk, data[off : off + k])
-                    if free:
-                        self.free.append([disk, k])
+                if free:
+                    self.free.append([block, count])
             if full < n:
                 tail_at = at + full * bs
                 tail = source.read(tail_at, source.size - tail_at).ljust(bs, b"\0")
