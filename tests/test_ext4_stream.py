@@ -446,7 +446,7 @@ def test_old_free_blocks_never_call_a_used_block_free(layout, tmp_path):
     groups included), and it finds most of them (meta_bg: none, on purpose)."""
     from vhdtool.filesystem.extbitmap import OldFreeBlocks
 
-    image = ext_image(tmp_path, layout, FEATURES[layout], size=160 * MiB)
+    image = ext_image(tmp_path, layout, FEATURES[layout], size=96 * MiB)
     volume = partition_volume(image, tmp_path, 1)
     data = volume.read_bytes()
     old = OldFreeBlocks(lambda at, n: data[at : at + n], data[1024:2048])
