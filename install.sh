@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 with_tests=0
+if [ "$#" -gt 1 ]; then
+  echo "install.sh: unexpected argument '$2'; run ./install.sh or ./install.sh --test" >&2; exit 2
+fi
 case "${1-}" in
   "") ;;
   --test) with_tests=1 ;;
@@ -57,7 +60,12 @@ if [ "$with_tests" -eq 1 ]; then packages+=("${TEST_PACKAGES[@]}"); fi
 
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  # Debian 13 and Ubuntu 24.04 renamed the libraries for 64-bit time_t (libext2fs2 -> libext2fs2t64);
+  # the new package provides the old name, so apt takes the old one, and an installed t64 counts here.
+  for name in "$p" "${p}t64"; do
+    if dpkg-query -W -f='${Status}' "$name" 2>/dev/null | grep -q "install ok installed"; then continue 2; fi
+  done
+  missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq

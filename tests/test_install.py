@@ -124,10 +124,12 @@ def test_the_test_install_asks_for_the_toolchain_and_the_test_extras(stubbed):
     assert re.search(r"^-m pip install .*-e \.\[test\]$", (log / "python").read_text(), re.M)
 
 
-def test_an_unknown_option_is_refused(stubbed):
+@pytest.mark.parametrize("args,named", [(["--tests"], "--tests"), (["--test", "--bogus"], "--bogus")])
+def test_an_unknown_option_is_refused(stubbed, args, named):
     clone, env, log = stubbed
-    res = subprocess.run(["./install.sh", "--tests"], cwd=clone, env=env, capture_output=True, text=True)
-    assert res.returncode == 2 and "--tests" in res.stderr and "--test" in res.stderr
+    res = subprocess.run(["./install.sh", *args], cwd=clone, env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and f"'{named}'" in res.stderr and "--test" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
     assert not (log / "apt-get").exists() and not (clone / ".venv").exists()
 
 

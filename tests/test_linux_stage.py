@@ -233,7 +233,8 @@ def cli_json(cli, *args) -> dict:
 
 def status(cli, image: Path) -> dict:
     doc = cli_json(cli, "status", image)
-    assert set(doc) == {"schema", "image", "state", "staged", "ic_version", "ic_source"}
+    assert set(doc) == {"schema", "image", "state", "staged", "ic_version", "ic_source", "cbs"}
+    assert doc["cbs"] is None and all(s["cbs"] is None for s in doc["staged"])  # Windows' servicing record only
     return doc
 
 

@@ -253,6 +253,45 @@ def test_records_with_odd_values_are_shown_not_fatal(tmp_path):
     assert [r["cells"] for r in page.rows("states")] == [["unknown", "1"]]
 
 
+def test_records_with_a_list_for_shard_or_an_object_for_a_code_are_counted_not_fatal(tmp_path):
+    """A shard or machine that is a list (no dict key) and a failure code that is an object (no width
+    to format it to) made all three forms of the report exit 70."""
+    base = {"schema": 1, "record": "vhdtool-batch", "command": "stage", "started": "2026-12-07T05:00:00.000Z"}
+    recs = [dict(base, key="a", image="a.vhdx", outcome="ok", exit_code=0, result={}, shard=[1, 2], machine=["m"]),
+            dict(base, key="a", image="a.vhdx", outcome="ok", exit_code=0, result={}, shard="1", machine={"m": 1}),
+            dict(base, key="b", image="b.vhdx", outcome="failed", exit_code=4, shard=None,
+                 error={"code": {"n": 4}, "message": "b.vhdx: bad"})]
+    report = tmp_path / "odd.jsonl"
+    report.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = vhdtool("report", report)
+    assert text.returncode == 21 and "    exit {'n': 4}  b.vhdx: bad" in text.stdout, text.stdout + text.stderr
+    doc = json.loads(vhdtool("report", "--json", report).stdout)
+    assert doc["duplicates"] == ["stage a"] and doc["by_shard"] == {"1": 1, "none": 1}, doc
+    out = tmp_path / "odd.html"
+    res = vhdtool("report", "--html", out, report)
+    assert res.returncode == 21 and res.stderr == "", res.stderr
+    assert [r["cells"][0] for r in Page(out.read_text()).rows("images")] == ["b.vhdx", "a.vhdx"]
+
+def test_the_page_is_never_written_over_a_batch_report(tmp_path):
+    """`report --html a.jsonl b.jsonl` (OUT.html forgotten) and OUT.html given as one of the reports read
+    would have replaced a report with the page: refused, exit 15, the report byte for byte as it was."""
+    rec = {"schema": 1, "record": "vhdtool-batch", "command": "status", "outcome": "ok", "exit_code": 0, "result": {}}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(dict(rec, key="a", image="a.vhdx")) + "\n")
+    b.write_text(json.dumps(dict(rec, key="b", image="b.vhdx")) + "\n")
+    before = a.read_bytes()
+    for args in ((a, b), (a, a), (a, b, a)):
+        res = vhdtool("report", "--html", *args)
+        assert res.returncode == 15 and res.stdout == "" and res.stderr.count("\n") == 1, res
+        assert str(a) in res.stderr and "is a batch report" in res.stderr and "Traceback" not in res.stderr
+        assert a.read_bytes() == before
+    page = tmp_path / "page.html"
+    page.write_text("an older page")
+    assert vhdtool("report", "--html", page, a, b).returncode == 0  # any other file is replaced
+    assert [r["cells"][0] for r in Page(page.read_text()).rows("images")] == ["a.vhdx", "b.vhdx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "page.html"]
+
+
 # -- chromium ------------------------------------------------------------------------------------
 
 def chromium(url: str, tmp: Path, *mode: str) -> subprocess.CompletedProcess:

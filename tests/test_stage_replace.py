@@ -96,7 +96,10 @@ def test_a_newer_cab_replaces_a_pending_older_one(cli, isos, tmp_path):
     part = volume(image, tmp_path, 2)
     ntfsfix_clean(part)
     assert ntfsls(part, STAGED) == [new_id]
-    assert ntfsls(part, f"{STAGED}/{new_id}") == ["Windows6.1-HyperVIntegrationServices-x64.cab", "install.cmd"]
+    assert ntfsls(part, f"{STAGED}/{new_id}") == ["Windows6.1-HyperVIntegrationServices-x64.cab", "install.cmd",
+                                                  "package.txt"]
+    assert ntfscat(part, f"{STAGED}/{new_id}/package.txt") == \
+        f"identity=Microsoft-Hyper-V-Guest-Integration-Drivers-Package~31bf3856ad364e35~amd64~~{NEW_IC}\r\n".encode()
     cab = ntfscat(part, f"{STAGED}/{new_id}/Windows6.1-HyperVIntegrationServices-x64.cab")
     assert hashlib.sha256(cab).hexdigest() == doc["cab"]["sha256"]
     assert f"{STAGED}/{new_id}".replace("/", "\\").encode() in ntfscat(part, f"{STAGED}/{new_id}/install.cmd")

@@ -388,10 +388,13 @@ def test_wine_session(wine):
 
 
 @pytest.mark.fixtures
-def test_staged_image_boots_under_wine_and_status_reads_the_result(wine, tmp_path):
+@pytest.mark.parametrize("exit_code,cbs,reboot,final", [(0, 0x70, False, "installed"),
+                                                        (3010, 0x60, True, "reboot-pending")])
+def test_staged_image_boots_under_wine_and_status_reads_the_result(wine, tmp_path, exit_code, cbs, reboot, final):
     """The round trip: `vhdtool stage` writes a fixture image; its install.cmd (read back with ntfscat)
     runs at a simulated boot; what the boot left (result.txt, install.log, attempts.txt, the Setup
-    values) is written back into the image; `vhdtool status` reads `installed`."""
+    values) is written back into the image, then what dism would have left in Component Based
+    Servicing; `vhdtool status` reads `installed`, or `reboot-pending` after exit code 3010."""
     import json
     import shutil as sh
 
@@ -400,6 +403,7 @@ def test_staged_image_boots_under_wine_and_status_reads_the_result(wine, tmp_pat
     from fixtures import build as fb
     from fixtures.cabs import CabSpec, build_cab
     from judges.volumes import extract_partition, ntfscat, raw_image
+    from offline_boot import CBS, BootEffects, write_boot
 
     image = tmp_path / "guest.vhdx"
     sh.copyfile(fb.build("ws2008r2-x64"), image)
@@ -414,17 +418,31 @@ def test_staged_image_boots_under_wine_and_status_reads_the_result(wine, tmp_pat
     assert ntfscat(part, f"{script.guest_folder}/install.cmd") == render(script)
     g = Guest(wine, script)
     g.stage()
-    g.set_installer_exit(0)
+    g.set_installer_exit(exit_code)
     assert g.boot(kb939857=False).ran
-    assert g.result()["exit_code"] == "0"
+    assert g.result()["exit_code"] == str(exit_code)
+    assert not g.file(script.cab_name).exists()  # install.cmd deleted the cab: package.txt names the package
     with vhdtool.edit(image) as ed:
         for name in ("result.txt", "install.log", "attempts.txt"):
             ed.write_file(f"{script.guest_folder}/{name}", g.file(name).read_bytes())
+        ed.delete(f"{script.guest_folder}/{script.cab_name}")
         values = g.setup_values()
         ed.set_value("SYSTEM", "Setup", "SetupType", values["SetupType"], "REG_DWORD")
         ed.set_value("SYSTEM", "Setup", "CmdLine", values["CmdLine"], "REG_SZ")
     code, out, err = run_cli("status", "--json", image)
     st = json.loads(out)
-    assert code == 0 and st["state"] == "installed", st
-    assert (st["staged"][0]["exit_code"], st["staged"][0]["attempts"]) == (0, 1)
+    # The stub dism records nothing in Component Based Servicing: a success Windows does not bear out.
+    assert code == 0 and st["state"] == "inconsistent", st
+    assert (st["staged"][0]["exit_code"], st["staged"][0]["attempts"]) == (exit_code, 1)
     assert st["staged"][0]["finished"]
+    identity = doc["cab"]["cbs_identity"]
+    assert st["staged"][0]["cbs"] == {"identity": identity, "current_state": None, "state": "absent"}
+    # What the real dism would have left: the package Installed in CBS (written by hivexsh, copied in by ntfscp).
+    effects = BootEffects()
+    effects.hive("SOFTWARE").set(f"{CBS}\\Packages\\{identity}", {"CurrentState": cbs})
+    if reboot:
+        effects.hive("SOFTWARE").set(f"{CBS}\\RebootPending")
+    write_boot(image, 2, effects, tmp_path / "cbs")
+    st = json.loads(run_cli("status", "--json", image)[1])
+    assert st["state"] == final and st["staged"][0]["cbs"]["current_state"] == cbs, st
+    assert st["cbs"] == {"reboot_pending": reboot, "packages_pending": False}

@@ -406,6 +406,8 @@ def test_output_onto_a_full_filesystem_leaves_nothing(kind, tmp_path):
         assert code == 15, err
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("vhdtool: ") and "Traceback" not in err, err
+        # It names the --output given, not the temporary copy the change was being made in.
+        assert lines[0].startswith(f"vhdtool: {out_image}: ") and ".vhdtool-tmp" not in err, err
         assert os.listdir(full) == []
     assert digest(image) == before
 

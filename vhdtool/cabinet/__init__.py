@@ -3,7 +3,10 @@
 A cab is checked byte by byte against its own length (``format``) before libmspack
 is given it; libmspack then decodes it in the native sandbox (``libmspack``), and
 its member list must agree with the one read here. update.mum, the package
-manifest at the cabinet root, names the package (``mum``).
+manifest at the cabinet root, names the package (``mum``); update.cat beside it,
+a signed catalog, is the package's signature (``catalog``: decoded by libmspack,
+at most 64 MiB, then parsed and verified in the parent with asn1crypto and
+cryptography).
 
 A cab is given as bytes or as a ``Source`` (vhdtool.container.source: a local file,
 or a cab's byte range inside an ISO). A Source is never read whole: the checks read
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 
 from vhdtool.cabinet import libmspack, mum
+from vhdtool.cabinet.catalog import CATALOG_MAX_SIZE, CATALOG_NAME, INVALID, UNSIGNED, Signature, TrustRoots
 from vhdtool.cabinet.format import (
     DEFAULT_MEMBER_LIMIT,
     FileBytes,
@@ -73,8 +77,10 @@ def extract_member(data: Cab, name: str, label: str, limit: int = DEFAULT_MEMBER
     return libmspack.decode(layout, label, want=index, limit=limit)
 
 
-def read_package(data: Cab, label: str) -> CabPackage:
-    """The package a servicing cab carries: its members and the identity in its root update.mum."""
+def read_package(data: Cab, label: str, roots: TrustRoots | None = None) -> CabPackage:
+    """The package a servicing cab carries: its members, the identity in its root update.mum, and the
+    verdict on its update.cat as a signature over that update.mum (chains to ``roots``, by default
+    the shipped Microsoft roots)."""
     layout = _checked(data, label)
     matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == MUM_NAME]
     if not matches:
@@ -90,4 +96,20 @@ def read_package(data: Cab, label: str) -> CabPackage:
         members=tuple(CabMember(e.name, e.size) for e in layout.entries),
         identity=mum.parse_identity(manifest, label),
         sha256=_sha256(data, label),
+        signature=_signature(layout, manifest, label, roots or TrustRoots.shipped()),
     )
+
+
+def _signature(layout, manifest: bytes, label: str, roots: TrustRoots) -> Signature:
+    from vhdtool.cabinet.catalog import verify_catalog
+
+    matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == CATALOG_NAME]
+    if not matches:
+        return Signature(UNSIGNED, "the cab has no update.cat")
+    if len(matches) > 1:
+        return Signature(INVALID, f"{len(matches)} members are named update.cat; the signature is ambiguous")
+    entry = layout.entries[matches[0]]
+    if entry.size > CATALOG_MAX_SIZE:
+        return Signature(INVALID, f"update.cat is larger than {CATALOG_MAX_SIZE // MiB} MiB ({entry.size} bytes)")
+    catalog = libmspack.decode(layout, label, want=matches[0], limit=CATALOG_MAX_SIZE)
+    return verify_catalog(catalog, manifest, roots)

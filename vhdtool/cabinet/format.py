@@ -14,6 +14,7 @@ grows to the whole file.)
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -50,6 +51,12 @@ MAX_CAB_FILE_SIZE = MAX_CAB_SIZE + 0xFFFF_FFFF
 MUM_NAME = "update.mum"
 MUM_MAX_SIZE = 4 * MiB
 DEFAULT_MEMBER_LIMIT = 16 * MiB
+# A Component Based Servicing package identity as Windows names the package's key under
+# SOFTWARE\...\Component Based Servicing\Packages: name~publicKeyToken~arch~language~version,
+# the language empty for "neutral" (Package_for_KB3071740~31bf3856ad364e35~amd64~~6.1.1.2).
+# Strict, because it becomes a registry path (no backslash) and is read back from the guest.
+CBS_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}~(?:[0-9A-Fa-f]{16})?~[A-Za-z0-9]{1,16}"
+                          r"~[A-Za-z0-9-]{0,32}~[0-9]{1,5}(?:\.[0-9]{1,5}){0,3}$")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,14 @@ class PackageIdentity:
     public_key_token: str | None
     package_identifier: str | None  # <package identifier="KB...">
     parent_versions: tuple[str, ...]  # <parent> assemblyIdentity versions, nested ones too, in document order
+    language: str | None = None  # assemblyIdentity@language: "neutral" for most packages
+
+    @property
+    def cbs_identity(self) -> str | None:
+        """The identity CBS records the installed package under, or None when it would not be a safe key name."""
+        language = "" if (self.language or "neutral").lower() == "neutral" else self.language
+        text = "~".join((self.name, self.public_key_token or "", self.arch, language, self.version))
+        return text if CBS_IDENTITY.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class CabPackage:
     members: tuple[CabMember, ...]
     identity: PackageIdentity
     sha256: str  # of the whole cab bytes
+    signature: object = None  # vhdtool.cabinet.catalog.Signature: the verdict on its update.cat
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ def parse_identity(data: bytes, label: str) -> PackageIdentity:
         public_key_token=(identity.get("publicKeyToken") or "").strip() or None,
         package_identifier=((package.get("identifier") or "").strip() or None) if package is not None else None,
         parent_versions=parents,
+        language=(identity.get("language") or "").strip() or None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from vhdtool.cli.options import (CABS_HELP, DRY_RUN, HOST_HELP, REVISION, cabs_option, disable_option, enable_option,
+from vhdtool.cli.options import (CABS_HELP, DRY_RUN, HOST_HELP, REQUIRE_SIGNED, REVISION, TRUST_ROOT, cabs_option,
+                                 disable_option, enable_option,
                                  host_option, json_option)
 
 batch_app = typer.Typer(
@@ -49,6 +51,7 @@ def _run(command: str, images, manifests, jobs, report, resume, shard, shards, f
     from vhdtool.fleet.batch import Batch, run
     from vhdtool.fleet.work import Options
 
+    gc.enable()  # a fleet runs for long, and its forked workers inherit this (cli.main turned it off)
     if jobs < 0:
         raise typer.BadParameter("must be 1 or more", param_hint="--jobs")
     if shards is not None and shards < 1:
@@ -80,10 +83,12 @@ def batch_plan(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] =
                cabs: List[Path] = BATCH_CABS, revision: Optional[str] = REVISION, manifest: List[Path] = MANIFEST,
                jobs: int = JOBS, report: Optional[Path] = REPORT, resume: bool = RESUME,
                shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS, fail_fast: bool = FAIL_FAST,
-               timeout: float = TIMEOUT) -> None:
+               timeout: float = TIMEOUT, require_signed: bool = REQUIRE_SIGNED,
+               trust_root: List[Path] = TRUST_ROOT) -> None:
     """Plan every image's integration services."""
     _run("plan", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
-         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision)
+         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, require_signed=require_signed,
+         trust_roots=tuple(os.fspath(r) for r in trust_root))
 
 
 @batch_app.command("stage")
@@ -91,13 +96,15 @@ def batch_stage(images: Optional[List[Path]] = IMAGE_GLOBS, host: Optional[str] 
                 cabs: List[Path] = BATCH_CABS, dry_run: bool = DRY_RUN, revision: Optional[str] = REVISION,
                 manifest: List[Path] = MANIFEST, jobs: int = JOBS, report: Optional[Path] = REPORT,
                 resume: bool = RESUME, shard: Optional[str] = SHARD, shards: Optional[int] = SHARDS,
-                fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT) -> None:
+                fail_fast: bool = FAIL_FAST, timeout: float = TIMEOUT, require_signed: bool = REQUIRE_SIGNED,
+                trust_root: List[Path] = TRUST_ROOT) -> None:
     """Stage every image's integration services for next boot.
 
     A manifest's output column writes a changed copy there instead of the image.
     """
     _run("stage", images, manifest, jobs, report, resume, shard, shards, fail_fast, timeout,
-         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, dry_run=dry_run)
+         host=host, cabs=tuple(os.fspath(c) for c in cabs), revision=revision, dry_run=dry_run,
+         require_signed=require_signed, trust_roots=tuple(os.fspath(r) for r in trust_root))
 
 
 @batch_app.command("services")
@@ -134,6 +141,10 @@ def report(
     from vhdtool.fleet.records import read_reports, render_summary, summarize
 
     sources = [os.fspath(f) for f in files]
+    if html is not None:
+        from vhdtool.fleet.htmlreport import refuse_a_report
+
+        refuse_a_report(os.fspath(html), sources)
     summary = summarize(read_reports(sources))
     doc = summary.to_dict()
     if html is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ def for_each_image(
     notes = []
     code = 0
     for i, image in enumerate(images):
+        if i:
+            gc.collect()  # the previous image's garbage (main() runs with the collector off)
         try:
             result = work(image)
         except VhdtoolError as e:

@@ -45,6 +45,11 @@ HOST = host_option()
 CABS = cabs_option()
 REVISION = typer.Option(None, "--matrix-revision", metavar="REV",
                         help="Revision of the source document (default: the one cabs/matrix.json names as its default).")
+REQUIRE_SIGNED = typer.Option(False, "--require-signed",
+                              help="Choose only a cab whose update.cat is a valid catalog, signed by a chain to a "
+                                   "Microsoft root (or a --trust-root), that lists its update.mum. Recommended.")
+TRUST_ROOT = typer.Option([], "--trust-root", metavar="PEM", show_default=False,
+                          help="Also accept catalog signatures that chain to this root certificate; repeatable.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Show what would change; write nothing.")
 OUTPUT = output_option("Write a changed copy to NEW; the image is not opened for writing.")
 JSON_PER_IMAGE = json_option("Print one JSON document per image (a list for several).")

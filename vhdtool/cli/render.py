@@ -109,6 +109,8 @@ def render_plan(plan: Plan) -> str:
         c = plan.cab
         kb = f"KB{c.kb}, " if c.kb else ""
         lines.append(f"  cab        {c.path} ({kb}{c.version}, {c.arch}, NT {c.nt}, sha256 {c.sha256[:16]}...)")
+        if c.signature:
+            lines.append(f"  signature  {c.signature} ({c.signature_reason})")
     if plan.packages:
         lines.append(f"  packages   {' '.join(plan.packages)} (with {plan.package_manager})")
     if plan.units:
@@ -173,12 +175,21 @@ def render_stage(result) -> str:
 def render_status(st) -> str:
     lines = [st.image, f"  state      {st.state}", f"  IC         version {st.ic_version or 'unknown'}"
              + (f" (from {st.ic_source})" if st.ic_source else "")]
+    if st.servicing and st.servicing.restart_needed:
+        keys = [k for k, on in (("RebootPending", st.servicing.reboot_pending),
+                                ("PackagesPending", st.servicing.packages_pending)) if on]
+        lines.append(f"  CBS        waits for a restart ({', '.join(keys)})")
     for s in st.staged:
         detail = f"exit code {s.exit_code}, " if s.exit_code is not None else ""
         detail += f"{s.attempts} attempt(s)" if s.attempts is not None else "not run yet"
         if s.finished:
             detail += f", finished {s.finished}"
         lines.append(f"  {s.id:<24} {s.state} ({detail})")
-        if s.state == "failed":
+        if s.cbs is not None:
+            cbs = s.cbs
+            code = f" (CurrentState 0x{cbs.current_state:x})" if cbs.current_state is not None else ""
+            lines.append(f"    CBS {cbs.state}{code}" + (f": {cbs.identity}" if cbs.identity else
+                                                        ": package identity not recorded by this stage"))
+        if s.state in ("failed", "inconsistent"):
             lines.extend(f"    | {line}" for line in s.log_tail)
     return "\n".join(lines)

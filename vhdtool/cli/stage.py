@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from vhdtool.cli.images import for_each_image
-from vhdtool.cli.options import CABS, DRY_RUN, HOST, IMAGES, JSON_PER_IMAGE, REVISION, output_option
+from vhdtool.cli.options import (CABS, DRY_RUN, HOST, IMAGES, JSON_PER_IMAGE, REQUIRE_SIGNED, REVISION, TRUST_ROOT,
+                                 output_option)
 from vhdtool.cli.plan import plan_inputs
 
 
@@ -21,6 +22,8 @@ def stage(
     output: Optional[Path] = output_option("Stage into a copy NEW (one image only); the image is not written."),
     as_json: bool = JSON_PER_IMAGE,
     revision: Optional[str] = REVISION,
+    require_signed: bool = REQUIRE_SIGNED,
+    trust_root: List[Path] = TRUST_ROOT,
 ) -> None:
     """Stage each IMAGE's integration services to install at next boot."""
     from vhdtool.cli.render import render_stage
@@ -29,7 +32,7 @@ def stage(
 
     if output is not None and len(images) != 1:
         raise typer.BadParameter("--output takes one image", param_hint="--output")
-    m, host_key, catalog = plan_inputs(host, cabs, revision)
+    m, host_key, catalog = plan_inputs(host, cabs, revision, trust_root, require_signed)
     for_each_image(images, as_json, SCHEMA,
                    lambda image: stage_image(image, host_key, catalog, m, dry_run=dry_run, output=output),
                    render_stage, os.fspath)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
 from vhdtool.editor.session import EditSession
+from vhdtool.errors import VhdtoolError
 
 __all__ = ["ChangeSet", "EditSession", "FileChange", "RegistryChange", "edit"]
 
@@ -38,6 +39,9 @@ def edit(path: str | os.PathLike, dry_run: bool = False, output: str | os.PathLi
         session.open()
         yield session
         session.commit()
+    except VhdtoolError as e:
+        session.name_the_output(e)  # never the temporary copy --output works in
+        raise
     finally:
         session.close()
 

@@ -18,12 +18,9 @@ from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.editor.changes import FileChange
 from vhdtool.errors import UnsupportedLayout, VolumeFull
-from vhdtool.filesystem import ext2fs
-from vhdtool.filesystem.ext2stream import blocks_needed
-from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, blocks_needed
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
-from vhdtool.guest.linux import is_linux_root
 from vhdtool.units import MiB
 from vhdtool.volume import Partition, open_partition, sniff_filesystem
 from vhdtool.volume.lvm import logical_volumes
@@ -31,6 +28,13 @@ from vhdtool.volume.mapping import VolumeMap
 
 EXT = ("ext2", "ext3", "ext4")
 WRITES = "vhdtool writes ext2/3/4 and NTFS volumes only"
+
+
+def _ext2fs():
+    """vhdtool.filesystem.ext2fs, imported when an ext2/3/4 volume is first used (an NTFS edit never does)."""
+    from vhdtool.filesystem import ext2fs
+
+    return ext2fs
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class ExtEdits:
         if not found:
             raise UnsupportedLayout(self.path, f"partition {partition} holds {part.filesystem or 'no filesystem'}: "
                                                f"{WRITES}", "give an ext2/3/4 partition")
+        from vhdtool.guest.linux import is_linux_root
+
         roots = [v for v in found if is_linux_root(v.fs)]
         if len(found) > 1 and len(roots) != 1:
             raise UnsupportedLayout(self.path, f"partition {partition} holds several ext2/3/4 volumes "
@@ -124,7 +130,7 @@ class ExtEdits:
     def _reader(self, vmap: VolumeMap, kind: str, label: str) -> LinuxFilesystem:
         # Refused now, not at the commit: what the caller decides next depends on it.
         what = f"{kind} on {label}"
-        sb = ext2fs.read_superblock(self.overlay, vmap, self.path, what)
+        sb = _ext2fs().read_superblock(self.overlay, vmap, self.path, what)
         sb.refuse_unwritable(self.path, what)
         # dissect.extfs reads a folder kept inside its inode as endless empty entries, and no bigalloc
         # volume at all: what is there (and so whether an edit changes anything) cannot be known.
@@ -144,6 +150,7 @@ class ExtEdits:
 
     def _state(self, vol: ExtVolume, target: str) -> str | None:
         """"file", "dir", "link", "other" or None for ``target`` (its last symlink not followed)."""
+        ext2fs = _ext2fs()
         entry = vol.fs.entry(target)
         state = entry.kind if entry is not None else None
         for op in self._pending(vol, target):
@@ -179,7 +186,7 @@ class ExtEdits:
                 and self._holds(vol, target, data):
             return None
         self._check_room(vol, target, entry.size if state == "file" and entry is not None else 0, len(data))
-        op = ext2fs.WriteFile(target, data, mode, uid, gid)
+        op = _ext2fs().WriteFile(target, data, mode, uid, gid)
         digest = None if isinstance(data, Source) else hashlib.sha256(data).hexdigest()
         return self._add(vol, op, FileChange(target, "add" if state is None else "replace", len(data), digest,
                                              vol.index))
@@ -195,7 +202,7 @@ class ExtEdits:
         """VolumeFull, before anything is written, when the volume's free blocks (the superblock's count, less
         what this session's writes there take; a replaced file's blocks count as free) cannot hold ``size``
         bytes and their block map."""
-        sb = ext2fs.read_superblock(self.overlay, vol.vmap, self.path, vol.label)
+        sb = _ext2fs().read_superblock(self.overlay, vol.vmap, self.path, vol.label)
         free = self._free.setdefault(vol.label, sb.free_blocks)
         need = blocks_needed(size, sb.block_size) - old_size // sb.block_size
         if need > free:
@@ -210,7 +217,7 @@ class ExtEdits:
             return None
         if state is not None:
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a folder path")
-        return self._add(vol, ext2fs.MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
+        return self._add(vol, _ext2fs().MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
 
     def symlink(self, path: str, target_text: str, partition: int | None) -> FileChange | None:
         vol, target = self.volume(partition), self._target(path)
@@ -220,7 +227,7 @@ class ExtEdits:
                                     "remove it in the guest first")
         if state == "link" and not self._pending(vol, target) and vol.fs.entry(target).link == target_text:
             return None
-        return self._add(vol, ext2fs.Symlink(target, target_text),
+        return self._add(vol, _ext2fs().Symlink(target, target_text),
                          FileChange(target, "symlink", None, None, vol.index, target=target_text))
 
     def unlink(self, path: str, partition: int | None) -> FileChange | None:
@@ -233,7 +240,7 @@ class ExtEdits:
                                                "on Linux volumes")
         # A link removed is reported with what it pointed to (a link this session made has no old target).
         entry = vol.fs.entry(target) if state == "link" and not self._pending(vol, target) else None
-        return self._add(vol, ext2fs.Unlink(target), FileChange(target, "delete", None, None, vol.index,
+        return self._add(vol, _ext2fs().Unlink(target), FileChange(target, "delete", None, None, vol.index,
                                                                 target=entry.link if entry is not None else None))
 
     def rmdir(self, path: str, partition: int | None, if_empty: bool = False) -> FileChange | None:
@@ -248,12 +255,12 @@ class ExtEdits:
         names = vol.fs.listdir(target) if vol.fs.is_dir(target) else []
         left = [f"{target}/{n}" for n in names if self._state(vol, f"{target}/{n}") is not None]
         left += [op.path for op in self._pending(vol, target) if op.path.startswith(target + "/")
-                 and not isinstance(op, (ext2fs.Unlink, ext2fs.RemoveDir))]
+                 and not isinstance(op, (_ext2fs().Unlink, _ext2fs().RemoveDir))]
         if left and if_empty:
             return None
         if left:
             raise UnsupportedLayout(self.path, f"{path} is not empty ({left[0]} is in it)", "remove what is in it first")
-        return self._add(vol, ext2fs.RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
+        return self._add(vol, _ext2fs().RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
 
     def _target(self, path: str) -> str:
         try:
@@ -280,8 +287,8 @@ class ExtEdits:
         from vhdtool.progress import phase, size_text
 
         for vol, ops in self._ops.values():
-            amount = sum(op.size for op in ops if isinstance(op, ext2fs.WriteFile))
+            amount = sum(op.size for op in ops if isinstance(op, _ext2fs().WriteFile))
             what = f"ext4 on {vol.label}"
             with phase(f"writing {size_text(amount)} to {vol.label} (libext2fs)", amount) as progress:
-                ext2fs.apply(self.overlay, vol.vmap, ops, self.path, what, tick=progress.tick)
+                _ext2fs().apply(self.overlay, vol.vmap, ops, self.path, what, tick=progress.tick)
         self._ops.clear()

@@ -26,7 +26,9 @@ from vhdtool.errors import (
     ImageNotFound,
     UnsupportedImage,
     UnsupportedLayout,
+    VhdtoolError,
     VolumeFull,
+    WriteFailed,
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import survey_disk
@@ -99,6 +101,18 @@ class EditSession:
         copy_image(self.path, tmp)
         # The copy keeps the original's extension, so that its format probe and locators agree.
         self.work_path = tmp
+
+    def name_the_output(self, e: VhdtoolError) -> None:
+        """Make an error about the temporary copy that --output works in name a path the user gave: the
+        output when writing it failed (it is not left behind either), else the image it is a copy of."""
+        tmp = self._tmp_output
+        if tmp is None or self.output is None:
+            return
+        name = self.output if isinstance(e, WriteFailed) else self.path
+        if e.path == tmp:
+            e.path = name
+        e.problem = e.problem.replace(tmp, name)
+        e.args = (e.message,)
 
     # -- what the operations act on ----------------------------------------------------------
     def _volume(self, partition: int | None) -> tuple[Partition, NtfsFilesystem]:

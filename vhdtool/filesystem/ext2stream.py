@@ -34,6 +34,7 @@ import struct
 
 from vhdtool.container.source import Source
 from vhdtool.filesystem import ext2fsio as io
+from vhdtool.filesystem.extsuper import blocks_needed
 from vhdtool.native import Refusal
 
 FS_SUPER, FS_BLOCKSIZE, FS_BLOCK_MAP = 32, 40, 88  # struct struct_ext2_filsys (ext2fs.h, e2fsprogs 1.47)
@@ -50,14 +51,6 @@ u64 = ctypes.c_uint64
 
 class ExtentRecord(ctypes.Structure):  # struct ext2fs_extent
     _fields_ = [("e_pblk", u64), ("e_lblk", u64), ("e_len", ctypes.c_uint32), ("e_flags", ctypes.c_uint32)]
-
-
-def blocks_needed(size: int, block_size: int) -> int:
-    """Blocks a ``size``-byte file takes: its data, and an estimate of its map (a block of map per
-    block_size/4 data blocks, the double and triple indirect blocks, and a few to spare)."""
-    data = -(-size // block_size)
-    per = block_size // 4
-    return data + -(-data // per) + -(-data // (per * per)) + 3 if data else 0
 
 
 class Streamer:

@@ -79,3 +79,11 @@ class Superblock:
 
     def features_text(self) -> str:
         return f"compat 0x{self.compat:x}, incompat 0x{self.incompat:x}, ro_compat 0x{self.ro_compat:x}"
+
+
+def blocks_needed(size: int, block_size: int) -> int:
+    """Blocks a ``size``-byte file takes: its data, and an estimate of its map (a block of map per
+    block_size/4 data blocks, the double and triple indirect blocks, and a few to spare)."""
+    data = -(-size // block_size)
+    per = block_size // 4
+    return data + -(-data // per) + -(-data // (per * per)) + 3 if data else 0

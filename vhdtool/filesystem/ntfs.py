@@ -38,9 +38,29 @@ class NtfsFilesystem(Filesystem):
         self.label = label
         with translate_errors(image_path, f"NTFS on {label}"):
             self.ntfs = NTFS(stream)
+        # Folder path -> its MFT record. dissect.ntfs walks every lookup from the root, reading each
+        # record and index on the way again; the volume does not change while this object reads it
+        # (an edit's changes reach it only at the commit), so the folders above are kept.
+        self._folders: dict[str, object] = {}
 
     def _get(self, path: str):
-        return self.ntfs.mft.get(_norm(path)) if _norm(path) else self.ntfs.mft.root
+        norm = _norm(path)
+        if not norm:
+            return self._folder("")
+        parent, _, name = norm.rpartition("\\")
+        return self.ntfs.mft.get(name, root=self._folder(parent))
+
+    def _folder(self, norm: str):
+        """The record at ``norm`` (a folder, or what a lookup below it then finds is none), looked up once."""
+        node = self._folders.get(norm)
+        if node is None:
+            if norm:
+                parent, _, name = norm.rpartition("\\")
+                node = self.ntfs.mft.get(name, root=self._folder(parent))
+            else:
+                node = self.ntfs.mft.root
+            self._folders[norm] = node
+        return node
 
     def exists(self, path: str) -> bool:
         with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):

@@ -215,6 +215,28 @@ def render_html(summary: Summary, doc: dict, sources: list[str]) -> str:
     ])
 
 
+def refuse_a_report(path: str, sources: list[str]) -> None:
+    """Refuse to write the page over a batch report: one of those read, or one left out of them
+    (`report --html a.jsonl b.jsonl`, its OUT.html forgotten, would replace a.jsonl)."""
+    import json
+
+    from vhdtool.fleet.records import is_record
+
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        same = any(os.path.exists(s) and os.path.samefile(path, s) for s in sources)
+    except OSError:
+        return  # not there (or not readable): writing it says what is wrong, if anything
+    try:
+        report = same or is_record(json.loads(first))
+    except (ValueError, UnicodeDecodeError):
+        report = False
+    if report:
+        raise WriteFailed(path, "is a batch report; the HTML page would replace it",
+                          "give --html the name of the page to write, such as fleet.html, before the reports")
+
+
 def write_html(path: str, text: str) -> None:
     """Write ``text`` to ``path`` atomically: a temporary file beside it, flushed, then renamed over it."""
     folder = os.path.dirname(os.path.abspath(path))

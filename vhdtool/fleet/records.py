@@ -174,6 +174,11 @@ def _check(rec) -> str | None:
     return None
 
 
+def is_record(rec) -> bool:
+    """Whether a parsed line is a batch record this vhdtool reads."""
+    return _check(rec) is None
+
+
 def latest(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
     """The last record of each (command, key): by start time, then by place in the files."""
     out: dict[tuple[str, str], dict] = {}
@@ -247,11 +252,15 @@ class Summary:
     def to_dict(self) -> dict:
         recs = list(self.images.values())
         outcomes = Counter(r["outcome"] for r in recs)
-        by = {name: Counter() for name in ("command", "host", "guest", "method", "shard")}
+        by = {name: Counter() for name in ("command", "host", "guest", "method", "shard", "status")}
         for r in recs:
             f = facets(r)
             by["command"][r["command"]] += 1
-            by["shard"][r.get("shard") or "none"] += 1
+            if r["command"] == "status" and r["outcome"] == OK and isinstance(r.get("result"), dict):
+                # The image's state (stage/status.py: none, pending, running, installed, reboot-pending,
+                # failed, inconsistent); "status <state>" in by_method says the same for people.
+                by["status"][str(r["result"].get("state"))] += 1
+            by["shard"][_text(r.get("shard")) or "none"] += 1
             for name in ("host", "guest", "method"):
                 if f[name]:
                     by[name][f[name]] += 1
@@ -268,6 +277,7 @@ class Summary:
             "by_guest": dict(sorted(by["guest"].items())),
             "by_method": dict(sorted(by["method"].items())),
             "by_shard": dict(sorted(by["shard"].items())),
+            "by_status": dict(sorted(by["status"].items())),
             "failures": sorted(failures, key=lambda f: (_code_order(f["exit_code"]), f["image"])),
             "seconds": round(sum(r["seconds"] for r in recs if _number(r.get("seconds"))), 3),
             "duplicates": self.duplicates,
@@ -279,6 +289,11 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _text(value) -> str | None:
+    """A shard or machine as text: a foreign report may hold any JSON value there (a list is no dict key)."""
+    return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 def _code_order(code) -> tuple[int, str]:
     """Exit codes sort as numbers; what a foreign report holds instead sorts first, as text."""
     return (code, "") if isinstance(code, int) else (-1, str(code))
@@ -288,7 +303,7 @@ def summarize(loaded: Loaded) -> Summary:
     images = latest(loaded.records)
     where: dict[tuple[str, str], set] = {}
     for r in loaded.records:
-        where.setdefault((r["command"], r["key"]), set()).add((r.get("shard"), r.get("machine")))
+        where.setdefault((r["command"], r["key"]), set()).add((_text(r.get("shard")), _text(r.get("machine"))))
     dups = sorted(f"{k[0]} {k[1]}" for k, w in where.items() if len({s for s, _ in w}) > 1)
     return Summary(len(loaded.records), images, loaded.skipped_lines, dups)
 
@@ -309,7 +324,7 @@ def render_summary(doc: dict, title: str = "report") -> str:
     if doc["failures"]:
         lines.append("  failed")
         for f in doc["failures"]:
-            lines.append(f"    exit {f['exit_code']:>3}  {f['message']}")
+            lines.append(f"    exit {str(f['exit_code']):>3}  {f['message']}")
     for d in doc["duplicates"]:
         lines.append(f"  warning: {d} has records from more than one shard")
     for u in doc["unreadable_lines"]:

@@ -26,6 +26,8 @@ class Options:
     dry_run: bool = False
     enable: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
+    require_signed: bool = False
+    trust_roots: tuple[str, ...] = ()
 
 
 @dataclass
@@ -48,7 +50,7 @@ class ImageCommand:
         if cabs not in self._catalogs:
             from vhdtool.plan.sources import load_sources
 
-            self._catalogs[cabs] = load_sources(cabs)
+            self._catalogs[cabs] = load_sources(cabs, self.options.trust_roots, self.options.require_signed)
         return self._catalogs[cabs]
 
     def warm(self) -> None:

@@ -21,7 +21,6 @@ from vhdtool.errors import UnsupportedLayout, VhdtoolError
 from vhdtool.filesystem import NtfsFilesystem, open_linux_filesystem
 from vhdtool.filesystem.base import Filesystem
 from vhdtool.guest.inspection import GuestInfo, ImageInfo, Inspection, IoStats, require_guest
-from vhdtool.guest.linux import is_linux_root, linux_facts
 from vhdtool.guest.windows import WindowsGuest, find_config_dir
 from vhdtool.volume import Partition, list_partitions, mbr_disk_signature, open_partition, sniff_filesystem
 from vhdtool.volume.lvm import logical_volumes
@@ -100,6 +99,8 @@ def survey_disk(disk: DiskStream) -> Inspection:
         guest = GuestInfo(os="windows", windows=windows, integration_services=ic)
 
     if guest is None:
+        from vhdtool.guest.linux import is_linux_root, linux_facts
+
         for index, kind, stream, label in linux_candidates(disk, partitions, path, warnings):
             fs = open_linux_filesystem(stream, kind, path, label)
             if is_linux_root(fs):
@@ -141,6 +142,8 @@ def with_linux_root(path: str | os.PathLike, work: Callable[[Filesystem], T]) ->
 
 def find_linux_root(disk: DiskStream) -> Filesystem | None:
     """The disk's first Linux root filesystem (ext2/3/4 or XFS, LVM included), read-only; None for none."""
+    from vhdtool.guest.linux import is_linux_root
+
     warnings: list[str] = []
     partitions = list_partitions(disk, disk.logical_sector_size, disk.path)
     for _index, kind, stream, label in linux_candidates(disk, partitions, disk.path, warnings):

@@ -10,11 +10,14 @@ of the commands that need a guest (plan, stage, services, status, writes without
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vhdtool.errors import EncryptedVolume, NoGuestFound, UnsupportedLayout
-from vhdtool.guest.linux import LinuxFacts
 from vhdtool.guest.windows import IntegrationServices, WindowsFacts
 from vhdtool.volume import Partition
+
+if TYPE_CHECKING:  # a Windows guest's inspection (and every edit) does without the Linux side
+    from vhdtool.guest.linux import LinuxFacts
 
 SCHEMA = 1
 NO_GUEST = "no operating system found (no Windows system root, no Linux root filesystem)"

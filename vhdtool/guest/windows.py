@@ -18,6 +18,7 @@ from uuid import UUID
 
 from vhdtool.errors import CorruptHive, UnreplayableHive
 from vhdtool.filesystem.ntfs import NtfsFilesystem
+from vhdtool.guest.cbs import CBS_PACKAGES
 from vhdtool.guest.hivefiles import log_files, read_hive_files
 from vhdtool.guest.versioninfo import file_version, version_tuple
 from vhdtool.registry.hive import Hive
@@ -32,7 +33,6 @@ KVP_AUTO = "Microsoft\\Virtual Machine\\Auto"
 KVP_GUEST_PARAMETERS = "Microsoft\\Virtual Machine\\Guest\\Parameters"
 # The host's NT version -> the OS matrix's host key (cabs/matrix.json); older hosts have no table.
 HOST_KEYS = {"6.2": "win8", "6.3": "win8.1", "10.0": "win10"}
-CBS_PACKAGES = "Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages"
 SETUP_STATE = "Microsoft\\Windows\\CurrentVersion\\Setup\\State"
 VMBUS_SYS = "/Windows/System32/drivers/vmbus.sys"
 IC_SERVICES = (
@@ -163,6 +163,42 @@ def _str(value) -> str | None:
     return None
 
 
+def open_guest_hive(fs: NtfsFilesystem, name: str, image_path: str,
+                    warnings: list[str]) -> tuple[Hive, HiveState]:
+    """Hive ``name`` of config/ as Windows will read it at boot: a dirty one replayed from its logs in memory.
+
+    When the logs cannot be replayed, the primary file is read, with a warning (stage refuses such a hive).
+    """
+    path = f"{CONFIG_DIR}/{name}"
+    hive = Hive(fs.open(path), name, image_path)
+    logs = tuple(f"{name}.{ext}" for ext in log_files(fs, path))
+    if not hive.checksum_ok:
+        warnings.append(f"{name} hive base block checksum does not match")
+    if not hive.dirty and hive.checksum_ok:
+        return hive, HiveState(False, logs)
+    # Dirty as the registry layer counts it (a wrong checksum too), and only a dirty hive pays
+    # for reading its primary and logs whole.
+    state = (f"sequence {hive.sequence[0]} != {hive.sequence[1]}" if hive.dirty
+             else "its base block checksum does not match")
+    try:
+        files = read_hive_files(fs, path, name, image_path)
+        current = replay(files.primary, files.log1, files.log2, name, image_path)
+        replayed = Hive(io.BytesIO(current.data), name, image_path)
+    except CorruptHive as e:
+        why = e.why if isinstance(e, UnreplayableHive) else e.problem
+        warnings.append(
+            f"{name} hive is dirty ({state}); its logs cannot be replayed ({why}): "
+            "values are read from the primary file, and stage will refuse to write it"
+        )
+        return hive, HiveState(True, logs, replay_problem=why)
+    used = list(dict.fromkeys(files.log_name(a.log) for a in current.applied))
+    warnings.append(
+        f"{name} hive is dirty ({state}); read as Windows will see it after replaying "
+        f"{len(current.applied)} log {'entry' if len(current.applied) == 1 else 'entries'} from {', '.join(used)}"
+    )
+    return replayed, HiveState(True, logs, True, len(current.applied))
+
+
 class WindowsGuest:
     """Reads the facts of one Windows installation; each fact read once."""
 
@@ -180,39 +216,9 @@ class WindowsGuest:
         self.image_path = image_path
         self.encrypted_volumes = encrypted_volumes
         self.warnings: list[str] = []
-        self.software, software_state = self._open_hive("SOFTWARE")
-        self.system, system_state = self._open_hive("SYSTEM")
+        self.software, software_state = open_guest_hive(fs, "SOFTWARE", image_path, self.warnings)
+        self.system, system_state = open_guest_hive(fs, "SYSTEM", image_path, self.warnings)
         self.hive_states = (("SYSTEM", system_state), ("SOFTWARE", software_state))
-
-    def _open_hive(self, name: str) -> tuple[Hive, HiveState]:
-        path = f"{CONFIG_DIR}/{name}"
-        hive = Hive(self.fs.open(path), name, self.image_path)
-        logs = tuple(f"{name}.{ext}" for ext in log_files(self.fs, path))
-        if not hive.checksum_ok:
-            self.warnings.append(f"{name} hive base block checksum does not match")
-        if not hive.dirty and hive.checksum_ok:
-            return hive, HiveState(False, logs)
-        # Dirty as the registry layer counts it (a wrong checksum too), and only a dirty hive pays
-        # for reading its primary and logs whole.
-        state = (f"sequence {hive.sequence[0]} != {hive.sequence[1]}" if hive.dirty
-                 else "its base block checksum does not match")
-        try:
-            files = read_hive_files(self.fs, path, name, self.image_path)
-            current = replay(files.primary, files.log1, files.log2, name, self.image_path)
-            replayed = Hive(io.BytesIO(current.data), name, self.image_path)
-        except CorruptHive as e:
-            why = e.why if isinstance(e, UnreplayableHive) else e.problem
-            self.warnings.append(
-                f"{name} hive is dirty ({state}); its logs cannot be replayed ({why}): "
-                "values are read from the primary file, and stage will refuse to write it"
-            )
-            return hive, HiveState(True, logs, replay_problem=why)
-        used = list(dict.fromkeys(files.log_name(a.log) for a in current.applied))
-        self.warnings.append(
-            f"{name} hive is dirty ({state}); read as Windows will see it after replaying "
-            f"{len(current.applied)} log {'entry' if len(current.applied) == 1 else 'entries'} from {', '.join(used)}"
-        )
-        return replayed, HiveState(True, logs, True, len(current.applied))
 
     # -- facts --------------------------------------------------------------------
     def control_set(self) -> int | None:

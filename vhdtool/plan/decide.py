@@ -15,9 +15,14 @@ from vhdtool.errors import UnknownKey
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.plan.guestkey import NEWER_THAN_MATRIX, identify
 from vhdtool.plan.matrix import Matrix, load_matrix
-from vhdtool.plan.packages import NoPackage, choose_packages
 from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.plan.sources import CabCandidate, CabCatalog
+
+# Signature verdicts (vhdtool.cabinet.catalog.SIGNATURES), named here so the plan does not load the verifier.
+INVALID, UNSIGNED, UNTRUSTED = "invalid", "unsigned", "untrusted"
+# Between cabs of one version, the better signature is chosen: a chain to a trusted root, then a valid
+# signature without one, then none.
+SIGNATURE_PREFERENCE = {"microsoft": 2, "trusted": 2, UNTRUSTED: 1}
 
 SCHEMA = 1
 WINDOWS_UPDATE = "windows-update"
@@ -132,7 +137,7 @@ def plan(
             state = _data_exchange_state(inspection)
             if state is not None:
                 reasons.append(f"Windows Update needs the Data Exchange service, which {state} in the image")
-                return _with_cab(KB3071740, guest, ic_version, catalog, reasons, done)
+                return _with_cab(KB3071740, guest, ic_version, catalog, reasons, notes, done)
         reasons.append(f"on a {host_info.name} host, {guest.key} gets integration services from Windows Update")
         return done(WINDOWS_UPDATE, NONE)
 
@@ -140,7 +145,7 @@ def plan(
     if guest.nt in ("5.1", "5.2"):
         reasons.append(f"{guest.key} installs integration services from an MSI (setup.exe on the disk), not a cab")
         return done(IC_DISK, MANUAL)
-    return _with_cab(IC_DISK, guest, ic_version, catalog, reasons, done)
+    return _with_cab(IC_DISK, guest, ic_version, catalog, reasons, notes, done)
 
 
 def host_of(inspection: Inspection, matrix: Matrix) -> str:
@@ -222,6 +227,8 @@ def dirty_hive_notes(inspection: Inspection, staging: bool) -> list[str]:
 
 def _linux(inspection: Inspection, reasons: list[str], notes: list[str], done) -> Plan:
     """Linux guests get the drivers from their kernel and the daemons from a package, staged when missing."""
+    from vhdtool.plan.packages import NoPackage, choose_packages  # with guest.linux: a Windows plan does without
+
     facts = inspection.guest.linux
     if facts is None:
         reasons.append("the Linux guest's facts could not be read")
@@ -253,9 +260,19 @@ def _data_exchange_state(inspection: Inspection) -> str | None:
     return None
 
 
-def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str], done) -> Plan:
-    """Choose the newest cab that fits the guest exactly; never one for another guest."""
-    fitting, refused = [], []
+def signature_refusal(c: CabCandidate, require_signed: bool) -> str | None:
+    """Why ``c``'s signature keeps it from being chosen, or None: an invalid one never is; an unsigned or
+    untrusted one only without --require-signed."""
+    if c.signature == INVALID:
+        return f"its signature is invalid: {c.signature_reason}"
+    if require_signed and c.signature in (UNSIGNED, UNTRUSTED):
+        return f"--require-signed, and it is {c.signature} ({c.signature_reason})"
+    return None
+
+
+def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str], notes: list[str], done) -> Plan:
+    """Choose the newest cab that fits the guest exactly and whose signature allows it; never one for another guest."""
+    fitting, refused, unsigned = [], [], []
     for c in catalog.candidates:
         if c.problem:
             refused.append(f"{c.path}: {c.problem}")
@@ -263,6 +280,9 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
             refused.append(f"{c.path}: for {c.arch}, the guest is {guest.arch}")
         elif c.nt != guest.nt:
             refused.append(f"{c.path}: for NT {c.nt}, the guest is NT {guest.nt}")
+        elif signature_refusal(c, catalog.require_signed):
+            refused.append(f"{c.path}: {signature_refusal(c, catalog.require_signed)}")
+            unsigned.append(refused[-1])
         else:
             fitting.append(c)
     what = "the KB3071740 cab" if method == KB3071740 else "the integration services disk"
@@ -275,7 +295,8 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
                 + (": " + "; ".join(refused) if refused else "")
             )
         return done(method, MANUAL)
-    best = max(fitting, key=lambda c: version_tuple(c.version))
+    notes.extend(f"not chosen: {why}" for why in unsigned)
+    best = max(fitting, key=lambda c: (version_tuple(c.version), SIGNATURE_PREFERENCE.get(c.signature, 0)))
     if ic_version and version_tuple(best.version) <= version_tuple(ic_version):
         reasons.append(
             f"the guest's integration services ({ic_version}) are not older than {best.name} ({best.version})"
@@ -286,4 +307,7 @@ def _with_cab(method, guest, ic_version, catalog: CabCatalog, reasons: list[str]
     else:
         reasons.append(f"the guest's integration services version is unknown; {best.name} {best.version} fits it")
     reasons.append(f"{what}: {best.name} ({best.arch}, NT {best.nt}) will install at next boot")
+    if best.signature in (UNSIGNED, UNTRUSTED):
+        notes.append(f"warning: {best.name} is {best.signature} ({best.signature_reason}); stage it only if you trust "
+                     "where it came from (with --require-signed it is not chosen)")
     return done(method, STAGE, best)

@@ -49,6 +49,11 @@ class CabCandidate:
     fingerprint: tuple | None = field(default=None, compare=False, repr=False)
     kb: str | None = None  # "3071740": the KB number of an .msu
     msu: str | None = None  # the .msu the cab is the package cab of, labelled as path is
+    # The verdict on its update.cat (vhdtool.cabinet.catalog): microsoft, trusted, untrusted, unsigned, invalid.
+    signature: str | None = None
+    signature_reason: str | None = None
+    # name~publicKeyToken~arch~language~version: what CBS will record it as; stage writes it beside the cab
+    cbs_identity: str | None = None
 
     @property
     def container(self) -> str:
@@ -68,6 +73,9 @@ class CabCandidate:
             "package_identifier": self.package_identifier,
             "kb": self.kb,
             "msu": self.msu,
+            "signature": self.signature,
+            "signature_reason": self.signature_reason,
+            "cbs_identity": self.cbs_identity,
         }
 
 
@@ -76,6 +84,7 @@ class CabCatalog:
     candidates: tuple[CabCandidate, ...]
     notes: tuple[str, ...]
     sources: tuple[str, ...]
+    require_signed: bool = False  # --require-signed: only a cab whose signature is microsoft or trusted is chosen
 
 
 def _name_target(name: str) -> tuple[str | None, str | None]:
@@ -88,10 +97,10 @@ def _name_target(name: str) -> tuple[str | None, str | None]:
 
 
 def describe(data: bytes | Source, label: str, source: str, name: str,
-             kb: str | None = None, msu: str | None = None) -> CabCandidate:
+             kb: str | None = None, msu: str | None = None, roots=None) -> CabCandidate:
     from vhdtool.cabinet import read_package
 
-    package = read_package(data, label)
+    package = read_package(data, label, roots)
     ident = package.identity
     arch = ARCH_FROM_MANIFEST.get(ident.arch.lower())
     name_nt, name_arch = _name_target(name)
@@ -123,6 +132,9 @@ def describe(data: bytes | Source, label: str, source: str, name: str,
         fingerprint=data.fingerprint() if isinstance(data, Source) else None,
         kb=kb,
         msu=msu,
+        signature=package.signature.status,
+        signature_reason=package.signature.reason,
+        cbs_identity=ident.cbs_identity,
     )
 
 
@@ -167,14 +179,14 @@ def _digest(source: Source, name: str) -> str:
         return source.sha256(progress=None if progress is NO_PROGRESS else progress)
 
 
-def _described(source: Source, label: str, given: str, name: str) -> CabCandidate:
+def _described(source: Source, label: str, given: str, name: str, roots=None) -> CabCandidate:
     """describe() of an open cab, which is then closed."""
     with source:
         try:
             _digest(source, name)
         except WriteFailed as e:  # cut short or replaced while it was read
             raise CabSourceError(label, e.problem, "run the command again") from None
-        return describe(source, label, given, name)
+        return describe(source, label, given, name, roots=roots)
 
 
 def _is_msu(name: str) -> bool:
@@ -186,14 +198,14 @@ def _accepted(name: str) -> bool:
     return bool(IC_CAB_NAME.match(name)) or (_is_msu(name) and bool(KB_NAME.match(name)))
 
 
-def _described_msu(msu: Source, label: str, given: str, name: str) -> CabCandidate:
+def _described_msu(msu: Source, label: str, given: str, name: str, roots=None) -> CabCandidate:
     """describe() of the package cab of an open .msu (which is then closed), with the .msu's KB number."""
     from vhdtool.cabinet.msu import package_cab, read_msu
 
     with msu:
         contents = read_msu(msu, label)
         cab = package_cab(msu, contents, label)
-    candidate = _described(cab, cab.label, given, contents.package_cab)
+    candidate = _described(cab, cab.label, given, contents.package_cab, roots)
     m = KB_NAME.match(name)
     named = m.group(2).lstrip("0") or "0" if m else None
     kb = contents.kb or named
@@ -204,14 +216,20 @@ def _described_msu(msu: Source, label: str, given: str, name: str) -> CabCandida
     return candidate
 
 
-def _described_file(path: Path, given: str) -> CabCandidate:
+def _described_file(path: Path, given: str, roots) -> CabCandidate:
     if _is_msu(path.name):
-        return _described_msu(_open_file(path), str(path), given, path.name)
-    return _described(_open_file(path), str(path), given, path.name)
+        return _described_msu(_open_file(path), str(path), given, path.name, roots)
+    return _described(_open_file(path), str(path), given, path.name, roots)
 
 
-def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
-    """Read every integration services cab of the given sources."""
+def load_sources(paths: Iterable[str | os.PathLike], trust_roots: Iterable[str | os.PathLike] = (),
+                 require_signed: bool = False) -> CabCatalog:
+    """Read every integration services cab of the given sources, each cab's signature checked against the
+    shipped Microsoft roots and ``trust_roots`` (PEM files); ``require_signed`` is kept for the plan."""
+    from vhdtool.cabinet.catalog import TrustRoots
+
+    extra = tuple(os.fspath(r) for r in trust_roots)
+    roots = TrustRoots.load(extra) if extra else TrustRoots.shipped()
     candidates: list[CabCandidate] = []
     notes: list[str] = []
     sources = []
@@ -226,21 +244,21 @@ def load_sources(paths: Iterable[str | os.PathLike]) -> CabCatalog:
                 if p not in ic:
                     notes.append(f"{p}: not an integration services cab or update .msu name; skipped")
             for p in ic:
-                candidates.append(_described_file(p, source))
+                candidates.append(_described_file(p, source, roots))
             if not ic:
                 notes.append(f"{source}: no integration services cabs found")
         elif path.is_file() and _is_iso(path):
-            candidates.extend(_from_iso(path, source, notes))
+            candidates.extend(_from_iso(path, source, notes, roots))
         elif path.is_file():
-            candidates.append(_described_file(path, source))
+            candidates.append(_described_file(path, source, roots))
         elif not path.exists():
             raise CabSourceError(source, "no such file or folder")
         else:
             raise CabSourceError(source, "not a file or folder")
-    return CabCatalog(tuple(candidates), tuple(notes), tuple(sources))
+    return CabCatalog(tuple(candidates), tuple(notes), tuple(sources), require_signed)
 
 
-def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
+def _from_iso(path: Path, source: str, notes: list[str], roots) -> list[CabCandidate]:
     from vhdtool.iso import IsoImage
 
     out = []
@@ -251,7 +269,7 @@ def _from_iso(path: Path, source: str, notes: list[str]) -> list[CabCandidate]:
                 notes.append(f"{path}:{entry.path}: not an integration services cab or update .msu name; skipped")
                 continue
             describe_entry = _described_msu if _is_msu(name) else _described
-            out.append(describe_entry(_open_iso_entry(iso, entry, raw), f"{path}:{entry.path}", source, name))
+            out.append(describe_entry(_open_iso_entry(iso, entry, raw), f"{path}:{entry.path}", source, name, roots))
     if not out:
         notes.append(f"{source}: no integration services cabs under /support")
     return out

@@ -24,12 +24,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vhdtool.cabinet.format import CBS_IDENTITY
+
 MAX_ATTEMPTS = 3
 SUCCESS_CODES = (0, 3010)
 ID_PATTERN = re.compile(r"^[0-9]{1,5}(\.[0-9]{1,5}){1,3}-(x86|x64|arm64)$")
 CAB_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.cab$", re.IGNORECASE)
 SYSTEM_ROOT_PATTERN = re.compile(r"^[A-Z]:\\[A-Za-z0-9_]{1,32}$")
 MARKER = "rem vhdtool-staged"
+# Beside install.cmd: the package's CBS identity (``identity=name~token~arch~language~version``), which
+# `status` looks up in the guest's Component Based Servicing record; install.cmd never touches it, so it
+# outlives the cab (deleted on success).
+PACKAGE_FILE = "package.txt"
 
 
 class UnsafeScriptValue(ValueError):
@@ -97,6 +103,13 @@ def installer_for(nt_version: str) -> str:
     """dism.exe from NT 6.1 (Windows 7, Server 2008 R2) on; pkgmgr.exe on NT 6.0 (Vista, Server 2008)."""
     major, minor = (int(x) for x in nt_version.split(".")[:2])
     return "pkgmgr" if (major, minor) < (6, 1) else "dism"
+
+
+def render_package(identity: str) -> bytes:
+    """package.txt: one ``identity=`` line, CRLF."""
+    if not CBS_IDENTITY.fullmatch(identity):
+        raise UnsafeScriptValue(f"package identity {identity!r} does not match {CBS_IDENTITY.pattern}")
+    return f"identity={identity}\r\n".encode("ascii")
 
 
 def render(s: StagedScript) -> bytes:

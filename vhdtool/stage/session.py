@@ -10,20 +10,23 @@ import os
 from dataclasses import dataclass, replace
 
 from vhdtool.editor import ChangeSet, edit
-from vhdtool.errors import SetupPending, UnsupportedLayout
-from vhdtool.plan.decide import STAGE, Plan, plan_for_host
+from vhdtool.errors import CabError, SetupPending, UnsupportedLayout
+from vhdtool.plan.decide import MANUAL, STAGE, Plan, plan_for_host, signature_refusal
+from vhdtool.plan.guestkey import identify
 from vhdtool.plan.matrix import Matrix
 from vhdtool.plan.sources import CabCatalog, cab_source
 from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.stage.script import (
     ID_PATTERN,
     MARKER,
+    PACKAGE_FILE,
     StagedScript,
     cmdline_id,
     install_id,
     installer_for,
     is_ours,
     render,
+    render_package,
 )
 from vhdtool.stage.linux_session import stage_linux
 from vhdtool.stage.status import STAGING_ROOT
@@ -73,6 +76,7 @@ def stage(image: str | os.PathLike, host: str | None, catalog: CabCatalog, matri
     with edit(image, dry_run=dry_run, output=output) as ed:
         # With --output the session inspects the copy; the plan names the image it was asked about.
         plan = replace(plan_for_host(ed.inspection, host, catalog, matrix), image=os.fspath(image))
+        _refuse_unsigned(plan, catalog, ed.inspection)
         if plan.action == STAGE and plan.packages:
             # A Linux plan: install.sh and its systemd unit, through the ext4 writer.
             staged = stage_linux(ed, os.fspath(image), plan)
@@ -82,6 +86,21 @@ def stage(image: str | os.PathLike, host: str | None, catalog: CabCatalog, matri
         return StageResult(plan, False, None, (), None, ed.result)
     script, files, hook = staged
     return StageResult(plan, True, script.id, files, hook, ed.result)
+
+
+def _refuse_unsigned(plan: Plan, catalog: CabCatalog, inspection) -> None:
+    """A plan left without a cab because the guest's cab was refused for its signature is an error, not a
+    quiet "manual": the user asked for that cab to be staged."""
+    if plan.action != MANUAL:
+        return
+    guest = identify(inspection)
+    for c in catalog.candidates:
+        fits = c.arch == guest.arch and c.nt == guest.nt and not c.problem
+        why = signature_refusal(c, catalog.require_signed) if fits else None
+        if why:
+            hint = ("use the cab as Microsoft ships it" if c.signature == "invalid"
+                    else "drop --require-signed to accept it, or give its root with --trust-root")
+            raise CabError(c.container, f"not staged: {why}", hint)
 
 
 def _stage_into(ed, image, plan: Plan):
@@ -108,6 +127,10 @@ def _stage_into(ed, image, plan: Plan):
     cab = cab_source(plan.cab)
     ed.write_file(f"{folder}/{script.cab_name}", cab)
     ed.write_file(f"{folder}/install.cmd", text)
+    # What CBS will record the package as, for `status` (the cab is deleted once it installed).
+    package = render_package(plan.cab.cbs_identity) if plan.cab.cbs_identity else None
+    if package:
+        ed.write_file(f"{folder}/{PACKAGE_FILE}", package)
     for old in replaced:
         ed.delete(f"{STAGING_ROOT}/{old}")
     if script.hook == "setup-cmdline":
@@ -129,6 +152,9 @@ def _stage_into(ed, image, plan: Plan):
         {"path": f"{folder}/{script.cab_name}", "size": len(cab), "sha256": cab.sha256()},
         {"path": f"{folder}/install.cmd", "size": len(text), "sha256": hashlib.sha256(text).hexdigest()},
     )
+    if package:
+        files += ({"path": f"{folder}/{PACKAGE_FILE}", "size": len(package),
+                   "sha256": hashlib.sha256(package).hexdigest()},)
     return script, files, hook
 
 

@@ -9,47 +9,62 @@ staged. A staging that a newer one replaced before it finished is gone (stage de
 the same commit); one that finished (result.txt) stays listed, as history. A Linux guest's
 stagings are read from its root filesystem (ext2/3/4 or XFS, on a partition or an LVM volume);
 its ic_version and ic_source are null (its drivers come with its kernel).
+
+On Windows each staging's state is then checked against Windows' own record of its packages
+(Component Based Servicing, in SOFTWARE read as Windows will read it at boot): the identity stage
+recorded in package.txt, that package's CurrentState, the RebootPending/PackagesPending keys and
+the IC version the guest records. ``stage/crosscheck.py`` decides, adding ``reboot-pending`` and
+``inconsistent``; a staging without package.txt (an older stage) has CBS state "unknown".
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from vhdtool.cabinet.format import CBS_IDENTITY
 from vhdtool.container import open_disk
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.filesystem import NtfsFilesystem
 from vhdtool.filesystem.base import Filesystem
 from vhdtool.filesystem.linuxfs import open_linux_filesystem
+from vhdtool.guest.cbs import CbsPackage, ServicingState, read_package, read_servicing
 from vhdtool.guest.discover import inspect_disk, linux_candidates
 from vhdtool.guest.inspection import require_guest
 from vhdtool.guest.linux import is_linux_root
 from vhdtool.guest.versioninfo import version_tuple
+from vhdtool.guest.windows import open_guest_hive
 from vhdtool.stage.linux_script import ID_PATTERN as LINUX_ID_PATTERN
 from vhdtool.stage.linux_script import STAGING_ROOT as LINUX_STAGING_ROOT
 from vhdtool.stage.linux_script import SUCCESS_CODES as LINUX_SUCCESS_CODES
-from vhdtool.stage.script import ID_PATTERN, SUCCESS_CODES
+from vhdtool.stage.crosscheck import crosscheck, ic_covers
+from vhdtool.stage.script import ID_PATTERN, PACKAGE_FILE, SUCCESS_CODES
 from vhdtool.volume import open_partition
 
 SCHEMA = 1
 STAGING_ROOT = "/Windows/vhdtool"
 LOG_TAIL = 10
 RESULT_LINE = re.compile(r"^(exit_code|attempts|finished)=(.{0,100})$")
+IDENTITY_LINE = re.compile(r"^identity=(.{1,300})$")
 
 
 @dataclass(frozen=True)
 class StagedState:
     id: str
-    state: str  # "pending" | "running" | "installed" | "failed"
+    # "pending" | "running" | "installed" | "failed"; on Windows also "reboot-pending" | "inconsistent"
+    # (stage/crosscheck.py)
+    state: str
     exit_code: int | None
     attempts: int | None
     finished: str | None
     log_tail: tuple[str, ...]
+    cbs: CbsPackage | None = None  # Windows: the package's CBS record; None on Linux
 
     def to_dict(self) -> dict:
         return {"id": self.id, "state": self.state, "exit_code": self.exit_code, "attempts": self.attempts,
-                "finished": self.finished, "log_tail": list(self.log_tail)}
+                "finished": self.finished, "log_tail": list(self.log_tail),
+                "cbs": self.cbs.to_dict() if self.cbs else None}
 
 
 @dataclass(frozen=True)
@@ -59,11 +74,12 @@ class Status:
     staged: tuple[StagedState, ...]
     ic_version: str | None
     ic_source: str | None
+    servicing: ServicingState | None = None  # Windows: CBS's RebootPending/PackagesPending; None on Linux
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "image": self.image, "state": self.state,
                 "staged": [s.to_dict() for s in self.staged], "ic_version": self.ic_version,
-                "ic_source": self.ic_source}
+                "ic_source": self.ic_source, "cbs": self.servicing.to_dict() if self.servicing else None}
 
 
 def _int(text: str | None) -> int | None:
@@ -148,10 +164,40 @@ def status(image: str | os.PathLike) -> Status:
         part = next(p for p in ins.partitions if p.index == w.system_partition)
         fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
         ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n)] if fs.is_dir(STAGING_ROOT) else []
-        staged = tuple(read_state(fs, i) for i in sorted(ids, key=lambda i: version_tuple(i.split("-")[0])))
-    ic = ins.guest.integration_services
-    return Status(path, staged[-1].state if staged else "none", staged,
-                  ic.version if ic else None, ic.source if ic else None)
+        ids.sort(key=lambda i: version_tuple(i.split("-")[0]))
+        ic = ins.guest.integration_services
+        ic_version = ic.version if ic else None
+        # As Windows will read it at boot (a dirty hive's logs replayed in memory), as inspect read it.
+        software, _ = open_guest_hive(fs, "SOFTWARE", path, [])
+        servicing = read_servicing(software)
+        staged = tuple(_checked(read_state(fs, i), read_package(software, read_identity(fs, i)), servicing, ic_version)
+                       for i in ids)
+    return Status(path, staged[-1].state if staged else "none", staged, ic_version, ic.source if ic else None,
+                  servicing)
+
+
+def parse_identity(package: bytes | None) -> str | None:
+    """The identity in package.txt's content (None: absent); None too for one that is not a safe CBS key name.
+
+    Hostile like every file of the guest: decoded leniently, the first ``identity=`` line only, and the
+    value must match ``CBS_IDENTITY`` (it becomes a registry path: no backslash gets through).
+    """
+    for line in (package or b"").decode("latin-1").splitlines():
+        m = IDENTITY_LINE.match(line.strip())
+        if m:
+            return m.group(1) if CBS_IDENTITY.fullmatch(m.group(1)) else None
+    return None
+
+
+def read_identity(fs: Filesystem, staged_id: str) -> str | None:
+    """The package identity stage recorded in the staging's package.txt; None for an older staging without one."""
+    path = f"{STAGING_ROOT}/{staged_id}/{PACKAGE_FILE}"
+    return parse_identity(fs.read(path, 4096) if fs.exists(path) and not fs.is_dir(path) else None)
+
+
+def _checked(staged: StagedState, package: CbsPackage, servicing: ServicingState, ic_version: str | None) -> StagedState:
+    covered = ic_covers(package, staged.id.split("-")[0], ic_version)
+    return replace(staged, state=crosscheck(staged.state, staged.exit_code, package, servicing, covered), cbs=package)
 
 
 def _linux_root(disk, ins, path: str) -> Filesystem:
