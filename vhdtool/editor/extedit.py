@@ -15,12 +15,13 @@ import hashlib
 from dataclasses import dataclass
 
 from vhdtool.container.overlay import Overlay
-from vhdtool.container.source import Source
+from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.editor.changes import FileChange
-from vhdtool.errors import UnsupportedLayout
-from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC
+from vhdtool.errors import UnsupportedLayout, VolumeFull
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, blocks_needed
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
+from vhdtool.units import MiB
 from vhdtool.volume import Partition, open_partition, sniff_filesystem
 from vhdtool.volume.lvm import logical_volumes
 from vhdtool.volume.mapping import VolumeMap
@@ -61,6 +62,7 @@ class ExtEdits:
         self.files = files
         self._volumes: dict[int | None, ExtVolume] = {}
         self._ops: dict[str, tuple[ExtVolume, list]] = {}  # volume label -> (volume, operations in order)
+        self._free: dict[str, int] = {}  # volume label -> free blocks left for this session's writes
 
     def wants(self, partition: int | None) -> bool:
         """Whether a path on ``partition`` (None: the guest's system volume) is on a Linux filesystem."""
@@ -168,13 +170,11 @@ class ExtEdits:
     # -- operations -------------------------------------------------------------------------
     def write_file(self, path: str, data: bytes | Source, partition: int | None, mode: int | None,
                    uid: int | None, gid: int | None) -> FileChange | None:
+        """A file written; a Source's bytes are never read into memory (compared a chunk at a time, copied
+        file to file at the commit), and its FileChange's digest is the session's to fill in."""
         vol, target = self.volume(partition), self._target(path)
-        if isinstance(data, Source):
-            if len(data) > _ext2fs().MAX_FILE:
-                raise UnsupportedLayout(self.path, f"{path}: {len(data)} bytes is more than vhdtool writes into ext4 "
-                                                   f"at once ({_ext2fs().MAX_FILE >> 20} MiB)")
-            data = data.read(0, len(data))
-        data = bytes(data)
+        if not isinstance(data, Source):
+            data = bytes(data)
         state = self._state(vol, target)
         if state not in (None, "file"):
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
@@ -183,11 +183,32 @@ class ExtEdits:
         uid = uid if uid is not None else (entry.uid if entry is not None else 0)
         gid = gid if gid is not None else (entry.gid if entry is not None else 0)
         if entry is not None and (entry.mode, entry.uid, entry.gid) == (mode, uid, gid) and entry.size == len(data) \
-                and vol.fs.read(target, len(data) + 1) == data:
+                and self._holds(vol, target, data):
             return None
+        self._check_room(vol, target, entry.size if state == "file" and entry is not None else 0, len(data))
         op = _ext2fs().WriteFile(target, data, mode, uid, gid)
-        return self._add(vol, op, FileChange(target, "add" if state is None else "replace", len(data),
-                                             hashlib.sha256(data).hexdigest(), vol.index))
+        digest = None if isinstance(data, Source) else hashlib.sha256(data).hexdigest()
+        return self._add(vol, op, FileChange(target, "add" if state is None else "replace", len(data), digest,
+                                             vol.index))
+
+    @staticmethod
+    def _holds(vol: ExtVolume, target: str, data: bytes | Source) -> bool:
+        if not isinstance(data, Source):
+            return vol.fs.read(target, len(data) + 1) == data
+        f = vol.fs.open(target)
+        return data.same_bytes(iter(lambda: f.read(READ_CHUNK), b""))
+
+    def _check_room(self, vol: ExtVolume, target: str, old_size: int, size: int) -> None:
+        """VolumeFull, before anything is written, when the volume's free blocks (the superblock's count, less
+        what this session's writes there take; a replaced file's blocks count as free) cannot hold ``size``
+        bytes and their block map."""
+        sb = _ext2fs().read_superblock(self.overlay, vol.vmap, self.path, vol.label)
+        free = self._free.setdefault(vol.label, sb.free_blocks)
+        need = blocks_needed(size, sb.block_size) - old_size // sb.block_size
+        if need > free:
+            raise VolumeFull(self.path, f"{target} needs {need * sb.block_size // MiB + 1} MiB and {vol.label} has "
+                                        f"{free * sb.block_size // MiB} MiB free")
+        self._free[vol.label] = free - max(need, 0)
 
     def mkdir(self, path: str, partition: int | None) -> FileChange | None:
         vol, target = self.volume(partition), self._target(path)

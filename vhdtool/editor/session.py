@@ -176,7 +176,11 @@ class EditSession:
         if isinstance(data, Source):
             self._sources.append(data)
         if self._ext.wants(partition):
-            return self._ext.write_file(path, data, partition, mode, uid, gid)
+            change = self._ext.write_file(path, data, partition, mode, uid, gid)
+            if change is not None and isinstance(data, Source):
+                data.start_sha256()  # as below: hashed beside the rest, the digest filled in at the commit
+                self._digests[len(self._files) - 1] = data
+            return change
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
         if target == "/":
@@ -364,7 +368,12 @@ class EditSession:
                         source.check_unchanged()  # a local file cut short under libntfs-3g: SourceChanged
                     raise
         self._ops.clear()
-        self._ext.run()
+        try:
+            self._ext.run()
+        except CorruptFilesystem:
+            for source in self._sources:
+                source.check_unchanged()  # a local file cut short under libext2fs: SourceChanged
+            raise
 
     def commit(self) -> ChangeSet:
         self._run_operations()

@@ -17,6 +17,8 @@ are added and removed by ext2fs_link / ext2fs_unlink, which keep hashed (htree) 
 valid; a full directory block is met by ext2fs_expand_dir and a retry. ext2fs_close writes the
 bitmaps, group descriptors and superblocks back, with their metadata_csum checksums.
 Paths are resolved inside the volume, symlinks in their folders followed (ext2fs_namei_follow).
+A file given as a local file (a Source) is written without its bytes (vhdtool.filesystem.ext2stream):
+the child answers with source ranges beside its changed sectors, and the commit copies them file to file.
 """
 
 from __future__ import annotations
@@ -28,19 +30,23 @@ import time
 from collections.abc import Callable
 
 from vhdtool.container.overlay import Extent, Overlay
+from vhdtool.container.source import Source, SourceRange
 from vhdtool.errors import CorruptFilesystem, NativeError, UnsupportedLayout, VolumeFull
 from vhdtool.filesystem import ext2fsio as io
-from vhdtool.filesystem.answer import decode_extents, encode_extents
+from vhdtool.filesystem.answer import decode_extents, decode_runs, decode_sources, encode_extents
 from vhdtool.filesystem.ext2ops import MakeDir, RemoveDir, Symlink, Unlink, WriteFile
+from vhdtool.filesystem.ext2stream import Streamer
+from vhdtool.filesystem.extbitmap import old_free_ranges
 from vhdtool.filesystem.extsuper import (INCOMPAT_EXTENTS, INCOMPAT_INLINE_DATA, RECHECK, SUPERBLOCK_OFFSET,
                                          SUPERBLOCK_SIZE, Superblock)
 from vhdtool.native import Refusal, run_isolated
 from vhdtool.units import MiB
 from vhdtool.volume.mapping import VolumeMap
 
-CHILD_TIMEOUT = 120.0
+CHILD_TIMEOUT = 120.0  # and a second more per MAPPED_PER_SECOND bytes streamed (ext3 maps a block at a time)
+MAPPED_PER_SECOND = 64 * MiB
 MAX_ANSWER = 512 * MiB
-MAX_FILE = 64 * MiB  # a file written through libext2fs crosses the sandbox's answer: keep it small
+MAX_BYTES = 64 * MiB  # a file given as bytes crosses the sandbox's answer: a local file (a Source) never does
 EXT2_FLAG_RW, EXT2_FLAG_64BITS = 0x01, 0x20000
 EXT2_FLAG_FLUSH_NO_SYNC = 1
 EXT2_FILE_WRITE = 0x1
@@ -53,12 +59,7 @@ DIRENT_ABORT = 2  # ext2fs.h: stop ext2fs_dir_iterate2
 INLINE_MAX = 60  # bytes of i_block, where an inline-data file's first bytes live
 
 
-class _VolumeFullHere(Refusal):
-    """In the child: libext2fs found no free block or inode; the parent raises VolumeFull."""
-
-
-class _UnsupportedHere(Refusal):
-    """In the child: libext2fs does not know a feature of the volume; the parent raises UnsupportedLayout."""
+_VolumeFullHere, _UnsupportedHere = io.VolumeFullHere, io.UnsupportedHere
 
 
 # -- the inode fields vhdtool sets (struct ext2_inode, ext2_fs.h) -------------------------------
@@ -88,6 +89,9 @@ class _Volume:
     def __init__(self, lib: ctypes.CDLL, channel: io.OverlayIo, sb: Superblock):
         self.lib = lib
         self.sb = sb
+        self.channel = channel
+        self.streamer: Streamer | None = None
+        self.freed = False  # whether an operation has freed blocks (the streamer then keeps them out)
         fs = ctypes.c_void_p()
         err = lib.ext2fs_open2(b"vhdtool", None, EXT2_FLAG_RW | EXT2_FLAG_64BITS, 0, 0,
                                ctypes.addressof(channel.manager), ctypes.byref(fs))
@@ -96,9 +100,11 @@ class _Volume:
         self._check(err, "open the filesystem")
         self.fs = fs
         self._check(lib.ext2fs_read_bitmaps(fs), "read the allocation bitmaps")
+        self.streamer = Streamer(self)  # the old block bitmap is copied now, before any change
 
     def close(self) -> None:
         """Bitmaps, group descriptors and superblocks written back; the handle freed."""
+        self.streamer.close()
         self._check(self.lib.ext2fs_close2(self.fs, EXT2_FLAG_FLUSH_NO_SYNC), "write back the filesystem's structures")
 
     @staticmethod
@@ -224,6 +230,7 @@ class _Volume:
     def _drop_link(self, ino: int, path: str, folder: bool = False) -> None:
         """One name of ``ino`` is gone: its link count goes down (a folder's to 0: its '.' goes with it), and
         with the last one the inode, its extended attribute block and its data blocks are freed."""
+        self.freed = True
         buf = self.inode(ino)
         links = 0 if folder else max(_get(buf, "<H", LINKS) - 1, 0)
         struct.pack_into("<H", buf, LINKS, links)
@@ -265,7 +272,10 @@ class _Volume:
             raise Refusal(f"{op.path} is kept inside its inode (inline_data): vhdtool does not grow such a file")
         else:
             self._empty(ino, op.path)
-        self._fill(ino, op)
+        if isinstance(op.data, Source) and not _get(self.inode(ino), "<I", FLAGS) & EXT4_INLINE_DATA_FL:
+            self.streamer.write(ino, op.path, op.data)
+        else:
+            self._fill(ino, op.path, op.data if isinstance(op.data, bytes) else op.data.read(0, op.size))
         buf = self.inode(ino)
         # The size is set here: ext2fs_file_write leaves an inline-data file's size at its i_block's 60 bytes.
         struct.pack_into("<I", buf, SIZE_LO, op.size & 0xFFFFFFFF)
@@ -305,6 +315,7 @@ class _Volume:
 
     def _empty(self, ino: int, path: str) -> None:
         """An existing file's content dropped, its blocks freed."""
+        self.freed = True
         handle = ctypes.c_void_p()
         self._check(self.lib.ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, ctypes.byref(handle)), f"open {path}")
         try:
@@ -313,24 +324,24 @@ class _Volume:
             err = self.lib.ext2fs_file_close(handle)
         self._check(err, f"close {path}")
 
-    def _fill(self, ino: int, op: WriteFile) -> None:
-        """An empty file's content written (ext2fs_file_write grows the size as it goes; setting it again
-        fails on an inline-data file)."""
+    def _fill(self, ino: int, path: str, content: bytes) -> None:
+        """An empty file's content written from memory (ext2fs_file_write grows the size as it goes; setting
+        it again fails on an inline-data file)."""
         handle = ctypes.c_void_p()
-        self._check(self.lib.ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, ctypes.byref(handle)), f"open {op.path}")
+        self._check(self.lib.ext2fs_file_open(self.fs, ino, EXT2_FILE_WRITE, ctypes.byref(handle)), f"open {path}")
         try:
-            data = ctypes.create_string_buffer(op.data, len(op.data)) if op.data else None
+            data = ctypes.create_string_buffer(content, len(content)) if content else None
             done, wrote = 0, ctypes.c_uint()
-            while done < len(op.data):
-                n = min(WRITE_CHUNK, len(op.data) - done)
+            while done < len(content):
+                n = min(WRITE_CHUNK, len(content) - done)
                 self._check(self.lib.ext2fs_file_write(handle, ctypes.addressof(data) + done, n, ctypes.byref(wrote)),
-                            f"write {op.path}")
+                            f"write {path}")
                 if wrote.value == 0:
-                    raise Refusal(f"libext2fs wrote nothing of {op.path}")
+                    raise Refusal(f"libext2fs wrote nothing of {path}")
                 done += wrote.value
         finally:
             err = self.lib.ext2fs_file_close(handle)
-        self._check(err, f"close {op.path}")
+        self._check(err, f"close {path}")
 
 
 def _run(volume: _Volume, operations: list) -> None:
@@ -349,13 +360,13 @@ def _run(volume: _Volume, operations: list) -> None:
             raise TypeError(f"not an ext2fs operation: {op!r}")
 
 
-def _volume_changes(overlay: Overlay, vmap: VolumeMap) -> dict[int, bytes]:
-    """The overlay's changed runs, cut to the volume's runs of the disk, by disk offset."""
+def _volume_changes(overlay: Overlay, vmap: VolumeMap) -> dict[int, bytes | SourceRange]:
+    """The overlay's changed runs and source ranges, cut to the volume's runs of the disk, by disk offset."""
     out = {}
     for e in overlay.changes():
         for lo, hi in vmap.disk_ranges():
             a, b = max(lo, e.offset), min(hi, e.end)
-            if a < b and isinstance(e.data, bytes):
+            if a < b:
                 out[a] = e.data[a - e.offset : b - e.offset]
     return out
 
@@ -374,12 +385,17 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
     unless every operation and the write-back succeeded."""
     sb = read_superblock(overlay, vmap, label, what)
     sb.refuse_unwritable(label, what)
-    big = next((op for op in operations if isinstance(op, WriteFile) and op.size > MAX_FILE), None)
+    big = next((op for op in operations if isinstance(op, WriteFile) and isinstance(op.data, bytes)
+                and op.size > MAX_BYTES), None)
     if big is not None:
-        raise UnsupportedLayout(label, f"{big.path}: {big.size} bytes is more than vhdtool writes into ext4 at once "
-                                       f"({MAX_FILE // MiB} MiB)", "copy the file into the guest some other way")
+        raise UnsupportedLayout(label, f"{big.path}: {big.size} bytes given in memory is more than vhdtool passes "
+                                       f"to libext2fs that way ({MAX_BYTES // MiB} MiB)",
+                                "give the file's path (a Source), whose bytes are copied file to file")
     lib = io.bind(label)
+    sources = list({id(op.data): op.data for op in operations
+                    if isinstance(op, WriteFile) and isinstance(op.data, Source)}.values())
     keep = tuple(d.image.fileno() for d in overlay.base.chain() if d.image is not None and not d.image.closed)
+    keep += tuple(src.fileno() for src in sources)
 
     def job() -> dict:
         before = _volume_changes(overlay, vmap)
@@ -387,6 +403,7 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
         try:
             volume = _Volume(lib, channel, sb)
             _run(volume, operations)
+            free = volume.streamer.free
             volume.close()
         except _VolumeFullHere as e:
             return {"full": str(e)}
@@ -394,11 +411,15 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
             return {"unsupported": str(e)}
         changed = [Extent(at, data) for at, data in sorted(_volume_changes(overlay, vmap).items())
                    if before.get(at) != data]
-        return {"extents": len(changed), "payload": encode_extents(changed)}
+        held = [e for e in changed if not isinstance(e.data, SourceRange)]
+        ranges = [[e.offset, len(e.data), next(i for i, s in enumerate(sources) if s is e.data.source), e.data.offset]
+                  for e in changed if isinstance(e.data, SourceRange)]
+        return {"extents": len(held), "sources": ranges, "free": free, "payload": encode_extents(held)}
 
     try:
         head, payload = run_isolated(job, label, library="libext2fs", subject=what, cap=MAX_ANSWER,
-                                     timeout=CHILD_TIMEOUT, keep_fds=keep, tick=tick)
+                                     timeout=CHILD_TIMEOUT + sum(len(src) for src in sources) / MAPPED_PER_SECOND,
+                                     keep_fds=keep, tick=tick)
     except NativeError as e:
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or RECHECK) from None
     if head.get("full"):
@@ -410,6 +431,17 @@ def apply(overlay: Overlay, vmap: VolumeMap, operations: list, label: str, what:
     extents = decode_extents(payload or b"", vmap.holds, overlay.logical_sector_size, label, "libext2fs")
     if len(extents) != head.get("extents"):
         raise CorruptFilesystem(label, "the libext2fs child sent a malformed answer")
+    ranges = decode_sources(head.get("sources", []), sources, vmap.holds, overlay.logical_sector_size, label,
+                            "libext2fs")
+    free = old_free_ranges(overlay, vmap, sb.block_size, decode_runs(head.get("free", []), label, "libext2fs"))
     for e in extents:
         overlay.write_at(e.offset, e.data)
-    return sum(len(e.data) for e in extents)
+    for e in ranges:
+        overlay.write_source(e.offset, e.data)
+        # Data in blocks the old volume leaves free: nothing of the old state reads it (the VHDX writer may
+        # put it in place before its log). Only inside a source range this check accepted.
+        for lo, hi in free:
+            a, b = max(lo, e.offset), min(hi, e.end)
+            if a < b:
+                overlay.mark_unreachable(a, b - a)
+    return sum(len(e.data) for e in extents + ranges)

@@ -14,7 +14,7 @@ import ctypes
 
 from vhdtool.container.overlay import Overlay
 from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError
-from vhdtool.native import bind_library, load_library
+from vhdtool.native import Refusal, bind_library, load_library
 from vhdtool.native.libraries import LIBCOM_ERR, LIBEXT2FS
 from vhdtool.volume.mapping import VolumeMap
 
@@ -35,7 +35,16 @@ EXT2_ET_INODE_ALLOC_FAIL = EXT2_ET_BASE + 73
 EXT2_ET_FILE_NOT_FOUND = EXT2_ET_BASE + 76
 EXT2_ET_UNIMPLEMENTED = EXT2_ET_BASE + 80
 EXT2_ET_DIR_NO_SPACE_FOR_CSUM = EXT2_ET_BASE + 149
+EXT2_ET_EXTENT_NO_NEXT = EXT2_ET_BASE + 124
 FULL = (EXT2_ET_BLOCK_ALLOC_FAIL, EXT2_ET_INODE_ALLOC_FAIL)
+
+
+class VolumeFullHere(Refusal):
+    """In the child: libext2fs found no free block or inode; the parent raises VolumeFull."""
+
+
+class UnsupportedHere(Refusal):
+    """In the child: libext2fs does not know a feature of the volume; the parent raises UnsupportedLayout."""
 
 errcode_t = ctypes.c_long
 c_void = ctypes.c_void_p
@@ -182,6 +191,22 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ("ext2fs_file_write", errcode_t, [c, c, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint)]),
         ("ext2fs_file_set_size2", errcode_t, [c, u64]),
         ("ext2fs_file_close", errcode_t, [c]),
+        # streaming (vhdtool.filesystem.ext2stream): blocks allocated without data, and the old bitmap
+        ("ext2fs_fallocate", errcode_t, [c, ctypes.c_int, ino, c, u64, u64, u64]),
+        ("ext2fs_new_range", errcode_t, [c, ctypes.c_int, u64, u64, c, ctypes.POINTER(u64), ctypes.POINTER(u64)]),
+        ("ext2fs_block_alloc_stats_range", None, [c, u64, ctypes.c_uint, ctypes.c_int]),
+        ("ext2fs_iblk_add_blocks", errcode_t, [c, c, u64]),
+        ("ext2fs_bmap2", errcode_t, [c, ino, c, c, ctypes.c_int, u64, c, ctypes.POINTER(u64)]),
+        ("ext2fs_extent_get", errcode_t, [c, ctypes.c_int, c]),
+        ("ext2fs_extent_replace", errcode_t, [c, ctypes.c_int, c]),
+        ("ext2fs_copy_bitmap", errcode_t, [c, ctypes.POINTER(c)]),
+        ("ext2fs_free_block_bitmap", None, [c]),
+        ("ext2fs_get_block_bitmap_range2", errcode_t, [c, u64, ctypes.c_size_t, c]),
+        ("ext2fs_mark_block_bitmap_range2", None, [c, u64, ctypes.c_uint]),
+        ("ext2fs_unmark_block_bitmap_range2", None, [c, u64, ctypes.c_uint]),
+        ("ext2fs_find_first_set_block_bitmap2", errcode_t, [c, u64, u64, ctypes.POINTER(u64)]),
+        ("ext2fs_find_first_zero_block_bitmap2", errcode_t, [c, u64, u64, ctypes.POINTER(u64)]),
+        ("ext2fs_free_blocks_count", u64, [c]),
         ("initialize_ext2_error_table", None, []),
     ):
         fn = getattr(lib, name)

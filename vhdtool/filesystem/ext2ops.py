@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vhdtool.container.source import Source
+
 
 @dataclass(frozen=True)
 class WriteFile:
     """Put ``data`` at ``path`` (absolute, '/'-separated), creating or replacing the file, with this mode and owner.
-    Missing folders above it are made (root's, 0755)."""
+    Missing folders above it are made (root's, 0755). ``data`` is bytes, or a Source (a local file) whose bytes
+    stay in their file (vhdtool.filesystem.ext2stream)."""
 
     path: str
-    data: bytes
+    data: bytes | Source
     mode: int = 0o644
     uid: int = 0
     gid: int = 0

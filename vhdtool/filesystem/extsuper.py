@@ -18,7 +18,7 @@ EXT2_MAGIC = 0xEF53
 VALID_FS, ERROR_FS, ORPHAN_FS = 0x1, 0x2, 0x4  # s_state
 COMPAT_ORPHAN_FILE = 0x1000
 INCOMPAT_RECOVER, INCOMPAT_JOURNAL_DEV, INCOMPAT_EXTENTS = 0x4, 0x8, 0x40
-INCOMPAT_MMP, INCOMPAT_INLINE_DATA = 0x100, 0x8000
+INCOMPAT_64BIT, INCOMPAT_MMP, INCOMPAT_INLINE_DATA = 0x80, 0x100, 0x8000
 RO_COMPAT_QUOTA, RO_COMPAT_BIGALLOC, RO_COMPAT_ORPHAN_PRESENT = 0x100, 0x200, 0x10000
 RECHECK = "boot the guest once and shut it down cleanly, or run e2fsck -f on the volume, then try again"
 
@@ -33,6 +33,7 @@ class Superblock:
     last_orphan: int
     block_size: int
     inode_size: int
+    free_blocks: int = 0  # s_free_blocks_count (hi half with 64bit): exact after a clean unmount
 
     @classmethod
     def parse(cls, data: bytes, path: str | None, where: str) -> Superblock:
@@ -46,9 +47,12 @@ class Superblock:
         if log_block > 6 or inode_size < 128 or inode_size & (inode_size - 1):
             raise CorruptFilesystem(path, f"the ext2/3/4 superblock of {where} is damaged",
                                     "run e2fsck on the volume")
+        free = struct.unpack_from("<I", data, 12)[0]
+        if incompat & INCOMPAT_64BIT:
+            free += struct.unpack_from("<I", data, 0x158)[0] << 32
         return cls(state=state, error_count=struct.unpack_from("<I", data, 404)[0], compat=compat,
                    incompat=incompat, ro_compat=ro_compat, last_orphan=struct.unpack_from("<I", data, 232)[0],
-                   block_size=1024 << log_block, inode_size=inode_size)
+                   block_size=1024 << log_block, inode_size=inode_size, free_blocks=free)
 
     def refuse_unwritable(self, path: str | None, where: str) -> None:
         """GuestNotClean unless the volume was unmounted cleanly; UnsupportedLayout for what is never written."""
@@ -75,3 +79,11 @@ class Superblock:
 
     def features_text(self) -> str:
         return f"compat 0x{self.compat:x}, incompat 0x{self.incompat:x}, ro_compat 0x{self.ro_compat:x}"
+
+
+def blocks_needed(size: int, block_size: int) -> int:
+    """Blocks a ``size``-byte file takes: its data, and an estimate of its map (a block of map per
+    block_size/4 data blocks, the double and triple indirect blocks, and a few to spare)."""
+    data = -(-size // block_size)
+    per = block_size // 4
+    return data + -(-data // per) + -(-data // (per * per)) + 3 if data else 0
