@@ -399,6 +399,117 @@ def test_kill_a_streamed_copy_in_at_every_write_flush_copy_and_rename(kind, swee
     print(f"\next4 streamed copy-in, {kind} VHDX, {sweep}: {len(kills)} kills of {counts}, outcomes {outcomes}")
 
 
+# A dynamic VHD commits through a copy of the image renamed over it (vhdtool/container/vhd/writer.py): its kill
+# points are the copy, the writes into it, its fsync, the rename, the folder's fsync, and the unlink of a temp an
+# earlier killed commit left (one is planted beside the image). Slow even reduced: each kill copies the image
+# (measured: the reduced sweep takes well over the default run's few seconds a test).
+VHD_KILL_SYSCALLS = KILL_SYSCALLS + ("unlink", "unlinkat")
+VHD_SWEPT = [pytest.param(sweep, id=sweep, marks=pytest.mark.slow) for sweep in (REDUCED, FULL)]
+
+
+def vhd_state(image: Path, tmp: Path) -> tuple[dict, str | None, str]:
+    """(tree but the payload's folder, payload sha256 or None, sha256 of the volume's bytes) as qemu-img's raw
+    conversion of the VHD gives the volume; e2fsck clean."""
+    volume = partition_volume(image, tmp, 1)
+    try:
+        e2fsck_clean(volume)
+        tree = ext_tree(volume)
+        return ({p: v for p, v in tree.items() if not p.startswith("/opt")}, tree.get(GUEST, (None,) * 5)[4],
+                file_sha(volume))
+    finally:
+        volume.unlink()
+
+
+def plant_stale_temp(image: Path) -> Path:
+    """What a commit of ``image`` killed after step 3 leaves: a temp beside it, named as the writer names them."""
+    stale = image.parent / f".{image.name}.vhdtool-{'0123456789abcdef'}.tmp"
+    shutil.copyfile(image, stale)
+    os.utime(stale, (time.time() - 3600,) * 2)
+    return stale
+
+
+def beside(image: Path) -> list[str]:
+    return sorted(n for n in os.listdir(image.parent) if n != image.name)
+
+
+@pytest.mark.parametrize("sweep", VHD_SWEPT)
+def test_kill_a_streamed_copy_in_into_a_dynamic_vhd(sweep, tmp_path):
+    """The 4 MiB file replaced by an 8 MiB one in a dynamic VHD (made by qemu-img), 256 KiB per copy_file_range,
+    a stale temp beside it: SIGKILL at each counted call and at random times. The image is the old file byte
+    for byte or the new state (qemu-img's raw volume e2fsck clean, the payload's sha256 right, the rest of the
+    tree as it was); only temps of ours are left beside it, and a re-run removes them and gives the new state."""
+    vhdx = ext_image(tmp_path, "crash", FEATURES["ext4"], size=64 * MiB)
+    original = tmp_path / "orig.vhd"
+    sh("qemu-img", "convert", "-f", "vhdx", "-O", "vpc", "-o", "subformat=dynamic", vhdx, original)
+    old_local = payload_file(tmp_path / "old" / "payload.bin", 4 * MiB + 99, seed=1)
+    assert copy_in(original, old_local)[0] == 0
+    assert not [n for n in beside(original) if n.startswith(f".{original.name}")]
+    local = payload_file(tmp_path / "local" / "payload.bin", 8 * MiB + 4097, seed=14)
+    want, was = file_sha(local), digest(original)
+    old_tree, old_sha, _ = vhd_state(original, tmp_path)
+    assert old_sha == file_sha(old_local)
+    case = tmp_path / "case"
+    case.mkdir()
+    victim, trace = case / "disk.vhd", tmp_path / "trace"
+    shutil.copyfile(original, victim)
+    plant_stale_temp(victim)
+    t0 = time.monotonic()
+    res = run_job("copy-in", victim, local, "/opt/payload", piece=PIECE,
+                  strace=["strace", "-f", "-o", str(trace), "-e", "trace=" + ",".join(VHD_KILL_SYSCALLS)])
+    assert res.returncode == 0, res.stderr
+    counted = time.monotonic() - t0
+    counts = syscall_counts(trace, VHD_KILL_SYSCALLS)
+    assert counts.get("copy_file_range", 0) >= 32, counts  # the payload went from its file, in many pieces
+    assert counts.get("rename", 0) + counts.get("renameat", 0) + counts.get("renameat2", 0) >= 1, counts
+    assert counts.get("unlink", 0) + counts.get("unlinkat", 0) >= 1, counts  # the stale temp went
+    assert beside(victim) == []
+    new_tree, new_sha, new_volume = vhd_state(victim, tmp_path)
+    assert (new_tree, new_sha) == (old_tree, want)
+    points = [(name, n) for name, total in counts.items() for n in range(1, total + 1)]
+    rnd = random.Random(1415)
+    kills = [("syscall", p) for p in sweep_points(points, sweep)]
+    kills += [("time", rnd.uniform(0.3, 1.1) * counted) for _ in range(RANDOM_KILLS if sweep == FULL else 2)]
+    outcomes = {"old": 0, "new": 0, "new byte-identical": 0, "temps left": 0}
+    for how, point in kills:
+        shutil.copyfile(original, victim)
+        plant_stale_temp(victim)
+        if how == "syscall":
+            name, n = point
+            res = run_job("copy-in", victim, local, "/opt/payload", piece=PIECE,
+                          strace=["strace", "-f", "-o", "/dev/null", "-e", f"inject={name}:signal=KILL:when={n}"])
+            assert res.returncode != 0 or (name == "copy_file_range" and n >= counts[name] - 1), (point, res.stderr)
+        else:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "stream_job.py"), str(PIECE),
+                                     "copy-in", str(victim), str(local), "/opt/payload"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=job_env())
+            time.sleep(point)
+            proc.kill()
+            proc.wait()
+        why = (how, point)
+        left = beside(victim)
+        assert all(re.fullmatch(rf"\.{re.escape(victim.name)}\.vhdtool-[0-9a-f]{{16}}\.tmp", n) for n in left), \
+            (why, left)
+        tree, sha, volume = vhd_state(victim, tmp_path)
+        assert tree == old_tree and sha in (old_sha, want), (why, sha)
+        if sha == old_sha:
+            assert digest(victim) == was, why  # the writer changed only its copy
+            outcomes["old"] += 1
+        else:
+            assert left == [], why  # the stale temp went in step 2, this commit's own by the rename
+            outcomes["new"] += 1
+            outcomes["new byte-identical"] += volume == new_volume
+        outcomes["temps left"] += bool(left)
+        if sweep == FULL or outcomes["old" if sha == old_sha else "new"] == 1 or left:
+            code, _out, err = copy_in(victim, local)
+            assert code == 0, (why, err)
+            assert vhd_state(victim, tmp_path)[:2] == (old_tree, want), why
+            assert beside(victim) == [], why
+        for n in beside(victim):
+            (case / n).unlink()
+    assert outcomes["old"] and outcomes["new"], outcomes
+    print(f"\next4 streamed copy-in, dynamic VHD, {sweep}: {len(kills)} kills of {counts}, outcomes {outcomes}")
+
+
 # -- the child's answer is not trusted ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("ranges,needle", [

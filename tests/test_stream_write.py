@@ -127,14 +127,14 @@ GUEST_FILE = "/Data/payload.bin"
 RANDOM_KILLS = 20
 
 
-def syscall_counts(trace: Path) -> dict[str, int]:
+def syscall_counts(trace: Path, names: tuple[str, ...] = KILL_SYSCALLS) -> dict[str, int]:
     """For each syscall, the most calls one process (or thread) of the run made: strace's ``when=N``
     counts each tracee's calls on its own, so ``when=N`` kills whichever first makes its N-th call."""
     per_tracee: dict[tuple[str, str], int] = {}
     for line in trace.read_text().splitlines():
         pid, _, rest = line.partition(" ")
         call = rest.lstrip().split("(", 1)[0]
-        if call in KILL_SYSCALLS and "resumed>" not in rest:
+        if call in names and "resumed>" not in rest:
             per_tracee[call, pid] = per_tracee.get((call, pid), 0) + 1
     counts: dict[str, int] = {}
     for (call, _pid), n in per_tracee.items():
