@@ -34,7 +34,7 @@ NAME = "Microsoft-Hyper-V-Guest-Integration-Drivers-Package~31bf3856ad364e35~amd
 CASES = [
     ("dword:0x70", 0x70), ("dword:0x00000005", 5), ("dword:0xffffffff", 0xFFFFFFFF), ("dword:0", 0),
     ("hex:4:70,00", None), ("hex:4:", None), ("hex:4:70,00,00,00,00,00,00,00", None),
-    ("hex:5:00,00,00,70", None), ("qword:0x70", None), ("string:112", None), ("expandstring:0x70", None),
+    ("hex:5:00,00,00,70", None), ("hex:11:70,00,00,00,00,00,00,00", None), ("string:112", None), ("expandstring:0x70", None),
     ("hex:7:37,00,00,00,00,00", None), ("hex:3:70,00,00,00", None), ("hex:0:70,00,00,00", None),
     ("hex:0xffffffff:70,00,00,00", None), ("hex:4:" + ",".join(["70"] * 2000), None),
     ("string:" + "x" * 3000, None),
