@@ -10,7 +10,9 @@ chains to "Microsoft Root Certificate Authority" (2001) or "Microsoft Root Autho
 cannot: ``legacy_chain`` accepts a path only if one of its links is SHA-1 signed.
 
 What is checked, for the path leaf -> intermediates -> anchor built by names
-(each certificate's issuer is the next one's subject):
+(each certificate's issuer is the next one's subject; an intermediate is followed only
+when its key verifies the certificate below, so that many certificates of one name
+cannot hide the real issuer; MAX_PATHS and MAX_LINK_CHECKS bound the search):
 
 - each link's signature, with the issuer's public key (cryptography's ``verify``),
   hashed with SHA-1 or SHA-2; MD5 and anything else is refused;
