@@ -66,6 +66,9 @@ def software(tmp_path_factory) -> Path:
     # A key name in another case, and a package with two CurrentState-like values of different case.
     lines += [f"add {NAME.format(n=900).upper()}", f"cd {NAME.format(n=900).upper()}", "setval 2",
               "CurrentState", "dword:0x70", "CurrentStateX", "string:x", "cd .."]
+    # Siblings with odd names: non-ASCII (a right-to-left override too), the longest a key name may be, tildes.
+    for odd in ("\u00e9\u4e2d\u202e" * 20, "k" * 255, "a~b~c~d~1.2.3.4.5.6"):
+        lines += [f"add {odd}", f"cd {odd}", "setval 1", "CurrentState", "dword:0x70", "cd .."]
     lines += ["cd ..", "setval 2", "RebootPending", "dword:1", "PackagesPending", "string:yes"]
     hivexsh(hive, lines)
     return hive
@@ -88,6 +91,8 @@ def test_current_state_counts_only_as_a_four_byte_dword(software):
                 assert crosscheck(result, code, package, read_servicing(hive), False) in STATES
         upper = read_package(hive, NAME.format(n=900))  # key names are case-insensitive
         assert upper.present and upper.current_state == 0x70
+        for odd in ("a~b~c~d~1.2.3.4.5.6", NAME.format(n=999)):
+            assert read_package(hive, odd).state in ("absent", "installed")
         # Values, not keys: no restart is pending (CBS makes them keys).
         assert not read_servicing(hive).restart_needed
     # hivexget's reading of the four-byte DWORDs is the same number (the judge of what was written where).
