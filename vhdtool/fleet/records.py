@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 import stat
@@ -134,9 +135,11 @@ def read_reports(paths: Iterable[str], missing_ok: bool = False, strict: bool = 
                 lines += 1
                 why = None
                 try:
-                    rec = json.loads(raw)
+                    rec = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
                 except (ValueError, UnicodeDecodeError):
                     why = "not JSON (a line cut short by a crash?)"
+                except RecursionError:
+                    why = "JSON nested too deeply"
                 else:
                     why = _check(rec)
                 if why:
@@ -147,6 +150,17 @@ def read_reports(paths: Iterable[str], missing_ok: bool = False, strict: bool = 
             if strict and lines and len(loaded.records) == found:
                 raise BadReport(path, f"none of its {lines} lines is a batch record")
     return loaded
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; --json must not print them
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _lines(f, path: str) -> Iterator[bytes]:
@@ -230,7 +244,7 @@ def facets(rec: dict) -> dict[str, str | None]:
     elif isinstance(res.get("state"), str):
         method = f"status {res['state']}"
     elif isinstance(res.get("changes"), dict):
-        n = len(res["changes"].get("registry") or []) + len(res["changes"].get("files") or [])
+        n = sum(len(v) for v in (res["changes"].get("registry"), res["changes"].get("files")) if isinstance(v, list))
         method = f"{n} change{'s' * (n != 1)}" + (" (dry run)" if res.get("dry_run") else "")
     return {"host": host, "guest": guest, "method": method}
 

@@ -2,7 +2,7 @@
 
 ``Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages\\<identity>`` is a key per
 package, named ``name~publicKeyToken~arch~language~version`` (the language empty for neutral
-packages); its REG_DWORD ``CurrentState`` is where the package is, in the values DISM names
+packages); its REG_DWORD ``CurrentState`` (four bytes; any other type or size is no state) is where the package is, in the values DISM names
 (``STATE_NAMES``). ``RebootPending`` and ``PackagesPending`` under Component Based Servicing exist
 while servicing waits for a restart to finish. Key names are case-insensitive, as the hive reader's
 lookups are.
@@ -10,9 +10,11 @@ lookups are.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from vhdtool.registry.hive import Hive
+from vhdtool.registry.records import REG_DWORD, fold
 
 CBS = "Microsoft\\Windows\\CurrentVersion\\Component Based Servicing"
 CBS_PACKAGES = CBS + "\\Packages"
@@ -76,10 +78,12 @@ def read_package(software: Hive, identity: str | None) -> CbsPackage:
     key = f"{CBS_PACKAGES}\\{identity}"
     if software.key(key) is None:
         return CbsPackage(identity, False, None)
-    value = software.value(key, "CurrentState")
-    # A REG_DWORD decodes to int; any other type (a REG_BINARY, a string) is not a state.
-    state = value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFFFFFF else None
-    return CbsPackage(identity, True, state)
+    # Only a REG_DWORD of four bytes is a state: another type (a QWORD, a big-endian DWORD, a string) or a
+    # DWORD of another size is not one, and not damage to the hive either (status reads the rest).
+    wanted = fold("CurrentState")
+    value = next((v for v in software.stored_values(key) if not v.default and v.folded == wanted), None)
+    ok = value is not None and value.type == REG_DWORD and len(value.data) == 4
+    return CbsPackage(identity, True, struct.unpack("<I", value.data)[0] if ok else None)
 
 
 def read_servicing(software: Hive) -> ServicingState:
