@@ -96,11 +96,11 @@ def read_package(data: Cab, label: str, roots: TrustRoots | None = None) -> CabP
         members=tuple(CabMember(e.name, e.size) for e in layout.entries),
         identity=mum.parse_identity(manifest, label),
         sha256=_sha256(data, label),
-        signature=_signature(layout, manifest, label, roots or TrustRoots.shipped()),
+        signature=_signature(layout, manifest, label, roots),
     )
 
 
-def _signature(layout, manifest: bytes, label: str, roots: TrustRoots) -> Signature:
+def _signature(layout, manifest: bytes, label: str, roots: TrustRoots | None) -> Signature:
     from vhdtool.cabinet.catalog import verify_catalog
 
     matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == CATALOG_NAME]
@@ -112,4 +112,4 @@ def _signature(layout, manifest: bytes, label: str, roots: TrustRoots) -> Signat
     if entry.size > CATALOG_MAX_SIZE:
         return Signature(INVALID, f"update.cat is larger than {CATALOG_MAX_SIZE // MiB} MiB ({entry.size} bytes)")
     catalog = libmspack.decode(layout, label, want=matches[0], limit=CATALOG_MAX_SIZE)
-    return verify_catalog(catalog, manifest, roots)
+    return verify_catalog(catalog, manifest, roots or TrustRoots.shipped())

@@ -77,21 +77,22 @@ class TrustRoots:
 
     @classmethod
     def shipped(cls) -> "TrustRoots":
-        """The shipped Microsoft roots alone (read once per process)."""
+        """The shipped Microsoft roots alone (read once per process, when a catalog is first checked)."""
         global _SHIPPED
         if _SHIPPED is None:
-            _SHIPPED = cls.load()
+            from cryptography import x509
+
+            roots = []
+            for entry in sorted(resources.files("vhdtool.cabinet").joinpath("roots").iterdir(), key=lambda e: e.name):
+                if entry.name.endswith(".pem"):
+                    roots.extend(x509.load_pem_x509_certificates(entry.read_bytes()))
+            _SHIPPED = cls(tuple(roots))
         return _SHIPPED
 
     @classmethod
     def load(cls, extra: tuple[str | os.PathLike, ...] = ()) -> "TrustRoots":
-        from cryptography import x509
-
-        shipped = []
-        for entry in sorted(resources.files("vhdtool.cabinet").joinpath("roots").iterdir(), key=lambda e: e.name):
-            if entry.name.endswith(".pem"):
-                shipped.extend(x509.load_pem_x509_certificates(entry.read_bytes()))
-        return cls(tuple(shipped), tuple(c for path in extra for c in _read_root(path)))
+        """The shipped roots and the roots in the PEM files ``extra``."""
+        return cls(cls.shipped().microsoft, tuple(c for path in extra for c in _read_root(path)))
 
 
 _SHIPPED: TrustRoots | None = None

@@ -228,8 +228,10 @@ def load_sources(paths: Iterable[str | os.PathLike], trust_roots: Iterable[str |
     shipped Microsoft roots and ``trust_roots`` (PEM files); ``require_signed`` is kept for the plan."""
     from vhdtool.cabinet.catalog import TrustRoots
 
+    # --trust-root files are read now (a bad one is an error whatever the cabs are); the shipped roots
+    # alone are read when a cab's catalog is first checked: an unsigned cab needs no certificates.
     extra = tuple(os.fspath(r) for r in trust_roots)
-    roots = TrustRoots.load(extra) if extra else TrustRoots.shipped()
+    roots = TrustRoots.load(extra) if extra else None
     candidates: list[CabCandidate] = []
     notes: list[str] = []
     sources = []
