@@ -29,7 +29,7 @@ from vhdtool.cabinet.format import (
     CabPackage,
     check_cabinet,
     find_member,
-    fold_name,
+    members_named,
 )
 from vhdtool.container.source import Source
 from vhdtool.errors import CabError, WriteFailed
@@ -82,7 +82,7 @@ def read_package(data: Cab, label: str, roots: TrustRoots | None = None) -> CabP
     verdict on its update.cat as a signature over that update.mum (chains to ``roots``, by default
     the shipped Microsoft roots)."""
     layout = _checked(data, label)
-    matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == MUM_NAME]
+    matches = members_named(layout, MUM_NAME)
     if not matches:
         raise CabError(label, "no update.mum at the cabinet root, so this is not a servicing package")
     if len(matches) > 1:
@@ -103,7 +103,7 @@ def read_package(data: Cab, label: str, roots: TrustRoots | None = None) -> CabP
 def _signature(layout, manifest: bytes, label: str, roots: TrustRoots | None) -> Signature:
     from vhdtool.cabinet.catalog import verify_catalog
 
-    matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == CATALOG_NAME]
+    matches = members_named(layout, CATALOG_NAME)
     if not matches:
         return Signature(UNSIGNED, "the cab has no update.cat")
     if len(matches) > 1:

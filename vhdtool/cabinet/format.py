@@ -143,9 +143,14 @@ def fold_name(name: str) -> str:
     return "".join(out)
 
 
-def find_member(layout: CabLayout, name: str, label: str) -> int:
+def members_named(layout: CabLayout, name: str) -> list[int]:
+    """The indexes of the members named ``name``, case-insensitively as Windows compares names."""
     want = fold_name(name)
-    matches = [i for i, e in enumerate(layout.entries) if fold_name(e.name) == want]
+    return [i for i, e in enumerate(layout.entries) if fold_name(e.name) == want]
+
+
+def find_member(layout: CabLayout, name: str, label: str) -> int:
+    matches = members_named(layout, name)
     if not matches:
         raise CabError(label, f"the cabinet has no member named {name}")
     if len(matches) > 1:
