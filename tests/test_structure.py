@@ -25,7 +25,7 @@ MAX_FUNCTION_LINES = 80
 # log replay is checked without being listed here.
 WRITE_PATH_PACKAGES = ("container", "editor", "stage", "fleet")
 WRITE_PATH_MODULES = ("filesystem/ntfs3g.py", "filesystem/ntfsdevice.py", "filesystem/ntfsbitmap.py",
-                      "filesystem/ntfsanswer.py", "filesystem/ntfsacl.py", "filesystem/ext2fs.py", "filesystem/ext2fsio.py", "filesystem/answer.py",
+                      "filesystem/freebits.py", "filesystem/ntfsanswer.py", "filesystem/ntfsacl.py", "filesystem/ext2fs.py", "filesystem/ext2fsio.py", "filesystem/answer.py",
                       "filesystem/ext2stream.py", "filesystem/extbitmap.py")
 REGISTRY_READER = ("__init__.py", "cells.py", "keys.py", "records.py")
 

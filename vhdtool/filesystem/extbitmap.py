@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from vhdtool.container.overlay import Overlay
 from vhdtool.filesystem.extsuper import SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE
+from vhdtool.filesystem.freebits import FreeBits
 from vhdtool.volume.mapping import VolumeMap
 
 COMPAT_SPARSE_SUPER2 = 0x200
@@ -111,19 +112,8 @@ class OldFreeBlocks:
             return [(lo, hi)]
         if not self.first <= block_bitmap < self.count:
             return []
-        bits = self.read(block_bitmap * self.block_size, self.block_size)
-        out, run = [], None
-        for b in range(lo, hi):
-            i = b - start
-            free = i // 8 < len(bits) and not bits[i // 8] >> (i % 8) & 1
-            if free and run is None:
-                run = b
-            elif not free and run is not None:
-                out.append((run, b))
-                run = None
-        if run is not None:
-            out.append((run, hi))
-        return out
+        bits = FreeBits(self.read(block_bitmap * self.block_size, self.block_size), 1)  # bit i: block start + i
+        return [(start + a, start + b) for a, b in bits.runs(lo - start, hi - start)]
 
 
 def old_free_ranges(overlay: Overlay, vmap: VolumeMap, block_size: int, claimed: list[tuple[int, int]]) -> list[tuple[int, int]]:
