@@ -31,7 +31,7 @@ from judges.linux import Ext4Volume, ext_tree, resolve
 from judges.linux import logical_volumes as judged_lvs
 from judges.tools import sh
 from judges.volumes import partition_volume
-from test_ext4_write import e2fsck_clean, image_ok, stat_of
+from test_ext4_write import e2fsck_clean, guest_tree, image_ok, stat_of, write_calls
 from test_linux_units import etc_dirs, etc_links, rhel_tree, ubuntu_tree
 
 pytestmark = pytest.mark.fixtures
@@ -377,37 +377,6 @@ def job(*args: str, inject: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*trace, sys.executable, str(JOB), *args], capture_output=True, env=env, timeout=120)
 
 
-def write_calls(image: Path) -> dict[str, int]:
-    """How many pwrite64 and fsync calls the job makes (all its processes), counted by strace on a copy."""
-    trace = image.with_suffix(".trace")
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run(["strace", "-f", "-o", str(trace), "-e", "trace=pwrite64,fsync", sys.executable, str(JOB),
-                    str(image)], check=True, capture_output=True, env={**os.environ,
-                                                                       "PYTHONPATH": str(root)})
-    counts = {"pwrite64": 0, "fsync": 0}
-    for line in trace.read_text().splitlines():
-        for name in counts:
-            if f" {name}(" in line or line.startswith(f"{name}("):
-                counts[name] += 1
-    return counts
-
-
-def guest_tree(image: Path, tmp: Path, replay: bool) -> dict:
-    """The root volume's tree, qemu-img check and e2fsck -fn clean; with ``replay`` read from a copy whose
-    VHDX log QEMU replays first (as Hyper-V would at open)."""
-    if replay:
-        copy = tmp / "replayed.vhdx"
-        shutil.copyfile(image, copy)
-        sh("qemu-img", "check", "-r", "all", copy, check=False)
-        image = copy
-    image_ok(image)
-    volume = partition_volume(image, tmp, 1)
-    e2fsck_clean(volume)
-    tree = ext_tree(volume)
-    volume.unlink()
-    return tree
-
-
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_kill_at_every_write_and_flush(cli, tmp_path, sweep):
     """SIGKILL at each pwrite64 and fsync of ``services --disable kvp --disable vss`` (two links removed and
@@ -419,7 +388,7 @@ def test_kill_at_every_write_and_flush(cli, tmp_path, sweep):
     old = guest_tree(original, tmp_path, replay=True)
     probe = tmp_path / "probe.vhdx"
     shutil.copyfile(original, probe)
-    counts = write_calls(probe)
+    counts = write_calls(probe, JOB)
     new = guest_tree(probe, tmp_path, replay=True)
     assert f"{WANTS}/hv-kvp-daemon.service" in old and WANTS not in new
     points = sweep_points([(name, n) for name, total in counts.items() for n in range(1, total + 1)], sweep)
