@@ -184,6 +184,9 @@ def test_the_page_has_one_row_per_image_failures_first_and_the_counts_of_report_
     # The counts are report --json's: per command and image, ok + nothing to do = ok, failed by exit code.
     counted = {r["cells"][0]: [int(c) for c in r["cells"][1:]] for r in page.rows("outcomes")}
     assert sum(v[-1] for v in counted.values()) == doc["images"] == 24
+    # 24 results are not 24 images: the text and JSON say how many images there are (6).
+    assert doc["distinct_images"] == len(images) == 6
+    assert res.stdout.startswith(f"report: 24 results of 4 commands for 6 images: {doc['outcomes']['ok']} ok, ")
     assert sum(v[-1] for k, v in counted.items() if k.startswith("failed")) == doc["outcomes"]["failed"]
     assert counted["ok"][-1] + counted["nothing to do"][-1] == doc["outcomes"]["ok"]
     fails = Counter(f["exit_code"] for f in doc["failures"])

@@ -284,7 +284,8 @@ class Summary:
         return {
             "schema": SCHEMA,
             "records": self.records,
-            "images": len(recs),
+            "images": len(recs),  # (command, image) results: an image checked by three commands counts three times
+            "distinct_images": len({r["key"] for r in recs}),
             "outcomes": {OK: outcomes.get(OK, 0), FAILED: outcomes.get(FAILED, 0)},
             "by_command": dict(sorted(by["command"].items())),
             "by_host": dict(sorted(by["host"].items())),
@@ -324,8 +325,12 @@ def summarize(loaded: Loaded) -> Summary:
 
 def render_summary(doc: dict, title: str = "report") -> str:
     o = doc["outcomes"]
-    lines = [f"{title}: {doc['images']} image{'s' * (doc['images'] != 1)}: {o[OK]} ok, {o[FAILED]} failed"
-             + (f" ({doc['records']} records)" if doc["records"] != doc["images"] else "")]
+    n, distinct = doc["images"], doc.get("distinct_images", doc["images"])
+    # One command's report counts images; several commands' count results, and say of how many images.
+    counted = (f"{n} image{'s' * (n != 1)}" if n == distinct
+               else f"{n} results of {len(doc['by_command'])} commands for {distinct} image{'s' * (distinct != 1)}")
+    lines = [f"{title}: {counted}: {o[OK]} ok, {o[FAILED]} failed"
+             + (f" ({doc['records']} records)" if doc["records"] != n else "")]
     sections = [(label, doc[name]) for name, label in (("by_command", "command"), ("by_host", "host"),
                                                          ("by_guest", "guest"), ("by_method", "method"),
                                                          ("by_shard", "shard"))
