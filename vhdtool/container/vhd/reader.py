@@ -179,7 +179,7 @@ class VhdDisk(DiskStream):
         never written, whose bytes on disk are zeros (the spec, "Block Bitmap"), as libvhdi and
         QEMU read them too. A differencing disk's bitmap says which sectors are its own."""
         differencing = self.disk_type == DISK_DIFFERENCING
-        out = bytearray()
+        parts: list[bytes] = []  # joined once at the end (a read within one block is returned as read)
         bs = self.block_size
         pos = offset
         while pos < end:
@@ -187,13 +187,13 @@ class VhdDisk(DiskStream):
             n = min(bs - within, end - pos)
             start = self._block_sector(block)
             if start is None:
-                out += self.parent.read_at(pos, n).ljust(n, b"\0") if differencing else bytes(n)
+                parts.append(self.parent.read_at(pos, n).ljust(n, b"\0") if differencing else bytes(n))
             elif differencing:
-                out += self._read_partial(block, start * SECTOR, within, n)
+                parts.append(self._read_partial(block, start * SECTOR, within, n))
             else:
-                out += self.image.read_exact(start * SECTOR + self._bitmap_size + within, n, f"VHD block {block}")
+                parts.append(self.image.read_exact(start * SECTOR + self._bitmap_size + within, n, f"VHD block {block}"))
             pos += n
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_partial(self, block: int, start: int, within: int, n: int) -> bytes:
         first_byte, length = bitmap_span(within, within + n, SECTOR)
