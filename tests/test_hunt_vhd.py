@@ -1,0 +1,167 @@
+"""Adversarial review of the legacy VHD writer and of differencing chains, through `copy-in`.
+
+The images: a small MBR disk with one NTFS volume made by sfdisk and mkntfs, as a
+dynamic VHD made by qemu-img or crafted here from the specification (qemu-img
+writes only 2 MiB blocks), and differencing VHDs made by tests/vhd_craft.py. The
+judges: qemu-img convert (its vpc driver), the specification reader of
+tests/test_vhd_write.py (which honours a differencing disk's sector bitmaps),
+ntfscat's bytes of the copied file against its sha256, ntfsfix -n, and the sha256
+of every file that must not change (a refused image, a parent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, digest
+
+import vhd_craft
+from test_vhd_write import header_sum, spec_read, temps
+
+MiB = 1024 * 1024
+SECTOR = 512
+DISK = 64 * MiB
+
+
+@pytest.fixture(scope="module")
+def ntfs_raw(tmp_path_factory) -> bytes:
+    """A 64 MiB disk: an MBR (sfdisk) and one NTFS volume (mkntfs) at 1 MiB."""
+    work = tmp_path_factory.mktemp("ntfs")
+    disk, part = work / "disk.raw", work / "part.raw"
+    with open(disk, "wb") as f:
+        f.truncate(DISK)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="start=2048, type=7\n", text=True, check=True)
+    with open(part, "wb") as f:
+        f.truncate(DISK - MiB)
+    subprocess.run(["mkntfs", "-q", "-F", "-Q", "-L", "hunt", str(part)], check=True, capture_output=True)
+    raw = bytearray(disk.read_bytes())
+    raw[MiB:] = part.read_bytes()
+    return bytes(raw)
+
+
+@pytest.fixture
+def payload(tmp_path) -> Path:
+    p = tmp_path / "local" / "payload.bin"
+    p.parent.mkdir()
+    p.write_bytes(os.urandom(3 * MiB + 4321))
+    return p
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dynamic_vhd(raw: bytes, out: Path, block_size: int, bitmap_bytes: int | None = None,
+                table_offset: int = SECTOR + 1024, header_tail: bytes = b"") -> Path:
+    """A dynamic VHD of ``raw`` with any block size, written from the specification (every sector bit set).
+
+    ``bitmap_bytes``: the sector bitmap's size, the specification's (a bit a sector, padded to a
+    sector) unless given. ``table_offset``: where the BAT goes, right after the dynamic header unless
+    given (then the caller says what ``header_tail``, the header's last bytes from offset 768, hold).
+    """
+    size = len(raw)
+    blocks = -(-size // block_size)
+    if bitmap_bytes is None:
+        bitmap_bytes = -(-(-(-(block_size // SECTOR) // 8)) // SECTOR) * SECTOR
+    header = bytearray(1024)
+    header[0:8] = b"cxsparse"
+    struct.pack_into(">QQIII", header, 8, 0xFFFFFFFFFFFFFFFF, table_offset, 0x00010000, blocks, block_size)
+    bat_bytes = -(-blocks * 4 // SECTOR) * SECTOR
+    first = -(-max(table_offset + bat_bytes, SECTOR + 1024) // 4096) * 4096
+    bat = bytearray(b"\xff" * bat_bytes)
+    body = bytearray()
+    for b in range(blocks):
+        chunk = raw[b * block_size : (b + 1) * block_size].ljust(block_size, b"\0")
+        if chunk.count(0) == len(chunk):
+            continue
+        struct.pack_into(">I", bat, 4 * b, (first + len(body)) // SECTOR)
+        body += b"\xff" * bitmap_bytes + chunk
+    out_bytes = bytearray(first)
+    if table_offset >= SECTOR + 1024:
+        out_bytes[table_offset : table_offset + bat_bytes] = bat
+    else:
+        # The BAT inside the header: the bytes they share hold the BAT's entries.
+        header[768:] = header_tail.ljust(256, b"\xff")
+        within = table_offset - SECTOR
+        header[within:] = bat[: 1024 - within]
+        rest = bat[1024 - within :]
+        out_bytes[SECTOR + 1024 : SECTOR + 1024 + len(rest)] = rest
+    struct.pack_into(">I", header, 36, header_sum(bytes(header)))
+    foot = vhd_craft.footer(size, 3, SECTOR, uuid.uuid4())
+    out_bytes[:SECTOR] = foot
+    out_bytes[SECTOR : SECTOR + 1024] = header
+    out.write_bytes(bytes(out_bytes + body + foot))
+    return out
+
+
+def qemu_raw(image: Path, tmp: Path) -> bytes:
+    raw = tmp / f"{image.name}.qemu.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(image), str(raw)], check=True)
+    data = raw.read_bytes()
+    raw.unlink()
+    return data
+
+
+def ntfs_file(disk: bytes, tmp: Path, path: str) -> bytes:
+    """The file at ``path`` of the NTFS volume at 1 MiB of ``disk``, as ntfscat reads it; ntfsfix -n must pass."""
+    part = tmp / "judged.p1"
+    part.write_bytes(disk[MiB:])
+    try:
+        subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)
+        return subprocess.run(["ntfscat", str(part), path], check=True, capture_output=True).stdout
+    finally:
+        part.unlink()
+
+
+# -- block sizes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size", [4096, 512 * 1024, 4 * MiB, 16 * MiB])
+def test_copy_in_to_a_dynamic_vhd_of_any_block_size(block_size, ntfs_raw, payload, cli, tmp_path):
+    image = dynamic_vhd(ntfs_raw, tmp_path / "d.vhd", block_size)
+    assert qemu_raw(image, tmp_path) == ntfs_raw
+    code, out, err = cli("copy-in", "--partition", "1", image, payload, "/drop")
+    assert code == 0, err
+    after = qemu_raw(image, tmp_path)
+    assert after == spec_read(image)
+    assert ntfs_file(after, tmp_path, "/drop/payload.bin") == payload.read_bytes()
+    assert temps(tmp_path) == []
+
+
+def test_blocks_smaller_than_a_bitmap_sector_are_refused(ntfs_raw, payload, cli, tmp_path):
+    """1 KiB blocks: two sectors, two bits of bitmap. The specification pads the bitmap to a sector;
+    qemu (and vhdtool's reader) compute block_size / 4096 rounded to sectors, none at all. A VHD
+    whose readers disagree on where its data lies is not one to write; before, the writer set a bit
+    in the empty bitmap it computed and stopped with an internal error (exit 70)."""
+    image = dynamic_vhd(ntfs_raw, tmp_path / "d.vhd", 1024, bitmap_bytes=0)
+    assert qemu_raw(image, tmp_path) == ntfs_raw  # as qemu lays it out
+    before = digest(image)
+    result = cli("copy-in", "--partition", "1", image, payload, "/drop")
+    assert_one_line_error(*result, image)
+    assert result[0] == 5 and "block size" in result[2], result[2]
+    assert digest(image) == before and temps(tmp_path) == []
+
+
+# -- structures that share bytes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("within", [768, 1016])
+def test_block_table_inside_the_dynamic_header_is_refused(within, ntfs_raw, payload, cli, tmp_path):
+    """The BAT starts in the header's reserved bytes (at 768 of them: all of it inside; at 1016: its
+    first two entries): a new block's entry would be written into the header and break its checksum.
+    Before, copy-in did just that, and every later run refused the image as damaged (header checksum
+    mismatch)."""
+    image = dynamic_vhd(ntfs_raw, tmp_path / "d.vhd", 2 * MiB, table_offset=SECTOR + within)
+    assert qemu_raw(image, tmp_path) == ntfs_raw  # qemu reads it
+    buf = image.read_bytes()
+    assert struct.unpack_from(">I", buf, SECTOR + 36)[0] == header_sum(buf[SECTOR : SECTOR + 1024])
+    before = digest(image)
+    result = cli("copy-in", "--partition", "1", image, payload, "/drop")
+    assert_one_line_error(*result, image)
+    assert result[0] == 4 and "overlap" in result[2], result[2]
+    assert digest(image) == before and temps(tmp_path) == []
