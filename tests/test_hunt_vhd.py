@@ -165,3 +165,54 @@ def test_block_table_inside_the_dynamic_header_is_refused(within, ntfs_raw, payl
     assert_one_line_error(*result, image)
     assert result[0] == 4 and "overlap" in result[2], result[2]
     assert digest(image) == before and temps(tmp_path) == []
+
+
+# -- differencing chains -------------------------------------------------------------------------
+
+def test_writing_a_vhd_child_never_touches_its_parent(ntfs_raw, payload, cli, tmp_path):
+    """Into a child of 512 KiB blocks over a parent of 2 MiB ones, twice (new blocks, then allocated ones)."""
+    parent = dynamic_vhd(ntfs_raw, tmp_path / "parent.vhd", 2 * MiB)
+    child = tmp_path / "child.avhd"
+    vhd_craft.make_differencing_vhd(parent, child, {3000: b"\x01" * SECTOR}, block_size=512 * 1024)
+    before = digest(parent)
+    second = tmp_path / "local" / "second.txt"
+    second.write_bytes(b"second\r\n" * 1000)
+    for local in (payload, second):
+        code, out, err = cli("copy-in", "--partition", "1", child, local, "/drop")
+        assert code == 0, err
+    assert digest(parent) == before and temps(tmp_path) == []
+    chain = spec_read(child, ntfs_raw)
+    assert ntfs_file(chain, tmp_path, "/drop/payload.bin") == payload.read_bytes()
+    assert ntfs_file(chain, tmp_path, "/drop/second.txt") == second.read_bytes()
+    # Writing the parent while the child is beside it is refused, the parent byte-identical.
+    result = cli("copy-in", "--partition", "1", parent, second, "/other")
+    assert_one_line_error(*result, parent)
+    assert result[0] == 19 and "child.avhd" in result[2]
+    assert digest(parent) == before
+
+
+def test_a_vhd_child_elsewhere_no_longer_opens_once_its_parent_changed(ntfs_raw, payload, cli, tmp_path):
+    """One golden base disk shared by VMs: each VM's folder holds its child and a symlink to the base,
+    out of sight of the check for dependent children (which looks in the base's folder). Writing the
+    base must break the link each child's header records (the parent's Unique Id), as a VHDX write
+    changes the DataWriteGuid a child's parent_linkage names (README, "Differencing disks
+    elsewhere"); before, the VHD writer kept the footer as it was, the child went on opening over the
+    changed parent, and copy-in wrote into that mix of two volumes' metadata."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "vm1").mkdir()
+    parent = dynamic_vhd(ntfs_raw, tmp_path / "base" / "parent.vhd", 2 * MiB)
+    (tmp_path / "vm1" / "parent.vhd").symlink_to("../base/parent.vhd")
+    child = tmp_path / "vm1" / "child.avhd"
+    vhd_craft.make_differencing_vhd(tmp_path / "vm1" / "parent.vhd", child, {})
+    code, out, err = cli("copy-in", "--partition", "1", child, payload, "/in-child")
+    assert code == 0, err
+    code, out, err = cli("copy-in", "--partition", "1", parent, payload, "/in-parent")
+    assert code == 0, err
+    after = qemu_raw(parent, tmp_path)
+    assert ntfs_file(after, tmp_path, "/in-parent/payload.bin") == payload.read_bytes()
+    before_child, before_parent = digest(child), digest(parent)
+    result = cli("copy-in", "--partition", "1", child, payload, "/again")
+    assert_one_line_error(*result, child)
+    assert result[0] == 4 and "identifier mismatch" in result[2], result[2]
+    assert digest(child) == before_child and digest(parent) == before_parent
+    assert temps(tmp_path / "vm1") == [] and temps(tmp_path / "base") == []
