@@ -216,3 +216,45 @@ def test_a_vhd_child_elsewhere_no_longer_opens_once_its_parent_changed(ntfs_raw,
     assert result[0] == 4 and "identifier mismatch" in result[2], result[2]
     assert digest(child) == before_child and digest(parent) == before_parent
     assert temps(tmp_path / "vm1") == [] and temps(tmp_path / "base") == []
+
+
+def vhdx_child_of_vhd(ntfs_raw: bytes, tmp: Path, drop_linkage: bool = False) -> tuple[Path, Path]:
+    """(parent.vhd, child.avhdx): a VHDX differencing disk whose locator names a VHD, made over a VHDX
+    of the same content (vhdx_craft reads its parent's DataWriteGuid from a VHDX header) that then
+    goes. ``drop_linkage``: a VHDX parent stays, and the child's locator loses its parent_linkage."""
+    import vhdx_craft as vc
+
+    parent = dynamic_vhd(ntfs_raw, tmp / "parent.vhd", 2 * MiB)
+    made_over = tmp / ("parent.vhdx" if drop_linkage else "made-over.vhdx")
+    raw = tmp / "content.raw"
+    raw.write_bytes(ntfs_raw)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(raw), str(made_over)], check=True)
+    raw.unlink()
+    child = tmp / "child.avhdx"
+    vc.make_differencing(made_over, child, {3000: b"\x01" * SECTOR},
+                         relative_path=f".\\{made_over.name if drop_linkage else parent.name}")
+    if drop_linkage:
+        buf = bytearray(child.read_bytes())
+        key = "parent_linkage".encode("utf-16-le")
+        at = buf.index(key)
+        buf[at : at + len(key)] = "parent_linkagX".encode("utf-16-le")  # the key renamed: no parent_linkage
+        child.write_bytes(bytes(buf))
+        return made_over, child
+    made_over.unlink()
+    return parent, child
+
+
+@pytest.mark.parametrize("case", ["vhd-parent", "no-parent-linkage"])
+def test_vhdx_child_whose_parent_cannot_be_checked_is_refused(case, ntfs_raw, payload, cli, tmp_path):
+    """MS-VHDX 2.6.2.6.3: a differencing VHDX names its parent by parent_linkage, the DataWriteGuid
+    of the parent's (VHDX) header. A VHD parent has none, and a child without parent_linkage names
+    none: either way any file of that name would be taken for the parent, a changed or different
+    one included. A VHD child with a VHDX parent is refused ("is not a VHD"); before, the VHDX side
+    took a VHD parent, or any parent at all without a linkage, and copy-in wrote into the child."""
+    parent, child = vhdx_child_of_vhd(ntfs_raw, tmp_path, drop_linkage=case == "no-parent-linkage")
+    before_child, before_parent = digest(child), digest(parent)
+    result = cli("copy-in", "--partition", "1", child, payload, "/drop")
+    assert_one_line_error(*result, child)
+    assert result[0] in (4, 5) and "parent" in result[2], result[2]
+    assert digest(child) == before_child and digest(parent) == before_parent
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
