@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import uuid
@@ -258,3 +259,43 @@ def test_vhdx_child_whose_parent_cannot_be_checked_is_refused(case, ntfs_raw, pa
     assert result[0] in (4, 5) and "parent" in result[2], result[2]
     assert digest(child) == before_child and digest(parent) == before_parent
     assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+# -- the host side -------------------------------------------------------------------------------
+
+def test_vhd_in_a_folder_the_user_cannot_write_is_refused(ntfs_raw, tmp_path):
+    """Run as an unprivileged user (root writes anywhere) on a VHD it may write, in a folder it may
+    not: the copy that replaces the image cannot be made beside it. Exit 17, nothing changed, and
+    --output elsewhere still works."""
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="vhdtool-hunt-"))
+    try:
+        os.chmod(folder, 0o755)
+        image = dynamic_vhd(ntfs_raw, folder / "ro.vhd", 2 * MiB)
+        os.chmod(image, 0o666)
+        local = folder / "x.txt"
+        local.write_bytes(b"x" * 5000)
+        os.chmod(local, 0o644)
+        before = digest(image)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+               "vhdtool.cli.main", "copy-in", "--partition", "1", str(image), str(local), "/drop"]
+        env = dict(os.environ, PYTHONPATH=str(root))
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if "Permission denied" in res.stderr and "vhdtool" not in res.stderr:
+            pytest.skip("the unprivileged user cannot run this checkout's Python")
+        assert_one_line_error(res.returncode, res.stdout, res.stderr, image)
+        assert res.returncode == 17 and "folder is not writable" in res.stderr, res.stderr
+        assert digest(image) == before and sorted(os.listdir(folder)) == ["ro.vhd", "x.txt"]
+        out = folder / "out"
+        out.mkdir()
+        os.chmod(out, 0o777)
+        res = subprocess.run(cmd[:8] + ["--output", str(out / "new.vhd")] + cmd[8:], capture_output=True, text=True,
+                             env=env)
+        assert res.returncode == 0, res.stderr
+        assert digest(image) == before and os.listdir(out) == ["new.vhd"]
+        assert ntfs_file(qemu_raw(out / "new.vhd", tmp_path), tmp_path, "/drop/x.txt") == local.read_bytes()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
