@@ -219,6 +219,40 @@ def test_a_vhd_child_elsewhere_no_longer_opens_once_its_parent_changed(ntfs_raw,
     assert temps(tmp_path / "vm1") == [] and temps(tmp_path / "base") == []
 
 
+@pytest.mark.parametrize("fmt", ["vhd", "vhdx"])
+def test_writing_a_parent_through_a_symlink_beside_its_child_is_refused(fmt, ntfs_raw, payload, cli, tmp_path):
+    """The user names vm1/parent.vhd, a symlink to the shared base; vm1/child depends on it. The check
+    for dependent children looked only in the folder of the file the symlink resolves to (base/), so
+    the child beside the name the user gave was not seen and the parent was written (exit 0)."""
+    import vhdx_craft as vc
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "vm1").mkdir()
+    parent = tmp_path / "base" / f"parent.{fmt}"
+    if fmt == "vhd":
+        dynamic_vhd(ntfs_raw, parent, 2 * MiB)
+    else:
+        raw = tmp_path / "content.raw"
+        raw.write_bytes(ntfs_raw)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(raw), str(parent)], check=True)
+    named = tmp_path / "vm1" / parent.name
+    named.symlink_to(f"../base/{parent.name}")
+    child = tmp_path / "vm1" / f"child.avhd{'x' if fmt == 'vhdx' else ''}"
+    if fmt == "vhd":
+        vhd_craft.make_differencing_vhd(named, child, {})
+    else:
+        vc.make_differencing(named, child, {}, relative_path=f".\\{parent.name}")
+    before = digest(parent)
+    result = cli("copy-in", "--partition", "1", named, payload, "/drop")
+    assert_one_line_error(*result, named)
+    assert result[0] == 19 and child.name in result[2], result[2]
+    assert digest(parent) == before
+    # Through the child, the change goes into the child alone.
+    code, out, err = cli("copy-in", "--partition", "1", child, payload, "/drop")
+    assert code == 0, err
+    assert digest(parent) == before
+
+
 def vhdx_child_of_vhd(ntfs_raw: bytes, tmp: Path, drop_linkage: bool = False) -> tuple[Path, Path]:
     """(parent.vhd, child.avhdx): a VHDX differencing disk whose locator names a VHD, made over a VHDX
     of the same content (vhdx_craft reads its parent's DataWriteGuid from a VHDX header) that then
