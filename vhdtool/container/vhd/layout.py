@@ -142,7 +142,8 @@ def _read_block_table(disk: VhdDisk, layout: VhdLayout, header: DynamicHeader) -
 
 
 def _check_placement(path: str, layout: VhdLayout, footer: Footer, header: DynamicHeader) -> None:
-    """Every structure lies before the footer and no block overlaps another structure or block.
+    """Every structure lies before the footer, no block overlaps another structure or block, and
+    the block table overlaps no other structure.
 
     A write into one must never land in another.
     """
@@ -169,10 +170,11 @@ def _check_placement(path: str, layout: VhdLayout, footer: Footer, header: Dynam
     for a, b in zip(starts, starts[1:]):
         if b - a < span:
             raise corrupt(path, f"VHD blocks at offsets {a} and {b} overlap")
-    reserved.sort()
-    for (_lo, hi, what), (lo2, _hi2, what2) in zip(reserved, reserved[1:]):
-        if lo2 < hi:
-            raise corrupt(path, f"{what} and {what2} overlap")
+    # A new block's BAT entry is written: it must land in the BAT alone (structures that are
+    # only read may share bytes with each other). Each lies after the footer copy (checked above).
+    for lo, hi, what in reserved[1:]:
+        if what != "the block table" and lo < table_end and layout.table_offset < hi:
+            raise corrupt(path, f"the block table and {what} overlap")
     for lo, hi, what in reserved:
         # The last block starting before ``hi`` is the only one that could overlap [lo, hi).
         i = bisect.bisect_left(starts, hi) - 1
