@@ -149,6 +149,20 @@ def test_blocks_smaller_than_a_bitmap_sector_are_refused(ntfs_raw, payload, cli,
     assert digest(image) == before and temps(tmp_path) == []
 
 
+def test_a_missing_footer_copy_at_offset_0_is_written_back(ntfs_raw, payload, cli, tmp_path):
+    """A dynamic VHD whose copy of the footer at offset 0 is zeros: vhdtool reads it by the footer at
+    the end, qemu cannot open it. The commit writes the (new) footer to both places."""
+    image = dynamic_vhd(ntfs_raw, tmp_path / "d.vhd", 2 * MiB)
+    with open(image, "r+b") as f:
+        f.write(bytes(SECTOR))
+    assert subprocess.run(["qemu-img", "info", "-f", "vpc", str(image)], capture_output=True).returncode != 0
+    code, out, err = cli("copy-in", "--partition", "1", image, payload, "/drop")
+    assert code == 0, err
+    buf = image.read_bytes()
+    assert buf[:SECTOR] == buf[-SECTOR:]
+    assert ntfs_file(qemu_raw(image, tmp_path), tmp_path, "/drop/payload.bin") == payload.read_bytes()
+
+
 # -- structures that share bytes -----------------------------------------------------------------
 
 @pytest.mark.parametrize("within", [768, 1016])
