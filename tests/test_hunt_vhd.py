@@ -347,3 +347,31 @@ def test_vhd_in_a_folder_the_user_cannot_write_is_refused(ntfs_raw, tmp_path):
         assert ntfs_file(qemu_raw(out / "new.vhd", tmp_path), tmp_path, "/drop/x.txt") == local.read_bytes()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["beside-the-file", "beside-the-symlink"])
+def test_output_of_a_differencing_vhd_named_through_a_symlink(where, ntfs_raw, payload, cli, tmp_path):
+    """vm1/child.avhd is a symlink to store/child.avhd, whose parent is store/parent.vhd. --output must be
+    where the child's locator still finds the parent: beside the file (store/), not beside the symlink
+    (vm1/). Before, store/ was refused (exit 5, "must be in the same folder") and vm1/ was let through
+    to a whole copy whose parent then was not found (exit 6)."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "vm1").mkdir()
+    parent = dynamic_vhd(ntfs_raw, tmp_path / "store" / "parent.vhd", 2 * MiB)
+    child = tmp_path / "store" / "child.avhd"
+    vhd_craft.make_differencing_vhd(parent, child, {})
+    named = tmp_path / "vm1" / "child.avhd"
+    named.symlink_to("../store/child.avhd")
+    before = {p: digest(p) for p in (parent, child)}
+    out = tmp_path / ("store" if where == "beside-the-file" else "vm1") / "new.avhd"
+    result = cli("copy-in", "--partition", "1", "--output", out, named, payload, "/drop")
+    assert {p: digest(p) for p in (parent, child)} == before
+    if where == "beside-the-symlink":
+        assert_one_line_error(*result, named)
+        assert result[0] == 5 and "same folder" in result[2], result[2]
+        assert os.listdir(tmp_path / "vm1") == ["child.avhd"]
+        return
+    assert result[0] == 0, result[2]
+    assert sorted(os.listdir(tmp_path / "store")) == ["child.avhd", "new.avhd", "parent.vhd"]
+    chain = spec_read(out, ntfs_raw)
+    assert ntfs_file(chain, tmp_path, "/drop/payload.bin") == payload.read_bytes()

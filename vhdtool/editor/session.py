@@ -87,7 +87,8 @@ class EditSession:
         out = os.path.abspath(self.output)
         if os.path.exists(out):
             raise UnsupportedLayout(out, "the output file exists", "give a new file name for --output")
-        if os.path.dirname(out) != os.path.dirname(os.path.abspath(self.path)):
+        # The folder of the file itself, a symlink's target: where its parent locator is resolved from.
+        if os.path.realpath(os.path.dirname(out)) != os.path.dirname(os.path.realpath(self.path)):
             probe = open_one(self.path)
             try:
                 if probe.needs_parent:
