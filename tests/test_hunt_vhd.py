@@ -375,3 +375,36 @@ def test_output_of_a_differencing_vhd_named_through_a_symlink(where, ntfs_raw, p
     assert sorted(os.listdir(tmp_path / "store")) == ["child.avhd", "new.avhd", "parent.vhd"]
     chain = spec_read(out, ntfs_raw)
     assert ntfs_file(chain, tmp_path, "/drop/payload.bin") == payload.read_bytes()
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value (version 2; tag, permissions, id), as setfacl would store it."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_the_images_extended_attributes_and_acl_are_kept(ntfs_raw, payload, cli, tmp_path):
+    """The commit replaces the image by a copy: it keeps the image's owner and mode, and must keep what
+    else the host hangs on the file, its extended attributes (an ACL that lets the hypervisor's user
+    open it, a label, a backup tool's mark). Before, they were lost with the old inode."""
+    image = dynamic_vhd(ntfs_raw, tmp_path / "d.vhd", 2 * MiB)
+    os.chmod(image, 0o660)
+    try:
+        os.setxattr(image, "user.backup.mark", b"seen 2026-12-07")
+    except OSError as e:
+        pytest.skip(f"no user extended attributes here ({e.strerror})")
+    # user::rw-, user:nobody:rw-, group::r--, mask::rw-, other::---
+    acl = posix_acl((0x01, 6, 0xFFFFFFFF), (0x02, 6, 65534), (0x04, 4, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF),
+                    (0x20, 0, 0xFFFFFFFF))
+    try:
+        os.setxattr(image, "system.posix_acl_access", acl)
+    except OSError:
+        acl = None  # no POSIX ACLs on this filesystem
+    before = {n: os.getxattr(image, n) for n in os.listxattr(image)}
+    mode = image.stat().st_mode
+    ino = image.stat().st_ino
+    code, out, err = cli("copy-in", "--partition", "1", image, payload, "/drop")
+    assert code == 0, err
+    assert image.stat().st_ino != ino  # replaced by the copy
+    assert {n: os.getxattr(image, n) for n in os.listxattr(image)} == before
+    assert image.stat().st_mode == mode
+    assert ntfs_file(qemu_raw(image, tmp_path), tmp_path, "/drop/payload.bin") == payload.read_bytes()

@@ -37,9 +37,9 @@ again why stopping after it is safe):
     zeros from then on) and the file extended when blocks are added, data,
     bitmaps, BAT entries and the footer at the new end. Every write is checked.
     Interrupted: as 3.
- 5. The temp gets the image's owner (when root) and mode, and is flushed (fsync,
-    checked) so that its content is on stable storage before any name points at
-    it. Interrupted: as 3.
+ 5. The temp gets the image's owner (when root), extended attributes (an ACL, a
+    label) and mode, and is flushed (fsync, checked) so that its content is on
+    stable storage before any name points at it. Interrupted: as 3.
  6. The path is checked once more to name the locked file, then the temp is
     renamed over it. This is the commit point: before it every reader sees the
     old image, after it the new one, and a process that already had the old file
@@ -332,7 +332,7 @@ class VhdCommit:
     def seal_copy(self) -> None:
         """Step 5. As step 3; after it the temp's content is on stable storage before any name points at it."""
         try:
-            give_owner_and_mode(self.temp_fd, self.locked, self.path)
+            give_owner_and_mode(self.temp_fd, self.src, self.locked, self.path)
             self.out.flush()
         except WriteFailed as e:
             raise self._writing_failed(e) from None
