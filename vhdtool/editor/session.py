@@ -103,6 +103,24 @@ class EditSession:
         # The copy keeps the original's extension, so that its format probe and locators agree.
         self.work_path = tmp
 
+    def _name_the_output(self) -> None:
+        """The finished copy becomes --output's file, and its folder is flushed so that the name survives a power loss."""
+        try:
+            os.replace(self._tmp_output, self.output)
+        except OSError as e:
+            raise WriteFailed(self.output, f"cannot give the finished copy its name ({e.strerror})",
+                              "the image is unchanged; check the folder of the output and run the command again") from None
+        self._tmp_output = None
+        try:
+            dfd = os.open(os.path.dirname(os.path.abspath(self.output)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise WriteFailed(self.output, f"the copy is written, but flushing its folder failed ({e.strerror})",
+                              "it may not survive a power loss: run `sync` or check the disk holding it") from None
+
     def name_the_output(self, e: VhdtoolError) -> None:
         """Make an error about the temporary copy that --output works in name a path the user gave: the
         output when writing it failed (it is not left behind either), else the image it is a copy of."""
@@ -393,8 +411,7 @@ class EditSession:
             if result is not None:
                 written, replayed, committed = result.bytes_written, result.log_replayed, True
         if self._tmp_output is not None and not self.dry_run:
-            os.replace(self._tmp_output, self.output)
-            self._tmp_output = None
+            self._name_the_output()
             committed = True
         # A local file's digest was collected before the commit point (Source.settle); a dry run's now.
         files = tuple(replace(f, sha256=self._digests[i].sha256()) if i in self._digests else f
