@@ -2,16 +2,17 @@
 
 The images: a small MBR disk with one NTFS volume made by sfdisk and mkntfs, as a
 dynamic VHD made by qemu-img or crafted here from the specification (qemu-img
-writes only 2 MiB blocks), and differencing VHDs made by tests/vhd_craft.py. The
-judges: qemu-img convert (its vpc driver), the specification reader of
-tests/test_vhd_write.py (which honours a differencing disk's sector bitmaps),
-ntfscat's bytes of the copied file against its sha256, ntfsfix -n, and the sha256
-of every file that must not change (a refused image, a parent).
+writes only 2 MiB blocks), differencing VHDs made by tests/vhd_craft.py and
+differencing VHDXs by tests/vhdx_craft.py. The judges: qemu-img convert (its vpc
+driver), the specification reader of tests/test_vhd_write.py (which honours a
+differencing disk's sector bitmaps), ntfscat's bytes of the copied file, ntfsfix
+-n, the sha256 of every file that must not change (a refused image, a parent),
+the host's view of the file (extended attributes, owner, mode) and strace's
+record of renames and flushes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -54,10 +55,6 @@ def payload(tmp_path) -> Path:
     p.parent.mkdir()
     p.write_bytes(os.urandom(3 * MiB + 4321))
     return p
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def dynamic_vhd(raw: bytes, out: Path, block_size: int, bitmap_bytes: int | None = None,
