@@ -211,13 +211,16 @@ def check_layout(path: Path, old: bytes) -> None:
     buf = path.read_bytes()
     old_footer = old[-512:]
     footer = buf[-512:]
-    assert footer == old_footer, "the footer moves to the new end unchanged"
+    # The footer moves to the new end with a new Unique Id (a child elsewhere no longer opens over
+    # the changed disk), every other field as it was.
+    assert footer[:64] == old_footer[:64] and footer[84:] == old_footer[84:], "only the Unique Id changes"
+    assert footer[68:84] != old_footer[68:84], "the Unique Id changes"
     assert struct.unpack_from(">I", footer, 64)[0] == footer_sum(footer)
     (disk_type,) = struct.unpack_from(">I", footer, 60)
     if disk_type == 2:
         assert len(buf) == len(old)
         return
-    assert buf[:512] == old[:512], "the footer copy at offset 0 is unchanged"
+    assert buf[:512] == footer, "the footer copy at offset 0 is the new footer"
     (data_offset,) = struct.unpack_from(">Q", footer, 16)
     header = buf[data_offset : data_offset + 1024]
     assert header == old[data_offset : data_offset + 1024], "the dynamic header is unchanged"

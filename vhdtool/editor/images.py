@@ -16,9 +16,18 @@ MAX_SIBLINGS = 4096  # differencing disks looked at in the image's folder
 
 
 def dependent_children(image: str) -> list[str]:
-    """Differencing disks in ``image``'s folder whose parent locator resolves to ``image``."""
+    """Differencing disks in ``image``'s folder whose parent locator resolves to ``image``.
+
+    When ``image`` is a symlink, both the folder it lies in (where a child beside it names it)
+    and the folder of the file it resolves to are looked at."""
     here = os.path.realpath(image)
-    folder = os.path.dirname(here)
+    found = []
+    for folder in dict.fromkeys((os.path.dirname(os.path.abspath(image)), os.path.dirname(here))):
+        found += _children_in(folder, here)
+    return found
+
+
+def _children_in(folder: str, here: str) -> list[str]:
     found = []
     try:
         names = sorted(os.listdir(folder))[:MAX_SIBLINGS]

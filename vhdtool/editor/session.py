@@ -87,7 +87,8 @@ class EditSession:
         out = os.path.abspath(self.output)
         if os.path.exists(out):
             raise UnsupportedLayout(out, "the output file exists", "give a new file name for --output")
-        if os.path.dirname(out) != os.path.dirname(os.path.abspath(self.path)):
+        # The folder of the file itself, a symlink's target: where its parent locator is resolved from.
+        if os.path.realpath(os.path.dirname(out)) != os.path.dirname(os.path.realpath(self.path)):
             probe = open_one(self.path)
             try:
                 if probe.needs_parent:
@@ -101,6 +102,24 @@ class EditSession:
         copy_image(self.path, tmp)
         # The copy keeps the original's extension, so that its format probe and locators agree.
         self.work_path = tmp
+
+    def _name_the_output(self) -> None:
+        """The finished copy becomes --output's file, and its folder is flushed so that the name survives a power loss."""
+        try:
+            os.replace(self._tmp_output, self.output)
+        except OSError as e:
+            raise WriteFailed(self.output, f"cannot give the finished copy its name ({e.strerror})",
+                              "the image is unchanged; check the folder of the output and run the command again") from None
+        self._tmp_output = None
+        try:
+            dfd = os.open(os.path.dirname(os.path.abspath(self.output)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise WriteFailed(self.output, f"the copy is written, but flushing its folder failed ({e.strerror})",
+                              "it may not survive a power loss: run `sync` or check the disk holding it") from None
 
     def name_the_output(self, e: VhdtoolError) -> None:
         """Make an error about the temporary copy that --output works in name a path the user gave: the
@@ -392,8 +411,7 @@ class EditSession:
             if result is not None:
                 written, replayed, committed = result.bytes_written, result.log_replayed, True
         if self._tmp_output is not None and not self.dry_run:
-            os.replace(self._tmp_output, self.output)
-            self._tmp_output = None
+            self._name_the_output()
             committed = True
         # A local file's digest was collected before the commit point (Source.settle); a dry run's now.
         files = tuple(replace(f, sha256=self._digests[i].sha256()) if i in self._digests else f

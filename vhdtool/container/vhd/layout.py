@@ -131,13 +131,19 @@ def _read_block_table(disk: VhdDisk, layout: VhdLayout, header: DynamicHeader) -
         raise corrupt(path, "VHD block table lies outside the file")
     layout.block_size = header.block_size
     layout.bitmap_size = bitmap_size(header.block_size)
+    if layout.bitmap_size == 0:
+        # The spec pads a block's few bits of bitmap to a sector; qemu (and our reader) give it
+        # none. Where readers disagree on where the data lies, nothing is written.
+        raise UnsupportedImage(path, f"VHD block size {header.block_size} is below 4 KiB, for which readers "
+                               "disagree where a block's data lies", "convert it to a VHD of 2 MiB blocks first")
     layout.table_offset = table_offset
     layout.entries = entries
     layout.bat = disk.image.read_exact(table_offset, BAT_ENTRY.size * entries, "VHD block table")
 
 
 def _check_placement(path: str, layout: VhdLayout, footer: Footer, header: DynamicHeader) -> None:
-    """Every structure lies before the footer and no block overlaps another structure or block.
+    """Every structure lies before the footer, no block overlaps another structure or block, and
+    the block table overlaps no other structure.
 
     A write into one must never land in another.
     """
@@ -164,6 +170,11 @@ def _check_placement(path: str, layout: VhdLayout, footer: Footer, header: Dynam
     for a, b in zip(starts, starts[1:]):
         if b - a < span:
             raise corrupt(path, f"VHD blocks at offsets {a} and {b} overlap")
+    # A new block's BAT entry is written: it must land in the BAT alone (structures that are
+    # only read may share bytes with each other). Each lies after the footer copy (checked above).
+    for lo, hi, what in reserved[1:]:
+        if what != "the block table" and lo < table_end and layout.table_offset < hi:
+            raise corrupt(path, f"the block table and {what} overlap")
     for lo, hi, what in reserved:
         # The last block starting before ``hi`` is the only one that could overlap [lo, hi).
         i = bisect.bisect_left(starts, hi) - 1

@@ -74,6 +74,7 @@ FOOTER = struct.Struct(">8sIIQI4sI4sQQIII16sB427x")
 DYNAMIC_HEADER = struct.Struct(">8sQQIIII16sI4x512s")
 PARENT_LOCATOR = struct.Struct(">4sIIIQ")
 FOOTER_CHECKSUM_AT = 64
+FOOTER_UNIQUE_ID_AT = 68
 HEADER_CHECKSUM_AT = 36
 assert FOOTER.size == FOOTER_SIZE and DYNAMIC_HEADER.size == 576 and PARENT_LOCATOR.size == 24
 assert DYNAMIC_HEADER.size + LOCATOR_ENTRIES * PARENT_LOCATOR.size + 256 == HEADER_SIZE
@@ -90,6 +91,14 @@ def footer_checksum(footer: bytes) -> int:
 
 def header_checksum(header: bytes) -> int:
     return _checksum(header, HEADER_CHECKSUM_AT)
+
+
+def with_new_unique_id(footer: bytes, unique_id: bytes) -> bytes:
+    """``footer`` (512 bytes) with another Unique Id and the checksum that goes with it; every other byte kept."""
+    out = bytearray(footer)
+    out[FOOTER_UNIQUE_ID_AT : FOOTER_UNIQUE_ID_AT + 16] = unique_id
+    out[FOOTER_CHECKSUM_AT : FOOTER_CHECKSUM_AT + 4] = footer_checksum(bytes(out)).to_bytes(4, "big")
+    return bytes(out)
 
 
 def parse_footer(buf: bytes) -> Footer:

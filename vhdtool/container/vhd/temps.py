@@ -1,4 +1,5 @@
-"""The temp copy a VHD commit writes beside the image: its name, creating it, its owner and mode, and removing stale ones.
+"""The temp copy a VHD commit writes beside the image: its name, creating it, giving it the image's
+owner, extended attributes and mode, and removing stale ones.
 
 Its name is ``.<image name>.vhdtool-<16 hex>.tmp`` in the image's folder: never
 the image's name, named by no parent locator, and enough on its own to tell it
@@ -15,7 +16,7 @@ import secrets
 import stat
 
 from vhdtool.container.filecopy import unchanged_failure
-from vhdtool.errors import ImageReadOnly
+from vhdtool.errors import ImageReadOnly, WriteFailed
 
 TEMP_SUFFIX = re.compile(r"\.vhdtool-[0-9a-f]{16}\.tmp")
 
@@ -85,11 +86,39 @@ def create_temp(folder: str, prefix: str, image_path: str) -> tuple[str, int]:
     raise unchanged_failure(image_path, "cannot find a free name for the temporary copy")
 
 
-def give_owner_and_mode(fd: int, like: os.stat_result, image_path: str) -> None:
-    """The image's owner (when root; otherwise the copy is this user's) and permission bits."""
+def give_owner_and_mode(fd: int, src: int, like: os.stat_result, image_path: str) -> None:
+    """The image's owner (when root; otherwise the copy is this user's), extended attributes (its ACL,
+    labels, other tools' marks: read from ``src``, the image's descriptor) and permission bits."""
     try:
         if os.geteuid() == 0:
             os.fchown(fd, like.st_uid, like.st_gid)
-        os.fchmod(fd, stat.S_IMODE(like.st_mode))  # after chown, which clears set-id bits
     except OSError as e:
         raise unchanged_failure(image_path, f"cannot give the changed copy the image's owner and mode ({e.strerror})") from None
+    _copy_xattrs(src, fd, image_path)
+    try:
+        os.fchmod(fd, stat.S_IMODE(like.st_mode))  # after chown, which clears set-id bits, and the ACL
+    except OSError as e:
+        raise unchanged_failure(image_path, f"cannot give the changed copy the image's owner and mode ({e.strerror})") from None
+
+
+def _copy_xattrs(src: int, dst: int, image_path: str) -> None:
+    """``dst`` gets exactly ``src``'s extended attributes (one a folder's default ACL gave it goes)."""
+    try:
+        want = {name: os.getxattr(src, name) for name in os.listxattr(src)}
+        have = os.listxattr(dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return  # a filesystem without extended attributes: nothing to keep
+        raise unchanged_failure(image_path, f"cannot read the image's extended attributes ({e.strerror})") from None
+    name = ""
+    try:
+        for name in have:
+            if name not in want:
+                os.removexattr(dst, name)
+        for name, value in want.items():
+            os.setxattr(dst, name, value)
+    except OSError as e:
+        raise WriteFailed(
+            image_path, f"cannot give the changed copy the image's extended attribute {name} ({e.strerror})",
+            "the image is unchanged; run as a user that may set it, or write the change to a copy with --output NEW",
+        ) from None

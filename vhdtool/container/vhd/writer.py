@@ -10,8 +10,8 @@ footer, dynamic header and BAT of the image as it is (``layout.read_layout``:
 every offset and count in them treated as hostile and bounded), and says which
 bytes of the new file differ from the old one: data in place (fixed disk,
 allocated blocks), sector bitmaps with the written sectors' bits set, new
-blocks at the end of the file, their BAT entries, and the footer pushed back to
-the new end. ``commit`` then
+blocks at the end of the file, their BAT entries, and the footer (with a new
+Unique Id) at the new end and in its copy at offset 0. ``commit`` then
 runs, in this order, one method of ``VhdCommit`` per step (its docstring says
 again why stopping after it is safe):
 
@@ -37,9 +37,9 @@ again why stopping after it is safe):
     zeros from then on) and the file extended when blocks are added, data,
     bitmaps, BAT entries and the footer at the new end. Every write is checked.
     Interrupted: as 3.
- 5. The temp gets the image's owner (when root) and mode, and is flushed (fsync,
-    checked) so that its content is on stable storage before any name points at
-    it. Interrupted: as 3.
+ 5. The temp gets the image's owner (when root), extended attributes (an ACL, a
+    label) and mode, and is flushed (fsync, checked) so that its content is on
+    stable storage before any name points at it. Interrupted: as 3.
  6. The path is checked once more to name the locked file, then the temp is
     renamed over it. This is the commit point: before it every reader sees the
     old image, after it the new one, and a process that already had the old file
@@ -67,15 +67,20 @@ allocated block gets its bit set if it was not.
 
 New blocks start where the footer was, placed so that each block's data begins
 on a 4 KiB boundary as Windows places them (the bitmap just before it), one
-after another; the 512-byte footer follows the last one. The footer's bytes
-and the copy of it at offset 0 are not changed (the footer only moves), nor is
-the dynamic header, so their checksums stay right.
+after another; the 512-byte footer follows the last one. The dynamic header is
+not changed. The footer (at the end, and its copy at offset 0 on a dynamic or
+differencing disk) gets a new Unique Id and the checksum that goes with it, and
+keeps every other byte: a differencing disk names its parent by that id, so a
+child that this commit cannot see (in another folder, its parent reached through
+a symlink) is refused by every reader once its parent has changed, as a VHDX
+write changes the DataWriteGuid a child's parent_linkage names.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -84,7 +89,14 @@ from vhdtool.container.overlay import CommitResult, Extent
 from vhdtool.container.source import SourceRange, pieces
 from vhdtool.container.vhd.layout import VhdLayout, read_layout
 from vhdtool.container.vhd.reader import VhdDisk
-from vhdtool.container.vhd.structs import BAT_ENTRY, DISK_FIXED, FOOTER_SIZE, SECTOR, UNALLOCATED
+from vhdtool.container.vhd.structs import (
+    BAT_ENTRY,
+    DISK_FIXED,
+    FOOTER_SIZE,
+    SECTOR,
+    UNALLOCATED,
+    with_new_unique_id,
+)
 from vhdtool.container.vhd.temps import create_temp, give_owner_and_mode, remove_stale_temps, temp_prefix
 from vhdtool.container.writefile import WritableFile
 from vhdtool.errors import ImageInUse, UnsupportedImage, WriteFailed
@@ -158,8 +170,12 @@ def plan_commit(disk: VhdDisk, changes: list[Extent]) -> VhdPlan:
         return plan
     layout = read_layout(disk)
     plan.new_size = layout.file_size
+    # A new Unique Id: a child that names this disk as its parent (one this commit could not see,
+    # in another folder) no longer opens over a parent changed under it.
+    footer = with_new_unique_id(layout.footer, uuid.uuid4().bytes)
     if layout.disk_type == DISK_FIXED:
-        plan.writes = _merge([(c.offset, c.data) for c in changes])
+        plan.writes = _merge([(c.offset, c.data) for c in changes]
+                             + [(layout.footer_start, footer[: layout.file_size - layout.footer_start])])
         return plan
 
     per_block: dict[int, list[tuple[int, bytes]]] = {}
@@ -178,7 +194,10 @@ def plan_commit(disk: VhdDisk, changes: list[Extent]) -> VhdPlan:
     if plan.new_blocks:
         plan.cut_at = layout.footer_start
         plan.new_size = end + FOOTER_SIZE
-        writes.append((end, layout.footer))
+        writes.append((end, footer))
+    else:
+        writes.append((layout.footer_start, footer[: layout.file_size - layout.footer_start]))
+    writes.append((0, footer))  # the copy at offset 0
     plan.writes = _merge(writes)
     return plan
 
@@ -313,7 +332,7 @@ class VhdCommit:
     def seal_copy(self) -> None:
         """Step 5. As step 3; after it the temp's content is on stable storage before any name points at it."""
         try:
-            give_owner_and_mode(self.temp_fd, self.locked, self.path)
+            give_owner_and_mode(self.temp_fd, self.src, self.locked, self.path)
             self.out.flush()
         except WriteFailed as e:
             raise self._writing_failed(e) from None

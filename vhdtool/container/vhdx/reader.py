@@ -42,7 +42,7 @@ from vhdtool.container.vhdx.structs import (
     SB_BLOCK_PRESENT,
     SECTORS_PER_BITMAP_BLOCK,
 )
-from vhdtool.errors import CorruptImage, NotADiskImage
+from vhdtool.errors import CorruptImage, NotADiskImage, UnsupportedImage
 
 # Parent locator keys (2.6.2.6.3) in the order they are tried, and whether each is
 # a path relative to the child (the others are Windows paths: only their file name
@@ -143,15 +143,20 @@ class VhdxDisk(DiskStream):
 
     def attach_parent(self, parent: DiskStream) -> None:
         """Check that ``parent`` is the disk this one was made from (2.6.2.6.3 parent_linkage) and use it."""
+        if not isinstance(parent, VhdxDisk):
+            raise UnsupportedImage(self.path, f"parent {parent.path} is not a VHDX",
+                                   "a VHDX differencing disk names its parent by a VHDX header's DataWriteGuid")
         linkage = self.parent_locator.get("parent_linkage")
-        if linkage and isinstance(parent, VhdxDisk):
-            want = {linkage.strip("{}").lower(), self.parent_locator.get("parent_linkage2", "").strip("{}").lower()}
-            if str(parent.header.data_write_guid) not in want:
-                raise CorruptImage(
-                    self.path,
-                    f"parent {parent.path} has changed since this differencing disk was made (DataWriteGuid mismatch)",
-                    "the chain is broken; use the parent it was made from",
-                )
+        if not linkage:
+            raise CorruptImage(self.path, "its parent locator has no parent_linkage, so its parent cannot be checked",
+                               "the chain is broken; recreate the differencing disk on a Hyper-V host")
+        want = {linkage.strip("{}").lower(), self.parent_locator.get("parent_linkage2", "").strip("{}").lower()}
+        if str(parent.header.data_write_guid) not in want:
+            raise CorruptImage(
+                self.path,
+                f"parent {parent.path} has changed since this differencing disk was made (DataWriteGuid mismatch)",
+                "the chain is broken; use the parent it was made from",
+            )
         if parent.size != self.size:
             self.warnings.append(f"parent {parent.path} has a different virtual size")
         self.parent = parent
