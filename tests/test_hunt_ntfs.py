@@ -5,6 +5,8 @@ size, sfdisk with a chosen first sector, qemu-img convert to VHDX), and every wr
 image is judged by qemu-img check, ntfs-3g's ntfscat and dissect.ntfs (sha256 of the
 copied file equal to the local file's).
 
+- Free space in a hundred pieces: libntfs-3g's allocator takes only a few of them per call,
+  and its ENOSPC must not be taken for a full volume while ntfscluster counts the room.
 - A partition that does not start on a 4 KiB boundary (the 63-sector MBR layout of older
   Windows disks, P2V conversions): the VHDX log's 4 KiB sectors then straddle a cluster the
   payload goes into directly and one whose change is logged.
@@ -19,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, digest, run_cli
 from judges.volumes import extract_partition, ntfscat, raw_image
 
 MiB = 1024 * 1024
 
 
 def ntfs_disk(folder: Path, part_mib: int, *, cluster: int = 4096, start: int = 2048,
-              opts: str = "subformat=fixed", name: str = "disk") -> Path:
+              opts: str = "subformat=fixed", name: str = "disk", prepare=None) -> Path:
     """A VHDX data disk of one NTFS partition of ``part_mib`` MiB at sector ``start`` (mkntfs -c ``cluster``,
-    sfdisk, qemu-img convert with ``opts``)."""
+    ``prepare(volume file)`` with ntfs-3g's tools, sfdisk, qemu-img convert with ``opts``)."""
     work = folder / f".{name}-build"
     work.mkdir()
     part, raw = work / "part.img", work / "raw.img"
@@ -36,6 +38,8 @@ def ntfs_disk(folder: Path, part_mib: int, *, cluster: int = 4096, start: int = 
         f.truncate(part_mib * MiB)
     subprocess.run(["mkntfs", "-Q", "-F", "-q", "-c", str(cluster), "-L", "Data", str(part)], check=True,
                    capture_output=True)
+    if prepare is not None:
+        prepare(part)
     with open(raw, "wb") as f:
         f.truncate((part_mib + 2) * MiB)
     subprocess.run(["sfdisk", "-q", str(raw)], input=f"label: dos\nstart={start}, size={part_mib * 2048}, type=7\n",
@@ -89,4 +93,81 @@ def test_copy_in_to_a_partition_off_the_4k_grid_keeps_every_byte(start, tmp_path
     local = payload(tmp_path / "local" / "p.bin", 8 * MiB + 1234, seed=start)
     code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/")
     assert code == 0, err
+    judge(image, tmp_path, "/p.bin", local)
+
+
+def free_bytes(volume: Path) -> int:
+    """The volume's free space as ntfs-3g's ntfscluster counts it."""
+    out = subprocess.run(["ntfscluster", "-f", "-i", str(volume)], capture_output=True, text=True, check=True).stdout
+    return int(next(line for line in out.splitlines() if line.startswith("bytes of free space")).split()[-1])
+
+
+def fragment(volume: Path, files: int = 200, size: int = 16384) -> None:
+    """Leave the volume's free space in ``files // 2`` pieces of ``size`` bytes (ntfscp): ``files`` files,
+    one more that takes all but two clusters of the rest, then every other file emptied."""
+    work = volume.parent
+    piece, empty, filler = work / "piece", work / "empty", work / "filler"
+    piece.write_bytes(b"\xa5" * size)
+    empty.write_bytes(b"")
+    for i in range(files):
+        subprocess.run(["ntfscp", "-f", str(volume), str(piece), f"/f{i}"], check=True, capture_output=True)
+    with open(filler, "wb") as f:
+        f.truncate(free_bytes(volume) - 8192)
+    subprocess.run(["ntfscp", "-f", str(volume), str(filler), "/filler"], check=True, capture_output=True)
+    for i in range(1, files, 2):
+        subprocess.run(["ntfscp", "-f", str(volume), str(empty), f"/f{i}"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fragmented(tmp_path_factory) -> tuple[Path, int]:
+    """A 16 MiB NTFS data disk (dynamic VHDX) whose free space is about a hundred 16 KiB pieces, and its free bytes."""
+    folder = tmp_path_factory.mktemp("fragmented")
+    state = {}
+
+    def prepare(volume: Path) -> None:
+        fragment(volume)
+        state["free"] = free_bytes(volume)
+
+    image = ntfs_disk(folder, 16, opts="subformat=dynamic", prepare=prepare)
+    assert 100 * 16384 <= state["free"] < 100 * 16384 + 65536, state  # the pieces, and little else
+    return image, state["free"]
+
+
+@pytest.mark.parametrize("size", ["1 MiB", "all of it"])
+def test_copy_in_into_free_space_in_a_hundred_pieces(fragmented, size, tmp_path):
+    """libntfs-3g's allocator gives up with ENOSPC when one call needs more free runs than it takes from each
+    32768-cluster window of $Bitmap; the volume has the room (ntfscluster counts it, ntfs-3g's FUSE driver
+    fills it), so the copy-in must not be a "volume full" (exit 26): the file takes some sixty or a hundred runs."""
+    original, free = fragmented
+    image = tmp_path / original.name
+    shutil.copyfile(original, image)
+    local = payload(tmp_path / "local" / "p.bin", MiB if size == "1 MiB" else free, seed=len(size))
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/")
+    assert code == 0, err
+    judge(image, tmp_path, "/p.bin", local)
+
+
+def test_one_byte_more_than_the_pieces_hold_is_refused_unchanged(fragmented, tmp_path):
+    original, free = fragmented
+    image = tmp_path / original.name
+    shutil.copyfile(original, image)
+    local = payload(tmp_path / "local" / "p.bin", free + 1, seed=1)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/")
+    assert code == 26, err
+    assert_one_line_error(code, out, err, image)
+    assert digest(image) == before
+
+
+def test_bytes_written_into_free_space_in_a_hundred_pieces(fragmented, tmp_path):
+    """The same for data written from memory (install.cmd, hives: EditSession.write_file with bytes), whose
+    clusters libntfs-3g allocates while it fills the new file's hole."""
+    import vhdtool
+
+    original, _free = fragmented
+    image = tmp_path / original.name
+    shutil.copyfile(original, image)
+    local = payload(tmp_path / "local" / "p.bin", MiB + 3, seed=7)
+    with vhdtool.edit(image) as ed:
+        ed.write_file("/p.bin", local.read_bytes(), partition=1)
     judge(image, tmp_path, "/p.bin", local)

@@ -33,6 +33,7 @@ from vhdtool.filesystem.ntfsacl import mark_inherited
 from vhdtool.filesystem.ntfsanswer import decode_sources
 from vhdtool.filesystem.ntfsbitmap import free_clusters
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
+from vhdtool.filesystem.ntfsgrow import grow
 from vhdtool.native import Refusal, load_libc, load_library, run_isolated
 from vhdtool.native.libraries import LIBNTFS_3G
 from vhdtool.units import MiB
@@ -132,9 +133,10 @@ def _bind(label: str) -> ctypes.CDLL:
 class _Volume:
     """One mounted volume in the child, and the few operations vhdtool needs of it."""
 
-    def __init__(self, lib: ctypes.CDLL, device: OverlayDevice):
+    def __init__(self, lib: ctypes.CDLL, device: OverlayDevice, cluster: int):
         self.lib = lib
         self.device = device
+        self.cluster = cluster
         self.dev = lib.ntfs_device_alloc(b"vhdtool", 0, ctypes.addressof(device.ops), None)
         if not self.dev:
             raise Refusal("libntfs-3g could not allocate a device")
@@ -258,9 +260,12 @@ class _Volume:
         raise Refusal(f"libntfs-3g cannot {doing} ({os.strerror(err) if err else 'refused'})")
 
     def _pwrite(self, na, path: str, pos: int, count: int, address: int) -> None:
-        done = 0
+        done, step = 0, count
         while done < count:
-            n = self.lib.ntfs_attr_pwrite(na, pos + done, count - done, address + done)
+            n = self.lib.ntfs_attr_pwrite(na, pos + done, min(step, count - done), address + done)
+            if n <= 0 and ctypes.get_errno() == errno.ENOSPC and step > self.cluster:
+                step = max(self.cluster, step // 2 // self.cluster * self.cluster)  # filling a hole: see ntfsgrow
+                continue
             if n <= 0:
                 self._failed(f"write {path}")
             done += n
@@ -278,7 +283,10 @@ class _Volume:
         goes through those buffers whole, so a window's tail (past whole TAIL_ALIGN units) is apart."""
         if self.lib.ntfs_attr_truncate(na, 0) != 0:
             self._failed(f"empty {path}")
-        if source.size and self.lib.ntfs_attr_truncate_solid(na, source.size) != 0:
+        def extend(size: int) -> int:
+            return 0 if self.lib.ntfs_attr_truncate_solid(na, size) == 0 else ctypes.get_errno() or errno.EIO
+
+        if source.size and grow(extend, source.size, self.cluster) != 0:  # free space in pieces: see ntfsgrow
             self._failed(f"allocate {source.size} bytes for {path}")
         libc = load_libc()
         mmap, munmap = libc.mmap, libc.munmap
@@ -398,7 +406,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
     def job() -> dict:
         device = OverlayDevice(overlay, start, size, free=lambda lo, hi: free.runs(lo, hi))
         before = {e.offset: e.data for e in overlay.changes()}
-        volume = _Volume(lib, device)
+        volume = _Volume(lib, device, free.unit)
         try:
             for op in operations:
                 if isinstance(op, MakeDir):
