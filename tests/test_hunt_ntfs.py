@@ -171,3 +171,69 @@ def test_bytes_written_into_free_space_in_a_hundred_pieces(fragmented, tmp_path)
     with vhdtool.edit(image) as ed:
         ed.write_file("/p.bin", local.read_bytes(), partition=1)
     judge(image, tmp_path, "/p.bin", local)
+
+
+# -- guest paths NTFS or Windows cannot take: a refusal of the path (exit 5), not "run chkdsk" ----------------
+
+@pytest.fixture(scope="module")
+def plain_disk(tmp_path_factory) -> Path:
+    """A 32 MiB NTFS data disk (dynamic VHDX) holding /file.bin (ntfscp)."""
+    folder = tmp_path_factory.mktemp("plain")
+
+    def prepare(volume: Path) -> None:
+        (volume.parent / "file.bin").write_bytes(b"old" * 1000)
+        subprocess.run(["ntfscp", "-f", str(volume), str(volume.parent / "file.bin"), "/file.bin"], check=True,
+                       capture_output=True)
+
+    return ntfs_disk(folder, 32, opts="subformat=dynamic", prepare=prepare)
+
+
+@pytest.mark.parametrize("guest_dir,needle", [
+    ("/file.bin/sub", "/file.bin is a file"),
+    ("/" + "a" * 256, "255"),
+    ("/" + "\U0001F600" * 128, "255"),  # 128 characters, 256 UTF-16 units
+    ("/a:b", "Windows"),
+    ("/what?", "Windows"),
+    ("/tab\there", "Windows"),
+    ("/trailing.", "Windows"),
+    ("/trailing ", "Windows"),
+])
+def test_a_guest_folder_ntfs_cannot_hold_is_refused_unchanged(plain_disk, guest_dir, needle, tmp_path):
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    local = payload(tmp_path / "local" / "p.bin", 100, seed=5)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, guest_dir)
+    assert code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert needle in err and "chkdsk" not in err, err
+    assert digest(image) == before
+
+
+@pytest.mark.parametrize("name", ["\u00e9" * 255, "\U0001F600" * 127 + "a", "\u03a9mega \u00f1 \u4e2d\u6587"])
+def test_the_longest_and_unicode_names_are_written(plain_disk, name, tmp_path):
+    """255 UTF-16 units (é: one each; an emoji: two) is NTFS's limit and is written; ntfscat and dissect read it."""
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    local = payload(tmp_path / "local" / "p.bin", 5000, seed=6)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, f"/{name}")
+    assert code == 0, err
+    judge(image, tmp_path, f"/{name}/p.bin", local)
+
+
+def test_a_local_name_that_is_not_utf8_is_refused_unchanged(plain_disk, tmp_path):
+    """A Linux file name is bytes; one that is not UTF-8 has no NTFS name (it crashed the libntfs-3g child: exit 4)."""
+    import os
+
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    (tmp_path / "local").mkdir()
+    local = os.path.join(os.fsencode(tmp_path / "local"), b"bad\xff.bin")
+    with open(local, "wb") as f:
+        f.write(b"x" * 100)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, os.fsdecode(local), "/")
+    assert code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert "Unicode" in err, err
+    assert digest(image) == before

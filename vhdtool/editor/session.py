@@ -17,7 +17,7 @@ from vhdtool.editor.extedit import ExtEdits
 from vhdtool.editor.hiveedit import HiveEdits
 from vhdtool.editor.images import copy_image, dependent_children
 from vhdtool.editor.images import digest as payload_digest
-from vhdtool.editor.paths import LINUX_FILESYSTEMS, guest_path, protected
+from vhdtool.editor.paths import LINUX_FILESYSTEMS, guest_path, ntfs_name_problem, protected
 from vhdtool.errors import (
     CorruptFilesystem,
     EncryptedVolume,
@@ -185,6 +185,7 @@ class EditSession:
         target = self._guest_path(path, partition)
         if target == "/":
             raise UnsupportedLayout(self.path, f"{path} names the root folder, not a file", "give a file path")
+        self._check_new_path(part.index, fs, target)
         state = self._state(part.index, fs, target)
         if state == "dir":
             raise UnsupportedLayout(self.path, f"{path} is a folder in the guest", "give a file path")
@@ -205,6 +206,18 @@ class EditSession:
         change = FileChange(target, action, len(data), digest, part.index)
         self._files.append(change)
         return change
+
+    def _check_new_path(self, index: int, fs: NtfsFilesystem, target: str) -> None:
+        """UnsupportedLayout for a path NTFS cannot take, or Windows not open, or under a file (as this
+        session leaves it): libntfs-3g would refuse it only in the sandbox, which reads as a damaged volume."""
+        problem = ntfs_name_problem(target)
+        if problem is not None:
+            raise UnsupportedLayout(self.path, f"{target}: {problem}", "give a guest path Windows can use")
+        parts = target.split("/")[1:-1]
+        for i in range(len(parts)):
+            folder = "/" + "/".join(parts[: i + 1])
+            if self._state(index, fs, folder) == "file":
+                raise UnsupportedLayout(self.path, f"{folder} is a file in the guest", "give a folder path")
 
     @staticmethod
     def _holds(fs: NtfsFilesystem, target: str, data: bytes | Source) -> bool:
@@ -236,6 +249,7 @@ class EditSession:
             return self._ext.mkdir(path, partition)
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
+        self._check_new_path(part.index, fs, target)
         state = self._state(part.index, fs, target)
         if state == "file":
             raise UnsupportedLayout(self.path, f"{path} is a file in the guest", "give a folder path")
