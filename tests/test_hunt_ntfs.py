@@ -237,3 +237,20 @@ def test_a_local_name_that_is_not_utf8_is_refused_unchanged(plain_disk, tmp_path
     assert_one_line_error(code, out, err, image)
     assert "Unicode" in err, err
     assert digest(image) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_local_path_that_is_no_regular_file_is_named_so(plain_disk, kind, tmp_path):
+    """A FIFO (never opened: nothing blocks), /dev/zero or a folder: exit 2 saying what it is, image unchanged."""
+    import os
+
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    local = {"fifo": tmp_path / "fifo", "device": Path("/dev/zero"), "folder": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(local)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/")
+    assert code == 2, err
+    assert "not a regular file" in err and str(local) in err, err
+    assert digest(image) == before
