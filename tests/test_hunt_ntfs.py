@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, digest, run_cli
-from judges.volumes import extract_partition, ntfscat, raw_image
+from conftest import SWEEPS, assert_one_line_error, digest, run_cli, sweep_points
+from judges.volumes import extract_partition, ntfs_tree, ntfscat, partition_volume, raw_image
 
 MiB = 1024 * 1024
 
@@ -254,3 +254,56 @@ def test_a_local_path_that_is_no_regular_file_is_named_so(plain_disk, kind, tmp_
     assert code == 2, err
     assert "not a regular file" in err and str(local) in err, err
     assert digest(image) == before
+
+
+
+@pytest.mark.slow  # 12 s reduced; the default run has the off-grid copy-in above
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_a_copy_in_off_the_4k_grid_at_every_write_and_flush(sweep, tmp_path):
+    """The logged sectors that carry direct bytes (above), killed at each write and flush (strace's fault
+    injection) of a copy-in whose payload is many copy pieces: the image reads as the old volume (ntfs_tree of
+    dissect.ntfs) or holds the whole file (ntfscat), and running the command again gives the new state."""
+    from test_stream_write import run_job, syscall_counts
+
+    original = ntfs_disk(tmp_path, 64, start=63, name="orig")
+    local = payload(tmp_path / "local" / "p.bin", 4 * MiB + 4097, seed=63)
+    want = sha(local.read_bytes())
+    args = ("copy-in", "--partition", "1")
+    old_volume = partition_volume(original, tmp_path, 1)
+    old_tree = ntfs_tree(old_volume)
+    old_volume.unlink()
+    probe, trace = tmp_path / "probe.vhdx", tmp_path / "trace"
+    shutil.copyfile(original, probe)
+    calls = ("pwrite64", "fsync", "fdatasync", "copy_file_range")
+    res = run_job(*args, probe, local, "/", strace=["strace", "-f", "-o", str(trace), "-e", "trace=" + ",".join(calls)])
+    assert res.returncode == 0, res.stderr
+    probe.unlink()
+    counts = syscall_counts(trace, calls)
+    points = sweep_points([(name, n) for name, total in counts.items() for n in range(1, total + 1)], sweep)
+    outcomes = {"old": 0, "new": 0}
+    for name, n in points:
+        victim = tmp_path / "victim.vhdx"
+        shutil.copyfile(original, victim)
+        res = run_job(*args, victim, local, "/",
+                      strace=["strace", "-f", "-o", "/dev/null", "-e", f"inject={name}:signal=KILL:when={n}"])
+        why = (name, n, res.returncode)
+        seen = tmp_path / "seen.vhdx"
+        shutil.copyfile(victim, seen)
+        subprocess.run(["qemu-img", "check", "-r", "all", str(seen)], capture_output=True)  # replays a pending log
+        check = subprocess.run(["qemu-img", "check", str(seen)], capture_output=True, text=True)
+        assert check.returncode == 0, (why, check.stdout)
+        volume = partition_volume(seen, tmp_path, 1)
+        tree = ntfs_tree(volume)
+        if "/p.bin" in tree:
+            assert tree["/p.bin"] == want and sha(ntfscat(volume, "/p.bin")) == want, why
+            outcomes["new"] += 1
+        else:
+            assert tree == old_tree, why
+            outcomes["old"] += 1
+        volume.unlink()
+        seen.unlink()
+        code, _out, err = run_cli(*args, victim, local, "/")
+        assert code == 0, (why, err)
+        judge(victim, tmp_path, "/p.bin", local)
+        victim.unlink()
+    assert outcomes["old"] and outcomes["new"], outcomes
