@@ -307,3 +307,16 @@ def test_kill_a_copy_in_off_the_4k_grid_at_every_write_and_flush(sweep, tmp_path
         judge(victim, tmp_path, "/p.bin", local)
         victim.unlink()
     assert outcomes["old"] and outcomes["new"], outcomes
+
+
+@pytest.mark.parametrize("folder", ["/new", "/"])
+def test_two_local_files_of_one_name_leave_the_last(plain_disk, folder, tmp_path):
+    """copy-in a/x b/x FOLDER writes FOLDER/x twice in one session, in order: the second replaces the first (it
+    failed as a damaged volume, exit 4, when FOLDER/x was not on the volume before)."""
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    first = payload(tmp_path / "a" / "file.bin", 300_000, seed=1)
+    second = payload(tmp_path / "b" / "file.bin", 400_000, seed=2)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, first, second, folder)
+    assert code == 0, err
+    judge(image, tmp_path, f"{folder.rstrip('/')}/file.bin", second)

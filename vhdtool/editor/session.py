@@ -234,7 +234,7 @@ class EditSession:
         as free: libntfs-3g frees them first)."""
         cluster = fs.cluster_size()
         need = -(-size // cluster)
-        if state == "file":
+        if state == "file" and fs.exists(target) and not fs.is_dir(target):  # not one this session writes first
             need -= -(-fs.size(target) // cluster)
         free = self._free.get(index)
         if free is None:
