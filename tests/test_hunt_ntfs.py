@@ -320,3 +320,72 @@ def test_two_local_files_of_one_name_leave_the_last(plain_disk, folder, tmp_path
     code, out, err = run_cli("copy-in", "--partition", "1", image, first, second, folder)
     assert code == 0, err
     judge(image, tmp_path, f"{folder.rstrip('/')}/file.bin", second)
+
+
+# -- names dissect.ntfs's lookup misses and libntfs-3g finds ------------------------------------------------
+#
+# NTFS sorts a folder's index by UTF-16 code units after $UpCase; dissect.ntfs binary-searches it comparing
+# Python's str.upper(), which orders a name beyond the BMP (an emoji: surrogates, 0xD83D...) after U+E000-U+FFFF
+# (fullwidth forms, halfwidth katakana) where NTFS orders it before. In a folder holding both, the editor's view
+# (dissect.ntfs) can call a name absent that libntfs-3g (ignoring case through $UpCase, as Windows) finds.
+
+EMOJI = "\U0001F600"
+FULLWIDTH = ("\uff21", "\uff22", "\uff23")  # Ａ Ｂ Ｃ
+
+
+@pytest.fixture(scope="module")
+def emoji_disk(tmp_path_factory) -> Path:
+    """/sub holds the folder 😀d (with keep.txt) and the files Ａ Ｂ Ｃ; /sub2 the file 😀f and Ａ Ｂ Ｃ."""
+    folder = tmp_path_factory.mktemp("emoji")
+    image = ntfs_disk(folder, 32, opts="subformat=dynamic")
+    local = folder / "local"
+    local.mkdir()
+    (local / "keep.txt").write_bytes(b"precious")
+    (local / f"{EMOJI}f").write_bytes(b"a file")
+    for name in FULLWIDTH:
+        (local / name).write_bytes(name.encode())
+    steps = [(local / "keep.txt", f"/sub/{EMOJI}d"), (local / f"{EMOJI}f", "/sub2")]
+    steps += [(local / name, where) for name in FULLWIDTH for where in ("/sub", "/sub2")]
+    for src, where in steps:
+        code, _out, err = run_cli("copy-in", "--partition", "1", image, src, where)
+        assert code == 0, err
+    return image
+
+
+def listing(image: Path, tmp: Path, folder: str) -> list[str]:
+    raw = raw_image(image, tmp / f"{image.name}.raw")
+    volume = extract_partition(raw, 1, tmp / f"{image.name}.p1")
+    raw.unlink()
+    try:
+        out = subprocess.run(["ntfsls", "-f", str(volume), "-p", folder], capture_output=True, check=True).stdout
+    finally:
+        volume.unlink()
+    return [name for name in out.decode("utf-8").split() if name not in (".", "..")]  # in the index's order
+
+
+def test_a_file_never_replaces_a_folder_the_editor_did_not_see(emoji_disk, tmp_path):
+    """A local file named as a guest folder dissect.ntfs misses: libntfs-3g found the folder, and the write
+    (a replacement: written aside, the old path deleted) deleted the folder with all it held, reported as an add."""
+    image = tmp_path / emoji_disk.name
+    shutil.copyfile(emoji_disk, image)
+    assert listing(image, tmp_path, "/sub")[0] == f"{EMOJI}d"  # NTFS's order: the emoji first
+    local = payload(tmp_path / "local" / f"{EMOJI}d", 100, seed=9)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/sub")
+    assert code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert "is a folder" in err, err
+    assert digest(image) == before
+    assert listing(image, tmp_path, f"/sub/{EMOJI}d") == ["keep.txt"]
+
+
+def test_a_folder_is_never_made_under_a_file_the_editor_did_not_see(emoji_disk, tmp_path):
+    image = tmp_path / emoji_disk.name
+    shutil.copyfile(emoji_disk, image)
+    local = payload(tmp_path / "local" / "x.bin", 100, seed=10)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, f"/sub2/{EMOJI}f/deeper")
+    assert code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert "is a file" in err and "chkdsk" not in err, err
+    assert digest(image) == before
