@@ -77,7 +77,9 @@ def judge(image: Path, tmp: Path, guest: str, local: Path) -> None:
         from dissect.ntfs import NTFS
 
         with open(volume, "rb") as f:
-            entry = NTFS(f).mft.get(guest.strip("/").replace("/", "\\"))
+            entry = NTFS(f).mft.root
+            for name in guest.strip("/").split("/"):  # by listing (its search misses names: see below)
+                entry = entry.listdir()[name].dereference()
             assert sha(entry.open().read()) == want, "dissect.ntfs reads other bytes than were copied in"
     finally:
         volume.unlink()
@@ -389,3 +391,40 @@ def test_a_folder_is_never_made_under_a_file_the_editor_did_not_see(emoji_disk, 
     assert_one_line_error(code, out, err, image)
     assert "is a file" in err and "chkdsk" not in err, err
     assert digest(image) == before
+
+
+def test_a_file_the_search_misses_is_reported_as_replaced_and_not_written_twice(emoji_disk, tmp_path):
+    import json
+
+    image = tmp_path / emoji_disk.name
+    shutil.copyfile(emoji_disk, image)
+    local = payload(tmp_path / "local" / f"{EMOJI}f", 5000, seed=11)
+    code, out, err = run_cli("copy-in", "--json", "--partition", "1", image, local, "/sub2")
+    assert code == 0, err
+    assert [f["action"] for f in json.loads(out)["changes"]["files"]] == ["replace"], out
+    judge(image, tmp_path, f"/sub2/{EMOJI}f", local)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--json", "--partition", "1", image, local, "/sub2")
+    assert code == 0 and json.loads(out)["bytes_written"] == 0, (out, err)
+    assert digest(image) == before
+
+
+def test_a_name_ntfs_keeps_apart_is_written_not_skipped(plain_disk, tmp_path):
+    """str.upper() makes straße STRASSE; NTFS's $UpCase leaves ß alone, so they are two names (ntfsls, Windows).
+    A straße.txt with STRASSE.txt's bytes was "nothing to change" and never written."""
+    import json
+
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    upper, sharp = tmp_path / "a" / "STRASSE.txt", tmp_path / "b" / "stra\u00dfe.txt"
+    upper.write_bytes(b"same bytes")
+    sharp.write_bytes(b"same bytes")
+    assert run_cli("copy-in", "--partition", "1", image, upper, "/d")[0] == 0
+    code, out, err = run_cli("copy-in", "--json", "--partition", "1", image, sharp, "/d")
+    assert code == 0, err
+    assert [f["action"] for f in json.loads(out)["changes"]["files"]] == ["add"], out
+    assert sorted(listing(image, tmp_path, "/d")) == sorted(["STRASSE.txt", "stra\u00dfe.txt"])
+    judge(image, tmp_path, "/d/stra\u00dfe.txt", sharp)
+    judge(image, tmp_path, "/d/STRASSE.txt", upper)

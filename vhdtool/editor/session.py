@@ -141,7 +141,7 @@ class EditSession:
                                                "ext2/3/4 volumes only", "give an NTFS or ext2/3/4 partition")
         if part.filesystem != "ntfs":
             raise UnsupportedLayout(self.path, f"partition {partition} holds no NTFS volume", "give an NTFS partition")
-        fs = NtfsFilesystem(open_partition(self.overlay, part), self.path, f"partition {partition}")
+        fs = NtfsFilesystem(open_partition(self.overlay, part), self.path, f"partition {partition}", ntfs_names=True)
         if fs.volume_dirty() or not fs.logfile_clean():
             raise GuestNotClean(self.path, f"the NTFS volume on partition {partition} was not shut down cleanly")
         if fs.hibernated():
