@@ -428,3 +428,81 @@ def test_a_name_ntfs_keeps_apart_is_written_not_skipped(plain_disk, tmp_path):
     assert sorted(listing(image, tmp_path, "/d")) == sorted(["STRASSE.txt", "stra\u00dfe.txt"])
     judge(image, tmp_path, "/d/stra\u00dfe.txt", sharp)
     judge(image, tmp_path, "/d/STRASSE.txt", upper)
+
+
+# -- coverage: cluster sizes, payload sizes at cluster edges, and files of every kind replaced -----------------
+
+@pytest.mark.parametrize("cluster", [512, 65536])
+def test_payloads_at_cluster_edges_and_a_second_run_writes_nothing(cluster, tmp_path):
+    import json
+
+    image = ntfs_disk(tmp_path, 48, cluster=cluster, opts="subformat=dynamic,block_size=1M")
+    for size in (0, 1, cluster, cluster + 1, 3 * cluster - 1):
+        local = payload(tmp_path / f"local{size}" / f"p{size}.bin", size, seed=size)
+        code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/edges")
+        assert code == 0, err
+        judge(image, tmp_path, f"/edges/p{size}.bin", local)
+        before = digest(image)
+        code, out, err = run_cli("copy-in", "--json", "--partition", "1", image, local, "/edges")
+        assert code == 0 and json.loads(out)["bytes_written"] == 0, (out, err)
+        assert digest(image) == before
+
+
+@pytest.fixture(scope="module")
+def special_disk(tmp_path_factory) -> Path:
+    """A 64 MiB NTFS data disk whose files ntfs-3g's FUSE driver made: a compressed folder with a compressed
+    file, a sparse file, a file with an alternate data stream, a file with two hard links, a read-only file."""
+    import os
+
+    if not os.path.exists("/dev/fuse") or shutil.which("ntfs-3g") is None or os.geteuid() != 0:
+        pytest.skip("ntfs-3g's FUSE driver (root, /dev/fuse) makes these files")
+    folder = tmp_path_factory.mktemp("special")
+
+    def prepare(volume: Path) -> None:
+        mnt = volume.parent / "mnt"
+        mnt.mkdir()
+        res = subprocess.run(["ntfs-3g", "-o", "streams_interface=windows", str(volume), str(mnt)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"ntfs-3g cannot mount here: {res.stderr.strip()}")
+        try:
+            (mnt / "comp").mkdir()
+            os.setxattr(mnt / "comp", "system.ntfs_attrib_be", (0x800).to_bytes(4, "big"))  # compressed
+            (mnt / "comp" / "c.bin").write_bytes(b"compress me " * 30000)
+            with open(mnt / "sparse.bin", "wb") as f:
+                f.truncate(40 * MiB)
+                f.seek(30 * MiB)
+                f.write(b"island")
+            (mnt / "ads.bin").write_bytes(b"main" * 5000)
+            (mnt / "ads.bin:Zone.Identifier").write_bytes(b"[ZoneTransfer]\r\nZoneId=3\r\n")
+            (mnt / "hl.bin").write_bytes(b"linked" * 5000)
+            os.link(mnt / "hl.bin", mnt / "hl2.bin")
+            (mnt / "ro.bin").write_bytes(b"read only" * 5000)
+            os.setxattr(mnt / "ro.bin", "system.ntfs_attrib_be", (0x1).to_bytes(4, "big"))
+        finally:
+            subprocess.run(["fusermount", "-u", str(mnt)], check=True)
+
+    return ntfs_disk(folder, 64, opts="subformat=dynamic", prepare=prepare)
+
+
+@pytest.mark.parametrize("guest", ["/comp/c.bin", "/comp/new.bin", "/sparse.bin", "/ads.bin", "/hl.bin", "/ro.bin"])
+def test_replacing_a_file_of_any_kind(special_disk, guest, tmp_path):
+    """The new bytes replace the old file whatever it was (a new file in a compressed folder is compressed by
+    libntfs-3g: its bytes go through libntfs-3g's buffers); the other name of a hard link keeps the old bytes."""
+    image = tmp_path / special_disk.name
+    shutil.copyfile(special_disk, image)
+    local = payload(tmp_path / "local" / guest.rsplit("/", 1)[1], 777_777, seed=len(guest))
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, guest.rsplit("/", 1)[0] or "/")
+    assert code == 0, err
+    judge(image, tmp_path, guest, local)
+    volume = partition_volume(image, tmp_path, 1)
+    try:
+        res = subprocess.run(["ntfsfix", "-n", str(volume)], capture_output=True, text=True)
+        assert res.returncode == 0 and "processed successfully" in res.stdout, res.stdout + res.stderr
+        if guest == "/hl.bin":
+            assert ntfscat(volume, "/hl2.bin") == b"linked" * 5000
+        if guest.startswith("/comp/"):
+            info = subprocess.run(["ntfsinfo", "-f", "-F", guest, str(volume)], capture_output=True, text=True).stdout
+            assert "COMPRESSED" in info, info
+    finally:
+        volume.unlink()
