@@ -506,3 +506,32 @@ def test_replacing_a_file_of_any_kind(special_disk, guest, tmp_path):
             assert "COMPRESSED" in info, info
     finally:
         volume.unlink()
+
+
+def test_copy_in_off_the_4k_grid_through_a_differencing_child(tmp_path):
+    """The same through a differencing VHDX (tests/vhdx_craft.py) whose blocks are all partially present: the
+    payload written in place directly, sector bitmaps and metadata logged. libvhdi reads the chain."""
+    import pyvhdi
+
+    import vhdx_craft as vc
+
+    parent = ntfs_disk(tmp_path, 64, start=63, name="parent")
+    raw = raw_image(parent, tmp_path / "parent.raw").read_bytes()
+    child = tmp_path / "child.avhdx"
+    own = [1 + 4096 * block for block in range(33)]  # a sector of every 2 MiB block: all partially present
+    vc.make_differencing(parent, child, {lba: raw[lba * 512 : (lba + 1) * 512] for lba in own},
+                         relative_path=f".\\{parent.name}", block_size=2 * MiB)
+    parent_before = digest(parent)
+    local = payload(tmp_path / "local" / "p.bin", 3 * MiB + 1, seed=64)
+    code, out, err = run_cli("copy-in", "--partition", "1", child, local, "/")
+    assert code == 0, err
+    assert digest(parent) == parent_before
+    f, p = pyvhdi.file(), pyvhdi.file()
+    f.open(str(child))
+    p.open(str(parent))
+    f.set_parent(p)
+    volume = tmp_path / "chain.p1"
+    volume.write_bytes(f.read_buffer_at_offset(64 * MiB, 63 * 512))
+    assert sha(ntfscat(volume, "/p.bin")) == sha(local.read_bytes())
+    res = subprocess.run(["ntfsfix", "-n", str(volume)], capture_output=True, text=True)
+    assert res.returncode == 0 and "processed successfully" in res.stdout, res.stdout
