@@ -535,3 +535,45 @@ def test_copy_in_off_the_4k_grid_through_a_differencing_child(tmp_path):
     assert sha(ntfscat(volume, "/p.bin")) == sha(local.read_bytes())
     res = subprocess.run(["ntfsfix", "-n", str(volume)], capture_output=True, text=True)
     assert res.returncode == 0 and "processed successfully" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("opts", ["subformat=fixed,block_size=1M", "subformat=dynamic,block_size=32M"])
+def test_copy_in_to_a_vhdx_of_4096_byte_logical_sectors(opts, tmp_path):
+    """A 4Kn disk: qemu-img makes the VHDX (512-byte sectors, which it alone writes), vhdx_craft sets its
+    logical and physical sector sizes to 4096 (metadata items, MS-VHDX 2.6.2.4/5), the MBR counts 4 KiB sectors
+    and mkntfs -s 4096 formats the volume. qemu does not read 4Kn VHDX: dissect.hypervisor does, for ntfscat."""
+    import struct
+
+    import vhdx_craft as vc
+    from dissect.hypervisor.disk.vhdx import VHDX
+
+    part, raw = tmp_path / "part.img", tmp_path / "raw.img"
+    with open(part, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkntfs", "-Q", "-F", "-q", "-s", "4096", "-c", "4096", str(part)], check=True, capture_output=True)
+    mbr = bytearray(512)
+    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"\xfe\xff\xff", 7, b"\xfe\xff\xff", 256, 16384)  # 1 MiB, 64 MiB
+    mbr[510:512] = b"\x55\xaa"
+    with open(raw, "wb") as f:
+        f.truncate(66 * MiB)
+        f.write(mbr)
+        f.seek(MiB)
+        f.write(part.read_bytes())
+    image = tmp_path / "disk4k.vhdx"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", opts, str(raw), str(image)], check=True)
+    buf = bytearray(image.read_bytes())
+    for item in (vc.LOGICAL_SECTOR, vc.PHYSICAL_SECTOR):
+        struct.pack_into("<I", buf, vc.metadata_items(buf)[item][1], 4096)
+    image.write_bytes(buf)
+    local = payload(tmp_path / "local" / "p.bin", 5 * MiB + 1, seed=4096)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/4k")
+    assert code == 0, err
+    volume = tmp_path / "p1"
+    with open(image, "rb") as f:
+        disk = VHDX(f)
+        assert disk.sector_size == 4096
+        disk.seek(MiB)
+        volume.write_bytes(disk.read(64 * MiB))
+    assert sha(ntfscat(volume, "/4k/p.bin")) == sha(local.read_bytes())
+    res = subprocess.run(["ntfsfix", "-n", str(volume)], capture_output=True, text=True)
+    assert res.returncode == 0 and "processed successfully" in res.stdout, res.stdout
