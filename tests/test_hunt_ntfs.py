@@ -577,3 +577,68 @@ def test_copy_in_to_a_vhdx_of_4096_byte_logical_sectors(opts, tmp_path):
     assert sha(ntfscat(volume, "/4k/p.bin")) == sha(local.read_bytes())
     res = subprocess.run(["ntfsfix", "-n", str(volume)], capture_output=True, text=True)
     assert res.returncode == 0 and "processed successfully" in res.stdout, res.stdout
+
+
+# -- many local files in one copy-in ------------------------------------------------------------------------
+
+def test_more_local_files_than_the_soft_limit_of_open_descriptors(plain_disk, tmp_path):
+    """Each local file stays open until the commit; with the soft RLIMIT_NOFILE at 256 (often 1024), a copy-in
+    of 300 files failed with 'Too many open files' (exit 2). vhdtool raises the soft limit to the hard one."""
+    import os
+    import resource
+    import sys
+
+    image = tmp_path / plain_disk.name
+    shutil.copyfile(plain_disk, image)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    files = [folder / f"f{i:03d}.txt" for i in range(300)]
+    for i, f in enumerate(files):
+        f.write_bytes(f"file {i}\n".encode() * (i + 1))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 400:
+        pytest.skip(f"the hard limit of open descriptors is {hard}")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    res = subprocess.run([sys.executable, "-m", "vhdtool.cli.main", "copy-in", "--partition", "1", str(image),
+                          *map(str, files), "/many"], capture_output=True, text=True, preexec_fn=low_soft_limit,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert res.returncode == 0, res.stderr
+    assert sorted(listing(image, tmp_path, "/many")) == [f.name for f in files]
+    judge(image, tmp_path, "/many/f299.txt", files[299])
+
+
+def test_background_hashers_are_bounded(tmp_path):
+    """Each large local file was hashed in a forked process of its own, all at once: a copy-in of 40 files of
+    17 MB ran 40 processes, each with its 4 MiB read buffer. At most 4 run; the others hash when asked."""
+    import hashlib
+    import os
+
+    from vhdtool.container.source import Source
+
+    bound = 4  # vhdtool.container.source.MAX_HASHERS
+
+    def children() -> int:
+        me, n = str(os.getpid()), 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            n += any(line.split() == ["PPid:", me] for line in status.splitlines())
+        return n
+
+    paths = [payload(tmp_path / f"big{i}.bin", 16 * MiB + i, seed=i) for i in range(bound + 3)]
+    sources = [Source(p) for p in paths]
+    try:
+        before = children()
+        for s in sources:
+            s.start_sha256()
+        assert children() - before <= bound
+        for s, p in zip(sources, paths):
+            assert s.sha256() == hashlib.sha256(p.read_bytes()).hexdigest()
+    finally:
+        for s in sources:
+            s.close()
