@@ -28,7 +28,7 @@ MiB = 1024 * 1024
 
 
 def ntfs_disk(folder: Path, part_mib: int, *, cluster: int = 4096, start: int = 2048,
-              opts: str = "subformat=fixed", name: str = "disk", prepare=None) -> Path:
+              opts: str = "subformat=fixed", name: str = "disk", prepare=None, fmt: str = "vhdx") -> Path:
     """A VHDX data disk of one NTFS partition of ``part_mib`` MiB at sector ``start`` (mkntfs -c ``cluster``,
     ``prepare(volume file)`` with ntfs-3g's tools, sfdisk, qemu-img convert with ``opts``)."""
     work = folder / f".{name}-build"
@@ -46,8 +46,8 @@ def ntfs_disk(folder: Path, part_mib: int, *, cluster: int = 4096, start: int = 
                    text=True, check=True, capture_output=True)
     subprocess.run(["dd", f"if={part}", f"of={raw}", "bs=512", f"seek={start}", "conv=notrunc,sparse",
                     "status=none"], check=True)
-    out = folder / f"{name}.vhdx"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", opts, str(raw), str(out)], check=True)
+    out = folder / f"{name}.{'vhd' if fmt == 'vpc' else fmt}"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", opts, str(raw), str(out)], check=True)
     shutil.rmtree(work)
     return out
 
@@ -642,3 +642,46 @@ def test_background_hashers_are_bounded(tmp_path):
     finally:
         for s in sources:
             s.close()
+
+
+@pytest.mark.parametrize("fmt,opts", [("vhdx", "subformat=dynamic,block_size=1M"), ("vpc", "subformat=dynamic")],
+                         ids=["vhdx", "vhd"])
+def test_a_local_file_cut_short_during_the_commit_is_named_as_changed(fmt, opts, tmp_path):
+    """The local file truncated while the commit copies it (the 5th copy_file_range held up 3 s by strace): the
+    copy finds its end early. That is the file changing (SourceChanged: exit 15 naming the local file), not the
+    image's disk failing ('check the disk holding the image'); the volume reads as before."""
+    import os
+    import sys
+    import time
+
+    from test_stream_write import JOB, job_env
+
+    (tmp_path / "img").mkdir()
+    image = ntfs_disk(tmp_path / "img", 64, opts=opts, fmt=fmt)
+    before = digest(image)
+    old_volume = partition_volume(image, tmp_path, 1)
+    old_tree = ntfs_tree(old_volume)
+    old_volume.unlink()
+    local = payload(tmp_path / "local" / "p.bin", 24 * MiB + 1, seed=15)
+    size = image.stat().st_size
+    cmd = ["strace", "-f", "-o", "/dev/null", "-e", "inject=copy_file_range:delay_enter=3000000:when=5",
+           sys.executable, str(JOB), str(MiB), "copy-in", "--partition", "1", str(image), str(local), "/"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env())
+    deadline = time.monotonic() + 60
+    while image.stat().st_size == size and os.listdir(image.parent) == [image.name] and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)
+    os.truncate(local, MiB)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 15, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"vhdtool: {local}: ") and "changed" in lines[0], err
+    assert os.listdir(image.parent) == [image.name]
+    if fmt == "vpc":
+        assert digest(image) == before  # the VHD writer changed only its copy
+    else:
+        res = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+    volume = partition_volume(image, tmp_path, 1)
+    assert ntfs_tree(volume) == old_tree
