@@ -685,3 +685,51 @@ def test_a_local_file_cut_short_during_the_commit_is_named_as_changed(fmt, opts,
         assert res.returncode == 0, res.stdout
     volume = partition_volume(image, tmp_path, 1)
     assert ntfs_tree(volume) == old_tree
+
+
+@pytest.fixture(scope="module")
+def junction_disk(tmp_path_factory) -> Path:
+    """/Users/Public, and /Documents and Settings a junction to C:\\Users as Windows has it (a mount-point
+    reparse point set through ntfs-3g's FUSE driver, system.ntfs_reparse_data)."""
+    import os
+    import struct
+
+    if not os.path.exists("/dev/fuse") or shutil.which("ntfs-3g") is None or os.geteuid() != 0:
+        pytest.skip("ntfs-3g's FUSE driver (root, /dev/fuse) makes the junction")
+    folder = tmp_path_factory.mktemp("junction")
+
+    def prepare(volume: Path) -> None:
+        mnt = volume.parent / "mnt"
+        mnt.mkdir()
+        res = subprocess.run(["ntfs-3g", str(volume), str(mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"ntfs-3g cannot mount here: {res.stderr.strip()}")
+        try:
+            (mnt / "Users" / "Public").mkdir(parents=True)
+            (mnt / "Documents and Settings").mkdir()
+            sub, shown = "\\??\\C:\\Users".encode("utf-16-le"), "C:\\Users".encode("utf-16-le")
+            body = struct.pack("<HHHH", 0, len(sub), len(sub) + 2, len(shown)) + sub + b"\0\0" + shown + b"\0\0"
+            os.setxattr(mnt / "Documents and Settings", "system.ntfs_reparse_data",
+                        struct.pack("<IHH", 0xA0000003, len(body), 0) + body)  # IO_REPARSE_TAG_MOUNT_POINT
+        finally:
+            subprocess.run(["fusermount", "-u", str(mnt)], check=True)
+
+    return ntfs_disk(folder, 32, opts="subformat=dynamic", prepare=prepare)
+
+
+@pytest.mark.parametrize("guest_dir", ["/Documents and Settings/Public", "/Documents and Settings"])
+def test_a_path_through_a_junction_is_refused_unchanged(junction_disk, guest_dir, tmp_path):
+    """Windows follows a junction; libntfs-3g does not: the file went into the junction's own folder (ntfsls
+    lists it there), where Windows never looks. Refused as a path (exit 5); the target itself is written."""
+    image = tmp_path / junction_disk.name
+    shutil.copyfile(junction_disk, image)
+    local = payload(tmp_path / "local" / "f.txt", 100, seed=12)
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, guest_dir)
+    assert code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert "junction" in err, err
+    assert digest(image) == before
+    code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/Users/Public")
+    assert code == 0, err
+    judge(image, tmp_path, "/Users/Public/f.txt", local)

@@ -208,16 +208,21 @@ class EditSession:
         return change
 
     def _check_new_path(self, index: int, fs: NtfsFilesystem, target: str) -> None:
-        """UnsupportedLayout for a path NTFS cannot take, or Windows not open, or under a file (as this
-        session leaves it): libntfs-3g would refuse it only in the sandbox, which reads as a damaged volume."""
+        """UnsupportedLayout for a path NTFS cannot take, or Windows not open, or under a file (as this session
+        leaves it: libntfs-3g would refuse it only in the sandbox) or a junction (what libntfs-3g wrote in it,
+        Windows would never show)."""
         problem = ntfs_name_problem(target)
         if problem is not None:
             raise UnsupportedLayout(self.path, f"{target}: {problem}", "give a guest path Windows can use")
         parts = target.split("/")[1:-1]
         for i in range(len(parts)):
             folder = "/" + "/".join(parts[: i + 1])
-            if self._state(index, fs, folder) == "file":
+            state = self._state(index, fs, folder)
+            if state == "file":
                 raise UnsupportedLayout(self.path, f"{folder} is a file in the guest", "give a folder path")
+            if state == "dir" and fs.is_link(folder):  # Windows would look where it points; libntfs-3g in it
+                raise UnsupportedLayout(self.path, f"{folder} is a junction or symbolic link in the guest",
+                                        "give the path it points to")
 
     @staticmethod
     def _holds(fs: NtfsFilesystem, target: str, data: bytes | Source) -> bool:

@@ -118,6 +118,15 @@ class NtfsFilesystem(Filesystem):
             except (FileNotFoundError, NotADirectoryError):
                 return False
 
+    def is_link(self, path: str) -> bool:
+        """Whether ``path`` is a symbolic link or a junction (a mount point): Windows follows it, libntfs-3g not."""
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            try:
+                record = self._get(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            return record.is_symlink() or record.is_mount_point()
+
     def listdir(self, path: str) -> list[str]:
         with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
             return sorted(n for n in self._get(path).listdir(ignore_dos=True) if n not in (".", ".."))
