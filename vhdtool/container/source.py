@@ -46,7 +46,7 @@ class Source:
 
     ``label`` names it in messages (a cab inside an ISO: ``vmguest.iso:/support/...``)."""
 
-    _hashers: set[int] = set()  # this process's background hashers (start_sha256) still running
+    _hashers: tuple[int, set[int]] = (0, set())  # (this process, its background hashers still running)
 
     def __init__(self, path: str | os.PathLike, start: int = 0, length: int | None = None, label: str | None = None):
         self.path = os.fspath(path)
@@ -142,7 +142,7 @@ class Source:
         half-held locks. Small ranges are hashed when asked for, in this process."""
         if self._sha256 is not None or self._hasher is not None or self.size < HASH_APART:
             return
-        if len(Source._hashers) >= MAX_HASHERS:
+        if len(_running()) >= MAX_HASHERS:
             return  # a copy-in of many large files: sha256() hashes the rest here, one at a time
         read_end, write_end = os.pipe()
         try:
@@ -164,13 +164,13 @@ class Source:
                 os._exit(code)
         os.close(write_end)
         self._hasher = (pid, read_end)
-        Source._hashers.add(pid)
+        _running().add(pid)
 
     def _collect(self) -> str | None:
         """The background hasher's digest, or None when it failed (the range is then hashed here)."""
         pid, fd = self._hasher
         self._hasher = None
-        Source._hashers.discard(pid)
+        _running().discard(pid)
         try:
             answer = b""
             while chunk := os.read(fd, 128):
@@ -252,7 +252,7 @@ class Source:
         if self._hasher is not None:
             pid, fd = self._hasher
             self._hasher = None
-            Source._hashers.discard(pid)
+            _running().discard(pid)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -269,6 +269,14 @@ class Source:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+def _running() -> set[int]:
+    """This process's background hashers (a forked worker starts with none of its parent's)."""
+    owner, pids = Source._hashers
+    if owner != os.getpid():
+        Source._hashers = (os.getpid(), pids := set())
+    return pids
 
 
 def _open_readonly(path: str) -> int:
