@@ -733,3 +733,31 @@ def test_a_path_through_a_junction_is_refused_unchanged(junction_disk, guest_dir
     code, out, err = run_cli("copy-in", "--partition", "1", image, local, "/Users/Public")
     assert code == 0, err
     judge(image, tmp_path, "/Users/Public/f.txt", local)
+
+
+def test_no_room_for_new_records_is_a_full_volume(tmp_path):
+    """Empty files need no clusters, only MFT records; on a volume ntfscp filled, the $MFT cannot grow and
+    libntfs-3g's ntfs_create fails with ENOSPC. That is a full volume (exit 26), not a damaged one (exit 4)."""
+    def prepare(volume: Path) -> None:
+        filler, n, size = volume.parent / "filler", 0, free_bytes(volume)
+        while size > 8192:  # files as large as ntfscp can allocate, until less than two clusters are free
+            with open(filler, "wb") as f:
+                f.truncate(size - 8192)
+            if subprocess.run(["ntfscp", "-f", str(volume), str(filler), f"/filler{n}"],
+                              capture_output=True).returncode == 0:
+                n, size = n + 1, free_bytes(volume)
+            else:
+                size //= 2
+
+    image = ntfs_disk(tmp_path, 8, opts="subformat=dynamic", prepare=prepare)
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    files = [folder / f"e{i:03d}" for i in range(400)]
+    for f in files:
+        f.write_bytes(b"")
+    before = digest(image)
+    code, out, err = run_cli("copy-in", "--partition", "1", image, *files, "/many")
+    assert code == 26, err
+    assert_one_line_error(code, out, err, image)
+    assert "full" in err and "chkdsk" not in err, err
+    assert digest(image) == before

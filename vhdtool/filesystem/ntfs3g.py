@@ -149,7 +149,7 @@ class _Volume:
             uname, n = self._name(name)
             ni = self.lib.ntfs_create(parent, securid, uname, n, S_IFDIR if is_dir else S_IFREG)
             if not ni:
-                raise Refusal(f"libntfs-3g could not create {parent_path}/{name} ({os.strerror(ctypes.get_errno())})")
+                self._failed(f"create {parent_path}/{name}")  # ENOSPC: no room for its record (the $MFT grows)
             if securid:
                 mark_inherited(self.lib, self.scx, ni, parent)
             return ni
