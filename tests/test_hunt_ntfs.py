@@ -1,15 +1,16 @@
 """Adversarial copy-in into NTFS volumes laid out as real disks are, judged by tools we did not write.
 
-The data disks are built here as an operator builds them (mkntfs with a chosen cluster
-size, sfdisk with a chosen first sector, qemu-img convert to VHDX), and every written
-image is judged by qemu-img check, ntfs-3g's ntfscat and dissect.ntfs (sha256 of the
-copied file equal to the local file's).
+The data disks are built here as an operator builds them (mkntfs with a chosen cluster and sector size,
+sfdisk or a 4Kn MBR with a chosen first sector, ntfscp and ntfs-3g's FUSE driver for the files on them,
+qemu-img convert to VHDX or VHD, tests/vhdx_craft.py for differencing and 4Kn containers), and every
+written image is judged by qemu-img check, ntfs-3g's ntfscat, ntfsls and ntfsfix -n, dissect.ntfs (by
+listing: its search misses names, see below), libvhdi and dissect.hypervisor where qemu cannot read.
 
-- Free space in a hundred pieces: libntfs-3g's allocator takes only a few of them per call,
-  and its ENOSPC must not be taken for a full volume while ntfscluster counts the room.
-- A partition that does not start on a 4 KiB boundary (the 63-sector MBR layout of older
-  Windows disks, P2V conversions): the VHDX log's 4 KiB sectors then straddle a cluster the
-  payload goes into directly and one whose change is logged.
+- A partition off the 4 KiB grid (sector 63): a logged 4 KiB sector shared with a direct write.
+- Free space in a hundred pieces: libntfs-3g's allocator takes a few per call (its ENOSPC is no full volume).
+- Guest paths NTFS or Windows cannot take, under a file or through a junction: exit 5, not "run chkdsk".
+- Names dissect.ntfs's search misses or joins (emoji, fullwidth, ß): the editor looks up as NTFS does.
+- Many local files, a local file cut short during the commit, a volume with no room for new records.
 """
 
 from __future__ import annotations
