@@ -40,8 +40,9 @@ def copy_in(
 
     def work(image: Path):
         for local in locals_:
-            if not os.path.isfile(local):
-                raise ImageNotFound(local, "no such local file", "give files to copy, then the guest folder")
+            if not os.path.isfile(local):  # a FIFO, a device, a folder: only a regular file's bytes stay put
+                what = "not a regular file" if os.path.exists(local) else "no such local file"
+                raise ImageNotFound(local, what, "give files to copy, then the guest folder")
         with edit(image, dry_run=dry_run, output=output) as ed:
             ed.mkdir(guest_dir, partition=partition)
             for local in locals_:

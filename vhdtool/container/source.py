@@ -31,6 +31,7 @@ from vhdtool.units import MiB
 
 READ_CHUNK = 4 * MiB  # hashing and comparing read this much at a time
 HASH_APART = 16 * MiB  # ranges at least this large are hashed in a process of their own
+MAX_HASHERS = 4  # at most this many at once (each holds a READ_CHUNK buffer); the others hash when asked
 COPY_PIECE = 16 * MiB  # the writers copy, and report progress, this much at a time
 
 
@@ -45,15 +46,19 @@ class Source:
 
     ``label`` names it in messages (a cab inside an ISO: ``vmguest.iso:/support/...``)."""
 
+    _hashers: tuple[int, set[int]] = (0, set())  # (this process, its background hashers still running)
+
     def __init__(self, path: str | os.PathLike, start: int = 0, length: int | None = None, label: str | None = None):
         self.path = os.fspath(path)
         self.label = label or self.path
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_readonly(self.path)
         except FileNotFoundError:
             raise ImageNotFound(self.label, "no such local file") from None
         except OSError as e:
-            raise ImageNotFound(self.label, f"cannot read it ({e.strerror})", "give a readable local file") from None
+            hint = ("copy fewer files in one run: each stays open until the commit" if e.errno == errno.EMFILE
+                    else "give a readable local file")
+            raise ImageNotFound(self.label, f"cannot read it ({e.strerror})", hint) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -137,6 +142,8 @@ class Source:
         half-held locks. Small ranges are hashed when asked for, in this process."""
         if self._sha256 is not None or self._hasher is not None or self.size < HASH_APART:
             return
+        if len(_running()) >= MAX_HASHERS:
+            return  # a copy-in of many large files: sha256() hashes the rest here, one at a time
         read_end, write_end = os.pipe()
         try:
             pid = os.fork()
@@ -157,11 +164,13 @@ class Source:
                 os._exit(code)
         os.close(write_end)
         self._hasher = (pid, read_end)
+        _running().add(pid)
 
     def _collect(self) -> str | None:
         """The background hasher's digest, or None when it failed (the range is then hashed here)."""
         pid, fd = self._hasher
         self._hasher = None
+        _running().discard(pid)
         try:
             answer = b""
             while chunk := os.read(fd, 128):
@@ -243,6 +252,7 @@ class Source:
         if self._hasher is not None:
             pid, fd = self._hasher
             self._hasher = None
+            _running().discard(pid)
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -259,6 +269,35 @@ class Source:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+def _running() -> set[int]:
+    """This process's background hashers (a forked worker starts with none of its parent's)."""
+    owner, pids = Source._hashers
+    if owner != os.getpid():
+        Source._hashers = (os.getpid(), pids := set())
+    return pids
+
+
+def _open_readonly(path: str) -> int:
+    """A read-only descriptor of ``path``. Each Source stays open until the commit, so a copy of more files
+    than the soft limit of open descriptors (often 1024) raises that limit to the hard one, once."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft >= target:
+            raise
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            raise e from None
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 class TemporarySource(Source):

@@ -68,6 +68,7 @@ class WritableFile:
             try:
                 copy_range(self._fd, offset, data)
             except OSError as e:
+                data.source.check_unchanged()  # cut short or rewritten meanwhile: SourceChanged, naming it
                 raise WriteFailed(self.path, f"copying {len(data)} bytes of {data.source.label} to offset {offset} "
                                              f"failed ({e.strerror})") from None
             self._wrote(offset, len(data))

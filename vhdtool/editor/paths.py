@@ -27,6 +27,26 @@ def guest_path(path: str, drive_letter: str | None = None) -> str:
     return "/" + "/".join(parts)
 
 
+# What Windows does not allow in a file name (Naming Files, Paths, and Namespaces): libntfs-3g writes such a
+# name (in the POSIX namespace), and Windows then cannot open, rename or delete the file.
+WINDOWS_FORBIDDEN = frozenset('"*:<>?|' + "".join(map(chr, range(32))))
+
+
+def ntfs_name_problem(target: str) -> str | None:
+    """Why a name in the volume path ``target`` cannot be an NTFS name Windows opens; None when each can."""
+    for name in target.split("/")[1:]:
+        try:
+            units = len(name.encode("utf-16-le")) // 2
+        except UnicodeEncodeError:  # a local file name that is not UTF-8 (os.fsdecode's surrogates)
+            return f"the name {name!r} is not valid Unicode"
+        if units > 255:
+            return f"the name '{name[:40]}...' is {units} UTF-16 characters long; NTFS takes at most 255"
+        if WINDOWS_FORBIDDEN.intersection(name) or name.endswith((" ", ".")):
+            return (f"the name {name!r} is one Windows cannot open (it holds one of \" * : < > ? | or a control "
+                    "character, or ends in a dot or space)")
+    return None
+
+
 def protected(target: str) -> bool:
     """Whether deleting the volume path ``target`` would take the root, NTFS metadata or a registry hive
     (SYSTEM, its .LOG1/.LOG2, and the folders that hold them) with it. NTFS names compare without case."""

@@ -17,7 +17,7 @@ from vhdtool.editor.extedit import ExtEdits
 from vhdtool.editor.hiveedit import HiveEdits
 from vhdtool.editor.images import copy_image, dependent_children
 from vhdtool.editor.images import digest as payload_digest
-from vhdtool.editor.paths import LINUX_FILESYSTEMS, guest_path, protected
+from vhdtool.editor.paths import LINUX_FILESYSTEMS, guest_path, ntfs_name_problem, protected
 from vhdtool.errors import (
     CorruptFilesystem,
     EncryptedVolume,
@@ -160,7 +160,7 @@ class EditSession:
                                                "ext2/3/4 volumes only", "give an NTFS or ext2/3/4 partition")
         if part.filesystem != "ntfs":
             raise UnsupportedLayout(self.path, f"partition {partition} holds no NTFS volume", "give an NTFS partition")
-        fs = NtfsFilesystem(open_partition(self.overlay, part), self.path, f"partition {partition}")
+        fs = NtfsFilesystem(open_partition(self.overlay, part), self.path, f"partition {partition}", ntfs_names=True)
         if fs.volume_dirty() or not fs.logfile_clean():
             raise GuestNotClean(self.path, f"the NTFS volume on partition {partition} was not shut down cleanly")
         if fs.hibernated():
@@ -204,6 +204,7 @@ class EditSession:
         target = self._guest_path(path, partition)
         if target == "/":
             raise UnsupportedLayout(self.path, f"{path} names the root folder, not a file", "give a file path")
+        self._check_new_path(part.index, fs, target)
         state = self._state(part.index, fs, target)
         if state == "dir":
             raise UnsupportedLayout(self.path, f"{path} is a folder in the guest", "give a file path")
@@ -225,6 +226,23 @@ class EditSession:
         self._files.append(change)
         return change
 
+    def _check_new_path(self, index: int, fs: NtfsFilesystem, target: str) -> None:
+        """UnsupportedLayout for a path NTFS cannot take, or Windows not open, or under a file (as this session
+        leaves it: libntfs-3g would refuse it only in the sandbox) or a junction (what libntfs-3g wrote in it,
+        Windows would never show)."""
+        problem = ntfs_name_problem(target)
+        if problem is not None:
+            raise UnsupportedLayout(self.path, f"{target}: {problem}", "give a guest path Windows can use")
+        parts = target.split("/")[1:-1]
+        for i in range(len(parts)):
+            folder = "/" + "/".join(parts[: i + 1])
+            state = self._state(index, fs, folder)
+            if state == "file":
+                raise UnsupportedLayout(self.path, f"{folder} is a file in the guest", "give a folder path")
+            if state == "dir" and fs.is_link(folder):  # Windows would look where it points; libntfs-3g in it
+                raise UnsupportedLayout(self.path, f"{folder} is a junction or symbolic link in the guest",
+                                        "give the path it points to")
+
     @staticmethod
     def _holds(fs: NtfsFilesystem, target: str, data: bytes | Source) -> bool:
         """Whether the guest file ``target`` holds exactly ``data``, read a chunk at a time."""
@@ -240,7 +258,7 @@ class EditSession:
         as free: libntfs-3g frees them first)."""
         cluster = fs.cluster_size()
         need = -(-size // cluster)
-        if state == "file":
+        if state == "file" and fs.exists(target) and not fs.is_dir(target):  # not one this session writes first
             need -= -(-fs.size(target) // cluster)
         free = self._free.get(index)
         if free is None:
@@ -255,6 +273,7 @@ class EditSession:
             return self._ext.mkdir(path, partition)
         part, fs = self._volume(partition)
         target = self._guest_path(path, partition)
+        self._check_new_path(part.index, fs, target)
         state = self._state(part.index, fs, target)
         if state == "file":
             raise UnsupportedLayout(self.path, f"{path} is a file in the guest", "give a folder path")

@@ -20,6 +20,7 @@ from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 FILE_NUMBER_LOGFILE = 2
 FILE_NUMBER_VOLUME = 3
+FILE_NUMBER_UPCASE = 10
 VOLUME_IS_DIRTY = 0x0001
 RESTART_VOLUME_IS_CLEAN = 0x0002
 LOGFILE_NO_CLIENT = 0xFFFF
@@ -33,9 +34,14 @@ def _norm(path: str) -> str:
 class NtfsFilesystem(Filesystem):
     kind = "ntfs"
 
-    def __init__(self, stream: BinaryIO, image_path: str | None = None, label: str = ""):
+    def __init__(self, stream: BinaryIO, image_path: str | None = None, label: str = "", ntfs_names: bool = False):
+        """``ntfs_names``: names are looked up as NTFS (libntfs-3g, Windows) finds them (``_child``), as an
+        edit, which decides what libntfs-3g will do, must; else with dissect.ntfs's search, which is faster."""
         self.image_path = image_path
         self.label = label
+        self.ntfs_names = ntfs_names
+        self._upcase: tuple[int, ...] | None = None
+        self._listed: dict[int, dict[tuple[int, ...], object]] = {}  # folder record -> its entries by _key
         with translate_errors(image_path, f"NTFS on {label}"):
             self.ntfs = NTFS(stream)
         # Folder path -> its MFT record. dissect.ntfs walks every lookup from the root, reading each
@@ -48,7 +54,42 @@ class NtfsFilesystem(Filesystem):
         if not norm:
             return self._folder("")
         parent, _, name = norm.rpartition("\\")
-        return self.ntfs.mft.get(name, root=self._folder(parent))
+        return self._child(self._folder(parent), name)
+
+    def _child(self, node, name: str):
+        """``name`` in the folder ``node``. dissect.ntfs's search compares str.upper(): it orders names beyond
+        the BMP after U+E000-U+FFFF, where NTFS's index has them first, so it can miss a name; and it calls
+        names equal that NTFS keeps apart (ß and SS). With ``ntfs_names``, a name is what equals it after the
+        volume's $UpCase, unit by unit, as libntfs-3g and Windows compare; a miss reads the folder once."""
+        if not self.ntfs_names:
+            return self.ntfs.mft.get(name, root=node)
+        if not node.is_dir():
+            raise NotADirectoryError(f"{name}: not in a folder")
+        key, index = self._key(name.encode("utf-16-le", "surrogatepass")), node.index("$I30")
+        try:
+            entry = index.search(name)
+            if self._entry_key(entry) == key:
+                return entry.dereference()
+        except KeyError:
+            pass
+        listed = self._listed.get(node.segment)
+        if listed is None:
+            listed = self._listed[node.segment] = {}
+            for entry in index.entries():
+                listed.setdefault(self._entry_key(entry), entry)
+        if key not in listed:
+            raise FileNotFoundError(f"File not found: {name}")
+        return listed[key].dereference()
+
+    def _entry_key(self, entry) -> tuple[int, ...]:
+        return self._key(entry.buf[66 : 66 + 2 * entry.buf[64]])  # $FILE_NAME: its length at 64, its name at 66
+
+    def _key(self, utf16: bytes) -> tuple[int, ...]:
+        if self._upcase is None:
+            table = self.ntfs.mft.get(FILE_NUMBER_UPCASE).open().read(2 * 65536)
+            self._upcase = struct.unpack(f"<{len(table) // 2}H", table[: len(table) // 2 * 2])
+        up, n = self._upcase, len(self._upcase)
+        return tuple(up[u] if u < n else u for u in struct.unpack(f"<{len(utf16) // 2}H", utf16[: len(utf16) // 2 * 2]))
 
     def _folder(self, norm: str):
         """The record at ``norm`` (a folder, or what a lookup below it then finds is none), looked up once."""
@@ -56,7 +97,7 @@ class NtfsFilesystem(Filesystem):
         if node is None:
             if norm:
                 parent, _, name = norm.rpartition("\\")
-                node = self.ntfs.mft.get(name, root=self._folder(parent))
+                node = self._child(self._folder(parent), name)
             else:
                 node = self.ntfs.mft.root
             self._folders[norm] = node
@@ -76,6 +117,15 @@ class NtfsFilesystem(Filesystem):
                 return self._get(path).is_dir()
             except (FileNotFoundError, NotADirectoryError):
                 return False
+
+    def is_link(self, path: str) -> bool:
+        """Whether ``path`` is a symbolic link or a junction (a mount point): Windows follows it, libntfs-3g not."""
+        with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):
+            try:
+                record = self._get(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            return record.is_symlink() or record.is_mount_point()
 
     def listdir(self, path: str) -> list[str]:
         with translate_errors(self.image_path, f"NTFS on {self.label}: {path}"):

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import Source, SourceRange
-from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, VolumeFull
+from vhdtool.errors import CorruptFilesystem, MissingLibrary, NativeError, UnsupportedLayout, VolumeFull
 from vhdtool.filesystem.answer import decode_extents, encode_extents
 from vhdtool.filesystem.ntfsacl import mark_inherited
 from vhdtool.filesystem.ntfsanswer import decode_sources
 from vhdtool.filesystem.ntfsbitmap import free_clusters
+from vhdtool.filesystem.ntfscalls import FILLDIR, declare
 from vhdtool.filesystem.ntfsdevice import OverlayDevice, s64
+from vhdtool.filesystem.ntfsgrow import grow
 from vhdtool.native import Refusal, load_libc, load_library, run_isolated
 from vhdtool.native.libraries import LIBNTFS_3G
 from vhdtool.units import MiB
@@ -48,11 +50,10 @@ PROT_READ, MAP_SHARED = 1, 1
 MAP_FAILED = ctypes.c_void_p(-1).value
 FILE_FIRST_USER = 16  # layout.h: records below this are the volume's metadata files ($MFT ... $Extend)
 FILE_NAME_DOS = 2  # layout.h FILE_NAME_TYPE_FLAGS: the 8.3 twin of a Win32 name, deleted with it
+MFT_RECORD_IS_DIRECTORY = 0x0002  # layout.h MFT_RECORD flags (u16 at 0x16)
 MREF_MASK = (1 << 48) - 1  # an MFT reference is 48 bits of record number, 16 of sequence number
 DOTS = (".".encode("utf-16-le"), "..".encode("utf-16-le"))  # the entries ntfs_readdir makes up
 MAX_DELETED = 1_000_000  # entries under one deleted folder: a cycle in a corrupt index must end
-FILLDIR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, s64,
-                           ctypes.c_uint64, ctypes.c_uint)  # dir.h ntfs_filldir_t
 
 
 class SecurityContext(ctypes.Structure):  # struct SECURITY_CONTEXT (security.h), no user mapping
@@ -97,44 +98,16 @@ def _bind(label: str) -> ctypes.CDLL:
         raise  # its own code (14): install the package it names
     except NativeError as e:
         raise CorruptFilesystem(label, e.problem, hint=e.hint) from None
-    c = ctypes.c_void_p
-    for name, restype, argtypes in (
-        ("ntfs_device_alloc", c, [ctypes.c_char_p, ctypes.c_long, c, c]),
-        ("ntfs_device_free", ctypes.c_int, [c]),
-        ("ntfs_device_mount", c, [c, ctypes.c_ulong]),
-        ("ntfs_umount", ctypes.c_int, [c, ctypes.c_int]),
-        ("ntfs_set_ignore_case", None, [c]),
-        ("ntfs_open_secure", ctypes.c_int, [c]),
-        ("ntfs_close_secure", ctypes.c_int, [c]),
-        ("ntfs_pathname_to_inode", c, [c, c, ctypes.c_char_p]),
-        ("ntfs_inode_close", ctypes.c_int, [c]),
-        ("ntfs_mbstoucs", ctypes.c_int, [ctypes.c_char_p, ctypes.POINTER(c)]),
-        ("ntfs_create", c, [c, ctypes.c_uint32, c, ctypes.c_uint8, ctypes.c_uint32]),
-        ("ntfs_inherited_id", ctypes.c_uint32, [c, c, ctypes.c_int]),
-        ("ntfs_attr_open", c, [c, ctypes.c_uint32, c, ctypes.c_uint32]),
-        ("ntfs_attr_close", None, [c]),
-        ("ntfs_attr_truncate", ctypes.c_int, [c, s64]),
-        ("ntfs_attr_truncate_solid", ctypes.c_int, [c, s64]),
-        ("ntfs_attr_pwrite", s64, [c, s64, s64, c]),
-        ("ntfs_inode_open", c, [c, ctypes.c_uint64]),
-        ("ntfs_readdir", ctypes.c_int, [c, ctypes.POINTER(s64), c, FILLDIR]),
-        ("ntfs_delete", ctypes.c_int, [c, ctypes.c_char_p, c, c, ctypes.c_char_p, ctypes.c_uint8]),
-        ("ntfs_link", ctypes.c_int, [c, c, c, ctypes.c_uint8]),
-        ("ntfs_get_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t]),
-        ("ntfs_set_ntfs_acl", ctypes.c_int, [c, c, c, ctypes.c_size_t, ctypes.c_int]),
-    ):
-        fn = getattr(lib, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
-    return lib
+    return declare(lib)
 
 
 class _Volume:
     """One mounted volume in the child, and the few operations vhdtool needs of it."""
 
-    def __init__(self, lib: ctypes.CDLL, device: OverlayDevice):
+    def __init__(self, lib: ctypes.CDLL, device: OverlayDevice, cluster: int):
         self.lib = lib
         self.device = device
+        self.cluster = cluster
         self.dev = lib.ntfs_device_alloc(b"vhdtool", 0, ctypes.addressof(device.ops), None)
         if not self.dev:
             raise Refusal("libntfs-3g could not allocate a device")
@@ -176,7 +149,7 @@ class _Volume:
             uname, n = self._name(name)
             ni = self.lib.ntfs_create(parent, securid, uname, n, S_IFDIR if is_dir else S_IFREG)
             if not ni:
-                raise Refusal(f"libntfs-3g could not create {parent_path}/{name} ({os.strerror(ctypes.get_errno())})")
+                self._failed(f"create {parent_path}/{name}")  # ENOSPC: no room for its record (the $MFT grows)
             if securid:
                 mark_inherited(self.lib, self.scx, ni, parent)
             return ni
@@ -190,12 +163,25 @@ class _Volume:
             ni = self.inode(here)
             if not ni:
                 ni = self.create("/" + "/".join(parts[:i]), parts[i], True)
+            elif not self._is_dir(ni):
+                self.lib.ntfs_inode_close(ni)
+                raise _PathRefused(f"{here} is a file in the guest", "give a folder path")
             self.lib.ntfs_inode_close(ni)
+
+    def _is_dir(self, ni) -> bool:
+        # struct ntfs_inode (inode.h) starts with u64 mft_no and MFT_RECORD *mrec, the record as read.
+        mrec = ctypes.c_void_p.from_address(ni + 8).value
+        return bool(mrec) and bool(ctypes.c_uint16.from_address(mrec + 0x16).value & MFT_RECORD_IS_DIRECTORY)
 
     def write_file(self, path: str, data: bytes | Source) -> None:
         parent, _, name = path.rstrip("/").rpartition("/")
         self.mkdir(parent)
         ni = self.inode(path)
+        if ni and self._is_dir(ni):
+            # The editor's reading (dissect.ntfs) can miss a name libntfs-3g finds (their collations differ):
+            # a replacement would delete the folder with all it holds.
+            self.lib.ntfs_inode_close(ni)
+            raise _PathRefused(f"{path} is a folder in the guest", "give a file path")
         if ni and isinstance(data, Source) and not self._replacing:
             self.lib.ntfs_inode_close(ni)
             if self._replace(parent, name, data):
@@ -258,9 +244,12 @@ class _Volume:
         raise Refusal(f"libntfs-3g cannot {doing} ({os.strerror(err) if err else 'refused'})")
 
     def _pwrite(self, na, path: str, pos: int, count: int, address: int) -> None:
-        done = 0
+        done, step = 0, count
         while done < count:
-            n = self.lib.ntfs_attr_pwrite(na, pos + done, count - done, address + done)
+            n = self.lib.ntfs_attr_pwrite(na, pos + done, min(step, count - done), address + done)
+            if n <= 0 and ctypes.get_errno() == errno.ENOSPC and step > self.cluster:
+                step = max(self.cluster, step // 2 // self.cluster * self.cluster)  # filling a hole: see ntfsgrow
+                continue
             if n <= 0:
                 self._failed(f"write {path}")
             done += n
@@ -278,7 +267,10 @@ class _Volume:
         goes through those buffers whole, so a window's tail (past whole TAIL_ALIGN units) is apart."""
         if self.lib.ntfs_attr_truncate(na, 0) != 0:
             self._failed(f"empty {path}")
-        if source.size and self.lib.ntfs_attr_truncate_solid(na, source.size) != 0:
+        def extend(size: int) -> int:
+            return 0 if self.lib.ntfs_attr_truncate_solid(na, size) == 0 else ctypes.get_errno() or errno.EIO
+
+        if source.size and grow(extend, source.size, self.cluster) != 0:  # free space in pieces: see ntfsgrow
             self._failed(f"allocate {source.size} bytes for {path}")
         libc = load_libc()
         mmap, munmap = libc.mmap, libc.munmap
@@ -381,6 +373,10 @@ class _VolumeFullHere(Refusal):
     """In the child: libntfs-3g ran out of clusters (ENOSPC); the parent raises VolumeFull."""
 
 
+class _PathRefused(Refusal):
+    """In the child: a path the volume cannot take as asked (problem, hint); the parent raises UnsupportedLayout."""
+
+
 def apply(overlay: Overlay, start: int, size: int, operations: list, label: str, what: str,
           tick: Callable[[], None] | None = None) -> int:
     """Run ``operations`` (WriteFile, MakeDir, Delete), in order, with libntfs-3g on the volume at [start, start + size) of
@@ -398,7 +394,7 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
     def job() -> dict:
         device = OverlayDevice(overlay, start, size, free=lambda lo, hi: free.runs(lo, hi))
         before = {e.offset: e.data for e in overlay.changes()}
-        volume = _Volume(lib, device)
+        volume = _Volume(lib, device, free.unit)
         try:
             for op in operations:
                 if isinstance(op, MakeDir):
@@ -409,6 +405,8 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
                     volume.write_file(op.path, op.data)
         except _VolumeFullHere as e:
             return {"full": str(e)}
+        except _PathRefused as e:
+            return {"path": [str(a) for a in e.args]}
         volume.unmount()  # ntfs_umount frees the device too
         # Only what this run changed, inside the volume.
         changed = [e for e in overlay.changes() if before.get(e.offset) != e.data and start <= e.offset < start + size]
@@ -426,6 +424,8 @@ def apply(overlay: Overlay, start: int, size: int, operations: list, label: str,
         raise CorruptFilesystem(label, f"{what}: {e.problem}", hint=e.hint or None) from None
     if head.get("full"):
         raise VolumeFull(label, f"{what}: {head['full']}")
+    if isinstance(head.get("path"), list) and head["path"]:
+        raise UnsupportedLayout(label, *[str(a) for a in head["path"][:2]])
     extents = decode_extents(payload or b"", lambda at, n: start <= at and at + n <= start + size,
                              overlay.logical_sector_size, label, "libntfs-3g")
     if len(extents) != head.get("extents"):

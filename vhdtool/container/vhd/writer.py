@@ -86,7 +86,7 @@ from dataclasses import dataclass, field
 
 from vhdtool.container.filecopy import Copied, copy_file, unchanged_failure
 from vhdtool.container.overlay import CommitResult, Extent
-from vhdtool.container.source import SourceRange, pieces
+from vhdtool.container.source import SourceChanged, SourceRange, pieces
 from vhdtool.container.vhd.layout import VhdLayout, read_layout
 from vhdtool.container.vhd.reader import VhdDisk
 from vhdtool.container.vhd.structs import (
@@ -323,6 +323,8 @@ class VhdCommit:
                     out.pwrite(offset + at, part)
                     if self.progress is not None:
                         self.progress(self.locked.st_size + out.bytes_written, self.total)
+        except SourceChanged:
+            raise  # the local file's fault, named as such; the temp goes as for any failure
         except WriteFailed as e:
             raise self._writing_failed(e) from None
         # What was copied from local files is what was decided on, or the temp goes and the image stays.
