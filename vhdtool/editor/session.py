@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import replace
 
-from vhdtool.container.chain import open_image, open_one
+from vhdtool.container.chain import open_image
 from vhdtool.container.commit import commit as commit_changes
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import READ_CHUNK, Source
@@ -15,7 +14,8 @@ from vhdtool.container.writefile import WritableFile
 from vhdtool.editor.changes import ChangeSet, FileChange, RegistryChange
 from vhdtool.editor.extedit import ExtEdits
 from vhdtool.editor.hiveedit import HiveEdits
-from vhdtool.editor.images import copy_image, dependent_children
+from vhdtool.editor.output import OutputCopy
+from vhdtool.editor.images import dependent_children
 from vhdtool.editor.images import digest as payload_digest
 from vhdtool.editor.paths import LINUX_FILESYSTEMS, guest_path, ntfs_name_problem, protected
 from vhdtool.errors import (
@@ -24,11 +24,9 @@ from vhdtool.errors import (
     GuestNotClean,
     ImageHasChildren,
     ImageNotFound,
-    UnsupportedImage,
     UnsupportedLayout,
     VhdtoolError,
     VolumeFull,
-    WriteFailed,
 )
 from vhdtool.filesystem import NtfsFilesystem, ntfs3g
 from vhdtool.guest.discover import survey_disk
@@ -42,7 +40,7 @@ class EditSession:
         self.dry_run = dry_run
         self.output = output
         self.work_path = path
-        self._tmp_output: str | None = None
+        self._out: OutputCopy | None = None  # --output's copy, while it has its temporary name
         self._lock: WritableFile | None = None
         self.disk: DiskStream | None = None
         self.overlay: Overlay | None = None
@@ -68,7 +66,8 @@ class EditSession:
             if children:
                 raise ImageHasChildren(self.path, f"differencing disk {children[0]} depends on it (parent_linkage would break)")
         if self.output is not None and not self.dry_run:
-            self._copy_for_output()
+            self._out = OutputCopy(self.path, self.output)
+            self.work_path = self._out.start()
         if not self.dry_run:
             # The lock is held for the whole session: nobody changes the image between what
             # is decided on the read-only view and the commit.
@@ -83,55 +82,10 @@ class EditSession:
         self.overlay = Overlay(self.disk)
         self._ext = ExtEdits(self.path, self.overlay, self.inspection, self._files)
 
-    def _copy_for_output(self) -> None:
-        out = os.path.abspath(self.output)
-        if os.path.exists(out):
-            raise UnsupportedLayout(out, "the output file exists", "give a new file name for --output")
-        # The folder of the file itself, a symlink's target: where its parent locator is resolved from.
-        if os.path.realpath(os.path.dirname(out)) != os.path.dirname(os.path.realpath(self.path)):
-            probe = open_one(self.path)
-            try:
-                if probe.needs_parent:
-                    raise UnsupportedImage(self.path, "a differencing disk's --output must be in the same folder",
-                                           "so that its parent locator still finds the parent")
-            finally:
-                probe.close()
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".vhdtool-tmp", dir=os.path.dirname(out))
-        os.close(fd)
-        self._tmp_output = tmp
-        copy_image(self.path, tmp)
-        # The copy keeps the original's extension, so that its format probe and locators agree.
-        self.work_path = tmp
-
-    def _name_the_output(self) -> None:
-        """The finished copy becomes --output's file, and its folder is flushed so that the name survives a power loss."""
-        try:
-            os.replace(self._tmp_output, self.output)
-        except OSError as e:
-            raise WriteFailed(self.output, f"cannot give the finished copy its name ({e.strerror})",
-                              "the image is unchanged; check the folder of the output and run the command again") from None
-        self._tmp_output = None
-        try:
-            dfd = os.open(os.path.dirname(os.path.abspath(self.output)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            raise WriteFailed(self.output, f"the copy is written, but flushing its folder failed ({e.strerror})",
-                              "it may not survive a power loss: run `sync` or check the disk holding it") from None
-
     def name_the_output(self, e: VhdtoolError) -> None:
-        """Make an error about the temporary copy that --output works in name a path the user gave: the
-        output when writing it failed (it is not left behind either), else the image it is a copy of."""
-        tmp = self._tmp_output
-        if tmp is None or self.output is None:
-            return
-        name = self.output if isinstance(e, WriteFailed) else self.path
-        if e.path == tmp:
-            e.path = name
-        e.problem = e.problem.replace(tmp, name)
-        e.args = (e.message,)
+        """An error about the temporary copy --output works in names a path the user gave instead."""
+        if self._out is not None:
+            self._out.rename_error(e)
 
     # -- what the operations act on ----------------------------------------------------------
     def _volume(self, partition: int | None) -> tuple[Partition, NtfsFilesystem]:
@@ -429,8 +383,8 @@ class EditSession:
                 result = commit_changes(self.disk, changes, self._lock, self.overlay.unreachable(), progress=progress)
             if result is not None:
                 written, replayed, committed = result.bytes_written, result.log_replayed, True
-        if self._tmp_output is not None and not self.dry_run:
-            self._name_the_output()
+        if self._out is not None:
+            self._out.finish()
             committed = True
         # A local file's digest was collected before the commit point (Source.settle); a dry run's now.
         files = tuple(replace(f, sha256=self._digests[i].sha256()) if i in self._digests else f
@@ -457,8 +411,5 @@ class EditSession:
             self.disk.close()
         if self._lock is not None:
             self._lock.close()
-        if self._tmp_output is not None:
-            try:
-                os.unlink(self._tmp_output)
-            except FileNotFoundError:
-                pass
+        if self._out is not None:
+            self._out.discard()
