@@ -84,7 +84,12 @@ class _Planner:
 
     def __init__(self, disk: VhdxDisk, unreachable: list[tuple[int, int]] = ()):
         self.disk = disk
-        self.unreachable = list(unreachable)
+        # Only whole 4 KiB log sectors: the log replays whole sectors, so a sector that also holds logged bytes
+        # would put its old bytes back over data written in place beside them (payload blocks are 1 MiB aligned
+        # in the file, so the virtual disk's 4 KiB boundaries are the file's).
+        self.unreachable = [(a, b) for a, b in ((-(-lo // LOG_SECTOR_SIZE) * LOG_SECTOR_SIZE,
+                                                 hi // LOG_SECTOR_SIZE * LOG_SECTOR_SIZE) for lo, hi in unreachable)
+                            if a < b]
         self.geometry = disk.geometry
         self.lss = disk.logical_sector_size
         self.end = _round_up(disk.image.size, MiB)

@@ -1,0 +1,74 @@
+"""An adversarial look at `vhdtool copy-in` into ext2/3/4 (session 7's hunt): layouts, sizes and states that the
+streaming path (vhdtool.filesystem.ext2stream, extbitmap) and the VHDX commit under it must get right or refuse.
+
+Images are made here by mkfs.ext4/mkfs.ext2 -d, debugfs -w, sfdisk and qemu-img (tests/test_ext4_write.py's
+``ext_image``). Judges we did not write: ``e2fsck -fn`` clean, ``debugfs -R dump`` and dissect.extfs give the
+copied file's sha256, ``qemu-img check`` on the container; refusals leave the image byte-identical.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from judges.volumes import partition_volume
+from test_ext4_stream import GUEST, copy_in, dissect_sha, dumped_sha, patterned
+from judges.tools import sh
+from test_ext4_write import e2fsck_clean, image_ok, linux_tree
+from test_stream_write import file_sha
+
+MiB = 1 << 20
+
+
+def judged(image: Path, local: Path, tmp: Path) -> None:
+    """The container checks, the volume is clean and both readers give the local file's bytes."""
+    image_ok(image)
+    volume = partition_volume(image, tmp, 1)
+    e2fsck_clean(volume)
+    want = file_sha(local)
+    assert dumped_sha(volume, GUEST, tmp) == want
+    assert dissect_sha(volume, GUEST) == want
+    volume.unlink()
+
+
+# -- data written in place beside data that goes through the VHDX log ----------------------------------------
+
+def ext_disk(tmp: Path, name: str, mkfs: list[str], size: int, start: int = 2048) -> Path:
+    """A dynamic VHDX with one MBR partition at sector ``start`` (63: the layout of disks partitioned before 2008)
+    holding ``mkfs`` -d of the small Linux tree."""
+    work = tmp / f"build-{name}"
+    root = work / "root"
+    root.mkdir(parents=True)
+    linux_tree(root)
+    sectors = (size - 2 * MiB) // 512
+    volume, raw = work / "volume.img", work / "disk.raw"
+    for path, length in ((volume, sectors * 512), (raw, size)):
+        with open(path, "wb") as f:
+            f.truncate(length)
+    sh(*mkfs, "-q", "-F", "-d", root, volume)
+    subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(raw)], check=True, capture_output=True,
+                   input=f"label: dos\nunit: sectors\nstart={start}, size={sectors}, type=83\n".encode())
+    sh("dd", f"if={volume}", f"of={raw}", "bs=512", f"seek={start}", "conv=notrunc,sparse", "status=none")
+    image = tmp / f"{name}.vhdx"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic", raw, image)
+    return image
+
+
+@pytest.mark.parametrize("mkfs,start,image_mib,size", [
+    # 1 KiB blocks, 22 groups of 1024: the file runs from a group whose bitmap says free into BLOCK_UNINIT
+    # groups, whose first blocks the parent does not take as free (a backup may be there), at a block boundary
+    # that is no 4 KiB boundary (the first data block is 1).
+    (["mkfs.ext4", "-b", "1024", "-g", "1024", "-N", "64"], 2048, 24, 3 * MiB + 7),
+    # 4 KiB blocks in small groups on a partition at sector 63: no block boundary is a 4 KiB one on the disk.
+    (["mkfs.ext4", "-b", "4096", "-g", "1024", "-N", "64"], 63, 48, 20 * MiB + 5),
+], ids=["1k-blocks", "sector-63"])
+def test_data_in_place_and_logged_data_share_no_4k_log_sector(mkfs, start, image_mib, size, tmp_path):
+    """The VHDX log holds whole 4 KiB sectors: data put in place before the log (blocks the old volume leaves
+    free) must not share one with data that goes through it, whose sector would bring the old bytes back."""
+    image = ext_disk(tmp_path, "disk", mkfs, image_mib * MiB, start)
+    local = patterned(tmp_path / "local" / "payload.bin", size)
+    code, out, err = copy_in(image, local)
+    assert code == 0, err
+    judged(image, local, tmp_path)
