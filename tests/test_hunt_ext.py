@@ -13,31 +13,33 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error, digest
 from judges.volumes import partition_volume
 from test_ext4_stream import GUEST, copy_in, dissect_sha, dumped_sha, patterned
 from judges.tools import sh
-from test_ext4_write import e2fsck_clean, image_ok, linux_tree
+from test_ext4_write import debugfs, e2fsck_clean, image_ok, linux_tree
 from test_stream_write import file_sha
+from vhdtool.errors import UnsupportedLayout
 
 MiB = 1 << 20
 
 
-def judged(image: Path, local: Path, tmp: Path) -> None:
-    """The container checks, the volume is clean and both readers give the local file's bytes."""
+def judged(image: Path, local: Path, tmp: Path, guest: str = GUEST) -> None:
+    """The container checks, the volume is clean and both readers give the local file's bytes at ``guest``."""
     image_ok(image)
     volume = partition_volume(image, tmp, 1)
     e2fsck_clean(volume)
     want = file_sha(local)
-    assert dumped_sha(volume, GUEST, tmp) == want
-    assert dissect_sha(volume, GUEST) == want
+    assert dumped_sha(volume, guest, tmp) == want
+    assert dissect_sha(volume, guest) == want
     volume.unlink()
 
 
 # -- data written in place beside data that goes through the VHDX log ----------------------------------------
 
-def ext_disk(tmp: Path, name: str, mkfs: list[str], size: int, start: int = 2048) -> Path:
+def ext_disk(tmp: Path, name: str, mkfs: list[str], size: int, start: int = 2048, dirty: tuple = ()) -> Path:
     """A dynamic VHDX with one MBR partition at sector ``start`` (63: the layout of disks partitioned before 2008)
-    holding ``mkfs`` -d of the small Linux tree."""
+    holding ``mkfs`` -d of the small Linux tree, then each ``debugfs -w`` request of ``dirty``."""
     work = tmp / f"build-{name}"
     root = work / "root"
     root.mkdir(parents=True)
@@ -48,6 +50,8 @@ def ext_disk(tmp: Path, name: str, mkfs: list[str], size: int, start: int = 2048
         with open(path, "wb") as f:
             f.truncate(length)
     sh(*mkfs, "-q", "-F", "-d", root, volume)
+    for request in dirty:
+        sh("debugfs", "-w", "-R", request, volume)
     subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(raw)], check=True, capture_output=True,
                    input=f"label: dos\nunit: sectors\nstart={start}, size={sectors}, type=83\n".encode())
     sh("dd", f"if={volume}", f"of={raw}", "bs=512", f"seek={start}", "conv=notrunc,sparse", "status=none")
@@ -72,3 +76,31 @@ def test_data_in_place_and_logged_data_share_no_4k_log_sector(mkfs, start, image
     code, out, err = copy_in(image, local)
     assert code == 0, err
     judged(image, local, tmp_path)
+
+
+# -- replacing a file whose inode says more than its bytes --------------------------------------------------------
+
+def test_a_file_sealed_by_fs_verity_is_not_replaced(tmp_path):
+    """An fs-verity file's Merkle tree lies past its end: new content under the kept flag is a file the guest's
+    kernel refuses to read. Refused (exit 5, one line), the image byte-identical; immutable and append-only
+    files are replaced (their flags kept, as the inode is), judged by e2fsck, debugfs and dissect.extfs."""
+    flags = {"verity": 0x180000, "immutable": 0x80010, "append-only": 0x80020}  # each with EXT4_EXTENTS_FL
+    requests = tuple(f"set_inode_field /etc/{name} flags 0x{value:x}" for name, value in flags.items())
+    files = tuple(f"write /dev/null /etc/{name}" for name in flags)
+    image = ext_disk(tmp_path, "flags", ["mkfs.ext4", "-b", "4096", "-O", "verity"], 48 * MiB, dirty=files + requests)
+    local = tmp_path / "local"
+    for name in flags:
+        patterned(local / name, MiB + 3)
+    was = digest(image)
+    code, out, err = copy_in(image, local / "verity", "/etc")
+    assert code == UnsupportedLayout.exit_code == 5
+    assert_one_line_error(code, out, err, image)
+    assert "fs-verity" in err
+    assert digest(image) == was
+    for name in ("immutable", "append-only"):
+        code, out, err = copy_in(image, local / name, "/etc")
+        assert code == 0, err
+        judged(image, local / name, tmp_path, f"/etc/{name}")
+        volume = partition_volume(image, tmp_path, 1)
+        assert f"Flags: 0x{flags[name]:x}" in debugfs(volume, f"stat /etc/{name}")
+        volume.unlink()

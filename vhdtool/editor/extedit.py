@@ -28,6 +28,7 @@ from vhdtool.volume.mapping import VolumeMap
 
 EXT = ("ext2", "ext3", "ext4")
 WRITES = "vhdtool writes ext2/3/4 and NTFS volumes only"
+VERITY_FL = 0x100000  # EXT4_VERITY_FL: a file sealed by fs-verity
 
 
 def _ext2fs():
@@ -179,6 +180,10 @@ class ExtEdits:
         if state not in (None, "file"):
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
         entry = vol.fs.entry(target) if state == "file" and not self._pending(vol, target) else None
+        if entry is not None and entry.flags & VERITY_FL:
+            # Its Merkle tree (past its end) would no longer match: the guest's kernel could not read the file.
+            raise UnsupportedLayout(self.path, f"{path} is sealed by fs-verity, so its content cannot change",
+                                    "remove or replace it from inside the guest")
         mode = mode if mode is not None else (entry.mode if entry is not None else 0o644)
         uid = uid if uid is not None else (entry.uid if entry is not None else 0)
         gid = gid if gid is not None else (entry.gid if entry is not None else 0)

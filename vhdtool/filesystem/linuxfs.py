@@ -22,6 +22,7 @@ class Entry:
     gid: int
     size: int
     link: str | None  # a symlink's target text
+    flags: int = 0  # the inode's i_flags (ext4 disk layout, "Inode flags")
 
 
 class LinuxFilesystem(Filesystem):
@@ -86,7 +87,7 @@ class LinuxFilesystem(Filesystem):
             if kind == "link" and node.size <= MAX_LINK:
                 link = node.link
             return Entry(kind, stat.S_IMODE(raw.i_mode), raw.i_uid | raw.i_uid_high << 16,
-                         raw.i_gid | raw.i_gid_high << 16, node.size, link)
+                         raw.i_gid | raw.i_gid_high << 16, node.size, link, raw.i_flags)
 
     def exists(self, path: str) -> bool:
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
