@@ -9,6 +9,7 @@ copied file's sha256, ``qemu-img check`` on the container; refusals leave the im
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,23 @@ def test_a_file_sealed_by_fs_verity_is_not_replaced(tmp_path):
         volume = partition_volume(image, tmp_path, 1)
         assert f"Flags: 0x{flags[name]:x}" in debugfs(volume, f"stat /etc/{name}")
         volume.unlink()
+
+
+# -- layouts vhdtool cannot read: refused in one line, exit 5 -------------------------------------------------
+
+@pytest.mark.parametrize("mkfs,needle", [
+    (["mkfs.ext4", "-O", "bigalloc", "-C", "16384"], "cannot read"),  # dissect.extfs reads no bigalloc volume
+    (["mkfs.ext4", "-O", "inline_data"], "inline_data"),  # its parser logs every inline folder it misreads
+], ids=["bigalloc", "inline_data"])
+def test_volumes_vhdtool_cannot_read_are_refused_in_one_line(mkfs, needle, tmp_path):
+    image = ext_disk(tmp_path, "unreadable", mkfs, 24 * MiB)
+    local = patterned(tmp_path / "local" / "payload.bin", 5000)
+    was = digest(image)
+    # A process of its own, as a user runs it: pytest's log capture would hide what Python prints to stderr.
+    proc = subprocess.run([sys.executable, "-m", "vhdtool.cli.main", "copy-in", str(image), str(local), "/opt"],
+                          capture_output=True, text=True)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
+    assert code == UnsupportedLayout.exit_code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert needle in err and "chkdsk" not in err
+    assert digest(image) == was

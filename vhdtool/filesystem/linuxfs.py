@@ -6,6 +6,7 @@ import stat
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from vhdtool.errors import UnsupportedLayout, first_line
 from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 MAX_SYMLINKS = 40
@@ -141,12 +142,17 @@ class LinuxFilesystem(Filesystem):
 
 def open_linux_filesystem(stream: BinaryIO, kind: str, image_path: str | None, label: str) -> LinuxFilesystem:
     with translate_errors(image_path, f"{kind} on {label}"):
-        if kind == "xfs":
-            from dissect.xfs import XFS
+        try:
+            if kind == "xfs":
+                from dissect.xfs import XFS
 
-            fs = XFS(stream)
-        else:
-            from dissect.extfs import ExtFS
+                fs = XFS(stream)
+            else:
+                from dissect.extfs import ExtFS
 
-            fs = ExtFS(stream)
+                fs = ExtFS(stream)
+        except NotImplementedError as e:
+            # A sound volume in a layout the reader does not know (ext4 bigalloc), not a damaged one.
+            raise UnsupportedLayout(image_path, f"{kind} on {label} uses a layout vhdtool cannot read ({first_line(e)})",
+                                    "change the guest from inside it") from None
     return LinuxFilesystem(fs, kind, image_path, label)
