@@ -20,7 +20,7 @@ from test_ext4_stream import GUEST, copy_in, dissect_sha, dumped_sha, patterned
 from judges.tools import sh
 from test_ext4_write import debugfs, e2fsck_clean, image_ok, linux_tree
 from test_stream_write import file_sha
-from vhdtool.errors import UnsupportedLayout
+from vhdtool.errors import GuestNotClean, UnsupportedLayout
 
 MiB = 1 << 20
 
@@ -40,7 +40,8 @@ def judged(image: Path, local: Path, tmp: Path, guest: str = GUEST) -> None:
 
 def ext_disk(tmp: Path, name: str, mkfs: list[str], size: int, start: int = 2048, dirty: tuple = ()) -> Path:
     """A dynamic VHDX with one MBR partition at sector ``start`` (63: the layout of disks partitioned before 2008)
-    holding ``mkfs`` -d of the small Linux tree, then each ``debugfs -w`` request of ``dirty``."""
+    holding ``mkfs`` -d of the small Linux tree, then each ``debugfs -w`` request of ``dirty`` (or call of it on
+    the volume file)."""
     work = tmp / f"build-{name}"
     root = work / "root"
     root.mkdir(parents=True)
@@ -52,7 +53,7 @@ def ext_disk(tmp: Path, name: str, mkfs: list[str], size: int, start: int = 2048
             f.truncate(length)
     sh(*mkfs, "-q", "-F", "-d", root, volume)
     for request in dirty:
-        sh("debugfs", "-w", "-R", request, volume)
+        request(volume) if callable(request) else sh("debugfs", "-w", "-R", request, volume)
     subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(raw)], check=True, capture_output=True,
                    input=f"label: dos\nunit: sectors\nstart={start}, size={sectors}, type=83\n".encode())
     sh("dd", f"if={volume}", f"of={raw}", "bs=512", f"seek={start}", "conv=notrunc,sparse", "status=none")
@@ -124,4 +125,29 @@ def test_volumes_vhdtool_cannot_read_are_refused_in_one_line(mkfs, needle, tmp_p
     assert code == UnsupportedLayout.exit_code == 5, err
     assert_one_line_error(code, out, err, image)
     assert needle in err and "chkdsk" not in err
+    assert digest(image) == was
+
+
+# -- a volume whose journal is not empty --------------------------------------------------------------------
+
+def test_a_journal_holding_transactions_is_refused_though_marked_clean(tmp_path):
+    """needs_recovery clear, the journal not empty (debugfs's journal writer, then the flag cleared): e2fsck
+    -y replays it ("Run journal anyway? yes"), its old blocks over what was written since. Exit 18, one line,
+    the image byte-identical."""
+    block = tmp_path / "block.bin"
+    block.write_bytes(b"journalled" * 400)
+    script = tmp_path / "journal.cmds"
+    script.write_text(f"jo\njw -b 300 {block}\njc\nfeature -needs_recovery\n")
+
+    def fill_the_journal(volume: Path) -> None:
+        sh("debugfs", "-w", "-f", script, volume)
+        assert "journal has data" in sh("e2fsck", "-fn", volume, check=False).stdout.decode()
+
+    image = ext_disk(tmp_path, "journal", ["mkfs.ext4", "-b", "4096"], 24 * MiB, dirty=(fill_the_journal,))
+    local = patterned(tmp_path / "local" / "payload.bin", 5000)
+    was = digest(image)
+    code, out, err = copy_in(image, local)
+    assert code == GuestNotClean.exit_code == 18, err
+    assert_one_line_error(code, out, err, image)
+    assert "journal" in err
     assert digest(image) == was

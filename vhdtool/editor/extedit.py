@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.editor.changes import FileChange
-from vhdtool.errors import UnsupportedLayout, VolumeFull
-from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, blocks_needed
+from vhdtool.errors import GuestNotClean, UnsupportedLayout, VolumeFull
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RECHECK, RO_COMPAT_BIGALLOC, blocks_needed
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.units import MiB
@@ -141,7 +141,13 @@ class ExtEdits:
         if unreadable:
             raise UnsupportedLayout(self.path, f"{what} {unreadable}, which vhdtool cannot read",
                                     "change the guest from inside it")
-        return open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
+        fs = open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
+        if fs.journal_start():
+            # e2fsck offers to replay such a journal ("needs_recovery flag is clear, but journal has data"):
+            # its old blocks would land over what vhdtool writes.
+            raise GuestNotClean(self.path, f"{what} has transactions in its journal though it is marked clean",
+                                RECHECK)
+        return fs
 
     # -- state as this session's operations leave it -------------------------------------------
     def _pending(self, vol: ExtVolume, target: str) -> list:

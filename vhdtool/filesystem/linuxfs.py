@@ -11,6 +11,7 @@ from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 MAX_SYMLINKS = 40
 MAX_LINK = 4096
+COMPAT_HAS_JOURNAL = 0x4  # ext4 disk layout, "The Super Block"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,15 @@ class LinuxFilesystem(Filesystem):
                 link = node.link
             return Entry(kind, stat.S_IMODE(raw.i_mode), raw.i_uid | raw.i_uid_high << 16,
                          raw.i_gid | raw.i_gid_high << 16, node.size, link, raw.i_flags)
+
+    def journal_start(self) -> int:
+        """The ext3/4 internal journal's s_start: 0 when it holds nothing to replay (also with no journal,
+        or one on another device, which this volume cannot show)."""
+        if self.kind == "xfs" or not self.fs.sb.s_feature_compat & COMPAT_HAS_JOURNAL \
+                or not self.fs.sb.s_journal_inum:
+            return 0
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: the journal"):
+            return self.fs.journal.sb.s_start
 
     def exists(self, path: str) -> bool:
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
