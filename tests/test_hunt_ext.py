@@ -8,6 +8,9 @@ copied file's sha256, ``qemu-img check`` on the container; refusals leave the im
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,7 @@ from conftest import assert_one_line_error, digest
 from judges.volumes import partition_volume
 from test_ext4_stream import GUEST, copy_in, dissect_sha, dumped_sha, patterned
 from judges.tools import sh
-from test_ext4_write import debugfs, e2fsck_clean, image_ok, linux_tree
+from test_ext4_write import debugfs, e2fsck_clean, free_blocks, image_ok, linux_tree
 from test_stream_write import file_sha
 from vhdtool.errors import GuestNotClean, UnsupportedLayout
 
@@ -151,3 +154,47 @@ def test_a_journal_holding_transactions_is_refused_though_marked_clean(tmp_path)
     assert_one_line_error(code, out, err, image)
     assert "journal" in err
     assert digest(image) == was
+
+
+# -- fragmented free space, and a file past 4 GiB ------------------------------------------------------------
+
+def test_a_file_in_fragmented_free_space_gets_an_extent_tree_two_levels_deep(tmp_path):
+    """2000 files of 6 KiB written by debugfs, every other one removed: the free space is 1 KiB blocks in runs
+    of six, holding the removed files' bytes (so the VHDX blocks there are allocated and written in place or
+    through the log). A payload of 90% of it takes thousands of extents: a tree of depth 2."""
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(6 * 1024))
+    script = tmp_path / "fragment.cmds"
+    script.write_text("\n".join(["mkdir /frag"] + [f"write {junk} /frag/f{i}" for i in range(2000)]
+                                + [f"rm /frag/f{i}" for i in range(0, 2000, 2)]) + "\n")
+    image = ext_disk(tmp_path, "frag", ["mkfs.ext4", "-b", "1024"], 48 * MiB,
+                     dirty=(lambda volume: sh("debugfs", "-w", "-f", script, volume),))
+    volume = partition_volume(image, tmp_path, 1)
+    room = free_blocks(volume) * 1024
+    volume.unlink()
+    local = patterned(tmp_path / "local" / "payload.bin", int(room * 0.9) + 7)
+    code, out, err = copy_in(image, local)
+    assert code == 0, err
+    judged(image, local, tmp_path)
+    volume = partition_volume(image, tmp_path, 1)
+    assert re.search(r"^\s*0/\s*2\s", debugfs(volume, f"ex {GUEST}"), re.M)  # the root is two levels up
+    assert sh("debugfs", "-R", "ls /frag", volume).stdout.decode().count("f1999") == 1  # the kept files stay
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mkfs", [["mkfs.ext3", "-b", "4096"], ["mkfs.ext4", "-b", "4096"]], ids=["ext3", "ext4"])
+def test_a_file_past_4_gib(mkfs, tmp_path):
+    """4 GiB + 4 MiB + 1 bytes (a sparse local file, marked at the block map's boundaries): ext3 maps it through
+    the triple indirect block, both keep the size's high half."""
+    size = (4 << 30) + 4 * MiB + 1
+    local = tmp_path / "local" / "payload.bin"
+    local.parent.mkdir()
+    with open(local, "wb") as f:
+        f.truncate(size)
+        for at in (0, 4096 * 12, 4096 * (12 + 1024), 4096 * (12 + 1024 + 1024 * 1024) - 7, size - 5):
+            f.seek(at)
+            f.write(hashlib.sha256(str(at).encode()).digest())
+    image = ext_disk(tmp_path, "big", mkfs, 4700 * MiB)
+    code, out, err = copy_in(image, local)
+    assert code == 0, err
+    judged(image, local, tmp_path)
