@@ -215,3 +215,30 @@ def test_a_volume_of_50000_initialised_groups_is_written(tmp_path):
     code, out, err = copy_in(image, local)
     assert code == 0, err
     judged(image, local, tmp_path)
+
+
+# -- a case-insensitive folder ----------------------------------------------------------------------------------
+
+def test_a_name_a_casefold_folder_holds_in_another_case_is_refused(tmp_path):
+    """In a casefold folder (ext4 -O casefold, the folder's EXT4_CASEFOLD_FL set while empty) README.TXT is the
+    guest's Readme.txt: libext2fs, comparing bytes, added a second entry beside it. Refused (exit 5, one line,
+    byte-identical); a name of its own is written there as anywhere."""
+    old = tmp_path / "Readme.txt"
+    old.write_text("old\n")
+    script = tmp_path / "casefold.cmds"
+    script.write_text(f"mkdir /ci\nset_inode_field /ci flags 0x40080000\ncd /ci\nwrite {old} Readme.txt\n")
+    image = ext_disk(tmp_path, "casefold", ["mkfs.ext4", "-O", "casefold"], 24 * MiB,
+                     dirty=(lambda volume: sh("debugfs", "-w", "-f", script, volume),))
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "README.TXT").write_text("new\n")
+    was = digest(image)
+    code, out, err = copy_in(image, local / "README.TXT", "/ci")
+    assert code == UnsupportedLayout.exit_code == 5, err
+    assert_one_line_error(code, out, err, image)
+    assert "Readme.txt" in err
+    assert digest(image) == was
+    other = patterned(local / "other.bin", 5000)
+    code, out, err = copy_in(image, other, "/ci")
+    assert code == 0, err
+    judged(image, other, tmp_path, "/ci/other.bin")

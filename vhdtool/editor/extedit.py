@@ -185,6 +185,8 @@ class ExtEdits:
         state = self._state(vol, target)
         if state not in (None, "file"):
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
+        if state is None:
+            self._refuse_case_twin(vol, target)
         entry = vol.fs.entry(target) if state == "file" and not self._pending(vol, target) else None
         if entry is not None and entry.flags & VERITY_FL:
             # Its Merkle tree (past its end) would no longer match: the guest's kernel could not read the file.
@@ -228,6 +230,7 @@ class ExtEdits:
             return None
         if state is not None:
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a folder path")
+        self._refuse_case_twin(vol, target)
         return self._add(vol, _ext2fs().MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
 
     def symlink(self, path: str, target_text: str, partition: int | None) -> FileChange | None:
@@ -238,6 +241,8 @@ class ExtEdits:
                                     "remove it in the guest first")
         if state == "link" and not self._pending(vol, target) and vol.fs.entry(target).link == target_text:
             return None
+        if state is None:
+            self._refuse_case_twin(vol, target)
         return self._add(vol, _ext2fs().Symlink(target, target_text),
                          FileChange(target, "symlink", None, None, vol.index, target=target_text))
 
@@ -272,6 +277,15 @@ class ExtEdits:
         if left:
             raise UnsupportedLayout(self.path, f"{path} is not empty ({left[0]} is in it)", "remove what is in it first")
         return self._add(vol, _ext2fs().RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
+
+    def _refuse_case_twin(self, vol: ExtVolume, target: str) -> None:
+        """A new name a case-insensitive folder already holds in another case: libext2fs (comparing bytes) would add
+        a second entry the guest's kernel cannot tell from the first."""
+        folder, _, name = target.rpartition("/")
+        twin = vol.fs.case_twin(folder or "/", name)
+        if twin is not None:
+            raise UnsupportedLayout(self.path, f"{target}: the case-insensitive folder {folder or '/'} already holds "
+                                               f"{twin}", f"give the name as the guest has it ({folder}/{twin})")
 
     def _target(self, path: str) -> str:
         try:

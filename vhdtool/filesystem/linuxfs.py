@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import unicodedata
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -12,6 +13,7 @@ from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 MAX_SYMLINKS = 40
 MAX_LINK = 4096
 COMPAT_HAS_JOURNAL = 0x4  # ext4 disk layout, "The Super Block"
+CASEFOLD_FL = 0x40000000  # EXT4_CASEFOLD_FL: a folder whose names compare without case
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,16 @@ class LinuxFilesystem(Filesystem):
             node = self._lookup(path)
             return sorted(n for n in node.listdir() if n not in (".", ".."))
 
+    def case_twin(self, folder: str, name: str) -> str | None:
+        """Another name in ``folder`` that is ``name`` to a case-insensitive (casefold) ext4 folder, which the
+        guest's kernel takes for the same entry; None when there is none, or the folder is not one (or missing)."""
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {folder}"):
+            node = self._try(folder)
+            if node is None or not stat.S_ISDIR(node.filetype) or not node.inode.i_flags & CASEFOLD_FL:
+                return None
+            want = _folded(name)
+            return next((n for n in node.listdir() if n != name and _folded(n) == want), None)
+
     def readlink(self, path: str) -> str | None:
         """The target stored in the symlink at ``path`` (its last component is not followed).
 
@@ -148,6 +160,11 @@ class LinuxFilesystem(Filesystem):
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
             node = self._lookup(path)
             return node.open().read(min(limit, node.size))
+
+
+def _folded(name: str) -> str:
+    """A name as a casefold folder compares it: Unicode NFD, case folded (the kernel's utf8 "nfdicf")."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
 def open_linux_filesystem(stream: BinaryIO, kind: str, image_path: str | None, label: str) -> LinuxFilesystem:
