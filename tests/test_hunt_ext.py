@@ -23,7 +23,8 @@ from test_ext4_stream import GUEST, copy_in, dissect_sha, dumped_sha, patterned
 from judges.tools import sh
 from test_ext4_write import debugfs, e2fsck_clean, free_blocks, image_ok, linux_tree
 from test_stream_write import file_sha
-from vhdtool.errors import GuestNotClean, UnsupportedLayout
+from vhdtool.errors import GuestNotClean, UnsupportedLayout, VolumeFull
+from vhdtool.filesystem.extsuper import blocks_needed
 
 MiB = 1 << 20
 
@@ -242,3 +243,26 @@ def test_a_name_a_casefold_folder_holds_in_another_case_is_refused(tmp_path):
     code, out, err = copy_in(image, other, "/ci")
     assert code == 0, err
     judged(image, other, tmp_path, "/ci/other.bin")
+
+
+# -- room: the parent's estimate, then libext2fs's own count -------------------------------------------------
+
+def test_folders_made_on_the_way_can_leave_too_little_room_exit_26(tmp_path):
+    """A payload the session's estimate lets through (its blocks and their map fit the free count) but not once
+    ten new folders took their blocks: the libext2fs child finds it (exit 26), nothing is written, and the
+    message names the volume as what it is (ext3)."""
+    image = ext_disk(tmp_path, "room", ["mkfs.ext3", "-b", "4096"], 40 * MiB)
+    volume = partition_volume(image, tmp_path, 1)
+    free = free_blocks(volume)
+    volume.unlink()
+    size = max(s for s in range(0, free * 4096, 4096) if blocks_needed(s, 4096) <= free)
+    local = tmp_path / "local" / "payload.bin"
+    local.parent.mkdir()
+    with open(local, "wb") as f:
+        f.truncate(size)
+    was = digest(image)
+    code, out, err = copy_in(image, local, "/a/b/c/d/e/f/g/h/i/j")
+    assert code == VolumeFull.exit_code == 26, err
+    assert_one_line_error(code, out, err, image)
+    assert "ext3 on partition 1" in err
+    assert digest(image) == was

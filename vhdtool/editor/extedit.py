@@ -313,7 +313,7 @@ class ExtEdits:
 
         for vol, ops in self._ops.values():
             amount = sum(op.size for op in ops if isinstance(op, _ext2fs().WriteFile))
-            what = f"ext4 on {vol.label}"
+            what = f"{vol.fs.kind} on {vol.label}"
             with phase(f"writing {size_text(amount)} to {vol.label} (libext2fs)", amount) as progress:
                 _ext2fs().apply(self.overlay, vol.vmap, ops, self.path, what, tick=progress.tick)
         self._ops.clear()
