@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import gc
 import importlib
+import logging
 import os
 import sys
 from collections.abc import MutableMapping
@@ -119,6 +120,11 @@ def _root(
     ),
 ) -> None:
     """Service offline Hyper-V disk images (VHDX/VHD) from Linux: inspect guests, plan integration services."""
+
+
+# dissect's parsers log what they find odd in a volume (log.critical on a directory entry of length 0, which an
+# inline_data folder shows them): with no handler Python prints it to stderr, around the one-line error.
+logging.getLogger("dissect").addHandler(logging.NullHandler())
 
 
 def main() -> None:

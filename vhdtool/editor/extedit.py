@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.source import READ_CHUNK, Source
 from vhdtool.editor.changes import FileChange
-from vhdtool.errors import UnsupportedLayout, VolumeFull
-from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RO_COMPAT_BIGALLOC, blocks_needed
+from vhdtool.errors import GuestNotClean, UnsupportedLayout, VolumeFull
+from vhdtool.filesystem.extsuper import INCOMPAT_INLINE_DATA, RECHECK, RO_COMPAT_BIGALLOC, blocks_needed
 from vhdtool.filesystem.linuxfs import Entry, LinuxFilesystem, open_linux_filesystem
 from vhdtool.guest.inspection import Inspection, require_guest
 from vhdtool.units import MiB
@@ -28,6 +28,7 @@ from vhdtool.volume.mapping import VolumeMap
 
 EXT = ("ext2", "ext3", "ext4")
 WRITES = "vhdtool writes ext2/3/4 and NTFS volumes only"
+VERITY_FL = 0x100000  # EXT4_VERITY_FL: a file sealed by fs-verity
 
 
 def _ext2fs():
@@ -140,7 +141,13 @@ class ExtEdits:
         if unreadable:
             raise UnsupportedLayout(self.path, f"{what} {unreadable}, which vhdtool cannot read",
                                     "change the guest from inside it")
-        return open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
+        fs = open_linux_filesystem(vmap.open(self.overlay), kind, self.path, label)
+        if fs.journal_start():
+            # e2fsck offers to replay such a journal ("needs_recovery flag is clear, but journal has data"):
+            # its old blocks would land over what vhdtool writes.
+            raise GuestNotClean(self.path, f"{what} has transactions in its journal though it is marked clean",
+                                RECHECK)
+        return fs
 
     # -- state as this session's operations leave it -------------------------------------------
     def _pending(self, vol: ExtVolume, target: str) -> list:
@@ -178,7 +185,13 @@ class ExtEdits:
         state = self._state(vol, target)
         if state not in (None, "file"):
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
+        if state is None:
+            self._refuse_case_twin(vol, target)
         entry = vol.fs.entry(target) if state == "file" and not self._pending(vol, target) else None
+        if entry is not None and entry.flags & VERITY_FL:
+            # Its Merkle tree (past its end) would no longer match: the guest's kernel could not read the file.
+            raise UnsupportedLayout(self.path, f"{path} is sealed by fs-verity, so its content cannot change",
+                                    "remove or replace it from inside the guest")
         mode = mode if mode is not None else (entry.mode if entry is not None else 0o644)
         uid = uid if uid is not None else (entry.uid if entry is not None else 0)
         gid = gid if gid is not None else (entry.gid if entry is not None else 0)
@@ -217,6 +230,7 @@ class ExtEdits:
             return None
         if state is not None:
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a folder path")
+        self._refuse_case_twin(vol, target)
         return self._add(vol, _ext2fs().MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
 
     def symlink(self, path: str, target_text: str, partition: int | None) -> FileChange | None:
@@ -227,6 +241,8 @@ class ExtEdits:
                                     "remove it in the guest first")
         if state == "link" and not self._pending(vol, target) and vol.fs.entry(target).link == target_text:
             return None
+        if state is None:
+            self._refuse_case_twin(vol, target)
         return self._add(vol, _ext2fs().Symlink(target, target_text),
                          FileChange(target, "symlink", None, None, vol.index, target=target_text))
 
@@ -262,6 +278,15 @@ class ExtEdits:
             raise UnsupportedLayout(self.path, f"{path} is not empty ({left[0]} is in it)", "remove what is in it first")
         return self._add(vol, _ext2fs().RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
 
+    def _refuse_case_twin(self, vol: ExtVolume, target: str) -> None:
+        """A new name a case-insensitive folder already holds in another case: libext2fs (comparing bytes) would add
+        a second entry the guest's kernel cannot tell from the first."""
+        folder, _, name = target.rpartition("/")
+        twin = vol.fs.case_twin(folder or "/", name)
+        if twin is not None:
+            raise UnsupportedLayout(self.path, f"{target}: the case-insensitive folder {folder or '/'} already holds "
+                                               f"{twin}", f"give the name as the guest has it ({folder}/{twin})")
+
     def _target(self, path: str) -> str:
         try:
             target = ext_path(path)
@@ -288,7 +313,7 @@ class ExtEdits:
 
         for vol, ops in self._ops.values():
             amount = sum(op.size for op in ops if isinstance(op, _ext2fs().WriteFile))
-            what = f"ext4 on {vol.label}"
+            what = f"{vol.fs.kind} on {vol.label}"
             with phase(f"writing {size_text(amount)} to {vol.label} (libext2fs)", amount) as progress:
                 _ext2fs().apply(self.overlay, vol.vmap, ops, self.path, what, tick=progress.tick)
         self._ops.clear()

@@ -144,7 +144,11 @@ class OverlayIo:
             if size < 0 or offset + size > self.vmap.size:
                 return EXT2_ET_SHORT_WRITE
             for disk, at, n in self.vmap.pieces(offset, size):
-                self.overlay.write_at(disk, ctypes.string_at(data + at, n))
+                new = ctypes.string_at(data + at, n)
+                # libext2fs writes every initialised group's bitmaps and every descriptor block (and their backups)
+                # back at close, most of them unchanged: only a changed block takes a page of the child's memory.
+                if self.overlay.read_at(disk, n) != new:
+                    self.overlay.write_at(disk, new)
             return 0
         except Exception:  # noqa: BLE001
             return EXT2_ET_SHORT_WRITE

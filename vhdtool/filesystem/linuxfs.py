@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import stat
+import unicodedata
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from vhdtool.errors import UnsupportedLayout, first_line
 from vhdtool.filesystem.base import MAX_SMALL_FILE, Filesystem, translate_errors
 
 MAX_SYMLINKS = 40
 MAX_LINK = 4096
+COMPAT_HAS_JOURNAL = 0x4  # ext4 disk layout, "The Super Block"
+CASEFOLD_FL = 0x40000000  # EXT4_CASEFOLD_FL: a folder whose names compare without case
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class Entry:
     gid: int
     size: int
     link: str | None  # a symlink's target text
+    flags: int = 0  # the inode's i_flags (ext4 disk layout, "Inode flags")
 
 
 class LinuxFilesystem(Filesystem):
@@ -86,7 +91,16 @@ class LinuxFilesystem(Filesystem):
             if kind == "link" and node.size <= MAX_LINK:
                 link = node.link
             return Entry(kind, stat.S_IMODE(raw.i_mode), raw.i_uid | raw.i_uid_high << 16,
-                         raw.i_gid | raw.i_gid_high << 16, node.size, link)
+                         raw.i_gid | raw.i_gid_high << 16, node.size, link, raw.i_flags)
+
+    def journal_start(self) -> int:
+        """The ext3/4 internal journal's s_start: 0 when it holds nothing to replay (also with no journal,
+        or one on another device, which this volume cannot show)."""
+        if self.kind == "xfs" or not self.fs.sb.s_feature_compat & COMPAT_HAS_JOURNAL \
+                or not self.fs.sb.s_journal_inum:
+            return 0
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: the journal"):
+            return self.fs.journal.sb.s_start
 
     def exists(self, path: str) -> bool:
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
@@ -101,6 +115,16 @@ class LinuxFilesystem(Filesystem):
         with translate_errors(self.image_path, f"{self.kind} on {self.label}: {path}"):
             node = self._lookup(path)
             return sorted(n for n in node.listdir() if n not in (".", ".."))
+
+    def case_twin(self, folder: str, name: str) -> str | None:
+        """Another name in ``folder`` that is ``name`` to a case-insensitive (casefold) ext4 folder, which the
+        guest's kernel takes for the same entry; None when there is none, or the folder is not one (or missing)."""
+        with translate_errors(self.image_path, f"{self.kind} on {self.label}: {folder}"):
+            node = self._try(folder)
+            if node is None or not stat.S_ISDIR(node.filetype) or not node.inode.i_flags & CASEFOLD_FL:
+                return None
+            want = _folded(name)
+            return next((n for n in node.listdir() if n != name and _folded(n) == want), None)
 
     def readlink(self, path: str) -> str | None:
         """The target stored in the symlink at ``path`` (its last component is not followed).
@@ -138,14 +162,24 @@ class LinuxFilesystem(Filesystem):
             return node.open().read(min(limit, node.size))
 
 
+def _folded(name: str) -> str:
+    """A name as a casefold folder compares it: Unicode NFD, case folded (the kernel's utf8 "nfdicf")."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
 def open_linux_filesystem(stream: BinaryIO, kind: str, image_path: str | None, label: str) -> LinuxFilesystem:
     with translate_errors(image_path, f"{kind} on {label}"):
-        if kind == "xfs":
-            from dissect.xfs import XFS
+        try:
+            if kind == "xfs":
+                from dissect.xfs import XFS
 
-            fs = XFS(stream)
-        else:
-            from dissect.extfs import ExtFS
+                fs = XFS(stream)
+            else:
+                from dissect.extfs import ExtFS
 
-            fs = ExtFS(stream)
+                fs = ExtFS(stream)
+        except NotImplementedError as e:
+            # A sound volume in a layout the reader does not know (ext4 bigalloc), not a damaged one.
+            raise UnsupportedLayout(image_path, f"{kind} on {label} uses a layout vhdtool cannot read ({first_line(e)})",
+                                    "change the guest from inside it") from None
     return LinuxFilesystem(fs, kind, image_path, label)

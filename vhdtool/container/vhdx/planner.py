@@ -9,7 +9,6 @@ writes. vhdtool.container.vhdx.writer runs the plan in its crash-safe order.
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -85,7 +84,12 @@ class _Planner:
 
     def __init__(self, disk: VhdxDisk, unreachable: list[tuple[int, int]] = ()):
         self.disk = disk
-        self.unreachable = list(unreachable)
+        # Only whole 4 KiB log sectors: the log replays whole sectors, so a sector that also holds logged bytes
+        # would put its old bytes back over data written in place beside them (payload blocks are 1 MiB aligned
+        # in the file, so the virtual disk's 4 KiB boundaries are the file's).
+        self.unreachable = [(a, b) for a, b in ((-(-lo // LOG_SECTOR_SIZE) * LOG_SECTOR_SIZE,
+                                                 hi // LOG_SECTOR_SIZE * LOG_SECTOR_SIZE) for lo, hi in unreachable)
+                            if a < b]
         self.geometry = disk.geometry
         self.lss = disk.logical_sector_size
         self.end = _round_up(disk.image.size, MiB)
@@ -223,29 +227,11 @@ class _Planner:
                 if owner != index and at < offset + length and offset < at + owner_length:
                     raise CorruptImage(d.path, f"BAT entries {index} and {owner} share file space")
 
-    def _carry_direct(self) -> None:
-        """Put into each logged 4 KiB sector the bytes of any direct write that shares it.
-
-        The sector was read with the old bytes, and step 5 writes it whole after step 2 wrote the
-        direct ones: without this it would put the old bytes back. It happens wherever a volume's
-        clusters are not on the file's 4 KiB grid (a partition at sector 63, clusters under 4 KiB)."""
-        if not self.in_place or not self.plan.direct:
-            return
-        bases = sorted(self.in_place)
-        for offset, data in self.plan.direct:
-            end = offset + len(data)
-            i = bisect.bisect_left(bases, offset - offset % LOG_SECTOR_SIZE)
-            while i < len(bases) and bases[i] < end:
-                lo, hi = max(offset, bases[i]), min(end, bases[i] + LOG_SECTOR_SIZE)
-                self.in_place[bases[i]][lo - bases[i] : hi - bases[i]] = bytes(data[lo - offset : hi - offset])
-                i += 1
-
     def finish(self) -> CommitPlan:
         self.check_targets()
         bat_base = self.disk.bat_region.file_offset
         for index, raw in self.bat.items():
             self._write_in_place(bat_base + index * BAT_ENTRY.size, BAT_ENTRY.pack(raw))
-        self._carry_direct()
         for chunk, (offset, bitmap) in self.new_bitmaps.items():
             self.plan.appended.append((offset, MiB, [(0, bytes(bitmap))]))
         self.plan.appended.sort()
