@@ -182,3 +182,50 @@ def test_large_zero_descriptor_is_replayed_without_holding_it_in_memory(tmp_path
     assert peak < 16 * MiB, peak
     qemu_check(path)
     assert qemu_bytes(path, tmp_path) == apply(bytes(raw), writes)
+
+
+# -- differencing disks ------------------------------------------------------------------------
+
+def dissect_bytes(path: Path, size: int) -> bytes:
+    from dissect.hypervisor.disk.vhdx import VHDX
+
+    disk = VHDX(path)
+    try:
+        disk.seek(0)
+        return disk.read(size)
+    finally:
+        disk.fh.close()
+        if disk.parent is not None:
+            disk.parent.fh.close()
+
+
+def test_not_present_block_with_stale_sector_bitmap_bits_keeps_reading_the_parent(tmp_path):
+    # A NOT_PRESENT block reads from the parent whatever the sector bitmap says (2.5.1.1; vhdtool
+    # and dissect.hypervisor read it so). With stale bits set for it (a block trimmed back to
+    # NOT_PRESENT), the write that made it PARTIALLY_PRESENT left them set: every sector of it
+    # the write did not touch then read as zeros instead of the parent's bytes.
+    raw = vc.patterned_raw(tmp_path / "src.raw", 16 * MiB)
+    parent = vc.qemu_vhdx(tmp_path / "src.raw", tmp_path / "parent.vhdx", "subformat=dynamic", "block_size=2M")
+    child = tmp_path / "child.avhdx"
+    vc.make_differencing(parent, child, {1: b"\x01" * 512}, relative_path=".\\parent.vhdx")
+    buf = bytearray(child.read_bytes())
+    chunk_ratio = (1 << 23) * 512 // (2 * MiB)
+    assert vc.bat_entry(buf, 3)[0] == 0
+    state, bitmap = vc.bat_entry(buf, chunk_ratio)
+    assert state == 6
+    first, count = 3 * 2 * MiB // 512, 2 * MiB // 512
+    buf[bitmap + first // 8 : bitmap + (first + count) // 8] = b"\xff" * (count // 8)
+    child.write_bytes(bytes(buf))
+    base = bytearray(raw)
+    base[512:1024] = b"\x01" * 512
+    assert ours(child) == bytes(base)
+    assert dissect_bytes(child, len(raw)) == bytes(base)
+    parent_before = sha(parent)
+    writes = [(first * 512 + 4096, b"\x42" * 512)]
+    write_and_commit(child, writes)
+    expected = apply(bytes(base), writes)
+    assert vc.bat_entry(child.read_bytes(), 3)[0] == 7
+    assert ours(child) == expected
+    assert dissect_bytes(child, len(raw)) == expected
+    assert pyvhdi_bytes(child, parent)[: len(raw)] == expected
+    assert sha(parent) == parent_before

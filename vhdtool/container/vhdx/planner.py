@@ -182,6 +182,22 @@ class _Planner:
                 byte = self._file_sector(offset + s // 8)
                 byte[(offset + s // 8) % LOG_SECTOR_SIZE] |= 1 << (s % 8)
 
+    def _clear_bitmap_bits(self, chunk: int, first_sector: int, count: int) -> None:
+        """Clear what an existing sector bitmap says of a NOT_PRESENT block's sectors before it becomes
+        PARTIALLY_PRESENT: such a block reads from the parent whatever its bits say (2.5.1.1), so bits
+        left set (a block trimmed back to NOT_PRESENT) would make its untouched sectors read zeros."""
+        state, offset = self.disk.bat[self.geometry.bitmap_index(chunk)]
+        if state != SB_BLOCK_PRESENT or chunk in self.new_bitmaps:
+            return
+        # A block is at least 1 MiB of 4 KiB sectors at most: its bits are whole bytes.
+        lo, hi = offset + first_sector // 8, offset + (first_sector + count) // 8
+        if not any(self.disk.image.read_exact(lo, hi - lo, "sector bitmap")):
+            return
+        for base in range(lo - lo % LOG_SECTOR_SIZE, hi, LOG_SECTOR_SIZE):
+            sector = self._file_sector(base)
+            a, b = max(lo, base) - base, min(hi, base + LOG_SECTOR_SIZE) - base
+            sector[a:b] = bytes(b - a)
+
     def _split_unreachable(self, virtual: int, data: bytes) -> list[tuple[int, bytes, bool]]:
         """(offset in data, bytes, unreachable?) runs of a piece at virtual-disk ``virtual``."""
         out, pos, end = [], 0, len(data)
@@ -225,6 +241,7 @@ class _Planner:
         new_offset = self._append(bs)
         self.plan.appended.append((new_offset, bs, pieces))
         if differencing and state == PAYLOAD_BLOCK_NOT_PRESENT:
+            self._clear_bitmap_bits(chunk, chunk_first_sector, bs // self.lss)
             for within, data in pieces:
                 self._bitmap_bits(chunk, chunk_first_sector + within // self.lss, len(data) // self.lss)
             self.bat[index] = encode_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, new_offset)
