@@ -229,3 +229,73 @@ def test_not_present_block_with_stale_sector_bitmap_bits_keeps_reading_the_paren
     assert dissect_bytes(child, len(raw)) == expected
     assert pyvhdi_bytes(child, parent)[: len(raw)] == expected
     assert sha(parent) == parent_before
+
+
+# -- images Windows and Hyper-V made -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vhdx/fixed.vhdx.gz", "vhdx/dynamic.vhdx.gz", "vhdx/iotest-dynamic-1G.vhdx.bz2"])
+def test_real_hyperv_images_take_writes(name, real, tmp_path):
+    # Writes into allocated data, into blocks Hyper-V left unallocated, and across block edges.
+    path = vc.copy(real(name), tmp_path / "d.vhdx")
+    before = qemu_bytes(path, tmp_path)
+    size = len(before)
+    rnd = random.Random(name)
+    writes = [(o, d) for o, d in random_writes_within(rnd, min(size, 70 * MiB))]
+    writes += [(size - 3 * 512, rnd.randbytes(3 * 512)), (size // 2 + 512, rnd.randbytes(64 * 1024))]
+    write_and_commit(path, writes)
+    expected = apply(before, writes)
+    qemu_check(path)
+    assert qemu_bytes(path, tmp_path) == expected
+    assert ours(path) == expected
+    assert dissect_bytes(path, size) == expected
+    assert pyvhdi_bytes(path)[:size] == expected
+
+
+def random_writes_within(rnd: random.Random, size: int, count: int = 12) -> list[tuple[int, bytes]]:
+    out = []
+    for _ in range(count):
+        n = rnd.choice([1, 7, 8, 64, 300])
+        out.append((rnd.randrange(0, size // 512 - n) * 512, rnd.randbytes(n * 512)))
+    return out
+
+
+def test_pending_log_that_wraps_around_the_log_region_is_replayed_from_its_tail(tmp_path):
+    # A circular log as a long-running Hyper-V host leaves it (2.3): the active sequence starts
+    # near the end of the region (its tail) and its head has wrapped to the start. Around it:
+    # an entry of the same LogGuid from an earlier lap, a torn entry after the head, and a
+    # newer-numbered entry of another LogGuid. Replay is the tail entry, then the head (2.3.3);
+    # the rest is ignored. (qemu-img 7.2 replays only the head here, against 2.3.3, so its own
+    # replay is no judge; it judges the file once vhdtool has replayed and retired the log.)
+    raw = vc.patterned_raw(tmp_path / "src.raw", 16 * MiB)
+    path = vc.qemu_vhdx(tmp_path / "src.raw", tmp_path / "d.vhdx", "subformat=dynamic", "block_size=1M")
+    buf = bytearray(path.read_bytes())
+    h = vc.read_header(buf, vc.current_slot(buf))
+    length, start = h["log_length"], h["log_offset"]
+    blocks = {i: vc.bat_entry(buf, i)[1] for i in (0, 3)}
+    guid, rnd, size = uuid.uuid4(), random.Random(5), len(buf)
+    tail_writes = [(blocks[0], rnd.randbytes(4096)), (blocks[3] + 8192, rnd.randbytes(4096))]
+    head_writes = [(blocks[0], rnd.randbytes(4096))]
+
+    def put(at: int, entry: bytes) -> None:
+        buf[start + at : start + at + len(entry)] = entry
+
+    tail_at = length - 12288
+    put(tail_at, vc.log_entry(10, guid, tail_writes, [(blocks[3] + 65536, 8192)], tail_at, size, size))
+    put(0, vc.log_entry(11, guid, head_writes, [], tail_at, size, size))
+    torn = bytearray(vc.log_entry(12, guid, [(blocks[0], rnd.randbytes(4096))], [], tail_at, size, size))
+    torn[-100:] = bytes(100)
+    put(8192, bytes(torn))
+    put(64 * 1024, vc.log_entry(5, guid, [(blocks[0] + 4096, rnd.randbytes(4096))], [], 64 * 1024, size, size))
+    put(128 * 1024, vc.log_entry(99, uuid.uuid4(), [(blocks[0], rnd.randbytes(4096))], [], 128 * 1024, size, size))
+    vc.write_header(buf, vc.current_slot(buf), log_guid=guid)
+    path.write_bytes(bytes(buf))
+    expected = bytearray(raw)
+    expected[0:4096] = head_writes[0][1]
+    expected[3 * MiB + 8192 : 3 * MiB + 12288] = tail_writes[1][1]
+    expected[3 * MiB + 65536 : 3 * MiB + 65536 + 8192] = bytes(8192)
+    assert ours(path) == bytes(expected)  # the read-only replay
+    writes = [(4096 * 3, b"\x42" * 4096), (3 * MiB + 8192 + 512, b"\x43" * 512)]
+    assert write_and_commit(path, writes).log_replayed
+    qemu_check(path)
+    assert qemu_bytes(path, tmp_path) == apply(bytes(expected), writes)
+    assert dissect_bytes(path, len(raw)) == apply(bytes(expected), writes)
