@@ -84,6 +84,29 @@ def test_header_sequence_number_near_the_limit_still_commits(tmp_path):
     assert qemu_bytes(path, tmp_path) == apply(raw, writes)
 
 
+def test_equal_sequence_numbers_on_different_headers_are_refused(tmp_path):
+    # Equal sequence numbers are legal (Disk2VHD writes both headers alike), but when the two name
+    # different logs nothing says which is current. Here the second names a pending log: slot 1
+    # was taken, the log ignored, and a commit then overwrote the header that named it. qemu-img
+    # refuses such a file ("No valid VHDX header found").
+    vc.patterned_raw(tmp_path / "src.raw", 8 * MiB)
+    path = vc.qemu_vhdx(tmp_path / "src.raw", tmp_path / "d.vhdx", "subformat=dynamic", "block_size=1M")
+    block0 = vc.bat_entry(path.read_bytes(), 0)[1]
+    vc.add_pending_log(path, [(block0, b"\x77" * 4096)])
+    buf = bytearray(path.read_bytes())
+    with_log = vc.current_slot(buf)
+    vc.write_header(buf, 3 - with_log, seq=vc.read_header(buf, with_log)["seq"], log_guid=uuid.UUID(int=0))
+    path.write_bytes(bytes(buf))
+    res = subprocess.run(["qemu-img", "check", "-f", "vhdx", str(path)], capture_output=True, text=True)
+    assert res.returncode != 0 and "No valid VHDX header" in res.stderr
+    before = sha(path)
+    with pytest.raises(CorruptImage, match="sequence number"):
+        ours(path)
+    with pytest.raises(CorruptImage, match="sequence number"):
+        write_and_commit(path, [(MiB, b"\x42" * 512)])
+    assert sha(path) == before
+
+
 # -- where new blocks go --------------------------------------------------------------------
 
 def test_truncated_block_is_refused_not_shared_with_a_new_block(tmp_path):
