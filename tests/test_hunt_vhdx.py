@@ -8,10 +8,13 @@ expected bytes, libvhdi (pyvhdi), vhdtool's own reader, and sha256 of the file f
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import random
 import struct
 import subprocess
+import sys
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -20,7 +23,9 @@ import pytest
 
 import vhdx_craft as vc
 from test_container import pyvhdi_bytes
-from test_vhdx_write import apply, ours, qemu_bytes, qemu_check, write_and_commit
+from conftest import SWEEPS, sweep_points
+from test_vhdx_write import (CRASH_SCRIPT, SIZE, apply, job_env, ours, qemu_bytes, qemu_check, run_job,
+                             syscall_counts, write_and_commit)
 from vhdtool import open_disk
 from vhdtool.container.overlay import Overlay
 from vhdtool.container.vhdx.writer import commit
@@ -322,3 +327,76 @@ def test_pending_log_that_wraps_around_the_log_region_is_replayed_from_its_tail(
     qemu_check(path)
     assert qemu_bytes(path, tmp_path) == apply(bytes(expected), writes)
     assert dissect_bytes(path, len(raw)) == apply(bytes(expected), writes)
+
+
+# -- a crash while replaying another writer's log -------------------------------------------------
+
+def hyperv_style_pending_log(path: Path, raw: bytes, rnd: random.Random) -> bytes:
+    """Leave ``path`` as a writer that crashed after its log was written: a new block appended
+    (data first), its BAT entry and a data sector of an allocated block in the log, a zero
+    descriptor over another allocated sector. Returns the content every reader must see."""
+    buf = bytearray(path.read_bytes())
+    hole = next(i for i in range(len(raw) // MiB) if vc.bat_entry(buf, i)[0] != 6 and not any(raw[i * MiB : (i + 1) * MiB]))
+    allocated = [i for i in range(len(raw) // MiB) if vc.bat_entry(buf, i)[0] == 6]
+    new_block = -(-len(buf) // MiB) * MiB
+    block_data = rnd.randbytes(MiB)
+    buf += bytes(new_block - len(buf)) + block_data
+    bat_offset = vc.regions(buf)[vc.BAT_GUID][0]
+    bat_sector = bytearray(buf[bat_offset : bat_offset + 4096])
+    struct.pack_into("<Q", bat_sector, 8 * hole, 6 | (new_block // MiB) << 20)
+    data_block, zero_block = (vc.bat_entry(buf, i)[1] for i in allocated[:2])
+    sector = rnd.randbytes(4096)
+    h = vc.read_header(buf, vc.current_slot(buf))
+    guid = uuid.uuid4()
+    entry = vc.log_entry(1, guid, [(bat_offset, bytes(bat_sector)), (data_block + 8192, sector)],
+                         [(zero_block, 8192)], tail=0, flushed=len(buf), last=len(buf))
+    buf[h["log_offset"] : h["log_offset"] + len(entry)] = entry
+    vc.write_header(buf, vc.current_slot(buf), log_guid=guid)
+    path.write_bytes(bytes(buf))
+    content = bytearray(raw)
+    content[hole * MiB : (hole + 1) * MiB] = block_data
+    content[allocated[0] * MiB + 8192 : allocated[0] * MiB + 12288] = sector
+    content[allocated[1] * MiB : allocated[1] * MiB + 8192] = bytes(8192)
+    return bytes(content)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+@pytest.mark.parametrize("kind", ["dynamic", "fixed-log-grows"])
+def test_kill_while_replaying_another_writers_log_and_committing(kind, sweep, tmp_path):
+    # Step 0 (replay a crash's log into the file, retire it) then steps 1-6, killed at each write,
+    # flush and truncate: the image reads as the replayed old content or the new one, and
+    # qemu-img (which replays a pending log itself when repairing) agrees.
+    raw = vc.patterned_raw(tmp_path / "src.raw", SIZE, seed=11)
+    opts = ("subformat=dynamic", "block_size=1M") if kind == "dynamic" else ("subformat=fixed", "log_size=1M")
+    original = vc.qemu_vhdx(tmp_path / "src.raw", tmp_path / "orig.vhdx", *opts)
+    if kind == "dynamic":
+        old = hyperv_style_pending_log(original, raw, random.Random(7))
+    else:
+        block0 = vc.bat_entry(original.read_bytes(), 0)[1]
+        vc.add_pending_log(original, [(block0 + 4096, b"\x77" * 4096)], zeros=[(block0 + MiB, 4096)])
+        old = apply(raw, [(4096, b"\x77" * 4096), (MiB, bytes(4096))])
+    assert ours(original) == old
+    seed = 23
+    listing = subprocess.run([sys.executable, str(CRASH_SCRIPT), "--list", str(seed)], capture_output=True,
+                             text=True, check=True, env=job_env()).stdout
+    new = apply(old, [(o, bytes.fromhex(d)) for o, d in json.loads(listing)])
+    probe = tmp_path / "probe.vhdx"
+    shutil.copyfile(original, probe)
+    counts = syscall_counts(probe, seed)
+    assert ours(probe) == new
+    qemu_check(probe)
+    points = sweep_points([(name, n) for name, total in counts.items() for n in range(1, total + 1)], sweep)
+    outcomes = {"old": 0, "new": 0}
+    victim = tmp_path / "victim.vhdx"
+    for name, n in points:
+        shutil.copyfile(original, victim)
+        res = run_job(victim, seed, f"{name}:signal=KILL:when={n}")
+        assert res.returncode != 0, (name, n, res.stderr)
+        content = ours(victim)
+        assert content in (old, new), (name, n)
+        outcomes["old" if content == old else "new"] += 1
+        repaired = tmp_path / "repaired.vhdx"
+        shutil.copyfile(victim, repaired)
+        qemu_check(repaired, repair=True)
+        assert qemu_bytes(repaired, tmp_path) == content, (name, n)
+    assert outcomes["old"] and outcomes["new"], outcomes
