@@ -400,3 +400,21 @@ def test_kill_while_replaying_another_writers_log_and_committing(kind, sweep, tm
         qemu_check(repaired, repair=True)
         assert qemu_bytes(repaired, tmp_path) == content, (name, n)
     assert outcomes["old"] and outcomes["new"], outcomes
+
+
+def test_cli_copy_in_refuses_a_header_sequence_number_at_its_limit(cli, tmp_path):
+    from conftest import assert_one_line_error, digest, work_copy
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    assert image.suffix == ".vhdx"
+    buf = bytearray(image.read_bytes())
+    vc.write_header(buf, vc.current_slot(buf), seq=U64 - 1)
+    image.write_bytes(bytes(buf))
+    local = tmp_path / "notes.txt"
+    local.write_bytes(b"hello\r\n")
+    before = digest(image)
+    code, out, err = cli("copy-in", image, local, "/Windows/Temp")
+    assert code == UnsupportedImage.exit_code, err
+    assert_one_line_error(code, out, err, image)
+    assert "sequence number" in err
+    assert digest(image) == before
