@@ -28,6 +28,7 @@ from test_vhdx_write import (CRASH_SCRIPT, SIZE, apply, job_env, ours, qemu_byte
                              syscall_counts, write_and_commit)
 from vhdtool import open_disk
 from vhdtool.container.overlay import Overlay
+from vhdtool.container.vhdx import planner
 from vhdtool.container.vhdx.writer import commit
 from vhdtool.errors import CorruptImage, UnsupportedImage
 
@@ -133,10 +134,15 @@ def test_truncated_block_is_refused_not_shared_with_a_new_block(tmp_path):
     assert sha(path) == before
 
 
+@pytest.mark.parametrize("whole_bat", [True, False])
 @pytest.mark.parametrize("size", ["9M", "10M"])
-def test_fixed_image_whose_last_block_outruns_the_file_is_written(size, tmp_path):
+def test_fixed_image_whose_last_block_outruns_the_file_is_written(size, whole_bat, tmp_path, monkeypatch):
     # qemu-img makes a fixed VHDX whose last block holds only what the virtual size needs:
-    # its BAT entry's block runs past the end of the file, and that is not truncation.
+    # its BAT entry's block runs past the end of the file, and that is not truncation. A moved
+    # log went to the rounded-up end of the file, inside that block: qemu-img then refused to
+    # open the image ("region ... overlaps"). whole_bat False: as for a BAT too large to scan.
+    if not whole_bat:
+        monkeypatch.setattr(planner, "FULL_BAT_CHECK", 0)
     path = tmp_path / "f.vhdx"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", "-o", "subformat=fixed,block_size=8M,block_state_zero=off",
                     str(path), size], check=True)

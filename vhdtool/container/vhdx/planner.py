@@ -109,9 +109,9 @@ class _Planner:
         """
         d, g = self.disk, self.geometry
         owners: dict[int, tuple[int, int]] = {}
-        if g.entries * BAT_ENTRY.size > FULL_BAT_CHECK:
-            return owners
-        for i in range(g.entries):
+        # Beyond FULL_BAT_CHECK, the last payload block alone: the one a fixed image ends early.
+        whole = g.entries * BAT_ENTRY.size <= FULL_BAT_CHECK
+        for i in range(g.entries) if whole else [g.payload_index(g.data_blocks - 1)]:
             state, offset = d.bat[i]
             chunk, j = divmod(i, g.chunk_ratio + 1)
             if j == g.chunk_ratio:
