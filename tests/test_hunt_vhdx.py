@@ -267,7 +267,8 @@ def test_not_present_block_with_stale_sector_bitmap_bits_keeps_reading_the_paren
 
 # -- images Windows and Hyper-V made -----------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["vhdx/fixed.vhdx.gz", "vhdx/dynamic.vhdx.gz", "vhdx/iotest-dynamic-1G.vhdx.bz2"])
+@pytest.mark.parametrize("name", ["vhdx/fixed.vhdx.gz", "vhdx/dynamic.vhdx.gz",
+                                  pytest.param("vhdx/iotest-dynamic-1G.vhdx.bz2", marks=pytest.mark.slow)])
 def test_real_hyperv_images_take_writes(name, real, tmp_path):
     # Writes into allocated data, into blocks Hyper-V left unallocated, and across block edges.
     path = vc.copy(real(name), tmp_path / "d.vhdx")
