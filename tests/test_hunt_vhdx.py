@@ -425,3 +425,50 @@ def test_cli_copy_in_refuses_a_header_sequence_number_at_its_limit(cli, tmp_path
     assert_one_line_error(code, out, err, image)
     assert "sequence number" in err
     assert digest(image) == before
+
+
+@pytest.mark.parametrize("block_mib", [1, pytest.param(32, marks=pytest.mark.slow), pytest.param(256, marks=pytest.mark.slow)])
+def test_differencing_disk_over_several_sector_bitmap_chunks(block_mib, tmp_path):
+    # A 9 GiB disk has three chunks of 2^23 sectors (2.4), so three sector bitmap blocks: writes
+    # into a partially present block of chunk 1, into not-present blocks of chunks 0 and 2 (no
+    # bitmap block yet for 2), into the last sector and across the edge of chunks 0 and 1. Each
+    # range read before, with the writes laid over it, is what vhdtool and libvhdi read after.
+    import pyvhdi
+
+    GiB = 1024 * MiB
+    parent = tmp_path / "parent.vhdx"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", "-o", f"block_size={block_mib}M", str(parent), "9G"],
+                   check=True)
+    for offset, pattern, length in [(5 * MiB, 0x11, "64k"), (4 * GiB + 3 * MiB, 0x22, "64k"),
+                                    (8 * GiB + 700 * MiB, 0x33, "64k"), (9 * GiB - 4096, 0x44, "4k")]:
+        subprocess.run(["qemu-io", "-f", "vhdx", "-c", f"write -P {pattern} {offset} {length}", str(parent)],
+                       check=True, capture_output=True)
+    child = tmp_path / "child.avhdx"
+    vc.make_differencing(parent, child, {3: b"\x01" * 512, (4 * GiB + 3 * MiB) // 512 + 1: b"\x02" * 512},
+                         block_size=block_mib * MiB, relative_path=".\\parent.vhdx")
+    rnd = random.Random(block_mib)
+    writes = [(5 * MiB + 4096, rnd.randbytes(8192)), (4 * GiB + 3 * MiB + 512 * 5, rnd.randbytes(512)),
+              (8 * GiB + 700 * MiB + 1024, rnd.randbytes(4096)), (9 * GiB - 512, rnd.randbytes(512)),
+              (6 * GiB, rnd.randbytes(4096)), (4 * GiB - 512, rnd.randbytes(1024))]
+    ranges = [(max(0, o - 65536), min(9 * GiB, o + len(d) + 65536)) for o, d in writes]
+    with open_disk(child) as disk:
+        before = [(lo, disk.read_at(lo, hi - lo)) for lo, hi in ranges]
+    parent_before = sha(parent)
+    write_and_commit(child, writes)
+    theirs = pyvhdi.file()
+    theirs.open(str(child))
+    theirs_parent = pyvhdi.file()
+    theirs_parent.open(str(parent))
+    theirs.set_parent(theirs_parent)
+    with open_disk(child) as disk:
+        for lo, old in before:
+            expected = bytearray(old)
+            for offset, data in writes:
+                a, b = max(lo, offset), min(lo + len(old), offset + len(data))
+                if a < b:
+                    expected[a - lo : b - lo] = data[a - offset : b - offset]
+            assert disk.read_at(lo, len(old)) == bytes(expected), lo
+            assert theirs.read_buffer_at_offset(len(old), lo) == bytes(expected), lo
+    theirs.close()
+    theirs_parent.close()
+    assert sha(parent) == parent_before
