@@ -92,6 +92,7 @@ class _Planner:
         self.unreachable = list(unreachable)
         self.geometry = disk.geometry
         self.lss = disk.logical_sector_size
+        self.spans = self._structures()
         self.owners = self._allocated_blocks()
         self.end = self._append_point()
         self.plan = CommitPlan()
@@ -126,18 +127,33 @@ class _Planner:
             if offset + used > d.image.size:
                 raise CorruptImage(d.path, f"truncated: the block of BAT entry {i} runs past the end of the file "
                                            f"(offset {offset}, file size {d.image.size})")
+            # The commit writes the headers, the BAT and the log: a block there would change with them.
+            self._check_structures(i, offset, length)
             owners.setdefault(offset, (i, length))
         return owners
+
+    def _structures(self) -> list[tuple[int, int, str]]:
+        """(start, end, name) of the header section, the regions and the log."""
+        d, h = self.disk, self.disk.header
+        spans = [(0, HEADER_SECTION_SIZE, "the header section"),
+                 (d.bat_region.file_offset, d.bat_region.file_offset + d.bat_region.length, "the BAT"),
+                 (d.metadata_region.file_offset, d.metadata_region.file_offset + d.metadata_region.length,
+                  "the metadata region")]
+        if h.log_length:
+            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
+        return spans
+
+    def _check_structures(self, index: int, offset: int, length: int) -> None:
+        """Refuse a block of BAT entry ``index`` that shares file space with the header section or a region."""
+        for lo, hi, what in self.spans:
+            if offset < hi and lo < offset + length:
+                raise CorruptImage(self.disk.path, f"BAT entry {index} points into {what}; writing there would damage it")
 
     def _append_point(self) -> int:
         """Where new blocks go: past the file, every region, the log and every allocated block, even where
         these lie past the end of the file, so that nothing shares file space with a new block (2.5.1)."""
-        d, h = self.disk, self.disk.header
-        ends = [d.image.size, d.bat_region.file_offset + d.bat_region.length,
-                d.metadata_region.file_offset + d.metadata_region.length]
+        ends = [self.disk.image.size] + [hi for _lo, hi, _what in self.spans]
         ends += [offset + length for offset, (_index, length) in self.owners.items()]
-        if h.log_length:
-            ends.append(h.log_offset + h.log_length)
         return _round_up(max(ends), MiB)
 
     def _append(self, length: int) -> int:
@@ -258,18 +274,9 @@ class _Planner:
         beyond that, against the blocks this commit writes).
         """
         d = self.disk
-        h = d.header
-        spans = [(0, HEADER_SECTION_SIZE, "the header section"),
-                 (d.bat_region.file_offset, d.bat_region.file_offset + d.bat_region.length, "the BAT"),
-                 (d.metadata_region.file_offset, d.metadata_region.file_offset + d.metadata_region.length,
-                  "the metadata region")]
-        if h.log_length:
-            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
         owners = self.owners
         for index, (offset, length) in sorted(self.targets.items()):
-            for lo, hi, what in spans:
-                if offset < hi and lo < offset + length:
-                    raise CorruptImage(d.path, f"BAT entry {index} points into {what}; writing there would damage it")
+            self._check_structures(index, offset, length)
             for other, (o_off, o_len) in self.targets.items():
                 if other != index and offset < o_off + o_len and o_off < offset + length:
                     raise CorruptImage(d.path, f"BAT entries {index} and {other} share file space")
