@@ -1,8 +1,17 @@
-"""Adversarial cases for the VHDX writer: headers, free space and logs as other writers leave them.
+"""Adversarial cases for the VHDX writer: headers, free space, BAT states and logs as other writers leave them.
 
-Images are made by qemu-img and changed with tests/vhdx_craft.py (written from MS-VHDX, not
-from vhdtool). Judges: `qemu-img check` and qemu-img's raw conversion compared with the
-expected bytes, libvhdi (pyvhdi), vhdtool's own reader, and sha256 of the file for refusals.
+Areas: header sequence numbers (at the 64-bit limit, equal on headers naming different logs);
+where new blocks and a moved log go (a truncated block, a fixed image's short last block, a log
+region past the end of the file, blocks inside the BAT or the log); a pending log another writer
+left (a large zero descriptor, a log wrapping the circular region with stale, torn and foreign
+entries, SIGKILL at every write, flush and truncate of its replay and the commit after it);
+differencing disks (stale sector bitmap bits, three bitmap chunks, 1-256 MiB blocks); images
+Windows and Hyper-V made (/work/shared/data, via fixtures/real).
+
+Images are made by qemu-img and qemu-io and changed with tests/vhdx_craft.py (written from
+MS-VHDX, not from vhdtool). Judges: `qemu-img check` and qemu-img's raw conversion compared with
+the expected bytes, libvhdi (pyvhdi), dissect.hypervisor, vhdtool's own reader, and sha256 of
+the file for refusals.
 """
 
 from __future__ import annotations
