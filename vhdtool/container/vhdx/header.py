@@ -121,13 +121,24 @@ def parse_header(buf: bytes, slot: int) -> tuple[VhdxHeader | None, str]:
     )
 
 
-def choose_header(headers: list[VhdxHeader]) -> VhdxHeader:
+def choose_header(headers: list[VhdxHeader], path: str) -> VhdxHeader:
     """The current header: the valid one with the higher sequence number.
 
     Equal sequence numbers are legal (Disk2VHD writes both headers alike); the
-    first copy is taken then.
+    first copy is taken then. Not when the two disagree about the log: one may
+    name a pending log the other does not, nothing says which is current, and
+    taking the first would lose the log (qemu-img refuses any such pair).
     """
-    return max(headers, key=lambda h: (h.sequence_number, -h.slot))
+    best = max(headers, key=lambda h: (h.sequence_number, -h.slot))
+    for h in headers:
+        if h.sequence_number == best.sequence_number and _log_fields(h) != _log_fields(best):
+            raise CorruptImage(path, f"both VHDX headers have sequence number {best.sequence_number} but name "
+                                     "different logs, so neither is known to be current")
+    return best
+
+
+def _log_fields(h: VhdxHeader) -> tuple[UUID, int, int]:
+    return h.log_guid, h.log_offset, h.log_length
 
 
 def parse_region_table(buf: bytes) -> tuple[list[Region] | None, str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from vhdtool.container.overlay import Extent
 from vhdtool.container.source import Source, SourceRange
 from vhdtool.container.vhdx.bat import encode_entry
+from vhdtool.container.vhdx.header import ZERO_GUID
 from vhdtool.container.vhdx.logwriter import LoggedWrite, sequence_size
 from vhdtool.container.vhdx.reader import VhdxDisk
 from vhdtool.container.vhdx.structs import (
@@ -31,6 +32,8 @@ from vhdtool.container.vhdx.structs import (
 from vhdtool.errors import CorruptImage, UnsupportedImage
 from vhdtool.units import MiB
 
+MAX_SEQUENCE_NUMBER = 2**64 - 1
+HEADER_UPDATES = 3  # steps 1, 4 and 6 of a commit; one more to retire a pending log
 FULL_BAT_CHECK = 16 * MiB  # BATs up to this size are checked whole for blocks that share file space
 ALLOCATED = (PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)
 
@@ -45,6 +48,7 @@ class CommitPlan:
     direct: list[tuple[int, bytes | SourceRange]] = field(default_factory=list)
     """(file offset, bytes) written in place before the log: nothing of the old state reaches them."""
     end_of_file: int = 0  # the file's size once the new blocks are appended
+    free_from: int = 0  # where free file space begins: past the new blocks and everything the old state uses
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """(file offset, length) of every byte step 2 and step 5 write: what ``reserve`` allocates first."""
@@ -92,12 +96,69 @@ class _Planner:
                             if a < b]
         self.geometry = disk.geometry
         self.lss = disk.logical_sector_size
-        self.end = _round_up(disk.image.size, MiB)
+        self.spans = self._structures()
+        self.owners = self._allocated_blocks()
+        self.end = self._append_point()
         self.plan = CommitPlan()
         self.in_place: dict[int, bytearray] = {}  # 4 KiB-aligned file offset -> new sector contents
         self.bat: dict[int, int] = {}  # BAT index -> new raw entry
         self.new_bitmaps: dict[int, tuple[int, bytearray]] = {}  # chunk -> (file offset, bitmap block)
         self.targets: dict[int, tuple[int, int]] = {}  # BAT index written into in place -> (file offset, length)
+
+    def _allocated_blocks(self) -> dict[int, tuple[int, int]]:
+        """File offset -> (BAT index, length) of every allocated block (whole BATs up to FULL_BAT_CHECK bytes).
+
+        A block whose part inside the virtual disk runs past the end of the file is refused, as
+        ``qemu-img check`` reports it: the file was truncated. The last block may end early (qemu-img
+        makes fixed images so): what lies past the virtual disk's end is never read.
+        """
+        d, g = self.disk, self.geometry
+        owners: dict[int, tuple[int, int]] = {}
+        # Beyond FULL_BAT_CHECK, the last payload block alone: the one a fixed image ends early.
+        whole = g.entries * BAT_ENTRY.size <= FULL_BAT_CHECK
+        for i in range(g.entries) if whole else [g.payload_index(g.data_blocks - 1)]:
+            state, offset = d.bat[i]
+            chunk, j = divmod(i, g.chunk_ratio + 1)
+            if j == g.chunk_ratio:
+                if state != SB_BLOCK_PRESENT or not offset:
+                    continue
+                length = used = MiB
+            else:
+                if state not in ALLOCATED or not offset:
+                    continue
+                length = d.block_size
+                used = min(length, d.size - (chunk * g.chunk_ratio + j) * length)
+            if offset + used > d.image.size:
+                raise CorruptImage(d.path, f"truncated: the block of BAT entry {i} runs past the end of the file "
+                                           f"(offset {offset}, file size {d.image.size})")
+            # The commit writes the headers, the BAT and the log: a block there would change with them.
+            self._check_structures(i, offset, length)
+            owners.setdefault(offset, (i, length))
+        return owners
+
+    def _structures(self) -> list[tuple[int, int, str]]:
+        """(start, end, name) of the header section, the regions and the log."""
+        d, h = self.disk, self.disk.header
+        spans = [(0, HEADER_SECTION_SIZE, "the header section"),
+                 (d.bat_region.file_offset, d.bat_region.file_offset + d.bat_region.length, "the BAT"),
+                 (d.metadata_region.file_offset, d.metadata_region.file_offset + d.metadata_region.length,
+                  "the metadata region")]
+        if h.log_length:
+            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
+        return spans
+
+    def _check_structures(self, index: int, offset: int, length: int) -> None:
+        """Refuse a block of BAT entry ``index`` that shares file space with the header section or a region."""
+        for lo, hi, what in self.spans:
+            if offset < hi and lo < offset + length:
+                raise CorruptImage(self.disk.path, f"BAT entry {index} points into {what}; writing there would damage it")
+
+    def _append_point(self) -> int:
+        """Where new blocks go: past the file, every region, the log and every allocated block, even where
+        these lie past the end of the file, so that nothing shares file space with a new block (2.5.1)."""
+        ends = [self.disk.image.size] + [hi for _lo, hi, _what in self.spans]
+        ends += [offset + length for offset, (_index, length) in self.owners.items()]
+        return _round_up(max(ends), MiB)
 
     def _append(self, length: int) -> int:
         offset = self.end
@@ -140,6 +201,22 @@ class _Planner:
             else:
                 byte = self._file_sector(offset + s // 8)
                 byte[(offset + s // 8) % LOG_SECTOR_SIZE] |= 1 << (s % 8)
+
+    def _clear_bitmap_bits(self, chunk: int, first_sector: int, count: int) -> None:
+        """Clear what an existing sector bitmap says of a NOT_PRESENT block's sectors before it becomes
+        PARTIALLY_PRESENT: such a block reads from the parent whatever its bits say (2.5.1.1), so bits
+        left set (a block trimmed back to NOT_PRESENT) would make its untouched sectors read zeros."""
+        state, offset = self.disk.bat[self.geometry.bitmap_index(chunk)]
+        if state != SB_BLOCK_PRESENT or chunk in self.new_bitmaps:
+            return
+        # A block is at least 1 MiB of 4 KiB sectors at most: its bits are whole bytes.
+        lo, hi = offset + first_sector // 8, offset + (first_sector + count) // 8
+        if not any(self.disk.image.read_exact(lo, hi - lo, "sector bitmap")):
+            return
+        for base in range(lo - lo % LOG_SECTOR_SIZE, hi, LOG_SECTOR_SIZE):
+            sector = self._file_sector(base)
+            a, b = max(lo, base) - base, min(hi, base + LOG_SECTOR_SIZE) - base
+            sector[a:b] = bytes(b - a)
 
     def _split_unreachable(self, virtual: int, data: bytes) -> list[tuple[int, bytes, bool]]:
         """(offset in data, bytes, unreachable?) runs of a piece at virtual-disk ``virtual``."""
@@ -184,6 +261,7 @@ class _Planner:
         new_offset = self._append(bs)
         self.plan.appended.append((new_offset, bs, pieces))
         if differencing and state == PAYLOAD_BLOCK_NOT_PRESENT:
+            self._clear_bitmap_bits(chunk, chunk_first_sector, bs // self.lss)
             for within, data in pieces:
                 self._bitmap_bits(chunk, chunk_first_sector + within // self.lss, len(data) // self.lss)
             self.bat[index] = encode_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, new_offset)
@@ -200,24 +278,9 @@ class _Planner:
         beyond that, against the blocks this commit writes).
         """
         d = self.disk
-        h = d.header
-        spans = [(0, HEADER_SECTION_SIZE, "the header section"),
-                 (d.bat_region.file_offset, d.bat_region.file_offset + d.bat_region.length, "the BAT"),
-                 (d.metadata_region.file_offset, d.metadata_region.file_offset + d.metadata_region.length,
-                  "the metadata region")]
-        if h.log_length:
-            spans.append((h.log_offset, h.log_offset + h.log_length, "the log"))
-        owners: dict[int, tuple[int, int]] = {}  # file offset -> (BAT index, length) of allocated blocks
-        if self.geometry.entries * BAT_ENTRY.size <= FULL_BAT_CHECK:
-            for i in range(self.geometry.entries):
-                state, offset = d.bat[i]
-                is_bitmap = (i + 1) % (self.geometry.chunk_ratio + 1) == 0
-                if (state == SB_BLOCK_PRESENT if is_bitmap else state in ALLOCATED) and offset:
-                    owners.setdefault(offset, (i, MiB if is_bitmap else d.block_size))
+        owners = self.owners
         for index, (offset, length) in sorted(self.targets.items()):
-            for lo, hi, what in spans:
-                if offset < hi and lo < offset + length:
-                    raise CorruptImage(d.path, f"BAT entry {index} points into {what}; writing there would damage it")
+            self._check_structures(index, offset, length)
             for other, (o_off, o_len) in self.targets.items():
                 if other != index and offset < o_off + o_len and o_off < offset + length:
                     raise CorruptImage(d.path, f"BAT entries {index} and {other} share file space")
@@ -245,6 +308,7 @@ class _Planner:
                 runs.append((base, [bytes(self.in_place[base])]))
         self.plan.logged = [LoggedWrite(base, len(parts) * LOG_SECTOR_SIZE, b"".join(parts)) for base, parts in runs]
         self.plan.end_of_file = self.end if self.plan.appended else self.disk.image.size
+        self.plan.free_from = self.end
         self.plan.direct.sort()
         return self.plan
 
@@ -256,6 +320,12 @@ def plan_commit(disk: VhdxDisk, changes: list[Extent], unreachable: list[tuple[i
     """
     if disk.parent is None and disk.has_parent:
         raise UnsupportedImage(disk.path, "a differencing disk is written only with its parent chain open")
+    updates = HEADER_UPDATES + (disk.header.log_guid != ZERO_GUID)
+    if disk.header.sequence_number > MAX_SEQUENCE_NUMBER - updates:
+        # 2.2.2: each header update takes the next 64-bit sequence number; there is no wrapping.
+        raise UnsupportedImage(disk.path, f"its header sequence number {disk.header.sequence_number} leaves no room "
+                                          f"for the {updates} header updates of a commit",
+                               "convert the image (qemu-img convert, or Convert-VHD on a Hyper-V host) to renew its headers")
     planner = _Planner(disk, unreachable)
     bs = disk.block_size
     per_block: dict[int, list[tuple[int, bytes]]] = defaultdict(list)

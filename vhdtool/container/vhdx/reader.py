@@ -88,7 +88,7 @@ class VhdxDisk(DiskStream):
             raise self._corrupt("both VHDX headers are corrupt (" + ", ".join(reasons) + ")")
         if reasons:
             self.warnings.append("using the other VHDX header copy: " + ", ".join(reasons))
-        self.header = choose_header(headers)
+        self.header = choose_header(headers, self.path)
 
         # 2.3.3: a non-zero LogGuid means the log must be replayed before anything else is read.
         if self.header.log_guid != ZERO_GUID:

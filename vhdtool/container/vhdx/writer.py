@@ -58,6 +58,8 @@ from vhdtool.units import MiB
 
 __all__ = ["CommitPlan", "VhdxCommit", "commit", "plan_commit"]
 
+_ZEROS = bytes(MiB)
+
 
 class VhdxCommit:
     """Runs steps 0-6 of the module docstring on one writable file."""
@@ -126,7 +128,12 @@ class VhdxCommit:
             self.file.truncate(last)
         for entry in sequence:
             for d in entry.descriptors:
-                self._pwrite(d.file_offset, d.data if d.data is not None else bytes(d.length))
+                if d.data is not None:
+                    self._pwrite(d.file_offset, d.data)
+                    continue
+                # A zero descriptor's length is the file's to choose (a whole block, say): zeros by the MiB.
+                for at in range(0, d.length, MiB):
+                    self._pwrite(d.file_offset + at, _ZEROS[: min(MiB, d.length - at)])
         self.file.flush()
         self._update_header(log_guid=ZERO_GUID)
         return True
@@ -159,8 +166,9 @@ class VhdxCommit:
         log_offset, log_length = self.header.log_offset, self.header.log_length
         moved = size > log_length
         if moved:
-            # 2.2.2: any 1 MiB-aligned LogOffset and LogLength; the old region is left unused.
-            log_offset = _round_up(self.file.size, MiB)
+            # 2.2.2: any 1 MiB-aligned LogOffset and LogLength; the old region is left unused. Past
+            # the file and past what the old state uses beyond it (a last block that ends early).
+            log_offset = _round_up(max(self.file.size, plan.free_from), MiB)
             log_length = _round_up(size, MiB)
             self.file.truncate(log_offset + log_length)
         sequence = build_sequence(
