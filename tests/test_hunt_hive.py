@@ -13,6 +13,7 @@ import pytest
 import regf_judge as judge
 import registry_craft as rc
 
+from vhdtool.errors import UnsupportedLayout
 from vhdtool.registry.hivex import edit_hive
 from vhdtool.registry.logreplay import is_dirty, replay, retire_logs
 from vhdtool.registry.values import HiveEdit
@@ -107,3 +108,18 @@ def test_an_edited_dirty_hive_gets_nothing_from_its_logs_at_the_next_boot(tmp_pa
     assert {k.name for k in dissect_regf.RegistryHive(io.BytesIO(written)).root().subkeys()} == {"Key3"}
     assert dissect_values(written, "Key3") == {**dissect_values(windows, "Key3"), "vhdtool": (rc.REG_SZ, "staged")}
     assert hivexget(written, tmp_path, "Key3", "vhdtool") == "staged"
+
+
+def test_a_big_value_behind_a_duplicate_name_keeps_its_key_unchanged():
+    """hivex_node_set_values rewrites every value record of the key, a second record of the same name too:
+    one of 20480 bytes would go into one cell, which Windows (and dissect.regf) read as big data. The edit
+    must be refused like any edit of a key that holds a value above 16344 bytes."""
+    b = rc.HiveBuilder()
+    root = b.key("ROOT", root=True)
+    (key,) = b.subkeys(root, ["Test"])
+    big = bytes(range(256)) * 80
+    b.values(key, [("dup", rc.REG_BINARY, b"small"), ("DUP", rc.REG_BINARY, big)])
+    data = b.build(root)
+    assert [len(v.value) for v in dissect_regf.RegistryHive(io.BytesIO(data)).open("Test").values()] == [5, 20480]
+    with pytest.raises(UnsupportedLayout, match="20480 bytes"):
+        edit_hive(data, [HiveEdit.set_value("Test", "other", 1, "REG_DWORD")], "SOFTWARE", "disk.vhdx")

@@ -136,7 +136,8 @@ def plan_edits(hive: Hive, edits: Sequence[HiveEdit], name: str, image_path) -> 
         folded = tuple(fold(p) for p in parts)
         if folded not in checked_sizes and state.key_exists(parts) and not missing:
             checked_sizes.add(folded)
-            for size, _value in read_values(hive, parts).values():
+            # Every record counts, a repeated name's too: libhivex rewrites them all.
+            for size in (v.size for v in hive.stored_values(BACKSLASH.join(parts), every=True)):
                 if size > MAX_DATA:
                     raise UnsupportedLayout(
                         image_path, f"{where} holds a value of {size} bytes; libhivex would rewrite it "
