@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import regf_judge as judge
 import registry_craft as rc
+from conftest import SWEEPS, sweep_points
+from judges.volumes import ntfscat, partition_volume
 
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.registry.hivex import edit_hive
@@ -123,3 +127,78 @@ def test_a_big_value_behind_a_duplicate_name_keeps_its_key_unchanged():
     assert [len(v.value) for v in dissect_regf.RegistryHive(io.BytesIO(data)).open("Test").values()] == [5, 20480]
     with pytest.raises(UnsupportedLayout, match="20480 bytes"):
         edit_hive(data, [HiveEdit.set_value("Test", "other", 1, "REG_DWORD")], "SOFTWARE", "disk.vhdx")
+
+
+# -- a crash at every write of `services` onto a dirty hive ------------------------------------------
+
+def _services(image: Path, inject: str | None = None, count: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "vhdtool.cli.main", "services", str(image), "--disable", "vmicshutdown"]
+    if inject:
+        cmd = ["strace", "-f", "-o", "/dev/null", "-e", f"inject={inject}"] + cmd
+    elif count:
+        cmd = ["strace", "-f", "-o", str(count), "-e", "trace=pwrite64,fsync,fdatasync,ftruncate"] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=180)
+
+
+def _hive_files(image: Path, tmp: Path) -> dict[str, bytes]:
+    """SYSTEM and its logs as the guest sees them: qemu-img replays a pending VHDX log (check -r all) first."""
+    repaired = tmp / "repaired.vhdx"
+    shutil.copyfile(image, repaired)
+    subprocess.run(["qemu-img", "check", "-r", "all", str(repaired)], check=True, capture_output=True)
+    check = subprocess.run(["qemu-img", "check", str(repaired)], capture_output=True, text=True)
+    assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout + check.stderr
+    part = partition_volume(repaired, tmp, GAP_PART)
+    files = {n: ntfscat(part, f"/Windows/System32/config/{n}") for n in ("SYSTEM", "SYSTEM.LOG1", "SYSTEM.LOG2")}
+    part.unlink()
+    repaired.unlink()
+    return files
+
+
+def _boot_start(files: dict[str, bytes], tmp: Path) -> int:
+    """vmicshutdown's Start as Windows reads it at boot: the judge's replay when the primary is dirty."""
+    replayed = judge.judge_replay(files["SYSTEM"], files["SYSTEM.LOG1"], files["SYSTEM.LOG2"])
+    hive = replayed[0] if replayed is not None else files["SYSTEM"]
+    return dissect_values(hive, "ControlSet001\\Services\\vmicshutdown")["Start"][1]
+
+
+GAP_FIXTURE, GAP_PART = "ws2012-gaphive", 3
+
+
+@pytest.mark.fixtures
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace not installed")
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_kill_services_on_a_dirty_hive_at_every_write_and_flush(sweep, tmp_path):
+    """Killed anywhere, the image holds the dirty hive and its logs as Windows left them (Windows replays
+    them at boot) or the written clean hive that Windows replays nothing over; never a mix."""
+    from fixtures import build as fb
+
+    original = tmp_path / "original.vhdx"
+    shutil.copyfile(fb.build(GAP_FIXTURE), original)
+    old = _hive_files(original, tmp_path)
+    assert judge.judge_replay(old["SYSTEM"], old["SYSTEM.LOG1"], old["SYSTEM.LOG2"])[1]  # dirty, replayable
+    assert _boot_start(old, tmp_path) == 3
+    probe, trace = tmp_path / "probe.vhdx", tmp_path / "trace"
+    shutil.copyfile(original, probe)
+    assert _services(probe, count=trace).returncode == 0
+    new = _hive_files(probe, tmp_path)
+    assert new["SYSTEM"] != old["SYSTEM"] and _boot_start(new, tmp_path) == 4
+    assert judge.judge_replay(new["SYSTEM"], new["SYSTEM.LOG1"], new["SYSTEM.LOG2"]) is None
+    lines = trace.read_text().splitlines()
+    counts = {n: sum(1 for line in lines if f" {n}(" in line or line.startswith(f"{n}("))
+              for n in ("pwrite64", "fsync", "fdatasync", "ftruncate")}
+    points = sweep_points([(n, k) for n, total in counts.items() for k in range(1, total + 1)], sweep)
+    assert points
+    outcomes = {"old": 0, "new": 0}
+    victim = tmp_path / "victim.vhdx"
+    for name, k in points:
+        shutil.copyfile(original, victim)
+        assert _services(victim, inject=f"{name}:signal=KILL:when={k}").returncode != 0, (name, k)
+        files = _hive_files(victim, tmp_path)
+        if files == old:
+            outcomes["old"] += 1
+            assert _boot_start(files, tmp_path) == 3
+        else:
+            assert files == new, (name, k)
+            outcomes["new"] += 1
+    assert outcomes["old"], outcomes
+    print(f"\nservices on a dirty hive: {len(points)} kill points {counts}, outcomes {outcomes}")
