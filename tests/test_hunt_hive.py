@@ -202,3 +202,25 @@ def test_kill_services_on_a_dirty_hive_at_every_write_and_flush(sweep, tmp_path)
             outcomes["new"] += 1
     assert outcomes["old"], outcomes
     print(f"\nservices on a dirty hive: {len(points)} kill points {counts}, outcomes {outcomes}")
+
+
+@pytest.mark.parametrize("hidden", ["ab\0cd", "\0", "Ω\0x"])
+def test_a_value_name_holding_a_nul_is_never_renamed(hidden):
+    """Windows keeps value names as counted strings, NUL characters included (values hidden from the Win32
+    API are made so). libhivex returns names as C strings: rewriting the key's values would cut such a name
+    at the NUL ("\\0" alone becoming the default value). An edit of that key is refused, the hive untouched."""
+    b = rc.HiveBuilder()
+    root = b.key("ROOT", root=True)
+    key, other = b.subkeys(root, ["Test", "Other"])
+    b.values(key, [("plain", rc.REG_SZ, rc.encode_sz("x")), (hidden, rc.REG_BINARY, b"hidden!")])
+    b.values(other, [("v", rc.REG_DWORD, b"\0\0\0\0")])
+    data = b.build(root)
+    assert dissect_values(data, "Test")[hidden] == (rc.REG_BINARY, b"hidden!")
+    for edit in (HiveEdit.set_value("Test", "plain", "y", "REG_SZ"), HiveEdit.set_value("Test", "ab", 1, "REG_DWORD"),
+                 HiveEdit.delete_value("Test", "plain")):
+        with pytest.raises(UnsupportedLayout, match="NUL"):
+            edit_hive(data, [edit], "SOFTWARE", "disk.vhdx")
+    # Other keys of the hive are edited as usual.
+    out = edit_hive(data, [HiveEdit.set_value("Other", "v", 1, "REG_DWORD")], "SOFTWARE", "disk.vhdx").data
+    assert dissect_values(out, "Test") == dissect_values(data, "Test")
+    assert dissect_values(out, "Other") == {"v": (rc.REG_DWORD, 1)}
