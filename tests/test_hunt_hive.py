@@ -224,3 +224,25 @@ def test_a_value_name_holding_a_nul_is_never_renamed(hidden):
     out = edit_hive(data, [HiveEdit.set_value("Other", "v", 1, "REG_DWORD")], "SOFTWARE", "disk.vhdx").data
     assert dissect_values(out, "Test") == dissect_values(data, "Test")
     assert dissect_values(out, "Other") == {"v": (rc.REG_DWORD, 1)}
+
+
+def test_a_sibling_value_changed_by_libhivex_is_caught(monkeypatch):
+    """The backstop behind the plan's refusals: libhivex rewrites every value of a key it edits, so the parent
+    reads back the values not edited too. A child that also drops one (as a renaming rewrite would) is refused."""
+    from vhdtool.errors import CorruptHive
+    from vhdtool.registry import hivex, hivexchild
+
+    b = rc.HiveBuilder()
+    root = b.key("ROOT", root=True)
+    (key,) = b.subkeys(root, ["Test"])
+    b.values(key, [("plain", rc.REG_SZ, rc.encode_sz("x")), ("other", rc.REG_DWORD, b"\1\0\0\0")])
+    data = b.build(root)
+    edits = [HiveEdit.set_value("Test", "plain", "y", "REG_SZ")]
+    assert dissect_values(edit_hive(data, edits, "SOFTWARE").data, "Test")["other"] == (rc.REG_DWORD, 1)
+
+    def drops_a_sibling(library, hive, ops):
+        return hivexchild.apply_here(library, hive, ops + [("delete", ("Test",), "other", None)])
+
+    monkeypatch.setattr(hivex, "apply_here", drops_a_sibling)
+    with pytest.raises(CorruptHive, match="other values of 'Test' read back differently"):
+        edit_hive(data, edits, "SOFTWARE", "disk.vhdx")
