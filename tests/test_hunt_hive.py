@@ -246,3 +246,36 @@ def test_a_sibling_value_changed_by_libhivex_is_caught(monkeypatch):
     monkeypatch.setattr(hivex, "apply_here", drops_a_sibling)
     with pytest.raises(CorruptHive, match="other values of 'Test' read back differently"):
         edit_hive(data, edits, "SOFTWARE", "disk.vhdx")
+
+
+# -- a hive edited and its files written in one session -------------------------------------------
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize("file,written_first", [("SYSTEM", False), ("SYSTEM", True), ("system.LOG1", True)])
+def test_a_hive_edited_and_written_as_a_file_in_one_session_is_refused(file, written_first, tmp_path):
+    """The hive edit is queued as a whole-file write before the session's own operations: a write of the hive's
+    file in the same session replaced the edit, and the change set still reported it. Refused, image untouched."""
+    import vhdtool
+    from conftest import digest, work_copy
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    before = digest(image)
+    path = f"/Windows/System32/config/{file}"
+
+    def write(ed):
+        data = bytearray(ed.file_content(path) or bytes(8192))
+        data[-1] ^= 0xFF  # a different file, as a restored backup would be
+        assert ed.write_file(path, bytes(data)) is not None
+
+    with pytest.raises(UnsupportedLayout, match="SYSTEM"):
+        with vhdtool.edit(image) as ed:
+            if written_first:
+                write(ed)
+            ed.set_value("SYSTEM", "Setup", "vhdtoolMark", 1, "REG_DWORD")
+            if not written_first:
+                write(ed)
+    assert digest(image) == before
+    with vhdtool.edit(image) as ed:  # either change alone is made
+        ed.set_value("SYSTEM", "Setup", "vhdtoolMark", 1, "REG_DWORD")
+    with vhdtool.edit(image, dry_run=True) as ed:
+        assert ed.read_value("SYSTEM", "Setup", "vhdtoolMark") == 1
