@@ -71,6 +71,7 @@ class HiveEdits:
 
         queued = []
         for name, edits in self._edits.items():
+            self._not_written_as_files(name)
             current, files = self.boot_hive(name)
             edited = edit_hive(current.data, edits, name, self.path)
             for outcome in edited.outcomes:
@@ -85,3 +86,13 @@ class HiveEdits:
                 queued.append(ntfs3g.WriteFile(f"{CONFIG_DIR}/{name}", data))
         self._edits.clear()
         return queued
+
+    def _not_written_as_files(self, name: str) -> None:
+        """The edited hive is written whole, from the files as they are on disk, and its logs decide its sequence
+        number: a write or delete of the hive's primary or logs in the same session would replace the edit or
+        bring back logs it was not numbered above."""
+        part, _fs = self.session._volume(None)
+        for path in (f"{CONFIG_DIR}/{name}", *(f"{CONFIG_DIR}/{name}.{ext}" for ext in ("LOG", "LOG1", "LOG2"))):
+            if self.session._pending(part.index, path):
+                raise UnsupportedLayout(self.path, f"the {name} hive is edited and {path} is written in the same "
+                                                   "session", "make the two changes in separate sessions")

@@ -2,7 +2,8 @@
 
 The base block must be the input's but for the sequence numbers (one more), the
 hive bins data size and the checksum; the hive bins must chain; every edited
-value must read back as asked, every deleted one be gone, every created key
+value must read back as asked, every deleted one be gone, the other values of
+each edited key (which libhivex rewrites too) be as they were, every created key
 exist where Windows' binary search looks for it. The checksum is then made
 Windows' (hivex stores a raw XOR of 0 or 0xFFFFFFFF, which Windows reads as a
 bad checksum).
@@ -60,6 +61,7 @@ def check_answer(data: bytes, out: bytes | None, plan: EditPlan, name: str, imag
         found = read_values(hive, tuple(path.split("\\")) if path else ()).get(value_key)
         if (None if found is None else found[1]) != new:
             raise lie(f"value {value_name!r} of {path!r} reads back differently")
+    _check_untouched_values(data, hive, plan, name, image_path, lie)
     for folded, path in plan.created.items():
         # The new key must sit where Windows' binary search looks for it.
         parent = "\\".join(path[:-1])
@@ -70,3 +72,20 @@ def check_answer(data: bytes, out: bytes | None, plan: EditPlan, name: str, imag
                 any(windows_order(n) <= mine for n in names[at + 1 :]):
             raise lie(f"key {path[-1]!r} is out of Windows' order among the subkeys of {parent!r}")
     return result
+
+
+def _check_untouched_values(data: bytes, hive: Hive, plan: EditPlan, name: str, image_path, lie) -> None:
+    """hivex_node_set_values rewrites every value of a key it changes: the values not edited must read back
+    record for record as they were (names, types, data; a repeated name's records too)."""
+    edited: dict[tuple[str, ...], tuple[str, set[str]]] = {}
+    for (key_folded, value_key), (path, _value_name, _new) in plan.values.items():
+        edited.setdefault(key_folded, (path, set()))[1].add(value_key)
+    before = Hive(io.BytesIO(data), name, image_path)
+
+    def others(h: Hive, path: str, names: set[str]) -> list[tuple]:
+        return [(v.default, v.folded, v.type, v.data) for v in h.stored_values(path, every=True)
+                if ("\0default" if v.default else v.folded) not in names]
+
+    for path, names in edited.values():
+        if others(hive, path, names) != others(before, path, names):
+            raise lie(f"the other values of {path!r} read back differently")

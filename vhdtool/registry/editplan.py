@@ -21,6 +21,9 @@ Refused (``UnsupportedLayout``), because libhivex would write what Windows misre
       holds one (hivex_node_set_values rewrites every value of the key, and writes
       data of any size into one cell, where Windows expects big data records from
       format 1.4 on).
+    - any change to the values of a key holding a value whose name contains a NUL
+      character (Windows' names are counted strings; libhivex hands names over as
+      C strings, so its rewrite would cut the name at the NUL).
 """
 
 from __future__ import annotations
@@ -136,11 +139,16 @@ def plan_edits(hive: Hive, edits: Sequence[HiveEdit], name: str, image_path) -> 
         folded = tuple(fold(p) for p in parts)
         if folded not in checked_sizes and state.key_exists(parts) and not missing:
             checked_sizes.add(folded)
-            for size, _value in read_values(hive, parts).values():
-                if size > MAX_DATA:
+            # Every record counts, a repeated name's too: libhivex rewrites them all.
+            for stored in hive.stored_values(BACKSLASH.join(parts), every=True):
+                if stored.size > MAX_DATA:
                     raise UnsupportedLayout(
-                        image_path, f"{where} holds a value of {size} bytes; libhivex would rewrite it "
+                        image_path, f"{where} holds a value of {stored.size} bytes; libhivex would rewrite it "
                                     f"in a form Windows misreads, so values of this key are not changed")
+                if "\0" in stored.folded:
+                    raise UnsupportedLayout(
+                        image_path, f"{where} holds a value whose name contains a NUL character; libhivex would "
+                                    f"cut the name there, so values of this key are not changed")
         state.values[(folded, fold(edit.name))] = new
         ops.append((edit.action, parts, edit.name, None if new is None else (new.type, new.data)))
     final: dict[tuple[tuple[str, ...], str], tuple[str, RegValue | None]] = {}

@@ -167,9 +167,9 @@ class Hive:
                 names.append(sub.name)
             return names
 
-    def stored_values(self, path: str) -> list[StoredValue]:
+    def stored_values(self, path: str, every: bool = False) -> list[StoredValue]:
         """The values of key ``path`` as their records store them, the first of each name only (the one
-        lookups find), in list order; none when the key is missing.
+        lookups find; ``every``: all records, a repeated name too), in list order; none when the key is missing.
 
         For the write path, which compares raw data and must tell the default value
         (a name of length 0) from a value named "(Default)"."""
@@ -182,7 +182,7 @@ class Hive:
             for vk in tree.value_keys(found[0]):
                 (name_length,) = struct.unpack_from("<H", self._cells.cell(vk.offset).read(4), 2)
                 name = (name_length == 0, vk.folded)
-                if name not in seen:
+                if every or name not in seen:
                     seen.add(name)
                     stored.append(StoredValue(vk.folded, name_length == 0, vk.data_length & ~DATA_INLINE,
                                               vk.type, tree.value_data(vk)))
