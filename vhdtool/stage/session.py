@@ -34,6 +34,7 @@ from vhdtool.stage.status import STAGING_ROOT
 SCHEMA = 1
 SETUP_KEY = "Setup"
 SETUP_COMPLETE = "/Windows/Setup/Scripts/SetupComplete.cmd"
+FINISHED_FILES = ("result.txt", "attempts.txt")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ def _stage_into(ed, image, plan: Plan):
     package = render_package(plan.cab.cbs_identity) if plan.cab.cbs_identity else None
     if package:
         ed.write_file(f"{folder}/{PACKAGE_FILE}", package)
+    # A finished run of this id (failed for good, or installed) starts afresh: install.cmd only clears
+    # the hook while result.txt exists. install.log stays and is appended to.
+    if "result.txt" in (n.casefold() for n in ed.listdir(folder)):
+        for name in FINISHED_FILES:
+            ed.delete(f"{folder}/{name}")
     for old in replaced:
         ed.delete(f"{STAGING_ROOT}/{old}")
     if script.hook == "setup-cmdline":

@@ -1,0 +1,114 @@
+"""Adversarial probes of `vhdtool stage` / `status` on Windows guests over earlier stagings and boot hooks.
+
+Inputs are fixture images whose earlier boot is written by tools other than vhdtool (ntfs-3g's ntfscp,
+hivexsh: ``tests/offline_boot.py``); the results are judged by ntfsls/ntfscat, hivexget, qemu-img check,
+and the staged install.cmd is run under Wine (``tests/wine_boot.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+import wine_boot
+from conftest import digest, work_copy
+from fixtures.cabs import CabSpec, build_iso
+from judges.hives import hive_typed_values
+from judges.volumes import ntfs_names as ntfsls
+from judges.volumes import ntfscat
+from judges.volumes import partition_volume as volume
+from offline_boot import install_cmd_finished, write_boot
+from wine_boot import SYSTEM32, Guest, WinePrefix, WineUnusable
+from vhdtool.stage.script import StagedScript
+
+pytestmark = pytest.mark.fixtures
+IC = "6.2.9200.16384"
+STAGED = "/Windows/vhdtool"
+CAB = "Windows6.1-HyperVIntegrationServices-x64.cab"
+REG_SZ, REG_DWORD = 1, 4
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory):
+    root = tmp_path_factory.mktemp("isos")
+    return build_iso([CabSpec(nt, "x64", IC) for nt in ("6.1", "6.2")], root / "vmguest.iso")
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory):
+    reason = wine_boot.missing_tools()
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("wine")
+    try:
+        prefix = WinePrefix.create(base / "prefix", base / "stubs")
+    except WineUnusable as e:
+        pytest.skip(f"Wine cannot run here: {e}")
+    yield prefix
+    prefix.close()
+    shutil.rmtree(base / "prefix", ignore_errors=True)
+
+
+def stage(cli, image, iso, *extra) -> dict:
+    code, out, err = cli("stage", "--json", image, "--host", "win8", "--cabs", iso, *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def setup_values(part, tmp) -> dict:
+    hive = tmp / "SYSTEM.judged"
+    hive.write_bytes(ntfscat(part, "/Windows/System32/config/SYSTEM"))
+    values = hive_typed_values(hive, "Setup")
+    hive.unlink()
+    return values
+
+
+def qemu_clean(image) -> None:
+    res = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert res.returncode == 0 and "No errors were found" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("exit_code", [1603, -1])
+def test_staging_again_after_a_failed_run_of_the_same_cab_runs_it_again(cli, iso, wine, tmp_path, exit_code):
+    """The same cab staged again after its staging failed for good (result.txt written by install.cmd's last
+    attempt, or by its give-up): `stage` says staged and arms the hook, so the next boot must install it.
+    install.cmd skips to clearing the hook while result.txt exists, so the finished run's result.txt and
+    attempts.txt must go (as on Linux guests); install.log is kept."""
+    image = work_copy("ws2008r2-x64", tmp_path)
+    first = stage(cli, image, iso)
+    script = StagedScript(id=first["id"], cab_name=first["cab"]["name"], installer="dism",
+                          system_root="C:\\Windows", hook="setup-cmdline")
+    folder = script.guest_folder
+    # What the last failed boot left, written by ntfscp and hivexsh.
+    write_boot(image, 2, install_cmd_finished(folder, exit_code, attempts=3), tmp_path / "boot")
+    st = json.loads(cli("status", "--json", image)[1])
+    assert st["state"] == "failed", st
+    again = stage(cli, image, iso)
+    assert again["staged"] and again["committed"], again
+    qemu_clean(image)
+    part = volume(image, tmp_path, 2)
+    names = ntfsls(part, folder)
+    assert "result.txt" not in names and "attempts.txt" not in names, names
+    assert "install.log" in names and CAB in names, names
+    values = setup_values(part, tmp_path)
+    assert values["SetupType"] == (REG_DWORD, 2) and values["CmdLine"] == (REG_SZ, script.cmdline), values
+    st = json.loads(cli("status", "--json", image)[1])
+    assert st["state"] == "pending" and st["staged"][0]["state"] == "pending", st
+    # The next boot, under Wine, with the folder as the image holds it: the installer runs, attempt 1.
+    g = Guest(wine, script)
+    g.folder.mkdir(parents=True)
+    for name in names:
+        (g.folder / name).write_bytes(ntfscat(part, f"{folder}/{name}"))
+    wine.reg_add("SetupType", "REG_DWORD", 2)
+    wine.reg_add("CmdLine", "REG_SZ", script.cmdline)
+    g.set_installer_exit(0)
+    assert g.boot(kb939857=False).ran
+    calls = g.installer_calls()
+    assert len(calls) == 1 and calls[0][0].lower() == f"{SYSTEM32}\\dism.exe".lower(), calls
+    assert g.result()["exit_code"] == "0" and g.result()["attempts"] == "1", g.result()
+    # A third identical stage writes nothing.
+    before = digest(image)
+    assert stage(cli, image, iso)["bytes_written"] == 0 and digest(image) == before
