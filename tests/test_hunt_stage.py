@@ -112,3 +112,53 @@ def test_staging_again_after_a_failed_run_of_the_same_cab_runs_it_again(cli, iso
     # A third identical stage writes nothing.
     before = digest(image)
     assert stage(cli, image, iso)["bytes_written"] == 0 and digest(image) == before
+
+
+# -- the Setup hook of someone else ----------------------------------------------------------------
+
+def _set_setup(image, tmp, values: dict) -> None:
+    """SYSTEM\\Setup values written by hivexsh (tests/offline_boot.py), as another tool would leave them."""
+    from offline_boot import BootEffects
+
+    effects = BootEffects()
+    effects.hive("SYSTEM").set("Setup", values)
+    write_boot(image, 2, effects, tmp / "setup")
+
+
+@pytest.mark.parametrize("values", [
+    # Another tool's script in a folder that happens to be called vhdtool.
+    {"SetupType": 2, "CmdLine": 'cmd.exe /c "C:\\Tools\\vhdtool\\deploy.cmd"'},
+    # Ours with another command after it: replacing it would drop that command.
+    {"SetupType": 2, "CmdLine": 'cmd.exe /c "C:\\Windows\\vhdtool\\6.1.7601.17514-x64\\install.cmd" & C:\\site\\x.exe'},
+], ids=["other-vhdtool-folder", "ours-and-more"])
+def test_a_setup_cmdline_that_only_looks_like_ours_is_refused(cli, iso, tmp_path, values):
+    image = work_copy("ws2008r2-x64", tmp_path)
+    _set_setup(image, tmp_path, values)
+    before = digest(image)
+    for extra in (("--dry-run",), ()):
+        code, out, err = cli("stage", image, "--host", "win8", "--cabs", iso, *extra)
+        assert code == 20 and "another setup command is pending" in err and err.count("\n") == 1, (code, err)
+        assert digest(image) == before
+    out = tmp_path / "out.vhdx"
+    code, _, err = cli("stage", image, "--host", "win8", "--cabs", iso, "--output", out)
+    assert code == 20 and not out.exists() and digest(image) == before, err
+    part = volume(image, tmp_path, 2)
+    assert setup_values(part, tmp_path)["CmdLine"] == (REG_SZ, values["CmdLine"])
+
+
+def test_a_setup_cmdline_of_another_registry_type_is_refused_not_a_crash(cli, iso, tmp_path):
+    """CmdLine as REG_MULTI_SZ or REG_BINARY (hivexsh writes them): a refusal (exit 20), not an internal error."""
+    import vhdtool
+
+    for name, kind, value in (("multi", "REG_MULTI_SZ", ["C:\\site\\a.exe", "b"]), ("binary", "REG_BINARY", b"\x01\x02")):
+        (tmp_path / name).mkdir()
+        image = work_copy("ws2008r2-x64", tmp_path / name)
+        with vhdtool.edit(image) as ed:  # hivexsh cannot write REG_MULTI_SZ from a script; the judge reads it back
+            ed.set_value("SYSTEM", "Setup", "CmdLine", value, kind)
+        part = volume(image, tmp_path / name, 2)
+        assert setup_values(part, tmp_path / name)["CmdLine"][0] == {"REG_MULTI_SZ": 7, "REG_BINARY": 3}[kind]
+        before = digest(image)
+        for extra in (("--dry-run",), ()):
+            code, out, err = cli("stage", image, "--host", "win8", "--cabs", iso, *extra)
+            assert code == 20 and "another setup command is pending" in err and "internal error" not in err, (code, err)
+            assert digest(image) == before

@@ -78,17 +78,20 @@ class StagedScript:
         return f'call "{self.folder}\\install.cmd" & {MARKER} {self.id}'
 
 
-CMDLINE_ID = re.compile(r"\\vhdtool\\([^\\\"]+)\\install\.cmd")
+# Exactly what ``StagedScript.cmdline`` writes, and nothing more: a CmdLine that only resembles it (another
+# tool's folder named vhdtool, or ours with a second command after it) is someone else's and must not be replaced.
+CMDLINE_ID = re.compile(r'cmd\.exe /c "[A-Z]:\\[A-Za-z0-9_]{1,32}\\vhdtool\\([^\\"]+)\\install\.cmd"')
 
 
-def is_ours(cmdline: str) -> bool:
+def is_ours(cmdline) -> bool:
     """Whether a SYSTEM\\Setup CmdLine is one vhdtool wrote (``StagedScript.cmdline``)."""
-    return cmdline.startswith('cmd.exe /c "') and "\\vhdtool\\" in cmdline
+    return cmdline_id(cmdline) is not None
 
 
-def cmdline_id(cmdline: str) -> str | None:
-    """The staging id that a CmdLine written by ``StagedScript.cmdline`` runs, if it is one."""
-    m = CMDLINE_ID.search(cmdline)
+def cmdline_id(cmdline) -> str | None:
+    """The staging id that a CmdLine written by ``StagedScript.cmdline`` runs, if it is one (None for any
+    other value, of any registry type)."""
+    m = CMDLINE_ID.fullmatch(cmdline) if isinstance(cmdline, str) else None
     return m.group(1) if m and ID_PATTERN.fullmatch(m.group(1)) else None
 
 
