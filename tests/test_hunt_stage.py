@@ -162,3 +162,122 @@ def test_a_setup_cmdline_of_another_registry_type_is_refused_not_a_crash(cli, is
             code, out, err = cli("stage", image, "--host", "win8", "--cabs", iso, *extra)
             assert code == 20 and "another setup command is pending" in err and "internal error" not in err, (code, err)
             assert digest(image) == before
+
+
+# -- a generalized image's SetupComplete.cmd as the user left it ----------------------------------
+
+SC = "/Windows/Setup/Scripts/SetupComplete.cmd"
+SITE = b"C:\\vhdtool-test\\site.txt"
+NEW_IC = "6.3.9600.16384"  # newer than the Server 2012 fixture's 6.2.9200.16384
+
+
+@pytest.fixture(scope="module")
+def iso81(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iso81")
+    return build_iso([CabSpec(nt, "x64", NEW_IC) for nt in ("6.1", "6.2")], root / "vmguest81.iso")
+
+
+def sysprepped_with(tmp_path, content: bytes):
+    """The generalized fixture with ``content`` as its SetupComplete.cmd, written by ntfscp."""
+    from offline_boot import BootEffects
+
+    image = work_copy("ws2012-sysprep", tmp_path)
+    effects = BootEffects()
+    effects.files[SC] = content
+    write_boot(image, 1, effects, tmp_path / "sc")
+    return image
+
+
+@pytest.mark.parametrize("content,appended", [
+    (b"@echo off\necho one>> " + SITE + b"\necho two>> " + SITE + b"\n", b""),  # LF only
+    (b"@echo off\r\necho one>> " + SITE + b"\r\necho two>> " + SITE, b"\r\n"),  # no newline at the end
+    (b"@echo off\r\necho one>> " + SITE + b"\r\n\x1a", b"\r\n"),  # an old editor's Ctrl-Z
+], ids=["lf", "no-final-newline", "ctrl-z"])
+def test_user_setupcomplete_runs_first_and_is_left_as_it_was(cli, iso81, wine, tmp_path, content, appended):
+    """The user's lines are kept byte for byte (a line end added only where the last one had none), run
+    before install.cmd under Wine, and are what is left once install.cmd has dropped its own line."""
+    image = sysprepped_with(tmp_path, content)
+    doc = stage(cli, image, iso81, "--host", "win8.1")
+    assert doc["boot_hook"]["kind"] == "setupcomplete"
+    part = volume(image, tmp_path, 1)
+    line = doc["boot_hook"]["command"].encode() + b"\r\n"
+    staged = ntfscat(part, SC)
+    assert staged == content + appended + line
+    script = StagedScript(id=doc["id"], cab_name=doc["cab"]["name"], installer="dism", system_root="C:\\Windows",
+                          hook="setupcomplete")
+    g = Guest(wine, script)
+    g.folder.mkdir(parents=True)
+    for f in doc["files"]:
+        (g.folder / f["path"].rsplit("/", 1)[1]).write_bytes(ntfscat(part, f["path"]))
+    wine.reg_add("SetupType", "REG_DWORD", 0)
+    wine.reg_add("CmdLine", "REG_SZ", "")
+    g.setupcomplete_path.parent.mkdir(parents=True, exist_ok=True)
+    g.setupcomplete_path.write_bytes(staged)
+    site = wine.host(SITE.decode())
+    site.unlink(missing_ok=True)
+    g.set_installer_exit(0)
+    boot = g.setupcomplete_boot()
+    expected_site = b"one\r\ntwo\r\n" if b"two" in content else b"one\r\n"
+    assert site.read_bytes() == expected_site, boot.output
+    assert len(g.installer_calls()) == 1 and g.result()["exit_code"] == "0", boot.output
+    assert g.setupcomplete_path.read_bytes() == content + appended
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"@echo off\r\necho one>> " + SITE + b"\r\nexit /b 0\r\n", "line 3 ('exit /b 0')"),
+    (b"@echo off\r\ncall :sub\r\nexit\r\n:sub\r\necho one\r\n", "line 3 ('exit')"),
+    (b"@echo off\r\necho one\r\n  GOTO :EOF\r\n", "line 3 ('GOTO :EOF')"),
+    ("@echo off\r\necho one\r\n".encode("utf-16"), "UTF-16"),
+], ids=["exit-b", "exit", "goto-eof", "utf-16"])
+def test_a_setupcomplete_whose_end_is_never_reached_is_refused(cli, iso81, tmp_path, content, why):
+    """A line appended after ``exit``/``goto :eof`` never runs (seen under Wine: no installer call, status
+    pending for ever), nor one in a UTF-16 file (cmd.exe does not run those): refused, image unchanged."""
+    image = sysprepped_with(tmp_path, content)
+    before = digest(image)
+    for extra in (("--dry-run",), ()):
+        code, out, err = cli("stage", image, "--host", "win8.1", "--cabs", iso81, *extra)
+        assert code == 5 and why in err and "SetupComplete.cmd" in err and err.count("\n") == 1, (code, err)
+        assert digest(image) == before
+    out = tmp_path / "out.vhdx"
+    code, _, err = cli("stage", image, "--host", "win8.1", "--cabs", iso81, "--output", out)
+    assert code == 5 and not out.exists() and digest(image) == before, err
+    assert ntfscat(volume(image, tmp_path, 1), SC) == content
+
+
+def test_our_line_is_moved_last_when_lines_were_appended_after_it(cli, iso81, wine, tmp_path):
+    """Staged, then another tool appended its own line: staging again puts ours last (Windows' cmd.exe reads on
+    at the byte offset it had reached when install.cmd drops our line, so a line after ours would be cut). A
+    commented-out copy of our line is not ours."""
+    image = work_copy("ws2012-sysprep", tmp_path)
+    original = ntfscat(volume(image, tmp_path, 1), SC)
+    doc = stage(cli, image, iso81, "--host", "win8.1")
+    line = doc["boot_hook"]["command"].encode() + b"\r\n"
+    other = b"echo other>> " + SITE + b"\r\n"
+    from offline_boot import BootEffects
+
+    effects = BootEffects()
+    effects.files[SC] = b"rem " + line + original + line + other
+    write_boot(image, 1, effects, tmp_path / "other")
+    again = stage(cli, image, iso81, "--host", "win8.1")
+    assert again["committed"] and [f["path"] for f in again["changes"]["files"]] == [SC], again
+    part = volume(image, tmp_path, 1)
+    staged = ntfscat(part, SC)
+    assert staged == b"rem " + line + original + other + line
+    qemu_clean(image)
+    # Under Wine: the other tool's line runs, then ours; install.cmd leaves the rest as it was.
+    script = StagedScript(id=doc["id"], cab_name=doc["cab"]["name"], installer="dism", system_root="C:\\Windows",
+                          hook="setupcomplete")
+    g = Guest(wine, script)
+    g.folder.mkdir(parents=True)
+    for f in doc["files"]:
+        (g.folder / f["path"].rsplit("/", 1)[1]).write_bytes(ntfscat(part, f["path"]))
+    wine.reg_add("SetupType", "REG_DWORD", 0)
+    wine.reg_add("CmdLine", "REG_SZ", "")
+    g.setupcomplete_path.parent.mkdir(parents=True, exist_ok=True)
+    g.setupcomplete_path.write_bytes(staged)
+    site = wine.host(SITE.decode())
+    site.unlink(missing_ok=True)
+    g.set_installer_exit(0)
+    boot = g.setupcomplete_boot()
+    assert site.read_bytes() == b"other\r\n" and len(g.installer_calls()) == 1, boot.output
+    assert g.setupcomplete_path.read_bytes() == original + other

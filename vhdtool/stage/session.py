@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, replace
 
 from vhdtool.editor import ChangeSet, edit
@@ -145,12 +146,14 @@ def _stage_into(ed, image, plan: Plan):
         hook = {"kind": "setup-cmdline", "command": script.cmdline}
     else:
         existing = ed.file_content(SETUP_COMPLETE) or b""
+        _refuse_an_unreachable_end(image, existing)
         # The replaced packages' lines go, as each install.cmd would remove its own (findstr /v).
-        kept = b"".join(line for line in existing.splitlines(keepends=True)
-                        if not any(f"{MARKER} {old}".encode() in line for old in replaced))
         line = script.setupcomplete_line.encode("ascii")
-        if line not in kept:
-            kept = (kept if not kept or kept.endswith(b"\n") else kept + b"\r\n") + line + b"\r\n"
+        # Ours goes last, whatever was appended after it since: Windows' cmd.exe goes on reading the file at
+        # the byte offset it had reached, so install.cmd dropping a line that is not the last shifts the rest.
+        kept = b"".join(text for text in existing.splitlines(keepends=True) if text.rstrip(b"\r\n") != line
+                        and not any(f"{MARKER} {old}".encode() in text for old in replaced))
+        kept = (kept if not kept or kept.endswith(b"\n") else kept + b"\r\n") + line + b"\r\n"
         if kept != existing:
             ed.write_file(SETUP_COMPLETE, kept)
         hook = {"kind": "setupcomplete", "command": script.setupcomplete_line}
@@ -162,6 +165,27 @@ def _stage_into(ed, image, plan: Plan):
         files += ({"path": f"{folder}/{PACKAGE_FILE}", "size": len(package),
                    "sha256": hashlib.sha256(package).hexdigest()},)
     return script, files, hook
+
+
+# A line that ends SetupComplete.cmd wherever it stands (``exit``, ``exit /b``, ``goto :eof``, at the start of
+# a line, in a block or not): a line appended after it never runs.
+_SCRIPT_END = re.compile(rb"^[ \t]*@?[ \t]*(exit|goto[ \t]*:eof)([ \t/].*)?$", re.IGNORECASE)
+
+
+def _refuse_an_unreachable_end(image, existing: bytes) -> None:
+    """Refuse a SetupComplete.cmd after which the line stage appends would never run (stage would say
+    staged, and `status` say pending for ever): UTF-16 text, which cmd.exe does not run, or a line that
+    ends the script before the end of the file."""
+    if existing[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\0" in existing:
+        raise UnsupportedLayout(image, f"{SETUP_COMPLETE} is UTF-16 text, which cmd.exe does not run: the line "
+                                       "stage appends to it would never run",
+                                "save it in the guest as ANSI text, or stage the image before generalizing it")
+    for number, line in enumerate(existing.splitlines(), 1):
+        if _SCRIPT_END.match(line.rstrip(b"\x1a")):
+            raise UnsupportedLayout(image, f"{SETUP_COMPLETE} line {number} ({line.decode('latin-1').strip()!r}) "
+                                           "ends the script before the line stage appends to it, which would never run",
+                                    "end the script without exit or goto :eof in the guest, or stage the image "
+                                    "before generalizing it")
 
 
 def _hooked(ed, image, script: StagedScript) -> list[str]:
