@@ -281,3 +281,37 @@ def test_our_line_is_moved_last_when_lines_were_appended_after_it(cli, iso81, wi
     boot = g.setupcomplete_boot()
     assert site.read_bytes() == b"other\r\n" and len(g.installer_calls()) == 1, boot.output
     assert g.setupcomplete_path.read_bytes() == original + other
+
+
+# -- status over odd staging folders --------------------------------------------------------------
+
+@pytest.mark.parametrize("folder_kind,expected", [
+    ("file", ("none", [])),  # a file named like an id is nobody's staging (as on Linux)
+    ("result.txt", ("failed", [("failed", None)])),  # install.cmd's `if exist` takes it for a finished run
+    ("attempts.txt", ("pending", [("pending", None)])),
+    ("install.log", ("pending", [("pending", None)])),
+])
+def test_status_over_a_folder_where_a_staging_file_should_be(cli, tmp_path, folder_kind, expected):
+    """Folders (made with vhdtool's writer, checked with ntfsls) where status reads files: a reading, not
+    exit 4 with libntfs's "No such stream" (the volume is not corrupt), and the image unchanged."""
+    import vhdtool
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    staging = f"{STAGED}/6.3.9600.16384-x64"
+    with vhdtool.edit(image) as ed:
+        if folder_kind == "file":
+            ed.write_file(staging, b"not a folder\r\n")
+        else:
+            ed.write_file(f"{staging}/install.cmd", b"rem\r\n")
+            ed.mkdir(f"{staging}/{folder_kind}/sub")
+    part = volume(image, tmp_path, 2)
+    if folder_kind == "file":
+        assert ntfscat(part, staging) == b"not a folder\r\n"
+    else:
+        assert ntfsls(part, f"{staging}/{folder_kind}") == ["sub"]
+    before = digest(image)
+    code, out, err = cli("status", "--json", image)
+    assert code == 0, err
+    st = json.loads(out)
+    assert (st["state"], [(s["state"], s["exit_code"]) for s in st["staged"]]) == expected, st
+    assert digest(image) == before

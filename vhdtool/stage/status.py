@@ -133,8 +133,12 @@ def read_state(fs: Filesystem, staged_id: str, root: str = STAGING_ROOT,
     folder = f"{root}/{staged_id}"
 
     def content(name: str, limit: int) -> bytes | None:
+        # A folder of that name holds nothing readable, but exists: install.cmd's and install.sh's
+        # existence tests (``if exist``, ``[ -e ]``) take a result.txt folder for a finished run, and so does this.
         path = f"{folder}/{name}"
-        return fs.read(path, limit) if fs.exists(path) else None
+        if not fs.exists(path):
+            return None
+        return b"" if fs.is_dir(path) else fs.read(path, limit)
 
     return parse_state(staged_id, content("result.txt", 4096), content("attempts.txt", 64),
                        content("install.log", 1 << 20), success_codes)
@@ -163,7 +167,9 @@ def status(image: str | os.PathLike) -> Status:
                                     "stage and status know Windows and Linux guests")
         part = next(p for p in ins.partitions if p.index == w.system_partition)
         fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
-        ids = [n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n)] if fs.is_dir(STAGING_ROOT) else []
+        # A folder each (a file of that name is nobody's staging), as on Linux.
+        ids = ([n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n) and fs.is_dir(f"{STAGING_ROOT}/{n}")]
+               if fs.is_dir(STAGING_ROOT) else [])
         ids.sort(key=lambda i: version_tuple(i.split("-")[0]))
         ic = ins.guest.integration_services
         ic_version = ic.version if ic else None
