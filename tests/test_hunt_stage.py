@@ -315,3 +315,36 @@ def test_status_over_a_folder_where_a_staging_file_should_be(cli, tmp_path, fold
     st = json.loads(out)
     assert (st["state"], [(s["state"], s["exit_code"]) for s in st["staged"]]) == expected, st
     assert digest(image) == before
+
+
+def test_staging_again_after_power_was_lost_in_the_last_attempt_runs_it_again(cli, iso, wine, tmp_path):
+    """attempts.txt at 3 and no result.txt (`status`: running, 3 attempts): install.cmd would give up at the next
+    boot without running the installer, so staging the same cab again must reset the count."""
+    from offline_boot import BootEffects
+
+    image = work_copy("ws2008r2-x64", tmp_path)
+    first = stage(cli, image, iso)
+    script = StagedScript(id=first["id"], cab_name=first["cab"]["name"], installer="dism",
+                          system_root="C:\\Windows", hook="setup-cmdline")
+    folder = script.guest_folder
+    effects = BootEffects()  # what a power loss during attempt 3 leaves (the hook stays armed)
+    effects.files[f"{folder}/attempts.txt"] = b"3\r\n"
+    effects.files[f"{folder}/install.log"] = b"[Mon 12/07/2026  6:00:00.00] attempt 3 \r\n"
+    write_boot(image, 2, effects, tmp_path / "boot")
+    st = json.loads(cli("status", "--json", image)[1])
+    assert (st["staged"][0]["state"], st["staged"][0]["attempts"]) == ("running", 3), st
+    again = stage(cli, image, iso)
+    assert again["committed"], again
+    part = volume(image, tmp_path, 2)
+    names = ntfsls(part, folder)
+    assert "attempts.txt" not in names and "install.log" in names, names
+    g = Guest(wine, script)
+    g.folder.mkdir(parents=True)
+    for name in names:
+        (g.folder / name).write_bytes(ntfscat(part, f"{folder}/{name}"))
+    values = setup_values(part, tmp_path)
+    wine.reg_add("SetupType", "REG_DWORD", values["SetupType"][1])
+    wine.reg_add("CmdLine", "REG_SZ", values["CmdLine"][1])
+    g.set_installer_exit(0)
+    assert g.boot(kb939857=False).ran
+    assert len(g.installer_calls()) == 1 and g.result()["attempts"] == "1", (g.installer_calls(), g.result())

@@ -20,6 +20,7 @@ from vhdtool.guest.versioninfo import version_tuple
 from vhdtool.stage.script import (
     ID_PATTERN,
     MARKER,
+    MAX_ATTEMPTS,
     PACKAGE_FILE,
     StagedScript,
     cmdline_id,
@@ -30,7 +31,7 @@ from vhdtool.stage.script import (
     render_package,
 )
 from vhdtool.stage.linux_session import stage_linux
-from vhdtool.stage.status import STAGING_ROOT
+from vhdtool.stage.status import STAGING_ROOT, parse_state
 
 SCHEMA = 1
 SETUP_KEY = "Setup"
@@ -133,9 +134,10 @@ def _stage_into(ed, image, plan: Plan):
     package = render_package(plan.cab.cbs_identity) if plan.cab.cbs_identity else None
     if package:
         ed.write_file(f"{folder}/{PACKAGE_FILE}", package)
-    # A finished run of this id (failed for good, or installed) starts afresh: install.cmd only clears
-    # the hook while result.txt exists. install.log stays and is appended to.
-    if "result.txt" in (n.casefold() for n in ed.listdir(folder)):
+    # A finished run of this id (failed for good, or installed), or one whose attempts are used up (power lost
+    # in the last), starts afresh: install.cmd only clears the hook while result.txt exists, and gives up
+    # without a try past MAX_ATTEMPTS. install.log stays and is appended to.
+    if _finished(ed, folder):
         for name in FINISHED_FILES:
             ed.delete(f"{folder}/{name}")
     for old in replaced:
@@ -186,6 +188,15 @@ def _refuse_an_unreachable_end(image, existing: bytes) -> None:
                                            "ends the script before the line stage appends to it, which would never run",
                                     "end the script without exit or goto :eof in the guest, or stage the image "
                                     "before generalizing it")
+
+
+def _finished(ed, folder: str) -> bool:
+    """Whether the staging in ``folder`` would not run the installer at the next boot (status.parse_state's reading)."""
+    if "result.txt" not in (n.casefold() for n in ed.listdir(folder)):
+        attempts = (ed.file_content(f"{folder}/attempts.txt") or b"")[:64]
+        state = parse_state("", None, attempts, None)
+        return state.attempts is not None and state.attempts >= MAX_ATTEMPTS
+    return True
 
 
 def _hooked(ed, image, script: StagedScript) -> list[str]:
