@@ -188,11 +188,18 @@ def sysprepped_with(tmp_path, content: bytes):
     return image
 
 
+ONE, TWO = b"echo one>> " + SITE, b"echo two>> " + SITE
+
+
 @pytest.mark.parametrize("content,appended", [
-    (b"@echo off\necho one>> " + SITE + b"\necho two>> " + SITE + b"\n", b""),  # LF only
-    (b"@echo off\r\necho one>> " + SITE + b"\r\necho two>> " + SITE, b"\r\n"),  # no newline at the end
-    (b"@echo off\r\necho one>> " + SITE + b"\r\n\x1a", b"\r\n"),  # an old editor's Ctrl-Z
-], ids=["lf", "no-final-newline", "ctrl-z"])
+    (b"@echo off\n" + ONE + b"\n" + TWO + b"\n", b""),  # LF only
+    (b"@echo off\r\n" + ONE + b"\r\n" + TWO, b"\r\n"),  # no newline at the end
+    (b"@echo off\r\n" + ONE + b"\r\n" + TWO + b"\r\n\x1a", b"\r\n"),  # an old editor's Ctrl-Z
+    # An exit that a label follows: the appended line is the end of the subroutine called.
+    (b"@echo off\r\ncall :sub\r\n" + TWO + b"\r\nexit /b 0\r\n:sub\r\n" + ONE + b"\r\n", b""),
+    # A conditional exit, in a block.
+    (b"@echo off\r\n" + ONE + b"\r\nif not exist C:\\Windows (\r\n  exit /b 1\r\n)\r\n" + TWO + b"\r\n", b""),
+], ids=["lf", "no-final-newline", "ctrl-z", "exit-then-label", "exit-in-a-block"])
 def test_user_setupcomplete_runs_first_and_is_left_as_it_was(cli, iso81, wine, tmp_path, content, appended):
     """The user's lines are kept byte for byte (a line end added only where the last one had none), run
     before install.cmd under Wine, and are what is left once install.cmd has dropped its own line."""
@@ -225,8 +232,8 @@ def test_user_setupcomplete_runs_first_and_is_left_as_it_was(cli, iso81, wine, t
 
 @pytest.mark.parametrize("content,why", [
     (b"@echo off\r\necho one>> " + SITE + b"\r\nexit /b 0\r\n", "line 3 ('exit /b 0')"),
-    (b"@echo off\r\ncall :sub\r\nexit\r\n:sub\r\necho one\r\n", "line 3 ('exit')"),
-    (b"@echo off\r\necho one\r\n  GOTO :EOF\r\n", "line 3 ('GOTO :EOF')"),
+    (b"@echo off\r\ncall :sub\r\nexit\r\n:sub\r\necho one\r\ngoto :eof\r\n", "line 6 ('goto :eof')"),
+    (b"@echo off\r\necho one\r\n@GOTO:EOF\r\n", "line 3 ('@GOTO:EOF')"),
     ("@echo off\r\necho one\r\n".encode("utf-16"), "UTF-16"),
 ], ids=["exit-b", "exit", "goto-eof", "utf-16"])
 def test_a_setupcomplete_whose_end_is_never_reached_is_refused(cli, iso81, tmp_path, content, why):

@@ -169,25 +169,33 @@ def _stage_into(ed, image, plan: Plan):
     return script, files, hook
 
 
-# A line that ends SetupComplete.cmd wherever it stands (``exit``, ``exit /b``, ``goto :eof``, at the start of
-# a line, in a block or not): a line appended after it never runs.
-_SCRIPT_END = re.compile(rb"^[ \t]*@?[ \t]*(exit|goto[ \t]*:eof)([ \t/].*)?$", re.IGNORECASE)
+# A line that ends SetupComplete.cmd wherever it stands: ``exit``, ``exit /b``, ``goto :eof`` at the start of a line
+# (an indented one is taken for a conditional one, in a block). A label after it may be reached by call or goto.
+_SCRIPT_END = re.compile(rb"^(@[ \t]*)?(exit|goto[ \t]*:eof)([ \t/].*)?$", re.IGNORECASE)
+_LABEL = re.compile(rb"^[ \t]*:[^:]")
 
 
 def _refuse_an_unreachable_end(image, existing: bytes) -> None:
     """Refuse a SetupComplete.cmd after which the line stage appends would never run (stage would say
-    staged, and `status` say pending for ever): UTF-16 text, which cmd.exe does not run, or a line that
-    ends the script before the end of the file."""
+    staged, and `status` say pending for ever): UTF-16 text, which cmd.exe does not run, or a script whose
+    last label or end line is an end line (``exit``, ``goto :eof``)."""
     if existing[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\0" in existing:
         raise UnsupportedLayout(image, f"{SETUP_COMPLETE} is UTF-16 text, which cmd.exe does not run: the line "
                                        "stage appends to it would never run",
                                 "save it in the guest as ANSI text, or stage the image before generalizing it")
+    last = None
     for number, line in enumerate(existing.splitlines(), 1):
-        if _SCRIPT_END.match(line.rstrip(b"\x1a")):
-            raise UnsupportedLayout(image, f"{SETUP_COMPLETE} line {number} ({line.decode('latin-1').strip()!r}) "
-                                           "ends the script before the line stage appends to it, which would never run",
-                                    "end the script without exit or goto :eof in the guest, or stage the image "
-                                    "before generalizing it")
+        line = line.rstrip(b"\x1a")
+        if _SCRIPT_END.match(line):
+            last = (number, line)
+        elif _LABEL.match(line):
+            last = None
+    if last is not None:
+        number, line = last
+        raise UnsupportedLayout(image, f"{SETUP_COMPLETE} line {number} ({line.decode('latin-1').strip()!r}) "
+                                       "ends the script before the line stage appends to it, which would never run",
+                                "end the script without exit or goto :eof in the guest, or stage the image "
+                                "before generalizing it")
 
 
 def _finished(ed, folder: str) -> bool:
