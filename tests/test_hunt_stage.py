@@ -86,6 +86,10 @@ def test_staging_again_after_a_failed_run_of_the_same_cab_runs_it_again(cli, iso
     write_boot(image, 2, install_cmd_finished(folder, exit_code, attempts=3), tmp_path / "boot")
     st = json.loads(cli("status", "--json", image)[1])
     assert st["state"] == "failed", st
+    before = digest(image)
+    dry = stage(cli, image, iso, "--dry-run")
+    assert sorted(f["path"] for f in dry["changes"]["files"] if f["action"] == "delete") == \
+        [f"{folder}/attempts.txt", f"{folder}/result.txt"] and digest(image) == before, dry
     again = stage(cli, image, iso)
     assert again["staged"] and again["committed"], again
     qemu_clean(image)
