@@ -317,19 +317,20 @@ def disable_plan(fs: Filesystem, name: str, udev: dict[str, str] | None = None) 
     emptied = {posixpath.dirname(c.path) for c in changes} - {CONFIG_DIR}
     deleted = {c.path for c in changes}
     for folder in sorted(emptied):
-        if all(f"{folder}/{e}" in deleted for e in fs.listdir(folder)):
+        if fs.readlink(folder) is None and all(f"{folder}/{e}" in deleted for e in fs.listdir(folder)):
             changes.append(LinkChange(folder, "rmdir", None))
     return LinkPlan(name, "disable", tuple(changes))
 
 
 def _config_links(fs: Filesystem) -> list[str]:
-    """Every symlink at the top of /etc/systemd/system and one folder down (where enable puts them)."""
+    """Every symlink at the top of /etc/systemd/system and one folder down (where enable puts them), in a
+    ``.wants``/``.requires``/``.upholds`` folder that is itself a link to a folder too."""
     out: list[str] = []
     for entry in _listdir(fs, CONFIG_DIR):
         path = f"{CONFIG_DIR}/{entry}"
-        if fs.readlink(path) is not None:
+        if fs.readlink(path) is not None and not (entry.endswith(DEPENDENCY_DIRS) and fs.is_dir(path)):
             out.append(path)
-        elif fs.is_dir(path):
+        elif fs.is_dir(path):  # a .wants folder may be a link to one: the guest's systemd follows it, as is_enabled does
             out.extend(f"{path}/{e}" for e in _listdir(fs, path)[:MAX_CONFIG_LINKS - len(out)]
                        if fs.readlink(f"{path}/{e}") is not None)
         if len(out) >= MAX_CONFIG_LINKS:

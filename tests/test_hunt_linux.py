@@ -1,0 +1,122 @@
+"""Adversarial probes of vhdtool's writes into Linux guests (`services` on systemd links, `stage`).
+
+Guest trees are built here with mkfs.ext4 -d (test_linux_services.tree_image) and judged by tools we
+did not write: debugfs (stat of the links), ``e2fsck -fn`` on the extracted partition, ``qemu-img
+check``, and the host's ``systemctl --root=TREE is-enabled`` on the tree debugfs rdump extracts.
+
+A ``.wants`` folder of /etc/systemd/system that is a symbolic link to a folder: the guest's systemd
+(the manager's drop-in lookup) opens it through the link, so the links in the folder it names start
+their units at boot, and ``vhdtool services`` lists such a unit as enabled. ``systemctl --root``
+(install.c) does not descend into a linked folder, so the judge is given the tree as the boot reads
+it: the linked folder replaced by a copy of what it points to (``as_booted``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import digest
+from fixtures.build.disks import write
+from test_ext4_write import e2fsck_clean, image_ok, stat_of
+from test_linux_services import SYSTEMCTL, extracted, root_volume, systemctl, tree_image
+from test_linux_units import ubuntu_tree, unit
+
+pytestmark = pytest.mark.fixtures
+needs_systemctl = pytest.mark.skipif(SYSTEMCTL is None, reason="systemctl (the judge) is not installed")
+WANTS = "/etc/systemd/system/multi-user.target.wants"
+
+
+def linked_wants_tree(root: Path) -> None:
+    """ubuntu_tree (kvp enabled, vss masked) plus an fcopy unit; multi-user.target.wants is a relative link
+    to /etc/real-wants, which holds kvp's link and a stale fcopy link to a unit file that is gone."""
+    ubuntu_tree(root)
+    write(root, "usr/sbin/hv_fcopy_daemon", "#!/bin/sh\n", 0o755)
+    write(root, "lib/systemd/system/hv-fcopy-daemon.service", unit("fcopy", "/usr/sbin/hv_fcopy_daemon"))
+    etc = root / "etc/systemd/system"
+    os.rename(etc / "multi-user.target.wants", root / "etc/real-wants")
+    os.symlink("../../real-wants", etc / "multi-user.target.wants")
+    os.symlink("/opt/old/hv-fcopy-daemon.service", root / "etc/real-wants/hv-fcopy-daemon.service")
+
+
+def as_booted(volume: Path, tmp: Path, name: str) -> str:
+    """``systemctl --root is-enabled NAME`` on the volume's tree with the linked .wants folder made a real one."""
+    tree = extracted(volume, tmp)
+    try:
+        wants = tree / WANTS.lstrip("/")
+        assert wants.is_symlink()
+        real = tree / "etc/real-wants"
+        wants.unlink()
+        shutil.copytree(real, wants, symlinks=True)
+        return systemctl(tree, "is-enabled", name)
+    finally:
+        shutil.rmtree(tree)
+
+
+def listed(cli, image: Path) -> dict[str, str]:
+    code, out, err = cli("services", "--json", image)
+    assert code == 0, err
+    return {s["name"]: s["start"] for s in json.loads(out)["services"]}
+
+
+def changed(cli, image: Path, flag: str, name: str) -> list[dict]:
+    was = digest(image)
+    code, out, err = cli("services", "--json", image, flag, name)
+    assert code == 0, err
+    files = json.loads(out)["changes"]["files"]
+    assert files and digest(image) != was, err
+    image_ok(image)
+    return files
+
+
+@needs_systemctl
+def test_disable_removes_the_link_in_a_linked_wants_folder(cli, tmp_path):
+    # On main: "nothing to change" (exit 0, image unchanged), though `services` lists kvp as enabled and the
+    # boot starts it: disable looked only into .wants folders that are real folders.
+    image = tree_image(tmp_path, "linked-wants", linked_wants_tree)
+    volume = root_volume(image, tmp_path, False)
+    assert as_booted(volume, tmp_path, "hv-kvp-daemon.service") == "enabled"
+    volume.unlink()
+    assert listed(cli, image)["kvp"] == "enabled"
+    files = changed(cli, image, "--disable", "kvp")
+    assert [(f["action"], f["path"]) for f in files] == [("delete", f"{WANTS}/hv-kvp-daemon.service")]
+    volume = root_volume(image, tmp_path, False)
+    e2fsck_clean(volume)
+    assert as_booted(volume, tmp_path, "hv-kvp-daemon.service") == "disabled"
+    # The linked folder stays a link, to the same folder; the stale fcopy link in it is left alone.
+    assert stat_of(volume, WANTS)["link"] == "../../real-wants"
+    assert stat_of(volume, "/etc/real-wants/hv-fcopy-daemon.service")["link"] == "/opt/old/hv-fcopy-daemon.service"
+    assert listed(cli, image)["kvp"] == "disabled"
+    # Again: nothing to change, not a byte.
+    was = digest(image)
+    code, out, err = cli("services", "--json", image, "--disable", "kvp")
+    assert code == 0 and json.loads(out)["changes"]["files"] == [] and digest(image) == was, err
+
+
+@needs_systemctl
+def test_enable_replaces_a_stale_link_in_a_linked_wants_folder(cli, tmp_path):
+    # On main: refused (exit 5), "multi-user.target.wants is a folder in the guest, not a folder": the folder of
+    # the replaced link was offered for removal, and a link to a folder is not one.
+    image = tree_image(tmp_path, "linked-wants", linked_wants_tree)
+    files = changed(cli, image, "--enable", "fcopy")
+    link = f"{WANTS}/hv-fcopy-daemon.service"
+    assert [(f["action"], f["path"]) for f in files] == [("delete", link), ("symlink", link)]
+    volume = root_volume(image, tmp_path, False)
+    e2fsck_clean(volume)
+    assert as_booted(volume, tmp_path, "hv-fcopy-daemon.service") == "enabled"
+    assert stat_of(volume, WANTS)["link"] == "../../real-wants"
+    made = stat_of(volume, "/etc/real-wants/hv-fcopy-daemon.service")
+    assert (made["type"], made["uid"], made["link"]) == ("symlink", 0, "/lib/systemd/system/hv-fcopy-daemon.service")
+    # Disabling it and kvp empties the linked-to folder: the link to it and the folder both stay.
+    files = changed(cli, image, "--disable", "fcopy")
+    assert [f["action"] for f in files] == ["delete"]
+    files = changed(cli, image, "--disable", "kvp")
+    assert [f["action"] for f in files] == ["delete"]
+    volume = root_volume(image, tmp_path, False)
+    e2fsck_clean(volume)
+    assert stat_of(volume, WANTS)["link"] == "../../real-wants"
+    assert stat_of(volume, "/etc/real-wants")["type"] == "directory"
