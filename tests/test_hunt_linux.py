@@ -9,6 +9,10 @@ A ``.wants`` folder of /etc/systemd/system that is a symbolic link to a folder: 
 their units at boot, and ``vhdtool services`` lists such a unit as enabled. ``systemctl --root``
 (install.c) does not descend into a linked folder, so the judge is given the tree as the boot reads
 it: the linked folder replaced by a copy of what it points to (``as_booted``).
+
+A guest that mounts /var from another partition (/etc/fstab): stage writes the root volume only, where the
+booted guest's /var mount hides /var/lib/vhdtool, so the unit could never run install.sh; it is refused,
+the image byte-identical. A separate /var/log hides nothing of ours and is staged (debugfs, e2fsck judge).
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import digest
-from fixtures.build.disks import write
+from conftest import assert_one_line_error, digest
+from fixtures.build.disks import Part, build_raw_disk, mbr_layout, write
+from fixtures.build.linux import ubuntu_tree as ubuntu_guest
+from fixtures.build.tools import MiB, run
+from judges.volumes import partition_volume
+from test_ext4_write import debugfs
 from test_ext4_write import e2fsck_clean, image_ok, stat_of
 from test_linux_services import SYSTEMCTL, extracted, root_volume, systemctl, tree_image
 from test_linux_units import ubuntu_tree, unit
@@ -120,3 +128,70 @@ def test_enable_replaces_a_stale_link_in_a_linked_wants_folder(cli, tmp_path):
     e2fsck_clean(volume)
     assert stat_of(volume, WANTS)["link"] == "../../real-wants"
     assert stat_of(volume, "/etc/real-wants")["type"] == "directory"
+
+
+# -- stage on a guest with a separate /var -----------------------------------------------------------
+
+def _guest_without_daemons(root: Path, fstab: str) -> None:
+    """The ubuntu-ext4 fixture's tree with its daemons gone (the plan stages linux-cloud-tools-generic), an empty
+    /var to mount on, and ``fstab``."""
+    ubuntu_guest(root)
+    for unit_name in ("hv-kvp-daemon", "hv-vss-daemon"):
+        os.unlink(root / f"usr/sbin/{unit_name.replace('-', '_')}")
+        os.unlink(root / f"lib/systemd/system/{unit_name}.service")
+    shutil.rmtree(root / "var")
+    (root / "var").mkdir()
+    write(root, "etc/fstab", fstab)
+
+
+def _ext4(label: str, tree):
+    def fill(image: Path, part: Part, work: Path) -> None:
+        root = work / f"tree-{label}"
+        root.mkdir()
+        tree(root)
+        run("mkfs.ext4", "-q", "-F", "-b", 4096, "-L", label, "-d", root, image)
+    return fill
+
+
+def two_volume_guest(tmp: Path, fstab: str) -> Path:
+    """A VHDX: partition 1 the root ext4 with ``fstab``, partition 2 an ext4 labelled var (log/, lib/)."""
+    layout = mbr_layout(96 * MiB, 0x5A7E0B11,
+                        Part(start=1 * MiB, size=56 * MiB, filesystem="ext4", mbr_type="83",
+                             fill=_ext4("root", lambda r: _guest_without_daemons(r, fstab))),
+                        Part(start=57 * MiB, size=38 * MiB, filesystem="ext4", mbr_type="83",
+                             fill=_ext4("var", lambda r: [(r / d).mkdir() for d in ("log", "lib")])))
+    work = tmp / "build"
+    work.mkdir()
+    raw = build_raw_disk(work, layout)
+    image = tmp / "guest.vhdx"
+    run("qemu-img", "convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic", raw, image)
+    shutil.rmtree(work)
+    return image
+
+
+ROOT = "LABEL=root / ext4 defaults 0 1\n"
+HIDDEN = {"var": "LABEL=var /var ext4 defaults 0 2\n", "var-slash": "# mounted at boot\nLABEL=var\t/var/\text4 0 2\n",
+          "var-lib": "/dev/sda2 /var/lib ext4 defaults 0 2\n"}
+
+
+@pytest.mark.parametrize("case", sorted(HIDDEN))
+def test_stage_refuses_a_guest_that_mounts_var_from_another_volume(cli, tmp_path, case):
+    # On main: staged (exit 0) into partition 1's /var, which the guest's /var mount hides at boot.
+    image = two_volume_guest(tmp_path, ROOT + "LABEL=swap none swap sw 0 0\n" + HIDDEN[case])
+    was = digest(image)
+    code, out, err = cli("stage", image, "--host", "auto")
+    assert_one_line_error(code, out, err, image)
+    assert code == 5 and "/etc/fstab" in err and "linux-cloud-tools-generic" in err, err
+    assert digest(image) == was
+
+
+def test_stage_with_a_separate_var_log_writes_the_root_volume(cli, tmp_path):
+    image = two_volume_guest(tmp_path, ROOT + "LABEL=var /var/log ext4 defaults 0 2\n")
+    code, out, err = cli("stage", "--json", image, "--host", "auto")
+    assert code == 0 and json.loads(out)["staged"], err
+    image_ok(image)
+    volume = partition_volume(image, tmp_path, 1)
+    e2fsck_clean(volume)
+    script = "/var/lib/vhdtool/linux-cloud-tools-generic/install.sh"
+    assert (stat_of(volume, script)["type"], stat_of(volume, script)["mode"]) == ("regular", 0o755)
+    assert debugfs(volume, f"cat {script}").startswith("#!/bin/sh\n")
