@@ -13,6 +13,9 @@ it: the linked folder replaced by a copy of what it points to (``as_booted``).
 A guest that mounts /var from another partition (/etc/fstab): stage writes the root volume only, where the
 booted guest's /var mount hides /var/lib/vhdtool, so the unit could never run install.sh; it is refused,
 the image byte-identical. A separate /var/log hides nothing of ours and is staged (debugfs, e2fsck judge).
+
+install.sh run as the unit runs it, in a chroot with busybox as /bin/sh (tests/linux_boot.py), on an
+attempts.txt it did not write.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from fixtures.build.disks import Part, build_raw_disk, mbr_layout, write
 from fixtures.build.linux import ubuntu_tree as ubuntu_guest
 from fixtures.build.tools import MiB, run
 from judges.volumes import partition_volume
+from linux_boot import Unavailable, make_guest
 from test_ext4_write import debugfs
 from test_ext4_write import e2fsck_clean, image_ok, stat_of
 from test_linux_services import SYSTEMCTL, extracted, root_volume, systemctl, tree_image
 from test_linux_units import ubuntu_tree, unit
+from vhdtool.stage.linux_script import LinuxStagedScript
+from vhdtool.stage.script import MAX_ATTEMPTS
 
 pytestmark = pytest.mark.fixtures
 needs_systemctl = pytest.mark.skipif(SYSTEMCTL is None, reason="systemctl (the judge) is not installed")
@@ -195,3 +201,24 @@ def test_stage_with_a_separate_var_log_writes_the_root_volume(cli, tmp_path):
     script = "/var/lib/vhdtool/linux-cloud-tools-generic/install.sh"
     assert (stat_of(volume, script)["type"], stat_of(volume, script)["mode"]) == ("regular", 0o755)
     assert debugfs(volume, f"cat {script}").startswith("#!/bin/sh\n")
+
+
+# -- install.sh on an attempt count it did not write ---------------------------------------------------
+
+@pytest.mark.parametrize("count", [b"08\n", b"09\n", b"0019\n"])
+def test_install_sh_gives_up_on_a_count_with_a_leading_zero(tmp_path, count):
+    # On main: sh's arithmetic reads 08 and 09 as bad octal numbers and install.sh stops there (busybox:
+    # "arithmetic syntax error", exit 2) before it counts, writes a result or removes its link: the unit
+    # fails at every boot, for ever.
+    script = LinuxStagedScript("linux-cloud-tools-generic", "apt", ("linux-cloud-tools-generic",), ())
+    try:
+        g = make_guest(tmp_path / "root", script)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    g.folder.joinpath("attempts.txt").write_bytes(count)
+    run_ = g.boot({"apt-get-install": 100})
+    assert run_ is not None and run_.returncode == 0, run_.stderr
+    lines = g.file("result.txt").decode().splitlines()
+    assert lines[:2] == ["exit_code=-1", f"attempts={MAX_ATTEMPTS}"], lines
+    assert not os.path.lexists(g.wants_link)
+    assert not [c for c in g.calls() if c.program == "apt-get"]
