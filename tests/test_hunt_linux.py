@@ -14,6 +14,9 @@ A guest that mounts /var from another partition (/etc/fstab): stage writes the r
 booted guest's /var mount hides /var/lib/vhdtool, so the unit could never run install.sh; it is refused,
 the image byte-identical. A separate /var/log hides nothing of ours and is staged (debugfs, e2fsck judge).
 
+A file or a dangling link where a parent folder of what stage writes goes: refused before the write (exit
+5, byte-identical), not left to libext2fs (which met it mid-commit, exit 4 "run e2fsck").
+
 install.sh run as the unit runs it, in a chroot with busybox as /bin/sh (tests/linux_boot.py), on an
 attempts.txt it did not write.
 """
@@ -222,3 +225,30 @@ def test_install_sh_gives_up_on_a_count_with_a_leading_zero(tmp_path, count):
     assert lines[:2] == ["exit_code=-1", f"attempts={MAX_ATTEMPTS}"], lines
     assert not os.path.lexists(g.wants_link)
     assert not [c for c in g.calls() if c.program == "apt-get"]
+
+
+# -- a file or a dangling link where a folder of ours goes ---------------------------------------------------
+
+def _staging_root_file(root: Path) -> None:
+    _guest_without_daemons(root, ROOT)
+    write(root, "var/lib/vhdtool", "not a folder\n")
+
+
+def _staging_root_dangling(root: Path) -> None:
+    _guest_without_daemons(root, ROOT)
+    (root / "var/lib").mkdir(parents=True)
+    os.symlink("/nowhere", root / "var/lib/vhdtool")
+
+
+@pytest.mark.parametrize("tree,what", [(_staging_root_file, "is a file"),
+                                       (_staging_root_dangling, "is a symbolic link that leads to no folder")],
+                         ids=["file", "dangling-link"])
+def test_stage_refuses_a_parent_that_is_not_a_folder_before_writing(cli, tmp_path, tree, what):
+    # On main: exit 4, "libext2fs cannot make the folder /var/lib/vhdtool (...); ... run e2fsck -f on the volume"
+    # (a sound volume called damaged), from inside the commit.
+    image = tree_image(tmp_path, "guest", tree)
+    was = digest(image)
+    code, out, err = cli("stage", image, "--host", "auto")
+    assert_one_line_error(code, out, err, image)
+    assert code == 5 and f"/var/lib/vhdtool {what} in the guest" in err and "e2fsck" not in err, err
+    assert digest(image) == was
