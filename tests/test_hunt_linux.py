@@ -139,6 +139,26 @@ def test_enable_replaces_a_stale_link_in_a_linked_wants_folder(cli, tmp_path):
     assert stat_of(volume, "/etc/real-wants")["type"] == "directory"
 
 
+
+def sibling_wants_tree(root: Path) -> None:
+    """ubuntu_tree with graphical.target.wants a link to its sibling multi-user.target.wants (kvp's link in it)."""
+    ubuntu_tree(root)
+    os.symlink("multi-user.target.wants", root / "etc/systemd/system/graphical.target.wants")
+
+
+@needs_systemctl
+def test_disable_deletes_a_link_once_when_two_wants_names_lead_to_its_folder(cli, tmp_path):
+    image = tree_image(tmp_path, "sibling-wants", sibling_wants_tree)
+    files = changed(cli, image, "--disable", "kvp")
+    assert [(f["action"], f["path"]) for f in files] == [("delete", f"{WANTS}/hv-kvp-daemon.service"),
+                                                           ("rmdir", WANTS)]
+    volume = root_volume(image, tmp_path, False)
+    e2fsck_clean(volume)
+    tree = extracted(volume, tmp_path)
+    assert systemctl(tree, "is-enabled", "hv-kvp-daemon.service") == "disabled"
+    assert os.readlink(tree / "etc/systemd/system/graphical.target.wants") == "multi-user.target.wants"
+
+
 # -- stage on a guest with a separate /var -----------------------------------------------------------
 
 def _guest_without_daemons(root: Path, fstab: str) -> None:
