@@ -159,6 +159,26 @@ def test_disable_deletes_a_link_once_when_two_wants_names_lead_to_its_folder(cli
     assert os.readlink(tree / "etc/systemd/system/graphical.target.wants") == "multi-user.target.wants"
 
 
+
+def long_wanted_by_tree(root: Path) -> None:
+    """ubuntu_tree plus an fcopy unit WantedBy= a 252-byte target name: its .wants folder's name is 258 bytes."""
+    ubuntu_tree(root)
+    write(root, "usr/sbin/hv_fcopy_daemon", "#!/bin/sh\n", 0o755)
+    write(root, "lib/systemd/system/hv-fcopy-daemon.service",
+          "[Service]\nExecStart=/usr/sbin/hv_fcopy_daemon\n[Install]\nWantedBy=" + "a" * 245 + ".target\n")
+
+
+def test_a_folder_name_longer_than_ext4_allows_is_refused_before_writing(cli, tmp_path):
+    # On main: exit 4, "... is not a folder; boot the guest once ... or run e2fsck -f on the volume" (a sound
+    # volume called damaged): libext2fs met the name inside the commit.
+    image = tree_image(tmp_path, "long", long_wanted_by_tree)
+    was = digest(image)
+    code, out, err = cli("services", image, "--enable", "fcopy")
+    assert_one_line_error(code, out, err, image)
+    assert code == 5 and "longer than ext4's 255 bytes" in err and "e2fsck" not in err, err
+    assert digest(image) == was
+
+
 # -- stage on a guest with a separate /var -----------------------------------------------------------
 
 def _guest_without_daemons(root: Path, fstab: str) -> None:

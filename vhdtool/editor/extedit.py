@@ -29,6 +29,7 @@ from vhdtool.volume.mapping import VolumeMap
 EXT = ("ext2", "ext3", "ext4")
 WRITES = "vhdtool writes ext2/3/4 and NTFS volumes only"
 VERITY_FL = 0x100000  # EXT4_VERITY_FL: a file sealed by fs-verity
+EXT_NAME_MAX = 255  # bytes in one name of a folder entry (ext4 disk layout, "Directory Entries")
 
 
 def _ext2fs():
@@ -311,6 +312,10 @@ class ExtEdits:
             raise UnsupportedLayout(self.path, e.problem, e.hint) from None
         if target == "/":
             raise UnsupportedLayout(self.path, f"{path} names the root folder", "give a path under it")
+        long = next((p for p in target.split("/") if len(p.encode()) > EXT_NAME_MAX), None)
+        if long is not None:  # refused now: libext2fs would meet it inside the commit
+            raise UnsupportedLayout(self.path, f"{path}: the name {long[:40]}... is longer than ext4's {EXT_NAME_MAX} "
+                                               "bytes", "give a shorter name")
         return target
 
     @staticmethod
