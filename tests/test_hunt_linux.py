@@ -202,11 +202,19 @@ def _ext4(label: str, tree):
     return fill
 
 
-def two_volume_guest(tmp: Path, fstab: str) -> Path:
-    """A VHDX: partition 1 the root ext4 with ``fstab``, partition 2 an ext4 labelled var (log/, lib/)."""
+def two_volume_guest(tmp: Path, fstab: str, var_link: str | None = None) -> Path:
+    """A VHDX: partition 1 the root ext4 with ``fstab`` (/var a link to ``var_link``, a folder there, if given),
+    partition 2 an ext4 labelled var (log/, lib/)."""
+    def root_tree(root: Path) -> None:
+        _guest_without_daemons(root, fstab)
+        if var_link:
+            (root / "var").rmdir()
+            (root / var_link.lstrip("/")).mkdir(parents=True)
+            os.symlink(var_link, root / "var")
+
     layout = mbr_layout(96 * MiB, 0x5A7E0B11,
                         Part(start=1 * MiB, size=56 * MiB, filesystem="ext4", mbr_type="83",
-                             fill=_ext4("root", lambda r: _guest_without_daemons(r, fstab))),
+                             fill=_ext4("root", root_tree)),
                         Part(start=57 * MiB, size=38 * MiB, filesystem="ext4", mbr_type="83",
                              fill=_ext4("var", lambda r: [(r / d).mkdir() for d in ("log", "lib")])))
     work = tmp / "build"
@@ -223,10 +231,14 @@ HIDDEN = {"var": "LABEL=var /var ext4 defaults 0 2\n", "var-slash": "# mounted a
           "var-lib": "/dev/sda2 /var/lib ext4 defaults 0 2\n"}
 
 
+HIDDEN["var-linked-to-data"] = "LABEL=var /data ext4 defaults 0 2\n"  # and /var a link to /data/var
+
+
 @pytest.mark.parametrize("case", sorted(HIDDEN))
 def test_stage_refuses_a_guest_that_mounts_var_from_another_volume(cli, tmp_path, case):
     # On main: staged (exit 0) into partition 1's /var, which the guest's /var mount hides at boot.
-    image = two_volume_guest(tmp_path, ROOT + "LABEL=swap none swap sw 0 0\n" + HIDDEN[case])
+    image = two_volume_guest(tmp_path, ROOT + "LABEL=swap none swap sw 0 0\n" + HIDDEN[case],
+                             var_link="/data/var" if case == "var-linked-to-data" else None)
     was = digest(image)
     code, out, err = cli("stage", image, "--host", "auto")
     assert_one_line_error(code, out, err, image)
