@@ -29,6 +29,7 @@ from vhdtool.volume.mapping import VolumeMap
 EXT = ("ext2", "ext3", "ext4")
 WRITES = "vhdtool writes ext2/3/4 and NTFS volumes only"
 VERITY_FL = 0x100000  # EXT4_VERITY_FL: a file sealed by fs-verity
+EXT_NAME_MAX = 255  # bytes in one name of a folder entry (ext4 disk layout, "Directory Entries")
 
 
 def _ext2fs():
@@ -186,6 +187,7 @@ class ExtEdits:
         if state not in (None, "file"):
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
         if state is None:
+            self._refuse_no_folder(vol, target)
             self._refuse_case_twin(vol, target)
         entry = vol.fs.entry(target) if state == "file" and not self._pending(vol, target) else None
         if entry is not None and entry.flags & VERITY_FL:
@@ -230,6 +232,7 @@ class ExtEdits:
             return None
         if state is not None:
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a folder path")
+        self._refuse_no_folder(vol, target)
         self._refuse_case_twin(vol, target)
         return self._add(vol, _ext2fs().MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
 
@@ -242,6 +245,7 @@ class ExtEdits:
         if state == "link" and not self._pending(vol, target) and vol.fs.entry(target).link == target_text:
             return None
         if state is None:
+            self._refuse_no_folder(vol, target)
             self._refuse_case_twin(vol, target)
         return self._add(vol, _ext2fs().Symlink(target, target_text),
                          FileChange(target, "symlink", None, None, vol.index, target=target_text))
@@ -278,6 +282,20 @@ class ExtEdits:
             raise UnsupportedLayout(self.path, f"{path} is not empty ({left[0]} is in it)", "remove what is in it first")
         return self._add(vol, _ext2fs().RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
 
+    def _refuse_no_folder(self, vol: ExtVolume, target: str) -> None:
+        """A new path's nearest parent that is there must be a folder (or a link to one): libext2fs would stop at
+        a file or a dangling link in the way after the session had decided to write."""
+        folder = target.rpartition("/")[0]
+        while folder:
+            state = self._state(vol, folder)
+            if state == "dir" or (state == "link" and (vol.fs.is_dir(folder) or self._pending(vol, folder))):
+                return
+            if state is not None:
+                what = "symbolic link that leads to no folder" if state == "link" else self._kind(state)
+                raise UnsupportedLayout(self.path, f"{folder} is a {what} in the guest, not a folder",
+                                        "remove it in the guest first")
+            folder = folder.rpartition("/")[0]
+
     def _refuse_case_twin(self, vol: ExtVolume, target: str) -> None:
         """A new name a case-insensitive folder already holds in another case: libext2fs (comparing bytes) would add
         a second entry the guest's kernel cannot tell from the first."""
@@ -294,6 +312,10 @@ class ExtEdits:
             raise UnsupportedLayout(self.path, e.problem, e.hint) from None
         if target == "/":
             raise UnsupportedLayout(self.path, f"{path} names the root folder", "give a path under it")
+        long = next((p for p in target.split("/") if len(p.encode()) > EXT_NAME_MAX), None)
+        if long is not None:  # refused now: libext2fs would meet it inside the commit
+            raise UnsupportedLayout(self.path, f"{path}: the name {long[:40]}... is longer than ext4's {EXT_NAME_MAX} "
+                                               "bytes", "give a shorter name")
         return target
 
     @staticmethod

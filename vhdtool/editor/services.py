@@ -115,7 +115,8 @@ def _set_linux_daemons(image, ed, wanted: list[tuple[str, int]]) -> tuple[str, .
     # Each plan removes the folders it alone empties; systemctl disable A B also removes one that A's
     # and B's links emptied together (never /etc/systemd/system itself).
     for folder in sorted({posixpath.dirname(c.path) for p in plans for c in p.changes if c.action == "delete"}):
-        if folder != CONFIG_DIR:
+        entry = ed.entry(folder)
+        if folder != CONFIG_DIR and entry is not None and entry.kind == "dir":  # a link to a folder is kept
             ed.rmdir(folder, if_empty=True)
     return tuple(n for p in plans for n in p.notes)
 

@@ -8,6 +8,7 @@ Linux volume.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ HV_MODULE_DIRS = {
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 DAEMONS = {d.daemon: d.binaries for d in HV_DAEMONS}
 OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
+FSTAB = "/etc/fstab"
+MAX_FSTAB = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,35 @@ def _module_name(path: str) -> str:
         if base.endswith(suffix):
             base = base[: -len(suffix)]
     return base.replace("-", "_")
+
+
+def fstab_mount_over(fs: Filesystem, path: str) -> tuple[str, str] | None:
+    """(mount point, device) of the first /etc/fstab entry (fstab(5)) that mounts a filesystem at ``path`` or at a
+    folder above it other than /, as given or with its links resolved: what the booted guest finds at ``path`` is
+    on that filesystem, not the root's."""
+    if not fs.exists(FSTAB) or fs.is_dir(FSTAB):
+        return None
+    paths = {path, _resolved(fs, path)}  # /var a link to /data/var, /data mounted: the boot sees /data's
+    for line in fs.read(FSTAB, MAX_FSTAB).decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith("#") or not fields[1].startswith("/"):
+            continue  # swap ("none", "swap") has no mount point
+        point = posixpath.normpath(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+        if point not in ("/", "//") and any(p == point or p.startswith(point + "/") for p in paths):
+            return point, fields[0]
+    return None
+
+
+def _resolved(fs: Filesystem, path: str) -> str:
+    """``path`` with the links of its longest existing part resolved inside the guest."""
+    head, rest = path, ""
+    while head not in ("", "/"):
+        found = fs.resolve(head)
+        if found is not None:
+            return posixpath.join(found, rest) if rest else found
+        head, name = posixpath.split(head)
+        rest = posixpath.join(name, rest) if rest else name
+    return path
 
 
 def os_release(fs: Filesystem) -> dict[str, str]:

@@ -317,21 +317,28 @@ def disable_plan(fs: Filesystem, name: str, udev: dict[str, str] | None = None) 
     emptied = {posixpath.dirname(c.path) for c in changes} - {CONFIG_DIR}
     deleted = {c.path for c in changes}
     for folder in sorted(emptied):
-        if all(f"{folder}/{e}" in deleted for e in fs.listdir(folder)):
+        if fs.readlink(folder) is None and all(f"{folder}/{e}" in deleted for e in fs.listdir(folder)):
             changes.append(LinkChange(folder, "rmdir", None))
     return LinkPlan(name, "disable", tuple(changes))
 
 
 def _config_links(fs: Filesystem) -> list[str]:
-    """Every symlink at the top of /etc/systemd/system and one folder down (where enable puts them)."""
+    """Every symlink at the top of /etc/systemd/system and one folder down (where enable puts them), in a
+    ``.wants``/``.requires``/``.upholds`` folder that is itself a link to a folder too (the guest's systemd follows
+    it, as is_enabled does), unless it leads to a folder listed already under its own name."""
     out: list[str] = []
+    folders: list[str] = []
     for entry in _listdir(fs, CONFIG_DIR):
         path = f"{CONFIG_DIR}/{entry}"
-        if fs.readlink(path) is not None:
+        if fs.readlink(path) is not None and not (entry.endswith(DEPENDENCY_DIRS) and fs.is_dir(path)):
             out.append(path)
         elif fs.is_dir(path):
-            out.extend(f"{path}/{e}" for e in _listdir(fs, path)[:MAX_CONFIG_LINKS - len(out)]
-                       if fs.readlink(f"{path}/{e}") is not None)
-        if len(out) >= MAX_CONFIG_LINKS:
-            break
-    return sorted(out)
+            folders.append(path)
+    seen: set[str | None] = set()
+    for path in sorted(folders, key=lambda f: fs.readlink(f) is not None):  # real folders first
+        if fs.resolve(path) in seen or len(out) >= MAX_CONFIG_LINKS:
+            continue
+        seen.add(fs.resolve(path))
+        out.extend(f"{path}/{e}" for e in _listdir(fs, path)[:MAX_CONFIG_LINKS - len(out)]
+                   if fs.readlink(f"{path}/{e}") is not None)
+    return sorted(out[:MAX_CONFIG_LINKS])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 
-from vhdtool.errors import SetupPending
+from vhdtool.errors import SetupPending, UnsupportedLayout
 from vhdtool.plan.decide import Plan
 from vhdtool.stage.linux_script import (
     ID_PATTERN,
@@ -48,6 +48,7 @@ def stage_linux(ed, image: str, plan: Plan) -> tuple[LinuxStagedScript, tuple[di
     """Queue the staging in edit session ``ed``; (the script, the files written, the boot hook)."""
     script = linux_script(plan)
     _refuse_another_enabled(ed, image, script)
+    _refuse_separate_mounts(ed, image, script)
     text, unit = render_script(script), render_unit(script)
     ed.mkdir(script.folder)
     ed.write_file(script.script_path, text, mode=SCRIPT_MODE, uid=0, gid=0)
@@ -64,6 +65,19 @@ def stage_linux(ed, image: str, plan: Plan) -> tuple[LinuxStagedScript, tuple[di
     hook = {"kind": "systemd-unit", "command": f"/bin/sh {script.script_path}", "unit": script.unit_name,
             "link": script.wants_link, "target": script.unit_path}
     return script, files, hook
+
+
+def _refuse_separate_mounts(ed, image: str, script: LinuxStagedScript) -> None:
+    """vhdtool writes the root volume: a folder the guest mounts from another filesystem (a separate /var) would
+    hide install.sh (or the unit) from its boot, and the unit would fail at every boot."""
+    from vhdtool.guest.linux import fstab_mount_over
+
+    for path in (script.folder, UNIT_DIR):
+        found = fstab_mount_over(ed.ext_filesystem(), path)
+        if found is not None:
+            raise UnsupportedLayout(image, f"the guest mounts {found[0]} from {found[1]} (/etc/fstab): its boot would "
+                                           f"not see {path} where vhdtool writes it, on the root volume",
+                                    f"install {' '.join(script.packages)} from inside the guest")
 
 
 def _refuse_another_enabled(ed, image: str, script: LinuxStagedScript) -> None:
