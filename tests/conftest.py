@@ -154,3 +154,23 @@ def pytest_configure(config):
     explicit = any("::" in str(arg) for arg in config.args)
     if not config.option.markexpr and not os.environ.get("VHDTOOL_SLOW") and not explicit:
         config.option.markexpr = "not slow"
+
+
+@pytest.fixture(scope="session")
+def wine(tmp_path_factory):
+    """One Wine prefix for the session's boot simulations (tests/wine_boot.py); skipped where Wine cannot run."""
+    import wine_boot
+    from wine_boot import WinePrefix, WineUnusable
+
+    reason = wine_boot.missing_tools()
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("wine")
+    try:
+        prefix = WinePrefix.create(base / "prefix", base / "stubs")
+    except WineUnusable as e:
+        pytest.skip(f"Wine cannot run here: {e}")
+    print(f"\n{prefix.version}: prefix made in {prefix.created_seconds:.1f} s; findstr: {prefix.findstr}")
+    yield prefix
+    prefix.close()
+    shutil.rmtree(base / "prefix", ignore_errors=True)  # about 700 MB

@@ -8,12 +8,10 @@ and the staged install.cmd is run under Wine (``tests/wine_boot.py``).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
 
-import wine_boot
 from conftest import digest, work_copy
 from fixtures.cabs import CabSpec, build_iso
 from judges.hives import hive_typed_values
@@ -21,7 +19,7 @@ from judges.volumes import ntfs_names as ntfsls
 from judges.volumes import ntfscat
 from judges.volumes import partition_volume as volume
 from offline_boot import install_cmd_finished, write_boot
-from wine_boot import SYSTEM32, Guest, WinePrefix, WineUnusable
+from wine_boot import SYSTEM32, Guest
 from vhdtool.stage.script import StagedScript
 
 pytestmark = pytest.mark.fixtures
@@ -37,19 +35,24 @@ def iso(tmp_path_factory):
     return build_iso([CabSpec(nt, "x64", IC) for nt in ("6.1", "6.2")], root / "vmguest.iso")
 
 
-@pytest.fixture(scope="module")
-def wine(tmp_path_factory):
-    reason = wine_boot.missing_tools()
-    if reason:
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("wine")
-    try:
-        prefix = WinePrefix.create(base / "prefix", base / "stubs")
-    except WineUnusable as e:
-        pytest.skip(f"Wine cannot run here: {e}")
-    yield prefix
-    prefix.close()
-    shutil.rmtree(base / "prefix", ignore_errors=True)
+def setupcomplete_boot(wine, doc: dict, part, staged: bytes):
+    """The staged files and ``staged`` SetupComplete.cmd put into the Wine guest, and its end-of-setup boot run
+    (the installer stub exits 0): the guest, the file the user's SITE line writes, and the boot."""
+    script = StagedScript(id=doc["id"], cab_name=doc["cab"]["name"], installer="dism", system_root="C:\\Windows",
+                          hook="setupcomplete")
+    g = Guest(wine, script)
+    g.folder.mkdir(parents=True)
+    for f in doc["files"]:
+        (g.folder / f["path"].rsplit("/", 1)[1]).write_bytes(ntfscat(part, f["path"]))
+    wine.reg_add("SetupType", "REG_DWORD", 0)
+    wine.reg_add("CmdLine", "REG_SZ", "")
+    g.setupcomplete_path.parent.mkdir(parents=True, exist_ok=True)
+    g.setupcomplete_path.write_bytes(staged)
+    site = wine.host(SITE.decode())
+    site.unlink(missing_ok=True)
+    g.set_installer_exit(0)
+    boot = g.setupcomplete_boot()
+    return g, site, boot
 
 
 def stage(cli, image, iso, *extra) -> dict:
@@ -214,20 +217,7 @@ def test_user_setupcomplete_runs_first_and_is_left_as_it_was(cli, iso81, wine, t
     line = doc["boot_hook"]["command"].encode() + b"\r\n"
     staged = ntfscat(part, SC)
     assert staged == content + appended + line
-    script = StagedScript(id=doc["id"], cab_name=doc["cab"]["name"], installer="dism", system_root="C:\\Windows",
-                          hook="setupcomplete")
-    g = Guest(wine, script)
-    g.folder.mkdir(parents=True)
-    for f in doc["files"]:
-        (g.folder / f["path"].rsplit("/", 1)[1]).write_bytes(ntfscat(part, f["path"]))
-    wine.reg_add("SetupType", "REG_DWORD", 0)
-    wine.reg_add("CmdLine", "REG_SZ", "")
-    g.setupcomplete_path.parent.mkdir(parents=True, exist_ok=True)
-    g.setupcomplete_path.write_bytes(staged)
-    site = wine.host(SITE.decode())
-    site.unlink(missing_ok=True)
-    g.set_installer_exit(0)
-    boot = g.setupcomplete_boot()
+    g, site, boot = setupcomplete_boot(wine, doc, part, staged)
     expected_site = b"one\r\ntwo\r\n" if b"two" in content else b"one\r\n"
     assert site.read_bytes() == expected_site, boot.output
     assert len(g.installer_calls()) == 1 and g.result()["exit_code"] == "0", boot.output
@@ -276,20 +266,7 @@ def test_our_line_is_moved_last_when_lines_were_appended_after_it(cli, iso81, wi
     assert staged == b"rem " + line + original + other + line
     qemu_clean(image)
     # Under Wine: the other tool's line runs, then ours; install.cmd leaves the rest as it was.
-    script = StagedScript(id=doc["id"], cab_name=doc["cab"]["name"], installer="dism", system_root="C:\\Windows",
-                          hook="setupcomplete")
-    g = Guest(wine, script)
-    g.folder.mkdir(parents=True)
-    for f in doc["files"]:
-        (g.folder / f["path"].rsplit("/", 1)[1]).write_bytes(ntfscat(part, f["path"]))
-    wine.reg_add("SetupType", "REG_DWORD", 0)
-    wine.reg_add("CmdLine", "REG_SZ", "")
-    g.setupcomplete_path.parent.mkdir(parents=True, exist_ok=True)
-    g.setupcomplete_path.write_bytes(staged)
-    site = wine.host(SITE.decode())
-    site.unlink(missing_ok=True)
-    g.set_installer_exit(0)
-    boot = g.setupcomplete_boot()
+    g, site, boot = setupcomplete_boot(wine, doc, part, staged)
     assert site.read_bytes() == b"other\r\n" and len(g.installer_calls()) == 1, boot.output
     assert g.setupcomplete_path.read_bytes() == original + other
 

@@ -9,11 +9,9 @@ Wine or mingw-w64 is not installed (install.sh --test installs both).
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
-import wine_boot
-from wine_boot import CAB_BYTES, SYSTEM32, Guest, WinePrefix, WineUnusable, signed32
+from wine_boot import CAB_BYTES, SYSTEM32, Guest, signed32
 
 from vhdtool.stage.script import (
     MARKER,
@@ -165,22 +163,6 @@ def test_install_id():
 
 
 # -- boots under Wine --------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def wine(tmp_path_factory):
-    reason = wine_boot.missing_tools()
-    if reason:
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("wine")
-    try:
-        prefix = WinePrefix.create(base / "prefix", base / "stubs")
-    except WineUnusable as e:
-        pytest.skip(f"Wine cannot run here: {e}")
-    print(f"\n{prefix.version}: prefix made in {prefix.created_seconds:.1f} s; findstr: {prefix.findstr}")
-    yield prefix
-    prefix.close()
-    shutil.rmtree(base / "prefix", ignore_errors=True)  # about 700 MB
-
 
 def detail(g: Guest, boot=None) -> str:
     return (f"\n--- boot output:\n{boot.output if boot else ''}\n--- install.log:\n{g.log()}\n"
