@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, assert_one_line_error, held_by_qemu, run_cli
 from conftest import SWEEPS, sweep_count, sweep_points
 from fixtures import build as fb
+from judges.disks import vhdi_chain_read
 from judges.volumes import extract_partition, ntfs_tree, ntfscat, partition_table, raw_image
 
 pytestmark = pytest.mark.fixtures
@@ -394,8 +395,6 @@ def test_refused_when_the_image_file_is_read_only(tmp_path):
 def test_copy_in_through_a_differencing_child(cli, tmp_path):
     """The child gets the change (partially present blocks); the parent is never written. libvhdi,
     which reads differencing VHDX (qemu does not), reads the chain for ntfs-3g to judge."""
-    import pyvhdi
-
     import vhdx_craft as vc
 
     parent = work_copy("ws2008r2-x64", tmp_path)
@@ -407,12 +406,8 @@ def test_copy_in_through_a_differencing_child(cli, tmp_path):
     code, out, err = cli("copy-in", child, local, "/Windows/Temp/child")
     assert code == 0, err
     assert digest(parent) == parent_before
-    f, p = pyvhdi.file(), pyvhdi.file()
-    f.open(str(child))
-    p.open(str(parent))
-    f.set_parent(p)
     raw = tmp_path / "chain.raw"
-    raw.write_bytes(f.read_buffer_at_offset(f.get_media_size(), 0))
+    raw.write_bytes(vhdi_chain_read(child, parent, 0))
     part = extract_partition(raw, 2, tmp_path / "chain.p2")
     assert ntfscat(part, "/Windows/Temp/child/diff.bin") == local.read_bytes()
     subprocess.run(["ntfsfix", "-n", str(part)], check=True, capture_output=True)

@@ -16,6 +16,7 @@ import regf_judge as judge
 import registry_craft as rc
 from conftest import SWEEPS, sweep_points
 from judges.volumes import ntfscat, partition_volume
+from test_hive_write import _libhivex
 
 from vhdtool.errors import UnsupportedLayout
 from vhdtool.registry.hivex import edit_hive
@@ -28,18 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "fixtures" / "real"
 NDH = REAL / "registry" / "NewDirtyHive1"
 PCI = "DriverDatabase\\DeviceIds\\PCI"  # an index root (ri) of six lh leaves in Windows 10's SYSTEM
-
-
-def _libhivex() -> bool:
-    import ctypes
-
-    from vhdtool.registry import libhivex
-
-    try:
-        ctypes.CDLL(libhivex.LIBRARY.soname)
-        return True
-    except OSError:
-        return False
 
 
 pytestmark = [pytest.mark.skipif(not _libhivex(), reason="libhivex0 not installed"),

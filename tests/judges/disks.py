@@ -46,3 +46,18 @@ def vhdx_bat_states(path: Path) -> list[int]:
                 entries = struct.unpack(f"<{length // 8}Q", f.read(length))
                 return [e & 7 for e in entries]
     raise AssertionError("no BAT region")
+
+
+def vhdi_chain_read(child: Path, parent: Path, offset: int, length: int | None = None) -> bytes:
+    """``length`` bytes (default: to the end of the disk) at ``offset`` of a differencing chain, read by libvhdi."""
+    import pyvhdi
+
+    f, p = pyvhdi.file(), pyvhdi.file()
+    f.open(str(child))
+    p.open(str(parent))
+    try:
+        f.set_parent(p)
+        return f.read_buffer_at_offset(f.get_media_size() - offset if length is None else length, offset)
+    finally:
+        f.close()
+        p.close()
