@@ -201,6 +201,10 @@ def plain_disk(tmp_path_factory) -> Path:
     ("/tab\there", "Windows"),
     ("/trailing.", "Windows"),
     ("/trailing ", "Windows"),
+    ("/CON", "device"),
+    ("/nul.txt", "device"),
+    ("/Com1.log", "device"),
+    ("/Windows/LPT9", "device"),
 ])
 def test_a_guest_folder_ntfs_cannot_hold_is_refused_unchanged(plain_disk, guest_dir, needle, tmp_path):
     image = tmp_path / plain_disk.name
@@ -214,7 +218,8 @@ def test_a_guest_folder_ntfs_cannot_hold_is_refused_unchanged(plain_disk, guest_
     assert digest(image) == before
 
 
-@pytest.mark.parametrize("name", ["\u00e9" * 255, "\U0001F600" * 127 + "a", "\u03a9mega \u00f1 \u4e2d\u6587"])
+@pytest.mark.parametrize("name", ["\u00e9" * 255, "\U0001F600" * 127 + "a", "\u03a9mega \u00f1 \u4e2d\u6587",
+                                  "CONSOLE.txt", "com10", "lpt0", "nul_", "auxiliary"])  # no device names
 def test_the_longest_and_unicode_names_are_written(plain_disk, name, tmp_path):
     """255 UTF-16 units (é: one each; an emoji: two) is NTFS's limit and is written; ntfscat and dissect read it."""
     image = tmp_path / plain_disk.name

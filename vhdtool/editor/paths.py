@@ -30,6 +30,8 @@ def guest_path(path: str, drive_letter: str | None = None) -> str:
 # What Windows does not allow in a file name (Naming Files, Paths, and Namespaces): libntfs-3g writes such a
 # name (in the POSIX namespace), and Windows then cannot open, rename or delete the file.
 WINDOWS_FORBIDDEN = frozenset('"*:<>?|' + "".join(map(chr, range(32))))
+# Device names Windows' path parsing takes for the device, in any case and with any extension (NUL.txt is NUL).
+WINDOWS_DEVICES = frozenset(["con", "prn", "aux", "nul"] + [f"{d}{n}" for d in ("com", "lpt") for n in range(1, 10)])
 
 
 def ntfs_name_problem(target: str) -> str | None:
@@ -44,6 +46,8 @@ def ntfs_name_problem(target: str) -> str | None:
         if WINDOWS_FORBIDDEN.intersection(name) or name.endswith((" ", ".")):
             return (f"the name {name!r} is one Windows cannot open (it holds one of \" * : < > ? | or a control "
                     "character, or ends in a dot or space)")
+        if name.split(".", 1)[0].rstrip(" ").casefold() in WINDOWS_DEVICES:
+            return f"the name {name!r} is one Windows cannot open (it names a device: CON, PRN, AUX, NUL, COM1-9, LPT1-9)"
     return None
 
 
