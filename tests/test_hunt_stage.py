@@ -336,3 +336,20 @@ def test_staging_again_after_power_was_lost_in_the_last_attempt_runs_it_again(cl
     g.set_installer_exit(0)
     assert g.boot(kb939857=False).ran
     assert len(g.installer_calls()) == 1 and g.result()["attempts"] == "1", (g.installer_calls(), g.result())
+
+
+@pytest.mark.parametrize("text,code", [
+    (b"99999999999999999999999", None),  # no 32-bit exit code: the guest's file is foreign
+    (b"4294967296", None),
+    (b"-2147483649", None),
+    (b"-2147483648", -2147483648),  # cmd prints 0x80000000 signed
+    (b"4294967295", 4294967295),
+    (b"1603", 1603),
+])
+def test_a_result_exit_code_no_windows_exit_code_can_be_is_unknown(text, code):
+    """result.txt is the guest's file: a number outside a 32-bit exit code's range is read as no number (a finished
+    run whose outcome is unknown), not passed on into status JSON and reports as it stands."""
+    from vhdtool.stage.status import parse_state
+
+    state = parse_state("6.3.9600.18692-x64", b"exit_code=" + text + b"\r\nattempts=1\r\n", None, None)
+    assert state.exit_code == code and state.state == "failed"

@@ -83,10 +83,13 @@ class Status:
 
 
 def _int(text: str | None) -> int | None:
+    """A number the boot-time script wrote; None for anything else, including one no 32-bit exit code or count
+    can be (cmd prints an exit code as signed, so -2**31 .. 2**32-1): the file is the guest's, hence hostile."""
     try:
-        return int(text) if text is not None else None
+        value = int(text) if text is not None else None
     except ValueError:
         return None
+    return value if value is None or -2**31 <= value < 2**32 else None
 
 
 def parse_state(staged_id: str, result: bytes | None, attempts: bytes | None, log: bytes | None,
