@@ -33,9 +33,9 @@ from vhdtool.stage.linux_script import (
     render_script,
     render_unit,
 )
+from vhdtool.stage.status import FINISHED_FILES
 
 SCRIPT_MODE, UNIT_MODE = 0o755, 0o644
-FINISHED_FILES = ("result.txt", "attempts.txt")
 
 
 def linux_script(plan: Plan) -> LinuxStagedScript:

@@ -31,12 +31,11 @@ from vhdtool.stage.script import (
     render_package,
 )
 from vhdtool.stage.linux_session import stage_linux
-from vhdtool.stage.status import STAGING_ROOT, parse_state
+from vhdtool.stage.status import FINISHED_FILES, STAGING_ROOT, parse_state
 
 SCHEMA = 1
 SETUP_KEY = "Setup"
 SETUP_COMPLETE = "/Windows/Setup/Scripts/SetupComplete.cmd"
-FINISHED_FILES = ("result.txt", "attempts.txt")
 
 
 @dataclass(frozen=True)

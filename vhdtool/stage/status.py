@@ -44,6 +44,7 @@ from vhdtool.volume import open_partition
 
 SCHEMA = 1
 STAGING_ROOT = "/Windows/vhdtool"
+FINISHED_FILES = ("result.txt", "attempts.txt")  # how far a staging's runs got; removed to start it afresh
 LOG_TAIL = 10
 RESULT_LINE = re.compile(r"^(exit_code|attempts|finished)=(.{0,100})$")
 IDENTITY_LINE = re.compile(r"^identity=(.{1,300})$")
@@ -147,13 +148,17 @@ def read_state(fs: Filesystem, staged_id: str, root: str = STAGING_ROOT,
                        content("install.log", 1 << 20), success_codes)
 
 
+def staging_ids(fs: Filesystem, root: str, pattern: re.Pattern) -> list[str]:
+    """The stagings under ``root``: folders whose name ``pattern`` matches (a file or a link loop of that name is
+    nobody's staging)."""
+    names = fs.listdir(root) if fs.is_dir(root) else []
+    return [n for n in names if pattern.fullmatch(n) and fs.is_dir(f"{root}/{n}")]
+
+
 def linux_staged(fs: Filesystem) -> tuple[StagedState, ...]:
     """Every staging under a Linux guest's /var/lib/vhdtool, finished ones first (by when), the unfinished last."""
     root = LINUX_STAGING_ROOT
-    names = fs.listdir(root) if fs.is_dir(root) else []
-    # A folder each (a file or a link loop of that name is nobody's staging).
-    ids = [n for n in names if LINUX_ID_PATTERN.fullmatch(n) and fs.is_dir(f"{root}/{n}")]
-    states = [read_state(fs, i, root, LINUX_SUCCESS_CODES) for i in ids]
+    states = [read_state(fs, i, root, LINUX_SUCCESS_CODES) for i in staging_ids(fs, root, LINUX_ID_PATTERN)]
     return tuple(sorted(states, key=lambda s: (s.state in ("pending", "running"), s.finished or "", s.id)))
 
 
@@ -170,9 +175,7 @@ def status(image: str | os.PathLike) -> Status:
                                     "stage and status know Windows and Linux guests")
         part = next(p for p in ins.partitions if p.index == w.system_partition)
         fs = NtfsFilesystem(open_partition(disk, part), path, f"partition {part.index}")
-        # A folder each (a file of that name is nobody's staging), as on Linux.
-        ids = ([n for n in fs.listdir(STAGING_ROOT) if ID_PATTERN.fullmatch(n) and fs.is_dir(f"{STAGING_ROOT}/{n}")]
-               if fs.is_dir(STAGING_ROOT) else [])
+        ids = staging_ids(fs, STAGING_ROOT, ID_PATTERN)
         ids.sort(key=lambda i: version_tuple(i.split("-")[0]))
         ic = ins.guest.integration_services
         ic_version = ic.version if ic else None
