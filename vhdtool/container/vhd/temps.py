@@ -92,10 +92,7 @@ def give_owner_and_mode(fd: int, src: int, like: os.stat_result, image_path: str
     try:
         if os.geteuid() == 0:
             os.fchown(fd, like.st_uid, like.st_gid)
-    except OSError as e:
-        raise unchanged_failure(image_path, f"cannot give the changed copy the image's owner and mode ({e.strerror})") from None
-    _copy_xattrs(src, fd, image_path)
-    try:
+        _copy_xattrs(src, fd, image_path)  # raises its own errors
         os.fchmod(fd, stat.S_IMODE(like.st_mode))  # after chown, which clears set-id bits, and the ACL
     except OSError as e:
         raise unchanged_failure(image_path, f"cannot give the changed copy the image's owner and mode ({e.strerror})") from None

@@ -173,9 +173,9 @@ def plan_commit(disk: VhdDisk, changes: list[Extent]) -> VhdPlan:
     # A new Unique Id: a child that names this disk as its parent (one this commit could not see,
     # in another folder) no longer opens over a parent changed under it.
     footer = with_new_unique_id(layout.footer, uuid.uuid4().bytes)
+    footer_in_place = (layout.footer_start, footer[: layout.file_size - layout.footer_start])  # 511 bytes stay 511
     if layout.disk_type == DISK_FIXED:
-        plan.writes = _merge([(c.offset, c.data) for c in changes]
-                             + [(layout.footer_start, footer[: layout.file_size - layout.footer_start])])
+        plan.writes = _merge([(c.offset, c.data) for c in changes] + [footer_in_place])
         return plan
 
     per_block: dict[int, list[tuple[int, bytes]]] = {}
@@ -194,9 +194,7 @@ def plan_commit(disk: VhdDisk, changes: list[Extent]) -> VhdPlan:
     if plan.new_blocks:
         plan.cut_at = layout.footer_start
         plan.new_size = end + FOOTER_SIZE
-        writes.append((end, footer))
-    else:
-        writes.append((layout.footer_start, footer[: layout.file_size - layout.footer_start]))
+    writes.append((end, footer) if plan.new_blocks else footer_in_place)
     writes.append((0, footer))  # the copy at offset 0
     plan.writes = _merge(writes)
     return plan
