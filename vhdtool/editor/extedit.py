@@ -187,8 +187,7 @@ class ExtEdits:
         if state not in (None, "file"):
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a file path")
         if state is None:
-            self._refuse_no_folder(vol, target)
-            self._refuse_case_twin(vol, target)
+            self._refuse_new_path(vol, target)
         entry = vol.fs.entry(target) if state == "file" and not self._pending(vol, target) else None
         if entry is not None and entry.flags & VERITY_FL:
             # Its Merkle tree (past its end) would no longer match: the guest's kernel could not read the file.
@@ -232,8 +231,7 @@ class ExtEdits:
             return None
         if state is not None:
             raise UnsupportedLayout(self.path, f"{path} is a {self._kind(state)} in the guest", "give a folder path")
-        self._refuse_no_folder(vol, target)
-        self._refuse_case_twin(vol, target)
+        self._refuse_new_path(vol, target)
         return self._add(vol, _ext2fs().MakeDir(target), FileChange(target, "mkdir", None, None, vol.index))
 
     def symlink(self, path: str, target_text: str, partition: int | None) -> FileChange | None:
@@ -245,8 +243,7 @@ class ExtEdits:
         if state == "link" and not self._pending(vol, target) and vol.fs.entry(target).link == target_text:
             return None
         if state is None:
-            self._refuse_no_folder(vol, target)
-            self._refuse_case_twin(vol, target)
+            self._refuse_new_path(vol, target)
         return self._add(vol, _ext2fs().Symlink(target, target_text),
                          FileChange(target, "symlink", None, None, vol.index, target=target_text))
 
@@ -282,23 +279,22 @@ class ExtEdits:
             raise UnsupportedLayout(self.path, f"{path} is not empty ({left[0]} is in it)", "remove what is in it first")
         return self._add(vol, _ext2fs().RemoveDir(target), FileChange(target, "rmdir", None, None, vol.index))
 
-    def _refuse_no_folder(self, vol: ExtVolume, target: str) -> None:
-        """A new path's nearest parent that is there must be a folder (or a link to one): libext2fs would stop at
-        a file or a dangling link in the way after the session had decided to write."""
+    def _refuse_new_path(self, vol: ExtVolume, target: str) -> None:
+        """Refuse a new path that libext2fs would stop at inside the commit, or write as the guest cannot use it.
+
+        Its nearest parent that is there must be a folder (or a link to one), not a file or a dangling link;
+        and a case-insensitive folder must not hold its name in another case already (libext2fs, comparing
+        bytes, would add a second entry the guest's kernel cannot tell from the first)."""
         folder = target.rpartition("/")[0]
         while folder:
             state = self._state(vol, folder)
             if state == "dir" or (state == "link" and (vol.fs.is_dir(folder) or self._pending(vol, folder))):
-                return
+                break
             if state is not None:
                 what = "symbolic link that leads to no folder" if state == "link" else self._kind(state)
                 raise UnsupportedLayout(self.path, f"{folder} is a {what} in the guest, not a folder",
                                         "remove it in the guest first")
             folder = folder.rpartition("/")[0]
-
-    def _refuse_case_twin(self, vol: ExtVolume, target: str) -> None:
-        """A new name a case-insensitive folder already holds in another case: libext2fs (comparing bytes) would add
-        a second entry the guest's kernel cannot tell from the first."""
         folder, _, name = target.rpartition("/")
         twin = vol.fs.case_twin(folder or "/", name)
         if twin is not None:
